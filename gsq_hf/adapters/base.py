@@ -1,0 +1,99 @@
+"""The adapter interface: one class per Mamba family owns its mixer's step on a patched instance.
+
+Upstream decode steps write the state in place into the tensor the cache returned, so a cache subclass
+never sees a write or Δ. The adapter therefore recomputes the mixer's forward from the mixer's own
+sub-modules (always calling ``mixer.dt_proj(...)``, never ``mixer.dt_proj.weight @ ...``, so quantized
+weights work), hands each new state and its gate to the `GSQStateLayer`, and continues from the stored
+value. Shared math lives in ``gsq_hf.scan``; a new family is one small subclass registered here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..cache import GSQStateLayer
+from ..scan import causal_conv, causal_conv_stepwise, selective_scan
+
+__all__ = ["ADAPTERS", "MixerAdapter", "apply_padding_mask", "find_adapter", "register_adapter"]
+
+ADAPTERS: dict[str, type[MixerAdapter]] = {}
+
+
+def register_adapter(cls: type[MixerAdapter]) -> type[MixerAdapter]:
+    """Class decorator: make ``cls`` available to ``gsq_hf.patch``."""
+    ADAPTERS[cls.family] = cls
+    return cls
+
+
+def find_adapter(module: nn.Module) -> MixerAdapter | None:
+    """The adapter that handles ``module``, or None if ``module`` is not a known mixer."""
+    name = type(module).__name__
+    for cls in ADAPTERS.values():
+        if name in cls.mixer_classes:
+            return cls()
+    return None
+
+
+def apply_padding_mask(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero padded positions, as upstream does before and after the conv (left padding stays inert)."""
+    if attention_mask is None:
+        return hidden_states
+    return (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+
+
+class MixerAdapter(ABC):
+    """How one Mamba family's mixer runs with its states in a `GSQStateLayer`."""
+
+    family: ClassVar[str]
+    mixer_classes: ClassVar[tuple[str, ...]]  # class names of the mixers this adapter patches
+    unit: ClassVar[str]  # what one policy decision covers: "channel" or "head"
+
+    @abstractmethod
+    def d_state(self, mixer: nn.Module) -> int:
+        """The SSM state dimension N (quantization groups run along it)."""
+
+    @abstractmethod
+    def forward(
+        self, mixer: nn.Module, hidden_states: torch.Tensor, layer: GSQStateLayer, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The mixer's output for ``hidden_states`` (B, T, hidden), reading and writing ``layer``."""
+
+    # -- shared steps ----------------------------------------------------------------------------------
+    @staticmethod
+    def conv(mixer: nn.Module, x: torch.Tensor, layer: GSQStateLayer) -> torch.Tensor:
+        """Causal conv of ``x`` (B, C, T) from the stored window; stores the new window."""
+        weight, bias = mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias
+        previous = layer.read_conv()
+        fmt = layer.cache.conv_format(x.dtype)
+        if layer.cache.config.write_mode == "every_step" and not fmt.represents(x.dtype):
+            return causal_conv_stepwise(x, previous, weight, bias, mixer.act, layer.write_conv)[0]
+        out, window = causal_conv(x, previous, weight, bias, mixer.act)
+        layer.write_conv(window)
+        return out
+
+    @staticmethod
+    def scan(
+        layer: GSQStateLayer,
+        initial: torch.Tensor,
+        dA: torch.Tensor,
+        dBx: torch.Tensor,
+        C: torch.Tensor,
+        gate: torch.Tensor,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Run the recurrence from the stored state (or ``initial`` zeros) and store per the write mode.
+
+        ``gate`` is (B, T, units): the policy's signal for the write after each step.
+        """
+        stored = layer.read_ssm()
+        h = initial if stored is None else stored
+        if layer.cache.config.write_mode == "every_step":
+            outputs, _ = selective_scan(h, dA, dBx, C, lambda state, t: layer.write_ssm(state, gate[:, t]), out_dtype)
+        else:
+            outputs, h = selective_scan(h, dA, dBx, C, None, out_dtype)
+            layer.write_ssm(h, gate[:, -1])
+        return outputs

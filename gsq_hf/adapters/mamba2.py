@@ -1,0 +1,48 @@
+"""Mamba2 mixers: state (B, H, P, N), one policy decision per head.
+
+Gate of a head: ``1 - exp(Δ·A)``: Mamba2's decay is one scalar per head, so no reduction is needed.
+Quantization groups run along N within one (head, p) row; ``GSQConfig.group_size`` splits N further.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import GSQStateLayer
+from .base import MixerAdapter, apply_padding_mask, register_adapter
+
+__all__ = ["Mamba2Adapter"]
+
+
+@register_adapter
+class Mamba2Adapter(MixerAdapter):
+    family = "mamba2"
+    mixer_classes = ("Mamba2Mixer",)
+    unit = "head"
+
+    def d_state(self, mixer: nn.Module) -> int:
+        return mixer.ssm_state_size
+
+    def forward(
+        self, mixer: nn.Module, hidden_states: torch.Tensor, layer: GSQStateLayer, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        batch, seq_len, _ = hidden_states.shape
+        heads, head_dim, n, groups = mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, mixer.n_groups
+        projected = mixer.in_proj(apply_padding_mask(hidden_states, attention_mask))
+        z, xBC, dt = projected.split([mixer.intermediate_size, mixer.conv_dim, heads], dim=-1)
+        xBC = apply_padding_mask(self.conv(mixer, xBC.transpose(1, 2), layer).transpose(1, 2), attention_mask)
+        x, B, C = torch.split(xBC, [mixer.intermediate_size, groups * n, groups * n], dim=-1)
+        x = x.view(batch, seq_len, heads, head_dim)  # (B, T, H, P)
+        B = B.view(batch, seq_len, groups, n).repeat_interleave(heads // groups, dim=2)  # (B, T, H, N)
+        C = C.view(batch, seq_len, groups, n).repeat_interleave(heads // groups, dim=2)  # (B, T, H, N)
+        dt = F.softplus(dt.float() + mixer.dt_bias.float()).clamp(*mixer.time_step_limit)  # (B, T, H)
+        dA = torch.exp(dt * -torch.exp(mixer.A_log.float()))  # (B, T, H)
+        dBx = (dt[..., None] * x.float())[..., None] * B[:, :, :, None, :].float()  # (B, T, H, P, N)
+        initial = dBx.new_zeros(batch, heads, head_dim, n)  # (B, H, P, N)
+        y = self.scan(layer, initial, dA[..., None, None], dBx, C[..., None], 1.0 - dA, x.dtype)  # (B, T, H, P)
+        y = y + x * mixer.D[:, None].to(y.dtype)
+        y = mixer.norm(y.reshape(batch, seq_len, -1), z)
+        return mixer.out_proj(y.to(dtype))

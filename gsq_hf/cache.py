@@ -1,0 +1,441 @@
+"""`GSQCache`: a transformers cache whose SSM and conv states are stored in the formats a policy picks.
+
+Layout of one SSM layer (``units`` = channels for Mamba, heads for Mamba2)::
+
+    low        (batch, units, *inner)  every unit, in the policy's low format
+    high       (batch, K, *inner)      high copies; K = units (threshold policies) or a budget K < units
+    slot_units (batch, K)              which unit each high slot holds (None when K == units: slot = unit)
+    high_valid (batch, K)              whether the slot holds a current high copy
+    fallback   (batch, units, *inner)  fp32 copies of units whose state was NaN/Inf (rare, counted)
+
+A reader takes the high copy where valid, the fallback where set, else the low copy. Storage tensors are
+replaced, never written in place, so a snapshot of the cache is a set of references (cheap checkpoints
+for rollback, e.g. speculative decoding). Attention layers of hybrid models keep transformers' ordinary
+dynamic layers.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicCache, LinearAttentionLayer
+
+from .config import GSQConfig, resolve_config
+from .formats import QuantizedTensor, StateFormat, get_format
+from .policies import EntropyThresholdPolicy, Signals
+
+__all__ = ["GSQCache", "GSQStateLayer", "LayerStorage"]
+
+FALLBACK = "fp32_fallback"
+
+
+@dataclass(frozen=True)
+class LayerStorage:
+    """Everything one layer stores; immutable so that snapshots are references."""
+
+    low: QuantizedTensor | None = None
+    high: QuantizedTensor | None = None
+    slot_units: torch.Tensor | None = None
+    high_valid: torch.Tensor | None = None
+    fallback: torch.Tensor | None = None
+    fallback_mask: torch.Tensor | None = None
+    conv: QuantizedTensor | None = None
+
+    def map(self, fn) -> LayerStorage:
+        """Apply ``fn`` to every tensor (batch indexing along dim 0, device moves)."""
+
+        def apply(value):
+            if value is None:
+                return None
+            return value.map(fn) if isinstance(value, QuantizedTensor) else fn(value)
+
+        return LayerStorage(**{name: apply(getattr(self, name)) for name in self.__dataclass_fields__})
+
+    @property
+    def ssm_nbytes(self) -> int:
+        parts = (self.low, self.high, self.slot_units, self.high_valid, self.fallback, self.fallback_mask)
+        return sum(p.nbytes for p in parts if p is not None)
+
+    @property
+    def conv_nbytes(self) -> int:
+        return self.conv.nbytes if self.conv is not None else 0
+
+
+class GSQStateLayer(LinearAttentionLayer):
+    """One Mamba layer's conv + SSM state in the cache, quantized on every write."""
+
+    def __init__(self, cache: GSQCache):
+        super().__init__(number_of_states=1)
+        self._cache = cache
+        self.storage = LayerStorage()
+        self.positions: list[LayerStorage] = []  # per-token checkpoints while the cache records
+        self._reset_stats()
+
+    # -- statistics ------------------------------------------------------------------------------------
+    def _reset_stats(self) -> None:
+        formats = self._cache.policy.formats
+        self.unit_writes: dict[str, torch.Tensor | int] = {f.name: 0 for f in formats} | {FALLBACK: 0}
+        self.stored_bits = 0.0  # sum over writes of bits stored (payload + scales), as a tensor once written
+        self.stored_elements = 0
+        self.last_step_bytes: torch.Tensor | int = 0
+        self._last_unit_bytes: torch.Tensor | int = 0
+        self.ssm_shape: tuple[int, ...] | None = None
+        self.conv_shape: tuple[int, ...] | None = None
+        self.conv_dtype: torch.dtype | None = None
+
+    @property
+    def cache(self) -> GSQCache:
+        return self._cache
+
+    # -- reading ---------------------------------------------------------------------------------------
+    @property
+    def has_state(self) -> bool:
+        return self.storage.low is not None
+
+    def read_ssm(self) -> torch.Tensor | None:
+        """The fp32 SSM state ``(batch, units, *inner)`` a reader sees, or None before the first write."""
+        s = self.storage
+        if s.low is None:
+            return None
+        state = s.low.dequantize()
+        if s.high is not None:
+            high = s.high.dequantize()
+            valid = s.high_valid.view(*s.high_valid.shape, *([1] * (state.dim() - 2)))
+            if s.slot_units is None:
+                state = torch.where(valid, high, state)
+            else:
+                index = s.slot_units.view(valid.shape).expand_as(high)
+                state = state.scatter(1, index, torch.where(valid, high, state.gather(1, index)))
+        if s.fallback is not None:
+            state = torch.where(s.fallback_mask.view(*s.fallback_mask.shape, *([1] * (state.dim() - 2))),
+                                s.fallback, state)
+        return state
+
+    def read_conv(self) -> torch.Tensor | None:
+        """The conv state ``(batch, conv_dim, kernel)`` in the model dtype, or None before the first write."""
+        if self.storage.conv is None:
+            return None
+        return self.storage.conv.dequantize().to(self.conv_dtype)
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def write_conv(self, conv_state: torch.Tensor) -> torch.Tensor:
+        """Store the conv window; returns what a reader will see (in the model dtype)."""
+        fmt = self._cache.conv_format(conv_state.dtype)
+        self.conv_dtype = conv_state.dtype
+        self.conv_shape = tuple(conv_state.shape)
+        stored = fmt.quantize(conv_state, conv_state.shape[-1], self._cache.config.rounding,
+                              self._cache.generator(conv_state.device))
+        self.storage = replace(self.storage, conv=stored)
+        self.has_previous_state[0] = True
+        return conv_state if fmt.represents(conv_state.dtype) else stored.dequantize().to(conv_state.dtype)
+
+    def write_ssm(self, state: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Store the fp32 state ``(batch, units, *inner)``; ``gate`` is ``(batch, units)``.
+
+        Returns the state a reader will now see (the dequantized stored value).
+        """
+        cache, policy = self._cache, self._cache.policy
+        batch, units = state.shape[:2]
+        group = cache.group_size(state.shape[-1])
+        generator = cache.generator(state.device)
+        rounding = cache.config.rounding
+        high_mask = policy.choose(Signals(gate=gate, row_signal=cache.row_signal_for(batch)))
+
+        low = policy.low.quantize(state, group, rounding, generator)
+        high = slot_units = high_valid = None
+        if high_mask is not None:
+            capacity = policy.high_capacity(units)
+            if capacity == units:
+                high, high_valid = policy.high.quantize(state, group, rounding, generator), high_mask
+            elif capacity > 0:
+                slot_units = high_mask.to(torch.int8).topk(capacity, dim=1, sorted=False).indices
+                high_valid = high_mask.gather(1, slot_units)
+                index = slot_units.view(batch, capacity, *([1] * (state.dim() - 2))).expand(
+                    batch, capacity, *state.shape[2:])
+                high = policy.high.quantize(state.gather(1, index), group, rounding, generator)
+        fallback = fallback_mask = None
+        nonfinite = ~torch.isfinite(state).flatten(2).all(dim=-1)  # (batch, units)
+        if bool(nonfinite.any()):
+            fallback, fallback_mask = state.clone(), nonfinite
+            warnings.warn(
+                f"gsq_hf: non-finite SSM state in layer {cache.layer_index(self)}; those units are kept in fp32 "
+                "(counted as 'nonfinite_unit_writes' in memory_report()).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.storage = replace(self.storage, low=low, high=high, slot_units=slot_units, high_valid=high_valid,
+                               fallback=fallback, fallback_mask=fallback_mask)
+        self.has_previous_state[0] = True
+        self._count(state, group, high_valid, fallback_mask)
+        if cache.recording:
+            self.positions.append(self.storage)
+        return self.read_ssm()
+
+    def _count(self, state, group, high_valid, fallback_mask) -> None:
+        """Accumulate write statistics as device tensors (no host sync on the hot path)."""
+        policy = self._cache.policy
+        batch, units = state.shape[:2]
+        unit_elems = math.prod(state.shape[2:])
+        total = batch * units
+        n_high = high_valid.sum() if high_valid is not None else 0
+        n_fallback = fallback_mask.sum() if fallback_mask is not None else 0
+        n_low = total - n_high - n_fallback
+        counts = {policy.low.name: n_low, FALLBACK: n_fallback}
+        if policy.high is not None:
+            counts[policy.high.name] = n_high
+        per_unit_bytes = {f.name: f.nbytes(unit_elems, group) for f in policy.formats} | {FALLBACK: 4 * unit_elems}
+        bits = sum(counts[name] * per_unit_bytes[name] * 8 for name in counts)
+        previous_bytes = self._last_unit_bytes if self.ssm_shape == tuple(state.shape) else 0
+        written = sum(counts[name] * per_unit_bytes[name] for name in counts)
+        for name, count in counts.items():
+            self.unit_writes[name] = self.unit_writes[name] + count
+        self.stored_bits = self.stored_bits + bits
+        self.stored_elements += total * unit_elems
+        self.last_step_bytes = previous_bytes + written
+        self._last_unit_bytes = written
+        self.ssm_shape = tuple(state.shape)
+
+    # -- transformers cache-layer protocol -------------------------------------------------------------
+    def lazy_initialization(self, *args, **kwargs) -> None:  # storage is created on the first write
+        pass
+
+    def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        raise RuntimeError("GSQStateLayer is written by gsq_hf's patched mixers; use gsq_hf.patch(model) first.")
+
+    update_recurrent_state = update_conv_state
+
+    @property
+    def batch_size(self) -> int:
+        return self.storage.low.data.shape[0] if self.storage.low is not None else -1
+
+    def _map_storage(self, fn) -> None:
+        self.storage = self.storage.map(fn)
+        self.positions = [p.map(fn) for p in self.positions]
+
+    def reset(self) -> None:
+        self.storage = LayerStorage()
+        self.positions = []
+        self.has_previous_state[0] = False
+        self._reset_stats()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_storage(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_storage(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_storage(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def offload(self) -> None:
+        self._map_storage(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.device is not None:
+            self._map_storage(lambda t: t.to(self.device, non_blocking=True))
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError(
+            "a recurrent state cannot be cropped; record per-token checkpoints with cache.record_positions() "
+            "and roll back with cache.rollback(num_tokens)."
+        )
+
+    # -- snapshots -------------------------------------------------------------------------------------
+    def memory(self) -> dict[str, Any]:
+        s = self.storage
+        full_ssm = 4 * math.prod(self.ssm_shape) if self.ssm_shape else 0
+        full_conv = (torch.finfo(self.conv_dtype).bits // 8) * math.prod(self.conv_shape) if self.conv_shape else 0
+        return {
+            "ssm_state_bytes": s.ssm_nbytes,
+            "conv_state_bytes": s.conv_nbytes,
+            "full_precision_ssm_state_bytes": full_ssm,
+            "full_precision_conv_state_bytes": full_conv,
+            "state_bytes_per_step": int(self.last_step_bytes) + 2 * s.conv_nbytes,
+        }
+
+
+class GSQCache(DynamicCache):
+    """A `DynamicCache` whose Mamba-layer states are stored per a `GSQConfig`.
+
+    Patched models build one automatically (in ``forward`` and ``generate``); build one yourself to give
+    two caches different state configs over the same weights::
+
+        cache = GSQCache(model.config, "int4")
+        model(input_ids, cache=cache)
+    """
+
+    def __init__(self, config, gsq_config: GSQConfig | str | dict | None = "fp32", **kwargs):
+        super().__init__(config=config, **kwargs)
+        self.config = resolve_config(gsq_config)
+        self.policy = self.config.build_policy()
+        self.recording = False
+        self.row_signal: torch.Tensor | None = None  # (batch,) normalized entropy/surprisal of the next write
+        self._prev_logprobs: torch.Tensor | None = None
+        self._generators: dict[str, torch.Generator] = {}
+        for index, layer in enumerate(self.layers):
+            if type(layer) is LinearAttentionLayer:
+                self.layers[index] = GSQStateLayer(self)
+
+    # -- used by the adapters --------------------------------------------------------------------------
+    def gsq_layer(self, layer_idx: int) -> GSQStateLayer:
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, GSQStateLayer):
+            raise TypeError(f"cache layer {layer_idx} is a {type(layer).__name__}, not a GSQ state layer")
+        return layer
+
+    def layer_index(self, layer: GSQStateLayer) -> int:
+        return next(i for i, candidate in enumerate(self.layers) if candidate is layer)
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The seeded generator for stochastic rounding on ``device`` (None for round-to-nearest)."""
+        if self.config.rounding != "stochastic":
+            return None
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.config.seed)
+        return self._generators[key]
+
+    def group_size(self, d_state: int) -> int:
+        return self.config.group_size or d_state
+
+    def conv_format(self, dtype: torch.dtype) -> StateFormat:
+        return get_format(dtype if self.config.conv_format == "auto" else self.config.conv_format)
+
+    def row_signal_for(self, batch: int) -> torch.Tensor | None:
+        signal = self.row_signal
+        return signal if signal is not None and signal.shape[0] == batch else None
+
+    @property
+    def wants_logits(self) -> bool:
+        return isinstance(self.policy, EntropyThresholdPolicy)
+
+    def begin_forward(self, input_ids: torch.Tensor | None) -> None:
+        """Turn the previous step's log-probs into the surprisal of the tokens now absorbed."""
+        if self.config.entropy_signal != "surprisal" or self._prev_logprobs is None or input_ids is None:
+            return
+        logprobs = self._prev_logprobs
+        if logprobs.shape[0] != input_ids.shape[0]:
+            return
+        token = input_ids[:, :1].to(logprobs.device)
+        self.row_signal = (-logprobs.gather(1, token)[:, 0] / math.log(logprobs.shape[-1])).clamp(0.0, 1.0)
+
+    def observe_logits(self, logits: torch.Tensor) -> None:
+        """Record the signal the next write will see from the last position's logits ``(batch, vocab)``."""
+        if not self.wants_logits:
+            return
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if self.config.entropy_signal == "surprisal":
+            self._prev_logprobs = logprobs
+        else:
+            entropy = -(logprobs.exp() * logprobs).sum(-1)
+            self.row_signal = (entropy / math.log(logits.shape[-1])).clamp(0.0, 1.0)
+
+    # -- beam search, batching, reset ------------------------------------------------------------------
+    def _map_rows(self, fn) -> None:
+        if self.row_signal is not None:
+            self.row_signal = fn(self.row_signal)
+        if self._prev_logprobs is not None:
+            self._prev_logprobs = fn(self._prev_logprobs)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_rows(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def reset(self) -> None:
+        super().reset()
+        self.row_signal = self._prev_logprobs = None
+        self._generators.clear()
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    @property
+    def gsq_layers(self) -> list[GSQStateLayer]:
+        return [layer for layer in self.layers if isinstance(layer, GSQStateLayer)]
+
+    def snapshot(self) -> dict[str, Any]:
+        """References to the current states: restoring them later undoes every write since."""
+        return {"layers": [layer.storage for layer in self.gsq_layers], "row_signal": self.row_signal,
+                "prev_logprobs": self._prev_logprobs}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        for layer, storage in zip(self.gsq_layers, snapshot["layers"]):
+            layer.storage = storage
+            layer.has_previous_state[0] = storage.low is not None
+        self.row_signal, self._prev_logprobs = snapshot["row_signal"], snapshot["prev_logprobs"]
+
+    def record_positions(self, enabled: bool = True) -> None:
+        """Keep a checkpoint after every token written (``every_step`` mode) until ``rollback``/disable."""
+        self.recording = enabled
+        for layer in self.gsq_layers:
+            layer.positions = []
+
+    def rollback(self, num_tokens: int) -> None:
+        """Restore the state after the first ``num_tokens`` tokens written since recording started."""
+        for layer in self.gsq_layers:
+            if not 1 <= num_tokens <= len(layer.positions):
+                raise ValueError(f"can roll back to 1..{len(layer.positions)} recorded tokens, not {num_tokens}")
+            layer.storage = layer.positions[num_tokens - 1]
+            layer.positions = layer.positions[:num_tokens]
+
+    # -- report ----------------------------------------------------------------------------------------
+    def memory_report(self) -> dict[str, Any]:
+        """What the state cache holds now and over the run (a JSON-serializable dict).
+
+        ``full_precision_*`` is what transformers' own cache holds for the same batch: SSM states in fp32
+        (as upstream keeps them even for bf16 models), conv states in the model dtype.
+        ``state_bytes_per_step`` is the SSM + conv bytes a decode step reads and writes when each unit is
+        touched only in its own format (what a fused kernel moves), for the last write of each layer.
+        """
+        layers = self.gsq_layers
+        per_layer = [layer.memory() for layer in layers]
+        totals = {key: sum(m[key] for m in per_layer) for key in (per_layer[0] if per_layer else {})}
+        writes: dict[str, float] = {}
+        for layer in layers:
+            for name, count in layer.unit_writes.items():
+                writes[name] = writes.get(name, 0) + float(count)
+        total_writes = sum(writes.values())
+        elements = sum(layer.stored_elements for layer in layers)
+        bits = sum(float(layer.stored_bits) for layer in layers)
+        ssm = totals.get("ssm_state_bytes", 0)
+        conv = totals.get("conv_state_bytes", 0)
+        full_ssm = totals.get("full_precision_ssm_state_bytes", 0)
+        full_conv = totals.get("full_precision_conv_state_bytes", 0)
+        return {
+            "config": self.config.name,
+            "policy": repr(self.policy),
+            "batch_size": next((layer.batch_size for layer in layers if layer.batch_size > 0), 0),
+            "state_bytes": ssm + conv,
+            "full_precision_state_bytes": full_ssm + full_conv,
+            "ssm_state_bytes": ssm,
+            "full_precision_ssm_state_bytes": full_ssm,
+            "conv_state_bytes": conv,
+            "full_precision_conv_state_bytes": full_conv,
+            "avg_state_bits": bits / elements if elements else 0.0,
+            "format_fractions": {k: (v / total_writes if total_writes else 0.0) for k, v in writes.items()},
+            "nonfinite_unit_writes": int(writes.get(FALLBACK, 0)),
+            "state_bytes_per_step": totals.get("state_bytes_per_step", 0),
+            "layers": per_layer,
+        }

@@ -1,0 +1,169 @@
+"""`GSQConfig`: what state precision a patched model uses, validated on construction.
+
+A config comes from a preset name (``configs/<name>.yaml``), a YAML or JSON path, a dict, or is built
+directly. It round-trips through YAML/JSON and is saved inside the model's ``config.json`` by
+``save_pretrained`` after ``patch`` (key ``gsq_config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import GSQConfigError
+from .formats import FORMATS, ROUNDING_MODES, get_format
+from .policies import POLICIES, PrecisionPolicy
+
+__all__ = ["GSQConfig", "list_presets", "resolve_config"]
+
+WRITE_MODES = ("every_step", "end_of_forward")
+HIGH_WHEN = ("open", "closed")
+ENTROPY_SIGNALS = ("entropy", "surprisal")
+CONFIG_FILENAME = "gsq_config.json"
+
+
+def _choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise GSQConfigError(f"GSQConfig.{name}={value!r} is not accepted; choose one of: {', '.join(accepted)}")
+
+
+@dataclass(frozen=True)
+class GSQConfig:
+    """How a patched model stores its SSM and conv states.
+
+    Presets (``configs/*.yaml``): fp32, bf16, fp16, int8, int4, gsq-gate, gsq-entropy, gsq-budget.
+    """
+
+    name: str = field(default="custom", metadata={"help": "label used in reports"})
+    policy: str = field(default="static", metadata={"help": "static | gate | entropy | budget"})
+    format: str = field(default="fp32", metadata={"help": "state format of the static policy"})
+    low_format: str = field(default="int8", metadata={"help": "format of units the policy leaves low"})
+    high_format: str = field(default="fp16", metadata={"help": "format of units the policy marks high"})
+    threshold: float = field(default=0.3, metadata={"help": "gate or entropy threshold, in [0, 1]"})
+    high_when: str = field(default="open", metadata={"help": "gate/budget: 'open' or 'closed' units get high"})
+    budget_fraction: float = field(default=0.25, metadata={"help": "budget: fraction of units per row in high"})
+    entropy_signal: str = field(default="entropy", metadata={"help": "entropy: 'entropy' or 'surprisal'"})
+    conv_format: str = field(default="auto", metadata={"help": "conv state format; 'auto' = the model dtype"})
+    group_size: int | None = field(default=None, metadata={"help": "values per scale along d_state; None = all"})
+    rounding: str = field(default="nearest", metadata={"help": "nearest | stochastic"})
+    seed: int = field(default=0, metadata={"help": "seed of stochastic rounding"})
+    write_mode: str = field(default="every_step", metadata={"help": "every_step | end_of_forward"})
+
+    def __post_init__(self) -> None:
+        _choice("policy", self.policy, tuple(POLICIES))
+        for name in ("format", "low_format", "high_format"):
+            _choice(name, getattr(self, name), tuple(FORMATS))
+        _choice("conv_format", self.conv_format, ("auto", *FORMATS))
+        _choice("rounding", self.rounding, ROUNDING_MODES)
+        _choice("write_mode", self.write_mode, WRITE_MODES)
+        _choice("high_when", self.high_when, HIGH_WHEN)
+        _choice("entropy_signal", self.entropy_signal, ENTROPY_SIGNALS)
+        if not isinstance(self.threshold, (int, float)) or not 0.0 <= self.threshold <= 1.0:
+            raise GSQConfigError(f"GSQConfig.threshold={self.threshold!r} must be a number in [0, 1]")
+        if not isinstance(self.budget_fraction, (int, float)) or not 0.0 <= self.budget_fraction <= 1.0:
+            raise GSQConfigError(f"GSQConfig.budget_fraction={self.budget_fraction!r} must be a number in [0, 1]")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 2):
+            raise GSQConfigError(
+                f"GSQConfig.group_size={self.group_size!r} must be an even integer >= 2 dividing d_state, or None"
+            )
+        if not isinstance(self.seed, int):
+            raise GSQConfigError(f"GSQConfig.seed={self.seed!r} must be an integer")
+
+    # -- policy -----------------------------------------------------------------------------------------
+    def build_policy(self) -> PrecisionPolicy:
+        """The policy object this config describes."""
+        low, high = get_format(self.low_format), get_format(self.high_format)
+        if self.policy == "static":
+            return POLICIES["static"](get_format(self.format))
+        if self.policy == "gate":
+            return POLICIES["gate"](low, high, self.threshold, self.high_when)
+        if self.policy == "entropy":
+            return POLICIES["entropy"](low, high, self.threshold)
+        return POLICIES["budget"](low, high, self.budget_fraction, self.high_when)
+
+    @property
+    def is_lossless(self) -> bool:
+        """True when every SSM state write is exact (static fp32)."""
+        return self.policy == "static" and self.format == "fp32"
+
+    # -- (de)serialization ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GSQConfig:
+        if not isinstance(data, dict):
+            raise GSQConfigError(f"a GSQConfig is built from a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise GSQConfigError(f"unknown GSQConfig field(s) {unknown}; accepted: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> GSQConfig:
+        """Load from a ``.yaml``/``.yml`` or ``.json`` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise GSQConfigError(f"config file {str(path)!r} does not exist")
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = dict(data or {})
+        data.setdefault("name", path.stem)
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_preset(cls, name: str) -> GSQConfig:
+        presets = list_presets()
+        if name not in presets:
+            raise GSQConfigError(f"unknown preset {name!r}; known presets: {', '.join(presets)}")
+        return cls.from_dict(yaml.safe_load((_presets_dir() / f"{name}.yaml").read_text()))
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write ``gsq_config.json`` into ``save_directory``."""
+        path = Path(save_directory) / CONFIG_FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> GSQConfig:
+        return cls.from_file(Path(directory) / CONFIG_FILENAME)
+
+
+def _presets_dir() -> Path:
+    """``configs/``: installed inside the package by a wheel, beside it in a source checkout."""
+    here = Path(__file__).resolve().parent
+    return next(d for d in (here / "configs", here.parent / "configs") if d.is_dir())
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped in ``configs/``."""
+    return sorted(p.stem for p in _presets_dir().glob("*.yaml"))
+
+
+def resolve_config(config: GSQConfig | str | Path | dict | None) -> GSQConfig:
+    """Accept a `GSQConfig`, a preset name, a YAML/JSON path or a dict."""
+    if isinstance(config, GSQConfig):
+        return config
+    if isinstance(config, dict):
+        return GSQConfig.from_dict(config)
+    if isinstance(config, (str, Path)):
+        text = str(config)
+        if text.endswith((".yaml", ".yml", ".json")) or Path(text).is_file():
+            return GSQConfig.from_file(text)
+        return GSQConfig.from_preset(text)
+    raise GSQConfigError(
+        f"config must be a GSQConfig, a preset name, a YAML/JSON path or a dict; got {type(config).__name__}"
+    )

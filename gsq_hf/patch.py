@@ -1,0 +1,201 @@
+"""`patch` / `unpatch`: instance-scoped changes to one model, undone exactly.
+
+``patch(model, config)``
+  * replaces ``forward`` on each Mamba-family mixer *instance* with its adapter's step (the original
+    bound method is kept; nothing in transformers is monkeypatched, other models are untouched);
+  * registers a forward pre-hook on the model that gives every cached forward a `GSQCache` (also the
+    one ``generate`` starts), and a forward hook on the LM head that records the next-token signal
+    for entropy policies;
+  * stores the config in ``model.config.gsq_config`` so that ``save_pretrained`` saves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, LinearAttentionLayer
+
+from . import _compat
+from .adapters import ADAPTERS, MixerAdapter, find_adapter
+from .cache import GSQCache
+from .config import GSQConfig, resolve_config
+from .errors import GSQConfigError, NotPatchedError, UnsupportedModelError
+
+__all__ = ["from_pretrained", "is_patched", "patch", "patched", "unpatch"]
+
+DEFAULT_PRESET = "gsq-gate"
+
+
+@dataclass
+class _PatchState:
+    config: GSQConfig
+    mixers: list[tuple[nn.Module, str, Any]] = field(default_factory=list)  # (mixer, attr, previous value)
+    handles: list[Any] = field(default_factory=list)
+    active_cache: GSQCache | None = None
+    had_gsq_config: bool = False
+    previous_gsq_config: Any = None
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, "_gsq_patch", None) is not None
+
+
+def _supported_families() -> str:
+    return ", ".join(f"{name} ({'/'.join(cls.mixer_classes)})" for name, cls in ADAPTERS.items())
+
+
+def _validate(config: GSQConfig, model: nn.Module, mixers: list[tuple[nn.Module, MixerAdapter]]) -> None:
+    for mixer, adapter in mixers:
+        n = adapter.d_state(mixer)
+        group = config.group_size or n
+        if n % group:
+            raise GSQConfigError(f"GSQConfig.group_size={group} does not divide d_state={n}; use a divisor of {n}")
+        formats = {config.format, config.low_format, config.high_format}
+        if "int4" in formats and group % 2:
+            raise GSQConfigError(f"int4 packs two values per byte: group_size must be even, got {group}")
+    if config.policy == "entropy" and model.get_output_embeddings() is None:
+        raise GSQConfigError(
+            f"the entropy policy reads the model's next-token logits, but {type(model).__name__} has no LM head; "
+            "patch the *ForCausalLM model instead"
+        )
+
+
+def _make_forward(adapter: MixerAdapter, mixer: nn.Module, original):
+    def forward(hidden_states: torch.Tensor, *args, attention_mask: torch.Tensor | None = None, **kwargs):
+        cache = _compat.pop_cache_kwarg(kwargs)
+        if cache is None and args:
+            cache, args = args[0], args[1:]
+        if cache is None:  # no state kept across calls: exactly the original forward
+            return original(hidden_states, *args, attention_mask=attention_mask, **kwargs)
+        if not isinstance(cache, GSQCache):
+            raise TypeError(
+                f"a gsq_hf-patched model keeps its states in a GSQCache, got {type(cache).__name__}; pass no cache "
+                "(one is created) or gsq_hf.GSQCache(model.config, config)"
+            )
+        return adapter.forward(mixer, hidden_states, cache.gsq_layer(mixer.layer_idx), attention_mask)
+
+    return forward
+
+
+def _is_fresh_cache(cache: Cache) -> bool:
+    """A plain transformers cache with no state yet (as ``generate`` creates): safe to replace."""
+    return not any(
+        isinstance(layer, LinearAttentionLayer) and any(layer.has_previous_state.values()) for layer in cache.layers
+    )
+
+
+def _pre_forward_hook(model: nn.Module, args: tuple, kwargs: dict):
+    state: _PatchState = model._gsq_patch
+    cache = next((kwargs[name] for name in _compat.CACHE_KWARG_ALIASES if kwargs.get(name) is not None), None)
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = bool(getattr(model.config, "use_cache", True)) and not model.training
+    if cache is None and use_cache or (
+        cache is not None and not isinstance(cache, GSQCache) and _is_fresh_cache(cache)
+    ):
+        cache = GSQCache(model.config, state.config)
+        for name in _compat.CACHE_KWARG_ALIASES:
+            kwargs.pop(name, None)
+        kwargs[_compat.CACHE_KWARG] = cache
+    elif cache is not None and not isinstance(cache, GSQCache):
+        raise TypeError(
+            f"this {type(cache).__name__} already holds states written by an unpatched model; a patched model "
+            "continues only from a GSQCache. Start from no cache, or pass gsq_hf.GSQCache(model.config, config)."
+        )
+    if isinstance(cache, GSQCache):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache.begin_forward(input_ids if isinstance(input_ids, torch.Tensor) else None)
+    state.active_cache = cache
+    return args, kwargs
+
+
+def _lm_head_hook(model: nn.Module):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        cache = model._gsq_patch.active_cache
+        if cache is not None and output.dim() == 3:
+            cache.observe_logits(output[:, -1])
+
+    return hook
+
+
+def patch(model: nn.Module, config: GSQConfig | str | Path | dict | None = None) -> nn.Module:
+    """Keep ``model``'s Mamba states in a quantized `GSQCache` per ``config`` (in place; returns ``model``).
+
+    ``config`` is a `GSQConfig`, a preset name (see ``gsq_hf.list_presets()``), a YAML/JSON path or a
+    dict. ``None`` takes the config saved with the model (``config.gsq_config``), else ``"gsq-gate"``.
+    """
+    _compat.check_transformers_version()
+    if is_patched(model):
+        raise RuntimeError("this model is already patched by gsq_hf; call gsq_hf.unpatch(model) before patching again")
+    saved = getattr(getattr(model, "config", None), "gsq_config", None)
+    config = resolve_config(config if config is not None else (saved or DEFAULT_PRESET))
+    mixers = [(module, adapter) for module in model.modules() if (adapter := find_adapter(module)) is not None]
+    if not mixers:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type={model_type!r}) has no Mamba-family mixer gsq_hf can patch; "
+            f"supported families: {_supported_families()}"
+        )
+    _validate(config, model, mixers)
+
+    state = _PatchState(config=config)
+    for mixer, adapter in mixers:
+        # accelerate's hooks wrap `forward` and call `_old_forward`: replace the inner call, keep the hook.
+        attr = "_old_forward" if hasattr(mixer, "_hf_hook") and hasattr(mixer, "_old_forward") else "forward"
+        previous = mixer.__dict__.get(attr, inspect.Parameter.empty)
+        setattr(mixer, attr, _make_forward(adapter, mixer, getattr(mixer, attr)))
+        state.mixers.append((mixer, attr, previous))
+    state.handles.append(model.register_forward_pre_hook(_pre_forward_hook, with_kwargs=True))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        state.handles.append(head.register_forward_hook(_lm_head_hook(model)))
+    state.had_gsq_config = hasattr(model.config, "gsq_config")
+    state.previous_gsq_config = saved
+    model.config.gsq_config = config.to_dict()
+    model._gsq_patch = state
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo `patch`: the model behaves exactly as before it was patched."""
+    if not is_patched(model):
+        raise NotPatchedError(f"{type(model).__name__} is not patched by gsq_hf; nothing to unpatch")
+    state: _PatchState = model._gsq_patch
+    for mixer, attr, previous in state.mixers:
+        if previous is inspect.Parameter.empty:
+            delattr(mixer, attr)
+        else:
+            setattr(mixer, attr, previous)
+    for handle in state.handles:
+        handle.remove()
+    if state.had_gsq_config:
+        model.config.gsq_config = state.previous_gsq_config
+    else:
+        del model.config.gsq_config
+    del model._gsq_patch
+    return model
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, config: GSQConfig | str | Path | dict | None = None) -> Iterator[nn.Module]:
+    """``with gsq_hf.patched(model, "int8"): ...`` — patched inside the block, restored after it."""
+    patch(model, config)
+    try:
+        yield model
+    finally:
+        unpatch(model)
+
+
+def from_pretrained(path: str | Path, config: GSQConfig | str | Path | dict | None = None, **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` patched with its saved (or the given) config."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return patch(model, config)
