@@ -122,16 +122,24 @@ class GSQStateLayer(LinearAttentionLayer):
         return self.storage.conv.dequantize().to(self.conv_dtype)
 
     # -- writing ---------------------------------------------------------------------------------------
+    def quantize_conv(self, conv_state: torch.Tensor) -> QuantizedTensor:
+        """The stored form of a conv window ``(batch, conv_dim, kernel)``."""
+        fmt = self._cache.conv_format(conv_state.dtype)
+        return fmt.quantize(conv_state, conv_state.shape[-1], self._cache.config.rounding,
+                            self._cache.generator(conv_state.device))
+
     def write_conv(self, conv_state: torch.Tensor) -> torch.Tensor:
         """Store the conv window; returns what a reader will see (in the model dtype)."""
-        fmt = self._cache.conv_format(conv_state.dtype)
         self.conv_dtype = conv_state.dtype
         self.conv_shape = tuple(conv_state.shape)
-        stored = fmt.quantize(conv_state, conv_state.shape[-1], self._cache.config.rounding,
-                              self._cache.generator(conv_state.device))
+        stored = self.quantize_conv(conv_state)
         self.storage = replace(self.storage, conv=stored)
         self.has_previous_state[0] = True
-        return conv_state if fmt.represents(conv_state.dtype) else stored.dequantize().to(conv_state.dtype)
+        return conv_state if stored.fmt.represents(conv_state.dtype) else stored.dequantize().to(conv_state.dtype)
+
+    def record_position(self, conv: QuantizedTensor) -> None:
+        """Checkpoint the state after one token (SSM as stored now, conv window as of that token)."""
+        self.positions.append(replace(self.storage, conv=conv))
 
     def write_ssm(self, state: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Store the fp32 state ``(batch, units, *inner)``; ``gate`` is ``(batch, units)``.
@@ -171,8 +179,6 @@ class GSQStateLayer(LinearAttentionLayer):
                                fallback=fallback, fallback_mask=fallback_mask)
         self.has_previous_state[0] = True
         self._count(state, group, high_valid, fallback_mask)
-        if cache.recording:
-            self.positions.append(self.storage)
         return self.read_ssm()
 
     def _count(self, state, group, high_valid, fallback_mask) -> None:
@@ -381,13 +387,15 @@ class GSQCache(DynamicCache):
                 "prev_logprobs": self._prev_logprobs}
 
     def restore(self, snapshot: dict[str, Any]) -> None:
-        for layer, storage in zip(self.gsq_layers, snapshot["layers"]):
+        for layer, storage in zip(self.gsq_layers, snapshot["layers"], strict=True):
             layer.storage = storage
             layer.has_previous_state[0] = storage.low is not None
         self.row_signal, self._prev_logprobs = snapshot["row_signal"], snapshot["prev_logprobs"]
 
     def record_positions(self, enabled: bool = True) -> None:
         """Keep a checkpoint after every token written (``every_step`` mode) until ``rollback``/disable."""
+        if enabled and self.config.write_mode != "every_step":
+            raise ValueError("per-token checkpoints need write_mode='every_step' (a state is stored after each token)")
         self.recording = enabled
         for layer in self.gsq_layers:
             layer.positions = []

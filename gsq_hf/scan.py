@@ -55,14 +55,15 @@ def causal_conv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal conv of ``x`` (B, C, T) continuing from the last K inputs ``previous`` (B, C, K).
 
-    Returns the activated output (B, C, T) and the new window of the last K inputs.
+    Returns the activated output (B, C, T) and the inputs it saw (B, C, K + T): the window after token
+    ``t`` is ``full[..., t + 1 : t + 1 + K]``.
     """
     kernel = weight.shape[-1]
     if previous is None:
         previous = x.new_zeros(*x.shape[:2], kernel)
     full = torch.cat([previous.to(x.dtype), x], dim=-1)  # (B, C, K + T)
     out = F.conv1d(full.to(weight.dtype), weight.unsqueeze(1), bias, groups=x.shape[1])[..., -x.shape[-1]:]
-    return activation(out).to(x.dtype), full[..., -kernel:]
+    return activation(out).to(x.dtype), full
 
 
 def causal_conv_stepwise(

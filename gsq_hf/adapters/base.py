@@ -64,16 +64,29 @@ class MixerAdapter(ABC):
 
     # -- shared steps ----------------------------------------------------------------------------------
     @staticmethod
-    def conv(mixer: nn.Module, x: torch.Tensor, layer: GSQStateLayer) -> torch.Tensor:
-        """Causal conv of ``x`` (B, C, T) from the stored window; stores the new window."""
+    def conv(mixer: nn.Module, x: torch.Tensor, layer: GSQStateLayer) -> tuple[torch.Tensor, list | None]:
+        """Causal conv of ``x`` (B, C, T) from the stored window; stores the new window.
+
+        Returns the output and, while the cache records checkpoints, the stored window after each token.
+        """
         weight, bias = mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias
-        previous = layer.read_conv()
-        fmt = layer.cache.conv_format(x.dtype)
-        if layer.cache.config.write_mode == "every_step" and not fmt.represents(x.dtype):
-            return causal_conv_stepwise(x, previous, weight, bias, mixer.act, layer.write_conv)[0]
-        out, window = causal_conv(x, previous, weight, bias, mixer.act)
-        layer.write_conv(window)
-        return out
+        previous, recording = layer.read_conv(), layer.cache.recording
+        history: list | None = [] if recording else None
+        if layer.cache.config.write_mode == "every_step" and not layer.cache.conv_format(x.dtype).represents(x.dtype):
+
+            def write(window: torch.Tensor) -> torch.Tensor:
+                read = layer.write_conv(window)
+                if recording:
+                    history.append(layer.storage.conv)
+                return read
+
+            return causal_conv_stepwise(x, previous, weight, bias, mixer.act, write)[0], history
+        out, full = causal_conv(x, previous, weight, bias, mixer.act)
+        kernel = weight.shape[-1]
+        layer.write_conv(full[..., -kernel:])
+        if recording:
+            history = [layer.quantize_conv(full[..., t + 1 : t + 1 + kernel]) for t in range(x.shape[-1])]
+        return out, history
 
     @staticmethod
     def scan(
@@ -84,6 +97,7 @@ class MixerAdapter(ABC):
         C: torch.Tensor,
         gate: torch.Tensor,
         out_dtype: torch.dtype,
+        conv_history: list | None = None,
     ) -> torch.Tensor:
         """Run the recurrence from the stored state (or ``initial`` zeros) and store per the write mode.
 
@@ -92,7 +106,14 @@ class MixerAdapter(ABC):
         stored = layer.read_ssm()
         h = initial if stored is None else stored
         if layer.cache.config.write_mode == "every_step":
-            outputs, _ = selective_scan(h, dA, dBx, C, lambda state, t: layer.write_ssm(state, gate[:, t]), out_dtype)
+
+            def write(state: torch.Tensor, t: int) -> torch.Tensor:
+                read = layer.write_ssm(state, gate[:, t])
+                if conv_history is not None:
+                    layer.record_position(conv_history[t])
+                return read
+
+            outputs, _ = selective_scan(h, dA, dBx, C, write, out_dtype)
         else:
             outputs, h = selective_scan(h, dA, dBx, C, None, out_dtype)
             layer.write_ssm(h, gate[:, -1])

@@ -34,7 +34,8 @@ class MambaAdapter(MixerAdapter):
         n = mixer.ssm_state_size
         projected = mixer.in_proj(apply_padding_mask(hidden_states, attention_mask)).transpose(1, 2)  # (B, 2D, T)
         x, z = projected.chunk(2, dim=1)  # (B, D, T) each
-        x = apply_padding_mask(self.conv(mixer, x, layer).transpose(1, 2), attention_mask)  # (B, T, D)
+        x, conv_history = self.conv(mixer, x, layer)
+        x = apply_padding_mask(x.transpose(1, 2), attention_mask)  # (B, T, D)
         time_step, B, C = torch.split(mixer.x_proj(x), [mixer.time_step_rank, n, n], dim=-1)  # (B, T, R|N|N)
         dt = F.softplus(mixer.dt_proj(time_step).float())  # (B, T, D)
         A = -torch.exp(mixer.A_log.float())  # (D, N)
@@ -42,6 +43,6 @@ class MambaAdapter(MixerAdapter):
         dBx = dt[..., None] * B[:, :, None, :].float() * x[..., None].float()  # (B, T, D, N)
         gate = 1.0 - dA.mean(dim=-1)  # (B, T, D)
         initial = dBx.new_zeros(batch, mixer.intermediate_size, n)  # (B, D, N)
-        y = self.scan(layer, initial, dA, dBx, C[..., None], gate, x.dtype)  # (B, T, D)
+        y = self.scan(layer, initial, dA, dBx, C[..., None], gate, x.dtype, conv_history)  # (B, T, D)
         y = (y + x * mixer.D.float()) * F.silu(z.transpose(1, 2))  # (B, T, D)
         return mixer.out_proj(y.to(dtype))

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+import gsq_hf
+from gsq_hf import GSQConfig, GSQConfigError
+from gsq_hf.config import resolve_config
+
+PRESETS = ["bf16", "fp16", "fp32", "gsq-budget", "gsq-entropy", "gsq-gate", "int4", "int8"]
+
+
+def test_presets_listed_and_load():
+    assert gsq_hf.list_presets() == PRESETS
+    for name in PRESETS:
+        config = GSQConfig.from_preset(name)
+        assert config.name == name
+        config.build_policy()
+    assert GSQConfig.from_preset("gsq-gate").policy == "gate"
+    assert GSQConfig.from_preset("fp32").is_lossless
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_round_trip_yaml_json_dict(name, tmp_path):
+    config = GSQConfig.from_preset(name)
+    assert GSQConfig.from_dict(config.to_dict()) == config
+    (tmp_path / "c.yaml").write_text(config.to_yaml())
+    (tmp_path / "c.json").write_text(config.to_json())
+    assert GSQConfig.from_file(tmp_path / "c.yaml") == config
+    assert GSQConfig.from_file(tmp_path / "c.json") == config
+    config.save_pretrained(tmp_path / "saved")
+    assert GSQConfig.from_pretrained(tmp_path / "saved") == config
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("policy", "magic", "GSQConfig.policy='magic' is not accepted; choose one of: static, gate, entropy, budget"),
+        ("format", "int3", "GSQConfig.format='int3'.*fp32, bf16, fp16, fp8, int8, int4"),
+        ("rounding", "up", "rounding='up'.*nearest, stochastic"),
+        ("write_mode", "sometimes", "every_step, end_of_forward"),
+        ("threshold", 1.5, r"threshold=1.5 must be a number in \[0, 1\]"),
+        ("budget_fraction", -0.1, "budget_fraction"),
+        ("group_size", 1, "group_size=1"),
+        ("conv_format", "int2", "auto, fp32"),
+        ("high_when", "sometimes", "open, closed"),
+    ],
+)
+def test_bad_values_name_field_and_accepted(field, value, message):
+    with pytest.raises(GSQConfigError, match=message):
+        GSQConfig(**{field: value})
+
+
+def test_resolve_every_form(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("policy: static\nformat: int4\n")
+    assert resolve_config(str(path)).format == "int4"
+    assert resolve_config(str(path)).name == "mine"
+    assert resolve_config({"policy": "static", "format": "bf16"}).format == "bf16"
+    assert resolve_config("int8").format == "int8"
+    with pytest.raises(GSQConfigError, match="unknown preset 'int7'; known presets: bf16, fp16"):
+        resolve_config("int7")
+    with pytest.raises(GSQConfigError, match="unknown GSQConfig field"):
+        resolve_config({"polcy": "static"})
+    with pytest.raises(GSQConfigError, match="does not exist"):
+        resolve_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(GSQConfigError, match="got int"):
+        resolve_config(3)
+    assert json.loads(GSQConfig().to_json())["policy"] == "static"

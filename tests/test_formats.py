@@ -1,0 +1,85 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gsq_hf.errors import GSQConfigError
+from gsq_hf.formats import FORMATS, get_format
+
+# Per-format bound on |x - roundtrip(x)| for round-to-nearest, relative to the group's absmax (scaled formats)
+# or to |x| (unscaled float formats): half a code step / half an ulp. Stochastic rounding: one full step.
+RTN_BOUND = {"fp32": 0.0, "bf16": 2**-8, "fp16": 2**-11, "fp8": 2**-4, "int8": 0.5 / 127, "int4": 0.5 / 7}
+
+arrays = st.builds(
+    lambda seed, scale, groups: torch.randn(3, groups, 16, generator=torch.Generator().manual_seed(seed)) * scale,
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([1e-3, 1.0, 37.0, 1e3]),
+    st.integers(1, 4),
+)
+
+
+def _bound(name: str, x: torch.Tensor, stochastic: bool) -> torch.Tensor:
+    fmt = FORMATS[name]
+    rel = RTN_BOUND[name] * (2 if stochastic else 1)
+    if fmt.scaled:
+        # fp8 also loses relative precision below its smallest normal (2**-6 of the scaled range)
+        absmax = x.abs().amax(-1, keepdim=True)
+        floor = absmax / fmt.max_code * 2**-9 if name == "fp8" else 0
+        return torch.maximum(rel * x.abs(), floor) if name == "fp8" else (rel * absmax).expand_as(x) * 1.0001
+    return rel * x.abs() * 1.0001
+
+
+@settings(max_examples=25, deadline=None)
+@given(x=arrays, name=st.sampled_from(sorted(FORMATS)), stochastic=st.booleans())
+def test_roundtrip_error_within_documented_bound(x, name, stochastic):
+    fmt = FORMATS[name]
+    gen = torch.Generator().manual_seed(1)
+    y = fmt.roundtrip(x, 16, "stochastic" if stochastic else "nearest", gen)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert torch.all((y - x).abs() <= _bound(name, x, stochastic) + 1e-30)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_storage_is_really_that_small(name):
+    fmt = FORMATS[name]
+    x = torch.randn(2, 5, 16)
+    q = fmt.quantize(x, group_size=8)
+    assert q.data.dtype == fmt.storage_dtype
+    assert q.nbytes == fmt.nbytes(x.numel(), 8)
+    if name == "int4":
+        assert q.data.dtype == torch.uint8 and q.data.shape == (2, 5, 8)
+    assert (q.scale is not None) == fmt.scaled
+
+
+def test_int4_packing_layout():
+    fmt = FORMATS["int4"]
+    x = torch.tensor([[7.0, -7.0, 1.0, 0.0]])
+    q = fmt.quantize(x, group_size=4)
+    # codes +8: [15, 1, 9, 8] -> bytes (1 << 4 | 15), (8 << 4 | 9)
+    assert q.data.tolist() == [[(1 << 4) | 15, (8 << 4) | 9]]
+    assert torch.equal(q.dequantize(), x)
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16", "fp8", "int8", "int4"])
+def test_stochastic_rounding_is_unbiased_and_reproducible(name):
+    fmt = FORMATS[name]
+    x = torch.full((20000, 16), 0.3)
+    x[:, 0] = 1.0  # fixes the scale of each group
+    a = fmt.roundtrip(x, 16, "stochastic", torch.Generator().manual_seed(5))
+    b = fmt.roundtrip(x, 16, "stochastic", torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    nearest = fmt.roundtrip(x, 16, "nearest")[0, 1].item()
+    assert nearest != pytest.approx(0.3, abs=1e-9) or name in ("fp16",)
+    assert a[:, 1].mean().item() == pytest.approx(0.3, abs=2e-3)
+
+
+def test_zero_and_fp16_saturation():
+    assert torch.equal(FORMATS["int8"].roundtrip(torch.zeros(2, 16), 16), torch.zeros(2, 16))
+    big = torch.full((1, 2), 1e6)
+    assert torch.isfinite(FORMATS["fp16"].roundtrip(big, 2)).all()
+
+
+def test_unknown_format_lists_known():
+    with pytest.raises(GSQConfigError, match="accepted: fp32, bf16, fp16, fp8, int8, int4"):
+        get_format("int3")
+    assert get_format(torch.bfloat16).name == "bf16"

@@ -1,0 +1,94 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import gsq_hf
+from gsq_hf import GSQConfigError, NotPatchedError, UnsupportedModelError, UnsupportedVersionError
+
+
+def test_model_without_mamba_layers_is_refused():
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(UnsupportedModelError, match=r"model_type='llama'.*supported families: mamba \(MambaMixer\), "
+                                                    r"mamba2 \(Mamba2Mixer\)"):
+        gsq_hf.patch(model, "int8")
+
+
+def test_patch_twice_and_unpatch_unpatched(model):
+    with pytest.raises(NotPatchedError, match="not patched"):
+        gsq_hf.unpatch(model)
+    gsq_hf.patch(model, "int8")
+    assert gsq_hf.is_patched(model)
+    with pytest.raises(RuntimeError, match="already patched.*unpatch"):
+        gsq_hf.patch(model, "int4")
+
+
+def test_unknown_preset_and_bad_group_size(model):
+    with pytest.raises(GSQConfigError, match="known presets"):
+        gsq_hf.patch(model, "int3")
+    with pytest.raises(GSQConfigError, match="group_size=3 does not divide d_state=8"):
+        gsq_hf.patch(model, {"policy": "static", "format": "int8", "group_size": 3})
+    assert not gsq_hf.is_patched(model)
+
+
+def test_entropy_policy_needs_lm_head(model):
+    with pytest.raises(GSQConfigError, match="no LM head"):
+        gsq_hf.patch(model.backbone, "gsq-entropy")
+    gsq_hf.patch(model.backbone, "int8")  # a base model works for other policies
+    assert model.backbone(torch.randint(0, 64, (1, 4)), use_cache=True).cache is not None
+
+
+def test_version_outside_range_is_refused(model, monkeypatch):
+    from packaging.version import Version
+
+    from gsq_hf import _compat
+
+    monkeypatch.setattr(_compat, "TRANSFORMERS_VERSION", Version("5.10.0"))
+    with pytest.raises(UnsupportedVersionError, match=r"supports transformers >=5.24.0,<5.25.0; found"):
+        gsq_hf.patch(model, "int8")
+
+
+def test_cache_filled_by_unpatched_model_is_refused(model):
+    ids = torch.randint(0, 64, (1, 4))
+    used = model(ids).cache
+    assert type(used) is DynamicCache
+    gsq_hf.patch(model, "int8")
+    with pytest.raises(TypeError, match="already holds states written by an unpatched model"):
+        model(ids, cache=used)
+    assert isinstance(model(ids, cache=DynamicCache(config=model.config)).cache, gsq_hf.GSQCache)  # fresh: replaced
+
+
+def test_use_cache_false_is_the_original_forward(model):
+    ids = torch.randint(0, 64, (2, 6))
+    reference = model(ids, use_cache=False).logits
+    gsq_hf.patch(model, "int4")
+    assert torch.equal(model(ids, use_cache=False).logits, reference)
+
+
+def test_config_saved_with_model_and_restored(model, tmp_path):
+    gsq_hf.patch(model, "gsq-budget")
+    model.save_pretrained(tmp_path)
+    reloaded = gsq_hf.from_pretrained(tmp_path)
+    assert gsq_hf.is_patched(reloaded) and reloaded._gsq_patch.config == gsq_hf.GSQConfig.from_preset("gsq-budget")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    gsq_hf.patch(plain)  # no config given: the saved one
+    assert plain._gsq_patch.config.name == "gsq-budget"
+    gsq_hf.unpatch(plain)
+    assert plain.config.gsq_config["name"] == "gsq-budget"  # unpatch restores what was loaded
+
+
+def test_patched_context_manager(model):
+    with gsq_hf.patched(model, "int8") as patched_model:
+        assert patched_model is model and gsq_hf.is_patched(model)
+    assert not gsq_hf.is_patched(model)
+
+
+def test_patch_is_scoped_to_the_instance():
+    from models import tiny_mamba
+
+    a, b = tiny_mamba(), tiny_mamba()
+    ids = torch.randint(0, 64, (1, 5))
+    expected = b(ids).logits
+    gsq_hf.patch(a, "int4")
+    assert torch.equal(b(ids).logits, expected)
+    assert type(b(ids).cache) is DynamicCache
