@@ -141,17 +141,17 @@ class GSQStateLayer(LinearAttentionLayer):
         """Checkpoint the state after one token (SSM as stored now, conv window as of that token)."""
         self.positions.append(replace(self.storage, conv=conv))
 
-    def write_ssm(self, state: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Store the fp32 state ``(batch, units, *inner)``; ``gate`` is ``(batch, units)``.
+    def write_ssm(self, state: torch.Tensor, gate: torch.Tensor | None, read_back: bool = True) -> torch.Tensor | None:
+        """Store the fp32 state ``(batch, units, *inner)``; ``gate`` is ``(batch, units)`` (None if unused).
 
-        Returns the state a reader will now see (the dequantized stored value).
+        Returns the state a reader will now see (the dequantized stored value) when ``read_back``.
         """
         cache, policy = self._cache, self._cache.policy
         batch, units = state.shape[:2]
         group = cache.group_size(state.shape[-1])
         generator = cache.generator(state.device)
         rounding = cache.config.rounding
-        high_mask = policy.choose(Signals(gate=gate, row_signal=cache.row_signal_for(batch)))
+        high_mask = policy.choose(Signals((batch, units), state.device, gate, cache.row_signal_for(batch)))
 
         low = policy.low.quantize(state, group, rounding, generator)
         high = slot_units = high_valid = None
@@ -166,9 +166,12 @@ class GSQStateLayer(LinearAttentionLayer):
                     batch, capacity, *state.shape[2:])
                 high = policy.high.quantize(state.gather(1, index), group, rounding, generator)
         fallback = fallback_mask = None
-        nonfinite = ~torch.isfinite(state).flatten(2).all(dim=-1)  # (batch, units)
-        if bool(nonfinite.any()):
-            fallback, fallback_mask = state.clone(), nonfinite
+        if not bool(torch.isfinite(state.sum())):  # one reduction; the per-unit check runs only if it fails
+            fallback_mask = ~torch.isfinite(state).flatten(2).all(dim=-1)  # (batch, units)
+            fallback = state.clone()
+        if fallback_mask is not None and not bool(fallback_mask.any()):
+            fallback = fallback_mask = None  # the sum overflowed; every unit is finite
+        if fallback_mask is not None:
             warnings.warn(
                 f"gsq_hf: non-finite SSM state in layer {cache.layer_index(self)}; those units are kept in fp32 "
                 "(counted as 'nonfinite_unit_writes' in memory_report()).",
@@ -179,7 +182,7 @@ class GSQStateLayer(LinearAttentionLayer):
                                fallback=fallback, fallback_mask=fallback_mask)
         self.has_previous_state[0] = True
         self._count(state, group, high_valid, fallback_mask)
-        return self.read_ssm()
+        return self.read_ssm() if read_back else None
 
     def _count(self, state, group, high_valid, fallback_mask) -> None:
         """Accumulate write statistics as device tensors (no host sync on the hot path)."""

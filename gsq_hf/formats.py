@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 ROUNDING_MODES = ("nearest", "stochastic")
+_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -131,11 +132,12 @@ class StateFormat:
         if self.scaled:
             groups = x.unflatten(-1, (x.shape[-1] // group_size, group_size))
             scale = groups.abs().amax(dim=-1) / self.max_code  # (..., n_groups)
-            inv = torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))
-            x = (groups * inv.unsqueeze(-1)).flatten(-2)
+            x = (groups / scale.clamp_min(_TINY).unsqueeze(-1)).flatten(-2)  # all-zero groups stay zero
         if self.kind == "int":
-            x = torch.round(x) if rounding == "nearest" else torch.floor(x + self._noise(x, generator))
-            codes = x.clamp_(-self.max_code, self.max_code).to(torch.int8)
+            if rounding == "nearest":  # |x| <= max_code already: the scale comes from the group's absmax
+                codes = torch.round(x).to(torch.int8)
+            else:  # floor(x + u) can reach max_code + 1
+                codes = torch.floor(x + self._noise(x, generator)).clamp_(-self.max_code, self.max_code).to(torch.int8)
             return QuantizedTensor(self._pack(codes), scale, self, group_size)
         x = x.clamp(-self.max_code, self.max_code)
         if rounding == "stochastic":

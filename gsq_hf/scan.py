@@ -39,7 +39,7 @@ def selective_scan(
 
     ``write(h, t)`` is called after every step (``every_step``) and returns the state the next step reads;
     with ``write=None`` the state is carried exactly (``end_of_forward`` then writes once). Returns the
-    outputs ``(B, T, *h.shape[1:-1])`` and the final state as carried.
+    outputs ``(B, T, *h.shape[1:-1])`` and the final state as carried (None if the hook returned None).
     """
     outputs = []
     for t in range(dBx.shape[1]):

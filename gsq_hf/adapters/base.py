@@ -95,20 +95,22 @@ class MixerAdapter(ABC):
         dA: torch.Tensor,
         dBx: torch.Tensor,
         C: torch.Tensor,
-        gate: torch.Tensor,
+        gate: torch.Tensor | None,
         out_dtype: torch.dtype,
         conv_history: list | None = None,
     ) -> torch.Tensor:
         """Run the recurrence from the stored state (or ``initial`` zeros) and store per the write mode.
 
-        ``gate`` is (B, T, units): the policy's signal for the write after each step.
+        ``gate`` is (B, T, units): the policy's signal for the write after each step (None if unused).
         """
         stored = layer.read_ssm()
         h = initial if stored is None else stored
         if layer.cache.config.write_mode == "every_step":
 
-            def write(state: torch.Tensor, t: int) -> torch.Tensor:
-                read = layer.write_ssm(state, gate[:, t])
+            last = dBx.shape[1] - 1
+
+            def write(state: torch.Tensor, t: int) -> torch.Tensor | None:
+                read = layer.write_ssm(state, None if gate is None else gate[:, t], read_back=t < last)
                 if conv_history is not None:
                     layer.record_position(conv_history[t])
                 return read
@@ -116,5 +118,5 @@ class MixerAdapter(ABC):
             outputs, _ = selective_scan(h, dA, dBx, C, write, out_dtype)
         else:
             outputs, h = selective_scan(h, dA, dBx, C, None, out_dtype)
-            layer.write_ssm(h, gate[:, -1])
+            layer.write_ssm(h, None if gate is None else gate[:, -1], read_back=False)
         return outputs

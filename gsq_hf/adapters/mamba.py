@@ -41,7 +41,7 @@ class MambaAdapter(MixerAdapter):
         A = -torch.exp(mixer.A_log.float())  # (D, N)
         dA = torch.exp(dt[..., None] * A)  # (B, T, D, N)
         dBx = dt[..., None] * B[:, :, None, :].float() * x[..., None].float()  # (B, T, D, N)
-        gate = 1.0 - dA.mean(dim=-1)  # (B, T, D)
+        gate = 1.0 - dA.mean(dim=-1) if layer.cache.policy.uses_gate else None  # (B, T, D)
         initial = dBx.new_zeros(batch, mixer.intermediate_size, n)  # (B, D, N)
         y = self.scan(layer, initial, dA, dBx, C[..., None], gate, x.dtype, conv_history)  # (B, T, D)
         y = (y + x * mixer.D.float()) * F.silu(z.transpose(1, 2))  # (B, T, D)

@@ -43,7 +43,7 @@ class Mamba2Adapter(MixerAdapter):
         dA = torch.exp(dt * -torch.exp(mixer.A_log.float()))  # (B, T, H)
         dBx = (dt[..., None] * x.float())[..., None] * B[:, :, :, None, :].float()  # (B, T, H, P, N)
         initial = dBx.new_zeros(batch, heads, head_dim, n)  # (B, H, P, N)
-        gate = 1.0 - dA  # (B, T, H)
+        gate = 1.0 - dA if layer.cache.policy.uses_gate else None  # (B, T, H)
         y = self.scan(layer, initial, dA[..., None, None], dBx, C[..., None], gate, x.dtype, conv_history)
         y = y + x * mixer.D[:, None].to(y.dtype)
         y = mixer.norm(y.reshape(batch, seq_len, -1), z)

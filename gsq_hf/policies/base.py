@@ -23,13 +23,16 @@ __all__ = ["PrecisionPolicy", "Signals"]
 class Signals:
     """What a policy may look at when a state is written.
 
+    shape: ``(batch, units)`` of the decision.
     gate: ``(batch, units)`` in [0, 1]: the layer's update strength this step (1 - retained fraction of the
-        old state, from Δ·A); large = new information entering.
+        old state, from Δ·A); large = new information entering. Computed only for policies that use it.
     row_signal: ``(batch,)`` in [0, 1]: normalized entropy (or surprisal) of the model's own next-token
         distribution for the token being absorbed; ``None`` before the model has produced any logits.
     """
 
-    gate: torch.Tensor
+    shape: tuple[int, int]
+    device: torch.device
+    gate: torch.Tensor | None = None
     row_signal: torch.Tensor | None = None
 
 
@@ -37,6 +40,7 @@ class PrecisionPolicy(ABC):
     """Decides, at every state write, which units get the ``high`` format."""
 
     name: ClassVar[str]
+    uses_gate: ClassVar[bool] = False  # adapters compute the gate signal only for policies that read it
 
     def __init__(self, low: StateFormat, high: StateFormat | None = None):
         self.low = low

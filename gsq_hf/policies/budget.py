@@ -19,6 +19,7 @@ __all__ = ["GateBudgetPolicy"]
 
 class GateBudgetPolicy(PrecisionPolicy):
     name = "budget"
+    uses_gate = True
 
     def __init__(self, low: StateFormat, high: StateFormat, fraction: float, high_when: str = "open"):
         super().__init__(low, high)
@@ -29,7 +30,7 @@ class GateBudgetPolicy(PrecisionPolicy):
         return min(units, math.ceil(self.fraction * units))
 
     def choose(self, signals: Signals) -> torch.Tensor:
-        units = signals.gate.shape[-1]
+        units = signals.shape[-1]
         k = self.high_capacity(units)
         score = signals.gate if self.high_when == "open" else -signals.gate
         mask = torch.zeros_like(signals.gate, dtype=torch.bool)

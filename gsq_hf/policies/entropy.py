@@ -24,7 +24,7 @@ class EntropyThresholdPolicy(PrecisionPolicy):
         self.threshold = threshold
 
     def choose(self, signals: Signals) -> torch.Tensor:
-        batch, units = signals.gate.shape
+        batch, units = signals.shape
         if signals.row_signal is None:
-            return torch.ones(batch, units, dtype=torch.bool, device=signals.gate.device)
+            return torch.ones(batch, units, dtype=torch.bool, device=signals.device)
         return (signals.row_signal >= self.threshold)[:, None].expand(batch, units)

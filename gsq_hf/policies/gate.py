@@ -22,6 +22,7 @@ __all__ = ["GateThresholdPolicy"]
 
 class GateThresholdPolicy(PrecisionPolicy):
     name = "gate"
+    uses_gate = True
 
     def __init__(self, low: StateFormat, high: StateFormat, threshold: float, high_when: str = "open"):
         super().__init__(low, high)

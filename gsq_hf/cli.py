@@ -1,0 +1,247 @@
+"""The ``gsq-hf`` command: ``gsq-hf eval`` (decode-faithful perplexity) and ``gsq-hf memory`` (peak memory).
+
+Exit codes: 0 success; 2 bad input (unknown model, dataset or config, empty text, a context longer than
+the text): one line on stderr naming what was wrong and what is accepted, no traceback unless
+``--debug``; 1 any other failure, including a config whose logits went non-finite (its row says FAILED,
+the other configs still run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from .config import GSQConfig, list_presets, resolve_config
+from .errors import GSQConfigError, UnsupportedModelError
+
+__all__ = ["main"]
+
+DEFAULT_CONFIGS = ("fp32", "int8", "int4", "gsq-gate", "gsq-entropy", "gsq-budget")
+EXIT_FAILURE, EXIT_BAD_INPUT = 1, 2
+
+
+class BadInput(Exception):
+    """A command-line value that cannot work; the message is the whole error line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line too (same format and exit code 2 as every bad input)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model directory saved by save_pretrained, or a HuggingFace Hub model id "
+                                        "(default: the built-in tiny Mamba trained on the pydoc topics)")
+    parser.add_argument("--dataset", help="'builtin' (default: the stdlib's pydoc topics), a .txt/.raw file, a "
+                                          ".jsonl file with a 'text' field, a directory of .txt/.raw files, or a "
+                                          "Hub dataset 'name' or 'name:config' (loaded with datasets.load_dataset)")
+    parser.add_argument("--split", default="test", help="dataset split (default: test); for a directory, files "
+                                                        "whose name has the split as a part, e.g. wiki.test.raw")
+    parser.add_argument("--config", action="extend", nargs="+", metavar="CONFIG",
+                        help="state config: a preset (" + ", ".join(list_presets()) + ") or a YAML/JSON file; "
+                             "repeatable (default: " + " ".join(DEFAULT_CONFIGS) + ")")
+    parser.add_argument("--batch-size", type=_positive, default=8, help="sequences run at once (default: 8)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, ... (default: cuda if available)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="model weights and activations dtype (default: fp32)")
+    parser.add_argument("--seed", type=int, help="seed of torch and, when given, of every config's stochastic "
+                                                 "rounding (default: torch seed 0, configs keep their own)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or run information, only the table")
+    parser.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gsq-hf", description="Gated state quantization for Mamba-family models.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    evaluate = commands.add_parser(
+        "eval", help="decode-faithful perplexity of each state config",
+        description="Perplexity with the model's states stored per each config, every window fed one token at "
+                    "a time (as generate stores them). Windows of --context tokens do not overlap; the first "
+                    "token of each is read, the others scored.")
+    _common(evaluate)
+    evaluate.add_argument("--context", type=_positive, default=512, help="tokens per window (default: 512)")
+    evaluate.add_argument("--max-tokens", type=_positive, help="evaluate only the first N tokens (default: all)")
+    evaluate.add_argument("--no-reference", action="store_true",
+                          help="skip the unpatched full-sequence reference perplexity")
+    memory = commands.add_parser(
+        "memory", help="peak memory of a real generate per config, patched vs unpatched",
+        description="Runs generate once per config (and unpatched), each in a fresh process, and reports the "
+                    "peak resident memory (and peak CUDA memory on a GPU) and the state bytes per sequence.")
+    _common(memory)
+    memory.add_argument("--new-tokens", type=_positive, default=128, help="tokens generated (default: 128)")
+    memory.add_argument("--prompt-tokens", type=_positive, default=32,
+                        help="prompt length, taken from the start of the dataset text (default: 32)")
+    return parser
+
+
+# -- shared steps ---------------------------------------------------------------------------------------
+def _configs(names: Sequence[str] | None, seed: int | None) -> list[GSQConfig]:
+    configs = [resolve_config(name) for name in (names or DEFAULT_CONFIGS)]
+    return configs if seed is None else [dataclasses.replace(cfg, seed=seed) for cfg in configs]
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BadInput(f"device {name!r} is not a torch device; accepted: auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"device {name!r} asked for CUDA, but torch sees no CUDA device; use --device cpu")
+    return name
+
+
+def _model_source(model: str | None) -> str:
+    if model is not None:
+        return model
+    try:
+        from .eval.builtin import BUILTIN_MODEL_DIR
+    except ImportError:
+        raise BadInput("no --model given and gsq_hf has no built-in model; pass --model DIR_OR_HUB_ID") from None
+    if not BUILTIN_MODEL_DIR.is_dir():
+        raise BadInput(f"no --model given and the built-in model is missing at {BUILTIN_MODEL_DIR}; "
+                       "pass --model DIR_OR_HUB_ID")
+    return str(BUILTIN_MODEL_DIR)
+
+
+def _check_patchable(model, configs: list[GSQConfig]) -> None:
+    """Patch and unpatch once per config: a bad config fails before any long run starts."""
+    from .patch import patched
+
+    for cfg in configs:
+        with patched(model, cfg):
+            pass
+
+
+def _info(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+def _header(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    from .eval.report import versions
+
+    return {"model": model, "dataset": args.dataset or "builtin", "split": args.split, "versions": versions()}
+
+
+# -- commands -------------------------------------------------------------------------------------------
+def _run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .eval.data import load_model, load_text, load_tokenizer, make_windows
+    from .eval.perplexity import NonFiniteLogitsError, decode_faithful_perplexity, full_sequence_perplexity
+    from .eval.report import add_deltas, eval_table, write_json
+
+    configs = _configs(args.config, args.seed)
+    device = _device(args.device)
+    source = _model_source(args.model)
+    torch.manual_seed(0 if args.seed is None else args.seed)
+    text = load_text(args.dataset, args.split)
+    windows = make_windows(load_tokenizer(source), text, args.context, args.max_tokens)
+    model = load_model(source, args.dtype, device)
+    _check_patchable(model, configs)
+    _info(args, f"model {source} ({args.dtype}, {device}); dataset {args.dataset or 'builtin'}:{args.split}; "
+                f"{windows.ids.shape[0]} windows x {windows.context} tokens, {windows.scored_tokens} scored")
+    progress = not args.quiet
+    records = []
+    for cfg in configs:
+        try:
+            result = decode_faithful_perplexity(model, windows, cfg, batch_size=args.batch_size, progress=progress)
+            records.append(result.to_dict())
+        except NonFiniteLogitsError as error:
+            records.append({"config": cfg.name, "tokens": windows.scored_tokens, "error": str(error)})
+    add_deltas(records)
+    print(eval_table(records))
+    payload = {**_header(args, source), "context": windows.context, "windows": windows.ids.shape[0],
+               "batch_size": args.batch_size, "max_tokens": args.max_tokens, "device": device, "dtype": args.dtype,
+               "scoring": "non-overlapping windows; token 0 of each window read, tokens 1..context-1 scored",
+               "results": records}
+    if not args.no_reference:
+        reference = full_sequence_perplexity(model, windows, batch_size=args.batch_size, progress=progress)
+        payload["reference"] = reference.to_dict()
+        print(f"reference (unpatched model, one full-sequence forward per window): ppl {reference.perplexity:.4f}")
+    if args.json:
+        write_json(args.json, payload)
+        _info(args, f"wrote {args.json}")
+    return EXIT_FAILURE if any(r.get("error") for r in records) else 0
+
+
+def _run_memory(args: argparse.Namespace) -> int:
+    from .eval.data import load_text, load_tokenizer, make_windows
+    from .eval.memory import measure_configs
+    from .eval.report import memory_table, write_json
+
+    configs = _configs(args.config, args.seed)
+    device = _device(args.device)
+    source = _model_source(args.model)
+    text = load_text(args.dataset, args.split)
+    prompt = make_windows(load_tokenizer(source), text, args.prompt_tokens, args.prompt_tokens).ids[0].tolist()
+    _info(args, f"model {source} ({args.dtype}, {device}); batch {args.batch_size}, {args.prompt_tokens} prompt + "
+                f"{args.new_tokens} new tokens; one process per config")
+    records = measure_configs(source, configs, prompt, batch_size=args.batch_size, new_tokens=args.new_tokens,
+                              device=device, dtype=args.dtype, seed=0 if args.seed is None else args.seed)
+    print(memory_table(records))
+    if args.json:
+        payload = {**_header(args, source), "batch_size": args.batch_size, "prompt_tokens": args.prompt_tokens,
+                   "new_tokens": args.new_tokens, "device": device, "dtype": args.dtype, "results": records}
+        write_json(args.json, payload)
+        _info(args, f"wrote {args.json}")
+    return EXIT_FAILURE if any(r.get("error") for r in records) else 0
+
+
+def _quiet_libraries() -> None:
+    """Library logs (kernel fallbacks, Hub retries) would bury the table and the one-line errors."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    for name in ("huggingface_hub", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``gsq-hf``; returns the exit code."""
+    from .eval.data import EvalInputError
+
+    args = _parser().parse_args(argv)
+    if not args.debug:
+        _quiet_libraries()
+    run = _run_eval if args.command == "eval" else _run_memory
+    try:
+        return run(args)
+    except (BadInput, EvalInputError, GSQConfigError, UnsupportedModelError) as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"gsq-hf {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as error:  # any other failure: still one line and a non-zero exit
+        if args.debug:
+            raise
+        print(f"gsq-hf {args.command}: error: {type(error).__name__}: {_one_line(error)} (rerun with --debug for "
+              "the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

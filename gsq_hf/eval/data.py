@@ -1,0 +1,263 @@
+"""What an evaluation reads: the text, the token windows cut from it, and the model with its tokenizer.
+
+Text sources (``--dataset``), tried in this order:
+
+* ``None`` or ``"builtin"``: the held-out split of the stdlib's pydoc topics (`gsq_hf.eval.builtin`), so
+  that ``gsq-hf eval`` runs offline with no arguments;
+* an existing local path: a text file (``.txt``, ``.raw``, anything not ``.jsonl``), a JSONL file with one
+  ``{"text": ...}`` object per line, or a directory of ``.txt``/``.raw`` files (see `_directory_files`);
+* anything else is a HuggingFace Hub dataset id, ``name`` or ``name:config``, loaded with
+  ``datasets.load_dataset(name, config, split=split)`` as online users expect.
+
+Documents (JSONL lines, files of a directory, rows of a hub split) are joined with a blank line, as the
+HuggingFace perplexity guide does for WikiText. Bad input raises an `EvalInputError` whose message names
+what was wrong and what is accepted; the CLI turns it into a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "BUILTIN_DATASET",
+    "DatasetNotFoundError",
+    "EvalInputError",
+    "ModelNotFoundError",
+    "TokenWindows",
+    "load_model",
+    "load_text",
+    "load_tokenizer",
+    "make_windows",
+]
+
+BUILTIN_DATASET = "builtin"
+TEXT_SUFFIXES = (".txt", ".raw")
+SPLIT_WORDS = {"train", "test", "valid", "validation", "dev"}
+SPLIT_ALIASES = {"validation": {"validation", "valid", "dev"}, "valid": {"validation", "valid", "dev"}}
+DOCUMENT_SEPARATOR = "\n\n"
+# Tokens dropped before the end of a tokenized prefix: BPE/WordPiece segmentation only looks ahead within
+# the current pre-token, so tokens this far from the cut equal those of the whole text.
+_CUT_MARGIN = 64
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+ACCEPTED_DATASETS = (
+    "'builtin' (the default), a local .txt/.raw file, a local .jsonl file with a 'text' field, "
+    "a local directory of .txt/.raw files, or a HuggingFace Hub dataset id 'name' or 'name:config'"
+)
+
+
+class EvalInputError(ValueError):
+    """An evaluation input (dataset, model, text, window size) is not usable; the message says why."""
+
+
+class DatasetNotFoundError(EvalInputError):
+    """``--dataset`` names no readable local path and no loadable Hub dataset."""
+
+
+class ModelNotFoundError(EvalInputError):
+    """``--model`` names no local model directory and no loadable Hub model."""
+
+
+# -- text ---------------------------------------------------------------------------------------------
+def load_text(source: str | None, split: str = "test") -> str:
+    """The evaluation text of ``source`` (see the module docstring for what is accepted)."""
+    if source is None or source == BUILTIN_DATASET:
+        return _builtin_text(split)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return DOCUMENT_SEPARATOR.join(_read_file(f) for f in _directory_files(path, split))
+    if path.is_file():
+        return _read_file(path)
+    if not _HUB_ID.match(source.split(":", 1)[0]) or path.suffix in (*TEXT_SUFFIXES, ".jsonl", ".json"):
+        raise DatasetNotFoundError(f"dataset path {source!r} does not exist; accepted: {ACCEPTED_DATASETS}")
+    return _hub_text(source, split)
+
+
+def _builtin_text(split: str) -> str:
+    from .builtin import builtin_text
+
+    try:
+        return builtin_text(split)
+    except ValueError as error:
+        raise DatasetNotFoundError(f"the built-in dataset has no split {split!r}: {error}") from None
+
+
+def _read_file(path: Path) -> str:
+    if path.suffix != ".jsonl":
+        return path.read_text(encoding="utf-8")
+    documents = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise EvalInputError(f"{path}:{number} is not valid JSON ({error.msg}); a JSONL dataset has one "
+                                 '{"text": "..."} object per line') from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise EvalInputError(f'{path}:{number} has no string "text" field; a JSONL dataset has one '
+                                 '{"text": "..."} object per line')
+        documents.append(record["text"])
+    return DOCUMENT_SEPARATOR.join(documents)
+
+
+def _directory_files(directory: Path, split: str) -> list[Path]:
+    """The ``.txt``/``.raw`` files of ``directory`` (sorted) that belong to ``split``.
+
+    A file belongs to a split when a dot/underscore/hyphen-separated part of its name is the split
+    (``wiki.test.raw``, ``ptb.test.txt``; ``valid``/``validation``/``dev`` are one split). A directory whose
+    file names carry no split word at all is one document collection: every file is read.
+    """
+    files = sorted(f for f in directory.iterdir() if f.is_file() and f.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise DatasetNotFoundError(f"directory {str(directory)!r} holds no .txt or .raw file; "
+                                   f"accepted: {ACCEPTED_DATASETS}")
+    parts = {f: set(re.split(r"[._-]", f.stem.lower())) for f in files}
+    wanted = SPLIT_ALIASES.get(split, {split})
+    matching = [f for f in files if parts[f] & wanted]
+    if matching:
+        return matching
+    if not any(p & SPLIT_WORDS for p in parts.values()):
+        return files
+    available = sorted(set().union(*parts.values()) & SPLIT_WORDS)
+    raise DatasetNotFoundError(f"directory {str(directory)!r} has no file for split {split!r}; "
+                               f"its files are for split(s): {', '.join(available)}")
+
+
+def _hub_text(source: str, split: str) -> str:
+    import datasets
+
+    name, _, config = source.partition(":")
+    try:
+        data = datasets.load_dataset(name, config or None, split=split)
+    except Exception as error:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DatasetNotFoundError(f"could not load Hub dataset {source!r} split {split!r} ({reason}); "
+                                   f"accepted: {ACCEPTED_DATASETS}") from error
+    columns = [c for c, feature in data.features.items() if getattr(feature, "dtype", None) == "string"]
+    if not columns:
+        raise EvalInputError(f"Hub dataset {source!r} has no text column; its columns: {', '.join(data.features)}")
+    return DOCUMENT_SEPARATOR.join(data["text" if "text" in columns else columns[0]])
+
+
+# -- windows ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenWindows:
+    """Non-overlapping windows of ``context`` tokens, with the size of the text each window scores.
+
+    ``ids`` is ``(windows, context)``. Token 0 of a window is only read (nothing predicts it from inside the
+    window); tokens ``1..context-1`` are scored. ``words``/``bytes`` (``(windows,)``) count whitespace-
+    separated words and UTF-8 bytes of the decoded scored tokens, the denominators of word/byte perplexity.
+    """
+
+    ids: torch.Tensor
+    words: torch.Tensor
+    bytes: torch.Tensor
+
+    @property
+    def context(self) -> int:
+        return self.ids.shape[1]
+
+    @property
+    def scored_tokens(self) -> int:
+        return self.ids.shape[0] * (self.context - 1)
+
+    @classmethod
+    def from_ids(cls, ids: torch.Tensor, tokenizer) -> TokenWindows:
+        """Windows from an ``(windows, context)`` id tensor; ``tokenizer`` decodes the scored tokens."""
+        if ids.dim() != 2 or ids.shape[1] < 2:
+            raise EvalInputError(f"token windows must be (windows, context >= 2), got shape {tuple(ids.shape)}")
+        texts = tokenizer.batch_decode(ids[:, 1:].tolist(), skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False)
+        words = torch.tensor([len(t.split()) for t in texts], dtype=torch.int64)
+        nbytes = torch.tensor([len(t.encode("utf-8")) for t in texts], dtype=torch.int64)
+        return cls(ids.to(torch.int64), words, nbytes)
+
+
+def make_windows(tokenizer, text: str, context: int, max_tokens: int | None = None) -> TokenWindows:
+    """Tokenize ``text`` once (no special tokens) and cut it into ``len // context`` windows.
+
+    Only the first ``max_tokens`` tokens are used when given; the tail shorter than ``context`` is dropped,
+    so every window has the same length and every config sees the same windows.
+    """
+    if not isinstance(context, int) or context < 2:
+        raise EvalInputError(f"context must be an integer >= 2 (one token read, at least one scored), got {context}")
+    if max_tokens is not None and max_tokens < 2:
+        raise EvalInputError(f"max_tokens must be an integer >= 2 or None (all tokens), got {max_tokens}")
+    if not text.strip():
+        raise EvalInputError("the evaluation text is empty; give a dataset with some text in it")
+    ids = _tokenize(tokenizer, text, max_tokens)
+    count = len(ids) // context
+    if count == 0:
+        limit = f" (after --max-tokens {max_tokens})" if max_tokens is not None and len(ids) == max_tokens else ""
+        raise EvalInputError(f"context {context} is longer than the text's {len(ids)} tokens{limit}; "
+                             f"use a context of at most {len(ids)} or more text")
+    return TokenWindows.from_ids(torch.tensor(ids[: count * context]).view(count, context), tokenizer)
+
+
+def _tokenize(tokenizer, text: str, max_tokens: int | None) -> list[int]:
+    """Token ids of ``text``, or of its first ``max_tokens`` tokens without tokenizing all of it.
+
+    With ``max_tokens``, growing prefixes are tokenized until one yields ``_CUT_MARGIN`` tokens more than
+    needed: a corpus of hundreds of MB is not tokenized to evaluate its first few thousand tokens.
+    """
+    def encode(part: str) -> list[int]:
+        return tokenizer.encode(part, add_special_tokens=False, verbose=False)
+
+    if max_tokens is None:
+        return encode(text)
+    chars = 8 * (max_tokens + _CUT_MARGIN)
+    while True:
+        ids = encode(text[:chars])
+        if chars >= len(text) or len(ids) >= max_tokens + _CUT_MARGIN:
+            return ids[:max_tokens]
+        chars *= 2
+
+
+# -- model --------------------------------------------------------------------------------------------
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ACCEPTED_MODELS = "a local directory saved by save_pretrained (config.json, weights, tokenizer) or a Hub model id"
+
+
+def _model_location(source: str | Path) -> str:
+    """A local directory, or a string that can be a Hub id; a path that exists but is no directory is not."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists() or not _HUB_ID.match(text):
+        raise ModelNotFoundError(f"model {text!r} is not a model directory; accepted: {ACCEPTED_MODELS}")
+    return text
+
+
+def _loading(source: str | Path, load):
+    """Run ``load(location)``, turning transformers' missing-file/unreachable-Hub errors into one line."""
+    location = _model_location(source)
+    try:
+        return load(location)
+    except (OSError, ValueError) as error:  # transformers reports missing or unreachable files as OSError
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        kind = "local directory" if Path(location).is_dir() else "Hub model id (unknown id, or Hub unreachable?)"
+        raise ModelNotFoundError(f"could not load model {str(source)!r} as a {kind}: {reason}; "
+                                 f"accepted: {ACCEPTED_MODELS}") from error
+
+
+def load_tokenizer(source: str | Path):
+    """The tokenizer saved with the model at ``source`` (a local directory or a Hub id)."""
+    from transformers import AutoTokenizer
+
+    return _loading(source, AutoTokenizer.from_pretrained)
+
+
+def load_model(source: str | Path, dtype: str = "fp32", device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The causal LM at ``source`` in ``dtype`` (fp32, bf16, fp16), in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise EvalInputError(f"dtype {dtype!r} is not accepted; choose one of: {', '.join(DTYPES)}")
+    model = _loading(source, lambda location: AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype]))
+    return model.to(device).eval()

@@ -1,0 +1,215 @@
+"""Decode-faithful perplexity: every window is fed one token at a time through the patched model.
+
+A quantized state changes what the model sees only through the states it *stores*. A full-sequence
+forward keeps the state in registers for the whole window, so it measures nothing; generation stores (and
+re-reads) the state after every token. `decode_faithful_perplexity` therefore steps each window token by
+token with a fresh `GSQCache` per batch, exactly as ``generate`` would, and scores the next-token logits.
+
+Scoring: token 0 of each window is read but not scored (nothing inside the window predicts it; windows
+are independent, so no context leaks across them); tokens ``1..context-1`` are scored. Sums are kept like
+lm-evaluation-harness does (ΣNLL, tokens, words, bytes) and the metrics derived from them:
+
+    perplexity       exp(ΣNLL / tokens)
+    word_perplexity  exp(ΣNLL / words)
+    byte_perplexity  exp(ΣNLL / bytes)
+    bits_per_byte    ΣNLL / (bytes · ln 2)
+
+Non-finite logits are never averaged: they raise `NonFiniteLogitsError` naming the windows affected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..cache import GSQCache
+from ..config import GSQConfig, resolve_config
+from ..patch import is_patched, patched
+from .data import TokenWindows, make_windows
+
+__all__ = [
+    "NonFiniteLogitsError",
+    "PerplexityResult",
+    "decode_faithful_perplexity",
+    "full_sequence_perplexity",
+]
+
+
+class NonFiniteLogitsError(ArithmeticError):
+    """Some next-token logits were NaN or Inf: the perplexity of that config is undefined."""
+
+
+@dataclass
+class PerplexityResult:
+    """Weighted sums of one evaluation and the metrics derived from them (see the module docstring)."""
+
+    config: str
+    nll_sum: float
+    tokens: int
+    words: int
+    bytes: int
+    seconds: float
+    state: dict[str, Any] = field(default_factory=dict)  # per-sequence state memory; empty for the reference
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_sum / self.tokens)
+
+    @property
+    def word_perplexity(self) -> float:
+        return math.exp(self.nll_sum / self.words) if self.words else math.nan
+
+    @property
+    def byte_perplexity(self) -> float:
+        return math.exp(self.nll_sum / self.bytes) if self.bytes else math.nan
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll_sum / (self.bytes * math.log(2)) if self.bytes else math.nan
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "perplexity": self.perplexity,
+            "word_perplexity": self.word_perplexity,
+            "byte_perplexity": self.byte_perplexity,
+            "bits_per_byte": self.bits_per_byte,
+            "nll_sum": self.nll_sum,
+            "tokens": self.tokens,
+            "words": self.words,
+            "bytes": self.bytes,
+            "seconds": self.seconds,
+            "tokens_per_second": self.tokens_per_second,
+            **self.state,
+        }
+
+
+def _windows(windows_or_tokenizer, text: str | None, context: int | None, max_tokens: int | None) -> TokenWindows:
+    if isinstance(windows_or_tokenizer, TokenWindows):
+        return windows_or_tokenizer
+    if text is None or context is None:
+        raise TypeError("pass TokenWindows, or a tokenizer together with text= and context=")
+    return make_windows(windows_or_tokenizer, text, context, max_tokens)
+
+
+def _check_finite(bad_rows: torch.Tensor, first_window: int, label: str) -> None:
+    """Raise if any row of a batch saw a non-finite logit (one host sync per batch)."""
+    if bool(bad_rows.any()):
+        rows = (bad_rows.nonzero().flatten() + first_window).tolist()
+        raise NonFiniteLogitsError(f"{label}: NaN/Inf next-token logits in window(s) {rows[:8]}"
+                                   f"{' ...' if len(rows) > 8 else ''}; perplexity is undefined")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def decode_faithful_perplexity(
+    model: torch.nn.Module,
+    windows_or_tokenizer,
+    config: GSQConfig | str | dict = "fp32",
+    *,
+    text: str | None = None,
+    context: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of ``model`` with its states stored per ``config``, stepping every window token by token.
+
+    ``windows_or_tokenizer`` is a `TokenWindows` (share one across configs), or a tokenizer with ``text=``
+    and ``context=`` (and optionally ``max_tokens=``). An unpatched model is patched with ``config`` for
+    the run and restored after; an already patched one keeps its patch and gets a ``config`` cache.
+    ``batch_size`` windows run at a time, each batch with a fresh `GSQCache`.
+    """
+    windows = _windows(windows_or_tokenizer, text, context, max_tokens)
+    cfg = resolve_config(config)
+    device = _device(model)
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    reports = []
+    bar = tqdm(total=windows.scored_tokens, desc=cfg.name, unit="tok", disable=not progress, leave=False)
+    start = time.perf_counter()
+    with torch.inference_mode(), (contextlib.nullcontext() if is_patched(model) else patched(model, cfg)):
+        first = 0
+        for batch in windows.ids.split(batch_size):
+            batch = batch.to(device)
+            cache = GSQCache(model.config, cfg)
+            nll = torch.zeros(batch.shape[0], dtype=torch.float64, device=device)
+            bad = torch.zeros(batch.shape[0], dtype=torch.bool, device=device)
+            for t in range(windows.context - 1):
+                logits = model(input_ids=batch[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1].float()
+                bad |= ~torch.isfinite(logits).all(dim=-1)
+                nll += F.cross_entropy(logits, batch[:, t + 1], reduction="none")
+                bar.update(batch.shape[0])
+            _check_finite(bad, first, cfg.name)
+            nll_sum += nll.sum()
+            reports.append(cache.memory_report())
+            first += batch.shape[0]
+        total = float(nll_sum)
+    seconds = time.perf_counter() - start
+    bar.close()
+    return PerplexityResult(cfg.name, total, windows.scored_tokens, int(windows.words.sum()),
+                            int(windows.bytes.sum()), seconds, _state_summary(reports))
+
+
+def _state_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-sequence state memory over all batches (each report covers one batch of windows).
+
+    Sizes are divided by the batch size and the largest batch value is kept (batches differ only when a
+    non-finite state forced an fp32 fallback copy); bits and format fractions are averaged over windows.
+    """
+    rows = [report["batch_size"] for report in reports]
+    total = sum(rows)
+    sizes = ("state_bytes", "full_precision_state_bytes", "ssm_state_bytes", "full_precision_ssm_state_bytes")
+    summary: dict[str, Any] = {key: max(r[key] / n for r, n in zip(reports, rows, strict=True)) for key in sizes}
+    summary["avg_state_bits"] = sum(r["avg_state_bits"] * n for r, n in zip(reports, rows, strict=True)) / total
+    names = {name for r in reports for name in r["format_fractions"]}
+    summary["format_fractions"] = {
+        name: sum(r["format_fractions"].get(name, 0.0) * n for r, n in zip(reports, rows, strict=True)) / total
+        for name in sorted(names)
+    }
+    summary["nonfinite_unit_writes"] = sum(r["nonfinite_unit_writes"] for r in reports)
+    return summary
+
+
+def full_sequence_perplexity(
+    model: torch.nn.Module,
+    windows_or_tokenizer,
+    *,
+    text: str | None = None,
+    context: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> PerplexityResult:
+    """The reference: one ordinary forward per batch of windows, no cache, the model's own kernels.
+
+    Scores exactly the tokens `decode_faithful_perplexity` scores; with the ``fp32`` config the two agree
+    to float rounding. A patched model runs its original mixers here (no cache, nothing stored).
+    """
+    windows = _windows(windows_or_tokenizer, text, context, max_tokens)
+    device = _device(model)
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        first = 0
+        for batch in tqdm(windows.ids.split(batch_size), desc="reference", disable=not progress, leave=False):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+            _check_finite(~torch.isfinite(logits).flatten(1).all(dim=-1), first, "reference")
+            nll_sum += F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").double().sum()
+            first += batch.shape[0]
+        total = float(nll_sum)
+    return PerplexityResult("reference", total, windows.scored_tokens, int(windows.words.sum()),
+                            int(windows.bytes.sum()), time.perf_counter() - start)
