@@ -22,13 +22,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache, LinearAttentionLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionAndFullAttentionLayer, LinearAttentionLayer
 
 from .config import GSQConfig, resolve_config
 from .formats import QuantizedTensor, StateFormat, get_format
 from .policies import EntropyThresholdPolicy, Signals
 
-__all__ = ["GSQCache", "GSQStateLayer", "LayerStorage"]
+__all__ = ["GSQCache", "GSQHybridStateLayer", "GSQStateLayer", "LayerStorage"]
 
 FALLBACK = "fp32_fallback"
 
@@ -65,8 +65,12 @@ class LayerStorage:
         return self.conv.nbytes if self.conv is not None else 0
 
 
-class GSQStateLayer(LinearAttentionLayer):
-    """One Mamba layer's conv + SSM state in the cache, quantized on every write."""
+class _GSQStateMixin:
+    """One Mamba layer's conv + SSM state in the cache, quantized on every write.
+
+    Mixed into transformers' linear-attention layer classes so that ``isinstance`` checks in transformers
+    (sequence length, masks, ``has_previous_state``) keep working; hybrid layers keep their KV cache.
+    """
 
     def __init__(self, cache: GSQCache):
         super().__init__(number_of_states=1)
@@ -228,24 +232,31 @@ class GSQStateLayer(LinearAttentionLayer):
     def reset(self) -> None:
         self.storage = LayerStorage()
         self.positions = []
-        self.has_previous_state[0] = False
         self._reset_stats()
+        super().reset()  # has_previous_state, and the KV part of a hybrid layer
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_storage(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        super().reorder_cache(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_storage(lambda t: t[indices])
+        if isinstance(self, DynamicLayer):
+            DynamicLayer.batch_select_indices(self, indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map_storage(lambda t: t.repeat_interleave(repeats, dim=0))
+        if isinstance(self, DynamicLayer):
+            DynamicLayer.batch_repeat_interleave(self, repeats)
 
     def offload(self) -> None:
         self._map_storage(lambda t: t.to("cpu", non_blocking=True))
+        super().offload()
 
     def prefetch(self) -> None:
         if self.device is not None:
             self._map_storage(lambda t: t.to(self.device, non_blocking=True))
+        super().prefetch()
 
     @property
     def is_compileable(self) -> bool:
@@ -275,6 +286,21 @@ class GSQStateLayer(LinearAttentionLayer):
         }
 
 
+class GSQStateLayer(_GSQStateMixin, LinearAttentionLayer):
+    """A Mamba layer's state (pure Mamba models, and Mamba layers of hybrids)."""
+
+
+class GSQHybridStateLayer(_GSQStateMixin, LinearAttentionAndFullAttentionLayer):
+    """A layer holding a Mamba state and an attention KV cache (Zamba, FalconH1): the KV part is untouched."""
+
+    def lazy_initialization(self, *args, **kwargs) -> None:  # only the KV part initializes lazily here
+        if len(args) == 2 and not kwargs:
+            DynamicLayer.lazy_initialization(self, *args)
+
+
+_GSQ_LAYER_FOR = {LinearAttentionLayer: GSQStateLayer, LinearAttentionAndFullAttentionLayer: GSQHybridStateLayer}
+
+
 class GSQCache(DynamicCache):
     """A `DynamicCache` whose Mamba-layer states are stored per a `GSQConfig`.
 
@@ -294,17 +320,17 @@ class GSQCache(DynamicCache):
         self._prev_logprobs: torch.Tensor | None = None
         self._generators: dict[str, torch.Generator] = {}
         for index, layer in enumerate(self.layers):
-            if type(layer) is LinearAttentionLayer:
-                self.layers[index] = GSQStateLayer(self)
+            if type(layer) in _GSQ_LAYER_FOR:
+                self.layers[index] = _GSQ_LAYER_FOR[type(layer)](self)
 
     # -- used by the adapters --------------------------------------------------------------------------
-    def gsq_layer(self, layer_idx: int) -> GSQStateLayer:
+    def gsq_layer(self, layer_idx: int) -> _GSQStateMixin:
         layer = self.layers[layer_idx]
-        if not isinstance(layer, GSQStateLayer):
+        if not isinstance(layer, _GSQStateMixin):
             raise TypeError(f"cache layer {layer_idx} is a {type(layer).__name__}, not a GSQ state layer")
         return layer
 
-    def layer_index(self, layer: GSQStateLayer) -> int:
+    def layer_index(self, layer: _GSQStateMixin) -> int:
         return next(i for i, candidate in enumerate(self.layers) if candidate is layer)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
@@ -381,8 +407,8 @@ class GSQCache(DynamicCache):
 
     # -- checkpoints -----------------------------------------------------------------------------------
     @property
-    def gsq_layers(self) -> list[GSQStateLayer]:
-        return [layer for layer in self.layers if isinstance(layer, GSQStateLayer)]
+    def gsq_layers(self) -> list[_GSQStateMixin]:
+        return [layer for layer in self.layers if isinstance(layer, _GSQStateMixin)]
 
     def snapshot(self) -> dict[str, Any]:
         """References to the current states: restoring them later undoes every write since."""
