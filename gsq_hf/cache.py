@@ -22,7 +22,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionAndFullAttentionLayer, LinearAttentionLayer
+from transformers.cache_utils import (
+    CacheLayerMixin,
+    DynamicCache,
+    DynamicLayer,
+    LinearAttentionAndFullAttentionLayer,
+    LinearAttentionLayer,
+)
 
 from .config import GSQConfig, resolve_config
 from .formats import QuantizedTensor, StateFormat, get_format
@@ -77,6 +83,7 @@ class _GSQStateMixin:
         self._cache = cache
         self.storage = LayerStorage()
         self.positions: list[LayerStorage] = []  # per-token checkpoints while the cache records
+        self.last_gate: torch.Tensor | None = None  # the signal of the last write, to re-quantize a copy
         self._reset_stats()
 
     # -- statistics ------------------------------------------------------------------------------------
@@ -185,6 +192,7 @@ class _GSQStateMixin:
         self.storage = replace(self.storage, low=low, high=high, slot_units=slot_units, high_valid=high_valid,
                                fallback=fallback, fallback_mask=fallback_mask)
         self.has_previous_state[0] = True
+        self.last_gate = gate
         self._count(state, group, high_valid, fallback_mask)
         return self.read_ssm() if read_back else None
 
@@ -410,15 +418,23 @@ class GSQCache(DynamicCache):
     def gsq_layers(self) -> list[_GSQStateMixin]:
         return [layer for layer in self.layers if isinstance(layer, _GSQStateMixin)]
 
+    def _attention_layers(self) -> list[DynamicLayer]:
+        return [layer for layer in self.layers if isinstance(layer, DynamicLayer)]
+
     def snapshot(self) -> dict[str, Any]:
         """References to the current states: restoring them later undoes every write since."""
         return {"layers": [layer.storage for layer in self.gsq_layers], "row_signal": self.row_signal,
-                "prev_logprobs": self._prev_logprobs}
+                "prev_logprobs": self._prev_logprobs,
+                "kv_lengths": [layer.get_seq_length() for layer in self._attention_layers()]}
 
     def restore(self, snapshot: dict[str, Any]) -> None:
+        """Return to a `snapshot`; attention layers drop the KV entries written since."""
         for layer, storage in zip(self.gsq_layers, snapshot["layers"], strict=True):
             layer.storage = storage
             layer.has_previous_state[0] = storage.low is not None
+        for layer, length in zip(self._attention_layers(), snapshot["kv_lengths"], strict=True):
+            if layer.get_seq_length() > length:
+                DynamicLayer.crop(layer, length - layer.get_seq_length())
         self.row_signal, self._prev_logprobs = snapshot["row_signal"], snapshot["prev_logprobs"]
 
     def record_positions(self, enabled: bool = True) -> None:
@@ -430,14 +446,52 @@ class GSQCache(DynamicCache):
             layer.positions = []
 
     def rollback(self, num_tokens: int) -> None:
-        """Restore the state after the first ``num_tokens`` tokens written since recording started."""
-        for layer in self.gsq_layers:
-            if not 1 <= num_tokens <= len(layer.positions):
-                raise ValueError(f"can roll back to 1..{len(layer.positions)} recorded tokens, not {num_tokens}")
+        """Restore the state after the first ``num_tokens`` tokens written since recording started.
+
+        Attention layers of a hybrid model drop the KV entries of the tokens rolled back.
+        """
+        layers = self.gsq_layers
+        recorded = len(layers[0].positions) if layers else 0
+        if not 1 <= num_tokens <= recorded:
+            raise ValueError(f"can roll back to 1..{recorded} recorded tokens, not {num_tokens}")
+        for layer in layers:
             layer.storage = layer.positions[num_tokens - 1]
             layer.positions = layer.positions[:num_tokens]
+        if num_tokens < recorded:
+            for layer in self._attention_layers():
+                if layer.is_initialized:
+                    DynamicLayer.crop(layer, num_tokens - recorded)
+
+    def load_states(self, source: GSQCache) -> None:
+        """Take ``source``'s current states, re-stored in this cache's formats (e.g. a draft synced to its target).
+
+        Attention KV entries of hybrid models are shared by reference (updates concatenate into new tensors).
+        """
+        for mine, theirs in zip(self.gsq_layers, source.gsq_layers, strict=True):
+            state, conv = theirs.read_ssm(), theirs.read_conv()
+            if state is None:
+                continue
+            gate = None
+            if self.policy.uses_gate:  # the source's last signal, else our own, else "closed" (first sync)
+                gate = next((g for g in (theirs.last_gate, mine.last_gate) if g is not None), None)
+                gate = gate if gate is not None else state.new_zeros(state.shape[:2])
+            mine.write_ssm(state, gate, read_back=False)
+            mine.write_conv(conv)
+        for mine, theirs in zip(self._attention_layers(), source._attention_layers(), strict=True):
+            mine.keys, mine.values, mine.is_initialized = theirs.keys, theirs.values, theirs.is_initialized
+            mine.dtype, mine.device = getattr(theirs, "dtype", None), getattr(theirs, "device", None)
+        self.row_signal, self._prev_logprobs = source.row_signal, source._prev_logprobs
 
     # -- report ----------------------------------------------------------------------------------------
+    @property
+    def attention_kv_bytes(self) -> int:
+        """Bytes of the keys and values the attention layers (or attention parts of hybrid layers) hold now."""
+        return sum(
+            layer.keys.nbytes + layer.values.nbytes
+            for layer in self.layers
+            if isinstance(layer, CacheLayerMixin) and layer.is_initialized
+        )
+
     def memory_report(self) -> dict[str, Any]:
         """What the state cache holds now and over the run (a JSON-serializable dict).
 
@@ -445,6 +499,8 @@ class GSQCache(DynamicCache):
         (as upstream keeps them even for bf16 models), conv states in the model dtype.
         ``state_bytes_per_step`` is the SSM + conv bytes a decode step reads and writes when each unit is
         touched only in its own format (what a fused kernel moves), for the last write of each layer.
+        ``attention_kv_bytes`` is what the attention layers of a hybrid model hold beside the states (their
+        keys and values, kept by transformers as usual; 0 for pure Mamba models): not part of ``state_bytes``.
         """
         layers = self.gsq_layers
         per_layer = [layer.memory() for layer in layers]
@@ -474,5 +530,6 @@ class GSQCache(DynamicCache):
             "format_fractions": {k: (v / total_writes if total_writes else 0.0) for k, v in writes.items()},
             "nonfinite_unit_writes": int(writes.get(FALLBACK, 0)),
             "state_bytes_per_step": totals.get("state_bytes_per_step", 0),
+            "attention_kv_bytes": self.attention_kv_bytes,
             "layers": per_layer,
         }

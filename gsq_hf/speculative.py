@@ -1,0 +1,223 @@
+"""Self-speculative decoding: the same weights draft with a low-precision state and verify with the target's.
+
+Only the states are duplicated (two `GSQCache` objects over one model), never the weights. Each round:
+
+1. the draft cache is synced to the target's committed state (re-stored in the draft's formats);
+2. the draft proposes up to ``lookahead`` tokens one at a time, stopping early when its own normalized
+   next-token entropy exceeds ``entropy_threshold`` (uncertain steps go to the full-precision state);
+3. the target scores the pending token and all proposals in one multi-token forward from its committed
+   state, keeping a per-token checkpoint of its states (``GSQCache.record_positions``);
+4. greedy: proposals are accepted while they equal the target's argmax; sampling: proposal ``d`` is
+   accepted with probability ``min(1, p(d)/q(d))`` and a rejection resamples from ``max(0, p - q)``
+   normalized, so the output distribution is the target's (Leviathan et al., 2023);
+5. the target rolls back to the state after the accepted tokens (``GSQCache.rollback``; attention KV of
+   hybrids is cropped), or, with ``rollback="recompute"``, restores its committed state and re-feeds the
+   accepted tokens.
+
+Greedy output equals plain greedy ``generate`` with the target's state config (the target writes its state
+after every token in both). Batch size 1 only: rows of a batch accept different numbers of tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .cache import GSQCache
+from .config import GSQConfig, resolve_config
+from .errors import GSQConfigError
+from .patch import is_patched, patch, unpatch
+
+__all__ = ["SpeculativeOutput", "SpeculativeStats", "speculative_generate"]
+
+ROLLBACKS = ("checkpoints", "recompute")
+
+
+@dataclass
+class SpeculativeStats:
+    """Counters of one `speculative_generate` call."""
+
+    generated: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    draft_steps: int = 0
+    verify_steps: int = 0
+    state_bytes_moved: int = 0  # SSM + conv bytes read and written by draft, verify and sync
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_per_verify(self) -> float:
+        return self.accepted / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def state_bytes_per_token(self) -> float:
+        return self.state_bytes_moved / self.generated if self.generated else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"acceptance_rate": self.acceptance_rate,
+                               "mean_accepted_per_verify": self.mean_accepted_per_verify,
+                               "state_bytes_per_token": self.state_bytes_per_token}
+
+
+@dataclass
+class SpeculativeOutput:
+    sequences: torch.Tensor  # (1, prompt + generated)
+    stats: SpeculativeStats
+
+
+def _min_bits(config: GSQConfig) -> int:
+    return min(f.bits for f in config.build_policy().formats)
+
+
+def _check(model: nn.Module, input_ids: torch.Tensor, target: GSQConfig, draft: GSQConfig, lookahead: int,
+           rollback: str) -> None:
+    if not isinstance(lookahead, int) or lookahead < 1:
+        raise ValueError(f"lookahead must be an integer >= 1, got {lookahead!r}")
+    if rollback not in ROLLBACKS:
+        raise ValueError(f"rollback must be one of {', '.join(ROLLBACKS)}, got {rollback!r}")
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(
+            f"speculative_generate takes input_ids of shape (1, length), got {tuple(input_ids.shape)}: rows of a "
+            "batch accept different numbers of tokens; run one sequence per call"
+        )
+    if _min_bits(draft) >= _min_bits(target):
+        raise GSQConfigError(
+            f"the draft state ({draft.name}: lowest format {_min_bits(draft)} bits) must be lower precision than "
+            f"the target's ({target.name}: {_min_bits(target)} bits); e.g. draft='int4' or 'int8' over an fp32 target"
+        )
+    if target.write_mode != "every_step" or target.policy == "entropy":
+        raise GSQConfigError(
+            "the target must write its state after every token with a signal known inside a forward "
+            "(write_mode='every_step', policy static/gate/budget) for verification to equal plain decoding"
+        )
+
+
+def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def _step_bytes(cache: GSQCache) -> int:
+    return sum(layer.memory()["state_bytes_per_step"] for layer in cache.gsq_layers)
+
+
+@torch.no_grad()
+def speculative_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    draft: GSQConfig | str | dict = "int4",
+    lookahead: int = 8,
+    max_new_tokens: int = 64,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    entropy_threshold: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    rollback: str = "checkpoints",
+    generator: torch.Generator | None = None,
+) -> SpeculativeOutput:
+    """Generate with a low-precision-state draft of ``model`` itself and exact verification.
+
+    The target state config is the one ``model`` is patched with (fp32, lossless, if it is not patched).
+    Generation stops at ``eos_token_id`` (default: the model's generation config), like ``generate``.
+    """
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    was_patched = is_patched(model)
+    target = model._gsq_patch.config if was_patched else resolve_config("fp32")
+    draft = resolve_config(draft)
+    _check(model, input_ids, target, draft, lookahead, rollback)
+    if not was_patched:
+        patch(model, target)
+    try:
+        return _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sample, temperature,
+                         entropy_threshold, eos_token_id, rollback, generator)
+    finally:
+        if not was_patched:
+            unpatch(model)
+
+
+def _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sample, temperature,
+              entropy_threshold, eos_token_id, rollback, generator) -> SpeculativeOutput:
+    stats = SpeculativeStats()
+    target_cache, draft_cache = GSQCache(model.config, target), GSQCache(model.config, draft)
+    if input_ids.shape[1] > 1:
+        model(input_ids[:, :-1], cache=target_cache)
+        stats.state_bytes_moved += (input_ids.shape[1] - 1) * _step_bytes(target_cache)
+    pending = input_ids[:, -1:]
+    generated: list[torch.Tensor] = []
+    log_vocab = None
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    while len(generated) < max_new_tokens:
+        if target_cache.gsq_layers[0].has_state:
+            draft_cache.load_states(target_cache)
+            stats.state_bytes_moved += (_step_bytes(target_cache) + _step_bytes(draft_cache)) // 2
+        committed = target_cache.snapshot()
+        proposals, draft_probs = [], []
+        token = pending
+        for _ in range(min(lookahead, max_new_tokens - len(generated))):
+            logits = model(token, cache=draft_cache).logits[:, -1]
+            stats.draft_steps += 1
+            stats.state_bytes_moved += _step_bytes(draft_cache)
+            q = _probs(logits, temperature)
+            token = torch.multinomial(q, 1, generator=generator) if do_sample else q.argmax(-1, keepdim=True)
+            proposals.append(token)
+            draft_probs.append(q)
+            if entropy_threshold is not None:
+                log_vocab = log_vocab or math.log(q.shape[-1])
+                entropy = -(q * q.clamp_min(1e-30).log()).sum().item() / log_vocab
+                if entropy > entropy_threshold:
+                    break
+        stats.drafted += len(proposals)
+
+        target_cache.record_positions(rollback == "checkpoints")
+        verify = model(torch.cat([pending, *proposals], dim=1), cache=target_cache).logits[0]  # (k + 1, V)
+        stats.verify_steps += 1
+        stats.state_bytes_moved += verify.shape[0] * _step_bytes(target_cache)
+        p = _probs(verify, temperature)
+        accepted, next_token = _accept(p, proposals, draft_probs, do_sample, generator)
+        stats.accepted += accepted
+        if accepted < len(proposals):
+            if rollback == "checkpoints":
+                target_cache.rollback(1 + accepted)
+            else:
+                target_cache.restore(committed)
+                model(torch.cat([pending, *proposals[:accepted]], dim=1), cache=target_cache)
+                stats.state_bytes_moved += (1 + accepted) * _step_bytes(target_cache)
+        target_cache.record_positions(False)
+
+        new_tokens = [*proposals[:accepted], next_token]
+        for token in new_tokens[: max_new_tokens - len(generated)]:
+            generated.append(token)
+            if int(token) in eos:
+                max_new_tokens = len(generated)
+                break
+        pending = next_token
+    stats.generated = len(generated)
+    return SpeculativeOutput(torch.cat([input_ids, *generated], dim=1), stats)
+
+
+def _accept(p: torch.Tensor, proposals: list, draft_probs: list, do_sample: bool, generator):
+    """How many proposals the target accepts, and the token it emits after them.
+
+    ``p`` is (k + 1, V): the target's distribution before each proposal and after the last one.
+    """
+    for i, (token, q) in enumerate(zip(proposals, draft_probs, strict=True)):
+        d = int(token)
+        if not do_sample:
+            if int(p[i].argmax()) != d:
+                return i, p[i].argmax().view(1, 1)
+            continue
+        ratio = (p[i, d] / q[0, d].clamp_min(1e-30)).clamp(max=1.0)
+        if torch.rand((), generator=generator) >= ratio:
+            residual = (p[i] - q[0]).clamp_min(0)
+            residual = residual / residual.sum() if residual.sum() > 0 else p[i]
+            return i, torch.multinomial(residual, 1, generator=generator).view(1, 1)
+    last = p[len(proposals)]
+    token = torch.multinomial(last, 1, generator=generator) if do_sample else last.argmax()
+    return len(proposals), token.view(1, 1)

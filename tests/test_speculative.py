@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+
+import gsq_hf
+from gsq_hf import GSQConfigError
+from gsq_hf.speculative import speculative_generate
+
+
+@pytest.mark.parametrize("rollback", ["checkpoints", "recompute"])
+@pytest.mark.parametrize("draft", ["int4", "gsq-gate"])
+def test_greedy_equals_plain_generate(model, draft, rollback):
+    ids = torch.randint(2, 64, (1, 7), generator=torch.Generator().manual_seed(0))
+    expected = model.generate(ids, max_new_tokens=24, do_sample=False)
+    out = speculative_generate(model, ids, draft=draft, lookahead=4, max_new_tokens=24, rollback=rollback)
+    assert torch.equal(out.sequences, expected)
+    assert out.stats.generated == 24 and out.stats.verify_steps >= 24 / 5
+    assert not gsq_hf.is_patched(model)  # an unpatched model is patched with fp32 only for the call
+
+
+def test_partial_acceptance_rolls_back_exactly(model):
+    """A draft that is deliberately wrong (sampled) forces rejections; the greedy target output is unchanged."""
+    ids = torch.randint(2, 64, (1, 5), generator=torch.Generator().manual_seed(1))
+    gsq_hf.patch(model, "int8")  # the target is the int8-state model
+    expected = model.generate(ids, max_new_tokens=16, do_sample=False)
+    out = speculative_generate(model, ids, draft="int4", lookahead=6, max_new_tokens=16,
+                               entropy_threshold=0.0)  # stop after one draft token each round
+    assert torch.equal(out.sequences, expected)
+    assert out.stats.drafted == out.stats.verify_steps
+    out = speculative_generate(model, ids, draft="int4", lookahead=6, max_new_tokens=16)
+    assert torch.equal(out.sequences, expected)
+    assert 0 < out.stats.acceptance_rate <= 1 and out.stats.state_bytes_per_token > 0
+
+
+def test_rejections_happen_and_are_exact(model):
+    """Fault injection: the draft's logits get noise (a hook on the LM head), so its proposals are often wrong.
+
+    Every rejection then exercises the rollback; the output must still equal plain greedy decoding.
+    """
+    ids = torch.randint(2, 64, (1, 4), generator=torch.Generator().manual_seed(2))
+    expected = model.generate(ids, max_new_tokens=30, do_sample=False)
+    gsq_hf.patch(model, "fp32")
+    noise = torch.Generator().manual_seed(0)
+
+    def noisy_draft(module, args, output):
+        if model._gsq_patch.active_cache.config.name == "int4":
+            return output + 3 * output.std() * torch.randn(output.shape, generator=noise)
+
+    handle = model.lm_head.register_forward_hook(noisy_draft)
+    try:
+        for rollback in ("checkpoints", "recompute"):
+            out = speculative_generate(model, ids, draft="int4", lookahead=8, max_new_tokens=30, rollback=rollback)
+            assert torch.equal(out.sequences, expected)
+            assert out.stats.accepted < out.stats.drafted / 2  # the rollback path ran, often
+    finally:
+        handle.remove()
+
+
+@pytest.mark.slow
+def test_sampling_follows_the_target_distribution():
+    """Chi-square test of the first two sampled tokens against the target's exact joint distribution.
+
+    4-token vocabulary at temperature 4, 16 cells, 800 seeded runs; the test fails when p < 0.001 (critical value 37.7 for
+    15 degrees of freedom), so a correct sampler fails it about once in a thousand seeds — the seed is fixed.
+    The draft must disagree with the target often enough that rejections and residual resampling happen.
+    """
+    from models import tiny_mamba
+
+    model = tiny_mamba(seed=0, vocab_size=4)
+    ids, temperature = torch.tensor([[2, 3, 1]]), 4.0  # a flat enough target that every cell is populated
+    gsq_hf.patch(model, "fp32")
+
+    def target(prefix):
+        return torch.softmax(model(prefix).logits[0, -1] / temperature, -1)
+
+    p1 = target(ids)
+    joint = torch.stack([p1[a] * target(torch.cat([ids, torch.tensor([[a]])], 1)) for a in range(4)])  # (4, 4)
+    runs = 800
+    assert joint.min() * runs > 5  # the chi-square approximation holds
+    counts = torch.zeros(4, 4)
+    drafted = accepted = 0
+    generator, noise = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(0)
+
+    def noisy_draft(module, args, output):  # a draft distribution far from the target's
+        if model._gsq_patch.active_cache.config.name == "draft":
+            return output + 8 * torch.randn(output.shape, generator=noise)
+
+    handle = model.lm_head.register_forward_hook(noisy_draft)
+    try:
+        for _ in range(runs):
+            out = speculative_generate(model, ids, draft={"name": "draft", "policy": "static", "format": "int4"},
+                                       lookahead=2, max_new_tokens=2, do_sample=True, temperature=temperature,
+                                       generator=generator,
+                                       eos_token_id=-1)  # the tiny config calls token 1 eos: never stop here
+            drafted, accepted = drafted + out.stats.drafted, accepted + out.stats.accepted
+            a, b = out.sequences[0, -2:].tolist()
+            counts[a, b] += 1
+    finally:
+        handle.remove()
+    expected = joint * runs
+    chi2 = ((counts - expected) ** 2 / expected.clamp_min(1e-9)).sum().item()
+    assert chi2 < 37.7, chi2
+    assert accepted < 0.8 * drafted
+    assert math.isclose(joint.sum().item(), 1.0, rel_tol=1e-5)
+
+
+def test_bad_input(model):
+    ids = torch.randint(2, 64, (1, 4))
+    with pytest.raises(ValueError, match="lookahead must be an integer >= 1"):
+        speculative_generate(model, ids, lookahead=0)
+    with pytest.raises(ValueError, match="shape \\(1, length\\)"):
+        speculative_generate(model, torch.randint(2, 64, (2, 4)))
+    with pytest.raises(GSQConfigError, match="must be lower precision"):
+        speculative_generate(model, ids, draft="fp32")
+    gsq_hf.patch(model, {"policy": "entropy", "low_format": "int8", "high_format": "fp16"})
+    with pytest.raises(GSQConfigError, match="every token"):
+        speculative_generate(model, ids, draft="int4")
+    gsq_hf.unpatch(model)
+    with pytest.raises(ValueError, match="rollback must be one of"):
+        speculative_generate(model, ids, rollback="magic")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(gsq_hf.UnsupportedModelError):
+        speculative_generate(llama, torch.randint(2, 32, (1, 4)))
