@@ -67,7 +67,7 @@ def _positive(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gsq-hf", description="Gated state quantization for Mamba-family models.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{eval,memory}", parser_class=_Parser)
     evaluate = commands.add_parser(
         "eval", help="decode-faithful perplexity of each state config",
         description="Perplexity with the model's states stored per each config, every window fed one token at "
@@ -122,13 +122,22 @@ def _model_source(model: str | None) -> str:
     return str(BUILTIN_MODEL_DIR)
 
 
-def _check_patchable(model, configs: list[GSQConfig]) -> None:
-    """Patch and unpatch once per config: a bad config fails before any long run starts."""
+def _check_configs(model, configs: list[GSQConfig], ids) -> None:
+    """Patch, step two tokens of ``ids`` and unpatch, per config.
+
+    A config the model cannot take fails before any long run starts, and first-call costs (lazy kernel
+    setup, allocator growth) stay out of the timed runs.
+    """
+    import torch
+
+    from .cache import GSQCache
     from .patch import patched
 
     for cfg in configs:
-        with patched(model, cfg):
-            pass
+        with patched(model, cfg), torch.inference_mode():
+            cache = GSQCache(model.config, cfg)
+            for t in range(2):
+                model(input_ids=ids[:1, t : t + 1].to(model.device), cache=cache, use_cache=True)
 
 
 def _info(args: argparse.Namespace, message: str) -> None:
@@ -148,7 +157,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     from .eval.data import load_model, load_text, load_tokenizer, make_windows
     from .eval.perplexity import NonFiniteLogitsError, decode_faithful_perplexity, full_sequence_perplexity
-    from .eval.report import add_deltas, eval_table, write_json
+    from .eval.report import add_deltas, eval_table, failed_record, write_json
 
     configs = _configs(args.config, args.seed)
     device = _device(args.device)
@@ -157,17 +166,19 @@ def _run_eval(args: argparse.Namespace) -> int:
     text = load_text(args.dataset, args.split)
     windows = make_windows(load_tokenizer(source), text, args.context, args.max_tokens)
     model = load_model(source, args.dtype, device)
-    _check_patchable(model, configs)
+    _check_configs(model, configs, windows.ids)
     _info(args, f"model {source} ({args.dtype}, {device}); dataset {args.dataset or 'builtin'}:{args.split}; "
                 f"{windows.ids.shape[0]} windows x {windows.context} tokens, {windows.scored_tokens} scored")
     progress = not args.quiet
-    records = []
-    for cfg in configs:
+
+    def attempt(label: str, evaluate, *config: GSQConfig) -> dict[str, Any]:
+        """The run's record, or an error record: one config's non-finite logits do not stop the others."""
         try:
-            result = decode_faithful_perplexity(model, windows, cfg, batch_size=args.batch_size, progress=progress)
-            records.append(result.to_dict())
+            return evaluate(model, windows, *config, batch_size=args.batch_size, progress=progress).to_dict()
         except NonFiniteLogitsError as error:
-            records.append({"config": cfg.name, "tokens": windows.scored_tokens, "error": str(error)})
+            return failed_record(label, windows.scored_tokens, str(error))
+
+    records = [attempt(cfg.name, decode_faithful_perplexity, cfg) for cfg in configs]
     add_deltas(records)
     print(eval_table(records))
     payload = {**_header(args, source), "context": windows.context, "windows": windows.ids.shape[0],
@@ -175,9 +186,11 @@ def _run_eval(args: argparse.Namespace) -> int:
                "scoring": "non-overlapping windows; token 0 of each window read, tokens 1..context-1 scored",
                "results": records}
     if not args.no_reference:
-        reference = full_sequence_perplexity(model, windows, batch_size=args.batch_size, progress=progress)
-        payload["reference"] = reference.to_dict()
-        print(f"reference (unpatched model, one full-sequence forward per window): ppl {reference.perplexity:.4f}")
+        reference = attempt("reference", full_sequence_perplexity)
+        payload["reference"] = reference
+        records = [*records, reference]
+        value = "FAILED (" + reference["error"] + ")" if "error" in reference else f"{reference['perplexity']:.4f}"
+        print(f"reference (unpatched model, one full-sequence forward per window): ppl {value}")
     if args.json:
         write_json(args.json, payload)
         _info(args, f"wrote {args.json}")
@@ -207,13 +220,17 @@ def _run_memory(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if any(r.get("error") for r in records) else 0
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(progress: bool) -> None:
     """Library logs (kernel fallbacks, Hub retries) would bury the table and the one-line errors."""
+    import datasets
     import transformers
 
     transformers.logging.set_verbosity_error()
     for name in ("huggingface_hub", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not progress:
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
 
 
 def _one_line(error: BaseException) -> str:
@@ -224,9 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``gsq-hf``; returns the exit code."""
     from .eval.data import EvalInputError
 
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error already printed as one line
+        return done.code if isinstance(done.code, int) else EXIT_BAD_INPUT
     if not args.debug:
-        _quiet_libraries()
+        _quiet_libraries(progress=not args.quiet)
     run = _run_eval if args.command == "eval" else _run_memory
     try:
         return run(args)

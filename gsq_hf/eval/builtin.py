@@ -25,6 +25,4 @@ def builtin_text(split: str) -> str:
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     held_out = split == "test"
-    return "\n\n".join(
-        topics[key] for i, key in enumerate(sorted(topics)) if (i % _HOLDOUT_EVERY == 0) == held_out
-    )
+    return "\n\n".join(topics[key] for i, key in enumerate(sorted(topics)) if (i % _HOLDOUT_EVERY == 0) == held_out)

@@ -138,7 +138,7 @@ def _hub_text(source: str, split: str) -> str:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DatasetNotFoundError(f"could not load Hub dataset {source!r} split {split!r} ({reason}); "
                                    f"accepted: {ACCEPTED_DATASETS}") from error
-    columns = [c for c, feature in data.features.items() if getattr(feature, "dtype", None) == "string"]
+    columns = [c for c, f in data.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
     if not columns:
         raise EvalInputError(f"Hub dataset {source!r} has no text column; its columns: {', '.join(data.features)}")
     return DOCUMENT_SEPARATOR.join(data["text" if "text" in columns else columns[0]])

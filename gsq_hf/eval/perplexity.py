@@ -103,10 +103,15 @@ def _windows(windows_or_tokenizer, text: str | None, context: int | None, max_to
     return make_windows(windows_or_tokenizer, text, context, max_tokens)
 
 
-def _check_finite(bad_rows: torch.Tensor, first_window: int, label: str) -> None:
-    """Raise if any row of a batch saw a non-finite logit (one host sync per batch)."""
-    if bool(bad_rows.any()):
-        rows = (bad_rows.nonzero().flatten() + first_window).tolist()
+def _check_finite(window_nll: torch.Tensor, first_window: int, label: str) -> None:
+    """Raise unless every window's ΣNLL is finite (one host sync per batch).
+
+    NaN or +Inf anywhere in a row of logits makes that token's NLL NaN/Inf (log-sum-exp propagates them), as
+    does -Inf on the target; -Inf on other tokens (probability 0, e.g. masked padding ids) is legitimate.
+    """
+    bad = ~torch.isfinite(window_nll)
+    if bool(bad.any()):
+        rows = (bad.nonzero().flatten() + first_window).tolist()
         raise NonFiniteLogitsError(f"{label}: NaN/Inf next-token logits in window(s) {rows[:8]}"
                                    f"{' ...' if len(rows) > 8 else ''}; perplexity is undefined")
 
@@ -140,27 +145,23 @@ def decode_faithful_perplexity(
     reports = []
     bar = tqdm(total=windows.scored_tokens, desc=cfg.name, unit="tok", disable=not progress, leave=False)
     start = time.perf_counter()
-    with torch.inference_mode(), (contextlib.nullcontext() if is_patched(model) else patched(model, cfg)):
+    with bar, torch.inference_mode(), (contextlib.nullcontext() if is_patched(model) else patched(model, cfg)):
         first = 0
         for batch in windows.ids.split(batch_size):
             batch = batch.to(device)
             cache = GSQCache(model.config, cfg)
             nll = torch.zeros(batch.shape[0], dtype=torch.float64, device=device)
-            bad = torch.zeros(batch.shape[0], dtype=torch.bool, device=device)
             for t in range(windows.context - 1):
-                logits = model(input_ids=batch[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1].float()
-                bad |= ~torch.isfinite(logits).all(dim=-1)
-                nll += F.cross_entropy(logits, batch[:, t + 1], reduction="none")
+                logits = model(input_ids=batch[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1]
+                nll += F.cross_entropy(logits.float(), batch[:, t + 1], reduction="none")
                 bar.update(batch.shape[0])
-            _check_finite(bad, first, cfg.name)
+            _check_finite(nll, first, cfg.name)
             nll_sum += nll.sum()
             reports.append(cache.memory_report())
             first += batch.shape[0]
         total = float(nll_sum)
-    seconds = time.perf_counter() - start
-    bar.close()
     return PerplexityResult(cfg.name, total, windows.scored_tokens, int(windows.words.sum()),
-                            int(windows.bytes.sum()), seconds, _state_summary(reports))
+                            int(windows.bytes.sum()), time.perf_counter() - start, _state_summary(reports))
 
 
 def _state_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -207,8 +208,9 @@ def full_sequence_perplexity(
         for batch in tqdm(windows.ids.split(batch_size), desc="reference", disable=not progress, leave=False):
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-            _check_finite(~torch.isfinite(logits).flatten(1).all(dim=-1), first, "reference")
-            nll_sum += F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").double().sum()
+            nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").double().sum(dim=1)
+            _check_finite(nll, first, "reference")
+            nll_sum += nll.sum()
             first += batch.shape[0]
         total = float(nll_sum)
     return PerplexityResult("reference", total, windows.scored_tokens, int(windows.words.sum()),

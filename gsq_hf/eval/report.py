@@ -10,6 +10,11 @@ Eval JSON contract::
 State sizes are per sequence. ``delta_vs_reference`` is the relative perplexity change against the first
 config's record. A config that failed (non-finite logits) keeps its record with ``"error"`` set and null
 metrics, so a reader never mistakes it for a number. NaN/Inf are written as null (strict JSON).
+
+Memory JSON (``gsq-hf memory``): the same header with ``batch_size``, ``prompt_tokens``, ``new_tokens``, and
+one record per config (``unpatched`` first) with ``peak_rss_bytes``, ``generate_rss_delta_bytes``,
+``rss_peak_scope``, ``peak_cuda_bytes``, ``generate_cuda_delta_bytes``, ``state_bytes`` (per sequence),
+``generated_tokens``, ``seconds``, ``tokens_per_second`` (see `gsq_hf.eval.memory`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_deltas", "eval_table", "memory_table", "versions", "write_json"]
+__all__ = ["add_deltas", "eval_table", "failed_record", "format_table", "memory_table", "versions", "write_json"]
+
+METRICS = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "avg_state_bits", "state_bytes",
+           "full_precision_state_bytes", "tokens_per_second")
 
 
 def versions() -> dict[str, str]:
@@ -32,6 +40,11 @@ def versions() -> dict[str, str]:
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "gsq_hf": __version__}
+
+
+def failed_record(config: str, tokens: int, error: str) -> dict[str, Any]:
+    """The record of a config whose evaluation failed: every metric null, the reason in ``error``."""
+    return {"config": config, **dict.fromkeys(METRICS), "tokens": tokens, "error": error}
 
 
 def add_deltas(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -51,12 +64,13 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec) if _number(value) else "-"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Plain-text columns: the first (config name) left-aligned, numbers right-aligned."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        padded = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(padded)
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
@@ -91,7 +105,7 @@ def eval_table(records: list[dict[str, Any]]) -> str:
             _fmt(r.get("state_bytes"), ",.0f"), _ratio(r.get("state_bytes"), r.get("full_precision_state_bytes")),
             str(r["tokens"]), _fmt(r["tokens_per_second"], ",.1f"),
         ])
-    return _table(headers, rows) + _notes(records)
+    return format_table(headers, rows) + _notes(records)
 
 
 def memory_table(records: list[dict[str, Any]]) -> str:
@@ -110,7 +124,7 @@ def memory_table(records: list[dict[str, Any]]) -> str:
             *([_mib(r["peak_cuda_bytes"]), _mib(r["generate_cuda_delta_bytes"])] if cuda else []),
             _fmt(r["state_bytes"], ",.0f"), _ratio(r["state_bytes"], base), _fmt(r["tokens_per_second"], ",.1f"),
         ])
-    return _table(headers, rows) + _notes(records)
+    return format_table(headers, rows) + _notes(records)
 
 
 def _mib(value: Any) -> str:
