@@ -68,7 +68,8 @@ class QuantizedTensor:
 
     def map(self, fn) -> QuantizedTensor:
         """Apply ``fn`` to every stored tensor (device moves, batch indexing along dim 0)."""
-        return QuantizedTensor(fn(self.data), fn(self.scale) if self.scale is not None else None, self.fmt, self.group_size)
+        scale = fn(self.scale) if self.scale is not None else None
+        return QuantizedTensor(fn(self.data), scale, self.fmt, self.group_size)
 
 
 def _float_stochastic_round(x: torch.Tensor, mantissa_bits: int, min_exponent: int, generator) -> torch.Tensor:

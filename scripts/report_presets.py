@@ -19,7 +19,8 @@ from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForC
 import gsq_hf
 
 MODELS = {
-    "mamba": lambda: MambaForCausalLM(MambaConfig(vocab_size=1024, hidden_size=256, num_hidden_layers=4, state_size=16)),
+    "mamba": lambda: MambaForCausalLM(MambaConfig(vocab_size=1024, hidden_size=256, num_hidden_layers=4,
+                                                  state_size=16)),
     "mamba2": lambda: Mamba2ForCausalLM(Mamba2Config(vocab_size=1024, hidden_size=256, num_hidden_layers=4,
                                                      state_size=16, head_dim=64, num_heads=8, n_groups=1)),
 }

@@ -8,6 +8,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from models import FAMILIES  # noqa: E402
 
+torch.set_num_threads(1)  # tiny models: threads only contend on the 2-core CI machine
+
 
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
