@@ -61,8 +61,8 @@ def test_rejections_happen_and_are_exact(model):
 def test_sampling_follows_the_target_distribution():
     """Chi-square test of the first two sampled tokens against the target's exact joint distribution.
 
-    4-token vocabulary at temperature 4, 16 cells, 800 seeded runs; the test fails when p < 0.001 (critical value 37.7 for
-    15 degrees of freedom), so a correct sampler fails it about once in a thousand seeds — the seed is fixed.
+    4-token vocabulary at temperature 4, 16 cells, 800 seeded runs; the test fails when p < 0.001 (critical
+    value 37.7 for 15 degrees of freedom): a correct sampler fails it once in a thousand seeds; the seed is fixed.
     The draft must disagree with the target often enough that rejections and residual resampling happen.
     """
     from models import tiny_mamba
