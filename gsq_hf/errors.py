@@ -6,7 +6,7 @@ __all__ = ["GSQConfigError", "NotPatchedError", "UnsupportedModelError", "Unsupp
 
 
 class UnsupportedModelError(TypeError):
-    """The model has no mixer that any registered adapter knows how to patch."""
+    """The model has no mixer any registered adapter can patch, or holds a recurrent layer that is not Mamba's."""
 
 
 class GSQConfigError(ValueError):

@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, LinearAttentionLayer
 
 from . import _compat
 from .adapters import ADAPTERS, MixerAdapter, find_adapter
+from .adapters.unsupported import find_refusal
 from .cache import GSQCache
 from .config import GSQConfig, resolve_config
 from .errors import GSQConfigError, NotPatchedError, UnsupportedModelError
@@ -51,6 +52,18 @@ def _supported_families() -> str:
     return ", ".join(f"{name} ({'/'.join(cls.mixer_classes)})" for name, cls in ADAPTERS.items())
 
 
+def _refuse_non_mamba_states(model: nn.Module) -> None:
+    """Raise if ``model`` holds a recurrent layer whose state is not a Mamba SSM state (see adapters.unsupported)."""
+    found = [(entry, type(m).__name__) for m in model.modules() if (entry := find_refusal(m)) is not None]
+    if found:
+        entry = found[0][0]
+        names = ", ".join(sorted({name for other, name in found if other is entry}))
+        raise UnsupportedModelError(
+            f"{entry.kind} layers ({names}) are not a Mamba SSM state: {entry.reason}; "
+            f"supported families: {_supported_families()}"
+        )
+
+
 def _validate(config: GSQConfig, model: nn.Module, mixers: list[tuple[nn.Module, MixerAdapter]]) -> None:
     for mixer, adapter in mixers:
         n = adapter.d_state(mixer)
@@ -74,6 +87,11 @@ def _make_forward(adapter: MixerAdapter, mixer: nn.Module, original):
             cache, args = args[0], args[1:]
         if cache is None:  # no state kept across calls: exactly the original forward
             return original(hidden_states, *args, attention_mask=attention_mask, **kwargs)
+        if kwargs.get("seq_idx") is not None:
+            raise ValueError(
+                "packed sequences (seq_idx) are not supported with a state cache: the recurrent state would flow "
+                "from one sequence into the next; pass a padded batch with an attention_mask instead"
+            )
         if not isinstance(cache, GSQCache):
             raise TypeError(
                 f"a gsq_hf-patched model keeps its states in a GSQCache, got {type(cache).__name__}; pass no cache "
@@ -136,6 +154,7 @@ def patch(model: nn.Module, config: GSQConfig | str | Path | dict | None = None)
         raise RuntimeError("this model is already patched by gsq_hf; call gsq_hf.unpatch(model) before patching again")
     saved = getattr(getattr(model, "config", None), "gsq_config", None)
     config = resolve_config(config if config is not None else (saved or DEFAULT_PRESET))
+    _refuse_non_mamba_states(model)
     mixers = [(module, adapter) for module in model.modules() if (adapter := find_adapter(module)) is not None]
     if not mixers:
         model_type = getattr(getattr(model, "config", None), "model_type", None)

@@ -1,8 +1,11 @@
-"""Mamba (and FalconMamba-style) mixers: state (B, D, N), one policy decision per channel.
+"""Mamba mixers: state (B, D, N), one policy decision per channel.
 
 Gate of a channel: ``1 - mean_n exp(Δ·A_n)``, the average fraction of its d_state values this step
 overwrites. Unlike upstream's multi-token path, a forward on an existing cache continues from the cached
 state (upstream restarts the scan from zero: chunked prefill is wrong there).
+
+The Mamba-1 variants (FalconMamba, Jamba, Zamba) differ only in how the projection is split and how Δ, B, C
+are made from the conv output; they override `split_in_proj` / `selection` / `ssm_inputs` and share the rest.
 """
 
 from __future__ import annotations
@@ -26,23 +29,42 @@ class MambaAdapter(MixerAdapter):
     def d_state(self, mixer: nn.Module) -> int:
         return mixer.ssm_state_size
 
+    def split_in_proj(self, mixer: nn.Module, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv input ``x`` and the output gate ``z``, (B, D, T) each, from ``in_proj``'s (B, 2D, T)."""
+        x, z = projected.chunk(2, dim=1)
+        return x, z
+
+    def selection(self, mixer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The input-dependent (time_step, B, C), (B, T, R|N|N), from the conv output ``x`` (B, T, D)."""
+        n = mixer.ssm_state_size
+        time_step, B, C = torch.split(mixer.x_proj(x), [mixer.time_step_rank, n, n], dim=-1)
+        return time_step, B, C
+
+    def ssm_inputs(
+        self, mixer: nn.Module, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x``, Δ, B and C from the conv output ``x`` (B, T, D), laid out over the state's channel dims S.
+
+        Returns x and Δ (B, T, *S), B (B, T, *S[:-1], 1, N) and C (B, T, *S[:-1], N); here S = (D,).
+        """
+        time_step, B, C = self.selection(mixer, x)
+        dt = F.softplus(mixer.dt_proj(time_step).float())  # (B, T, D)
+        return x, dt, B[:, :, None, :], C
+
     def forward(
         self, mixer: nn.Module, hidden_states: torch.Tensor, layer: GSQStateLayer, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
         dtype = hidden_states.dtype
-        batch = hidden_states.shape[0]
-        n = mixer.ssm_state_size
         projected = mixer.in_proj(apply_padding_mask(hidden_states, attention_mask)).transpose(1, 2)  # (B, 2D, T)
-        x, z = projected.chunk(2, dim=1)  # (B, D, T) each
+        x, z = self.split_in_proj(mixer, projected)  # (B, D, T) each
         x, conv_history = self.conv(mixer, x, layer)
         x = apply_padding_mask(x.transpose(1, 2), attention_mask)  # (B, T, D)
-        time_step, B, C = torch.split(mixer.x_proj(x), [mixer.time_step_rank, n, n], dim=-1)  # (B, T, R|N|N)
-        dt = F.softplus(mixer.dt_proj(time_step).float())  # (B, T, D)
-        A = -torch.exp(mixer.A_log.float())  # (D, N)
-        dA = torch.exp(dt[..., None] * A)  # (B, T, D, N)
-        dBx = dt[..., None] * B[:, :, None, :].float() * x[..., None].float()  # (B, T, D, N)
-        gate = 1.0 - dA.mean(dim=-1) if layer.cache.policy.uses_gate else None  # (B, T, D)
-        initial = dBx.new_zeros(batch, mixer.intermediate_size, n)  # (B, D, N)
-        y = self.scan(layer, initial, dA, dBx, C[..., None], gate, x.dtype, conv_history)  # (B, T, D)
-        y = (y + x * mixer.D.float()) * F.silu(z.transpose(1, 2))  # (B, T, D)
+        x, dt, B, C = self.ssm_inputs(mixer, x)
+        A = -torch.exp(mixer.A_log.float())  # (*S, N)
+        dA = torch.exp(dt[..., None] * A)  # (B, T, *S, N)
+        dBx = dt[..., None] * B.float() * x[..., None].float()  # (B, T, *S, N)
+        gate = 1.0 - dA.flatten(3).mean(dim=-1) if layer.cache.policy.uses_gate else None  # (B, T, S[0])
+        initial = dBx.new_zeros(dBx.shape[:1] + dBx.shape[2:])  # (B, *S, N)
+        y = self.scan(layer, initial, dA, dBx, C[..., None], gate, x.dtype, conv_history)  # (B, T, *S)
+        y = (y + x * mixer.D.float()).flatten(2) * F.silu(z.transpose(1, 2))  # (B, T, D)
         return mixer.out_proj(y.to(dtype))

@@ -2,6 +2,9 @@
 
 Gate of a head: ``1 - exp(Δ·A)``: Mamba2's decay is one scalar per head, so no reduction is needed.
 Quantization groups run along N within one (head, p) row; ``GSQConfig.group_size`` splits N further.
+
+Mamba2-style mixers of the hybrids (Zamba2, Bamba, NemotronH, GraniteMoeHybrid) are this mixer under other
+names; FalconH1 overrides `in_projection` / `gated_output` for its multipliers and optional norm.
 """
 
 from __future__ import annotations
@@ -25,13 +28,21 @@ class Mamba2Adapter(MixerAdapter):
     def d_state(self, mixer: nn.Module) -> int:
         return mixer.ssm_state_size
 
+    def in_projection(self, mixer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``in_proj``'s output (B, T, D + conv_dim + H): z, then x·B·C (through the conv), then Δ."""
+        return mixer.in_proj(hidden_states)
+
+    def gated_output(self, mixer: nn.Module, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The SSM output ``y`` (B, T, D) gated by ``z`` (B, T, D): Mamba2's gated RMS norm."""
+        return mixer.norm(y, z)
+
     def forward(
         self, mixer: nn.Module, hidden_states: torch.Tensor, layer: GSQStateLayer, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
         dtype = hidden_states.dtype
         batch, seq_len, _ = hidden_states.shape
         heads, head_dim, n, groups = mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, mixer.n_groups
-        projected = mixer.in_proj(apply_padding_mask(hidden_states, attention_mask))
+        projected = self.in_projection(mixer, apply_padding_mask(hidden_states, attention_mask))
         z, xBC, dt = projected.split([mixer.intermediate_size, mixer.conv_dim, heads], dim=-1)
         xBC, conv_history = self.conv(mixer, xBC.transpose(1, 2), layer)
         xBC = apply_padding_mask(xBC.transpose(1, 2), attention_mask)
@@ -46,5 +57,5 @@ class Mamba2Adapter(MixerAdapter):
         gate = 1.0 - dA if layer.cache.policy.uses_gate else None  # (B, T, H)
         y = self.scan(layer, initial, dA[..., None, None], dBx, C[..., None], gate, x.dtype, conv_history)
         y = y + x * mixer.D[:, None].to(y.dtype)
-        y = mixer.norm(y.reshape(batch, seq_len, -1), z)
+        y = self.gated_output(mixer, y.reshape(batch, seq_len, -1), z)
         return mixer.out_proj(y.to(dtype))
