@@ -418,21 +418,21 @@ class GSQCache(DynamicCache):
     def gsq_layers(self) -> list[_GSQStateMixin]:
         return [layer for layer in self.layers if isinstance(layer, _GSQStateMixin)]
 
-    def _attention_layers(self) -> list[DynamicLayer]:
+    def attention_layers(self) -> list[DynamicLayer]:
         return [layer for layer in self.layers if isinstance(layer, DynamicLayer)]
 
     def snapshot(self) -> dict[str, Any]:
         """References to the current states: restoring them later undoes every write since."""
         return {"layers": [layer.storage for layer in self.gsq_layers], "row_signal": self.row_signal,
                 "prev_logprobs": self._prev_logprobs,
-                "kv_lengths": [layer.get_seq_length() for layer in self._attention_layers()]}
+                "kv_lengths": [layer.get_seq_length() for layer in self.attention_layers()]}
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         """Return to a `snapshot`; attention layers drop the KV entries written since."""
         for layer, storage in zip(self.gsq_layers, snapshot["layers"], strict=True):
             layer.storage = storage
             layer.has_previous_state[0] = storage.low is not None
-        for layer, length in zip(self._attention_layers(), snapshot["kv_lengths"], strict=True):
+        for layer, length in zip(self.attention_layers(), snapshot["kv_lengths"], strict=True):
             if layer.get_seq_length() > length:
                 DynamicLayer.crop(layer, length - layer.get_seq_length())
         self.row_signal, self._prev_logprobs = snapshot["row_signal"], snapshot["prev_logprobs"]
@@ -458,7 +458,7 @@ class GSQCache(DynamicCache):
             layer.storage = layer.positions[num_tokens - 1]
             layer.positions = layer.positions[:num_tokens]
         if num_tokens < recorded:
-            for layer in self._attention_layers():
+            for layer in self.attention_layers():
                 if layer.is_initialized:
                     DynamicLayer.crop(layer, num_tokens - recorded)
 
@@ -477,7 +477,7 @@ class GSQCache(DynamicCache):
                 gate = gate if gate is not None else state.new_zeros(state.shape[:2])
             mine.write_ssm(state, gate, read_back=False)
             mine.write_conv(conv)
-        for mine, theirs in zip(self._attention_layers(), source._attention_layers(), strict=True):
+        for mine, theirs in zip(self.attention_layers(), source.attention_layers(), strict=True):
             mine.keys, mine.values, mine.is_initialized = theirs.keys, theirs.values, theirs.is_initialized
             mine.dtype, mine.device = getattr(theirs, "dtype", None), getattr(theirs, "device", None)
         self.row_signal, self._prev_logprobs = source.row_signal, source._prev_logprobs

@@ -40,6 +40,7 @@ class _PatchState:
     mixers: list[tuple[nn.Module, str, Any]] = field(default_factory=list)  # (mixer, attr, previous value)
     handles: list[Any] = field(default_factory=list)
     active_cache: GSQCache | None = None
+    takes_position_ids: bool = False
     had_gsq_config: bool = False
     previous_gsq_config: Any = None
 
@@ -129,9 +130,25 @@ def _pre_forward_hook(model: nn.Module, args: tuple, kwargs: dict):
         )
     if isinstance(cache, GSQCache):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache.begin_forward(input_ids if isinstance(input_ids, torch.Tensor) else None)
+        input_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
+        cache.begin_forward(input_ids)
+        _continue_positions(model, cache, input_ids, kwargs)
     state.active_cache = cache
     return args, kwargs
+
+
+def _continue_positions(model: nn.Module, cache: GSQCache, input_ids: torch.Tensor | None, kwargs: dict) -> None:
+    """Give attention layers of a hybrid the positions after the cached tokens when the caller gave none.
+
+    Most hybrids derive them from the cache themselves; Bamba restarts at 0 on every call, which breaks any
+    cached forward outside ``generate`` (which passes positions), e.g. token-by-token evaluation.
+    """
+    if kwargs.get("position_ids") is not None or input_ids is None or not model._gsq_patch.takes_position_ids:
+        return
+    attention = cache.attention_layers()
+    if attention:
+        past = attention[0].get_seq_length()
+        kwargs["position_ids"] = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
 
 
 def _lm_head_hook(model: nn.Module):
@@ -164,7 +181,8 @@ def patch(model: nn.Module, config: GSQConfig | str | Path | dict | None = None)
         )
     _validate(config, model, mixers)
 
-    state = _PatchState(config=config)
+    state = _PatchState(config=config,
+                        takes_position_ids="position_ids" in inspect.signature(model.forward).parameters)
     for mixer, adapter in mixers:
         # accelerate's hooks wrap `forward` and call `_old_forward`: replace the inner call, keep the hook.
         attr = "_old_forward" if hasattr(mixer, "_hf_hook") and hasattr(mixer, "_old_forward") else "forward"

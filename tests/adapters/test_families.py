@@ -9,6 +9,8 @@ run a token-by-token recurrence where upstream runs a chunked scan, and upstream
 full forward by up to 4e-6 on these models. Measured per family: docs/support.md (at most 4e-6).
 """
 
+import math
+
 import pytest
 import torch
 from transformers import (
@@ -208,3 +210,34 @@ def test_packed_sequences_are_refused_with_a_state_cache():
     ids = ids_(1, 6, seed=6)
     with pytest.raises(ValueError, match=r"packed sequences \(seq_idx\)"):
         model(ids, seq_idx=torch.zeros_like(ids, dtype=torch.int32))
+
+
+def test_decode_faithful_evaluation_runs(model):
+    """`gsq-hf eval`'s engine on every family: fp32 equals the full forward; quantized configs are scored."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "eval"))
+    from evalkit import word_text, word_tokenizer
+
+    from gsq_hf.eval import decode_faithful_perplexity, full_sequence_perplexity, make_windows
+
+    windows = make_windows(word_tokenizer(), word_text(120), context=24, max_tokens=96)
+    reference = full_sequence_perplexity(model, windows, batch_size=4, progress=False)
+    lossless = decode_faithful_perplexity(model, windows, "fp32", batch_size=4, progress=False)
+    assert lossless.nll_sum == pytest.approx(reference.nll_sum, rel=1e-5)
+    for preset in ("int8", "gsq-gate"):
+        result = decode_faithful_perplexity(model, windows, preset, batch_size=4, progress=False)
+        assert result.tokens == reference.tokens and math.isfinite(result.perplexity)
+        assert result.state["state_bytes"] < result.state["full_precision_state_bytes"]
+
+
+def test_speculative_greedy_equals_plain_generate(model):
+    """Self-speculative decoding is exact on every family (attention KV of hybrids is cropped on rollback)."""
+    from gsq_hf.speculative import speculative_generate
+
+    ids = ids_(1, 6, seed=11)
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    for rollback in ("checkpoints", "recompute"):
+        out = speculative_generate(model, ids, draft="int4", lookahead=4, max_new_tokens=12, rollback=rollback)
+        assert torch.equal(out.sequences, expected), rollback
