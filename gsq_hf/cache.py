@@ -177,7 +177,9 @@ class _GSQStateMixin:
                     batch, capacity, *state.shape[2:])
                 high = policy.high.quantize(state.gather(1, index), group, rounding, generator)
         fallback = fallback_mask = None
-        if not bool(torch.isfinite(state.sum())):  # one reduction; the per-unit check runs only if it fails
+        # the low format's per-group scales are NaN/Inf exactly when a group is; unscaled formats need a sum
+        probe = low.scale if low.scale is not None else state.sum()
+        if not bool(torch.isfinite(probe).all()):  # the per-unit check runs only if this fails
             fallback_mask = ~torch.isfinite(state).flatten(2).all(dim=-1)  # (batch, units)
             fallback = state.clone()
         if fallback_mask is not None and not bool(fallback_mask.any()):

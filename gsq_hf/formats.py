@@ -132,11 +132,11 @@ class StateFormat:
         scale = None
         if self.scaled:
             groups = x.unflatten(-1, (x.shape[-1] // group_size, group_size))
-            scale = groups.abs().amax(dim=-1) / self.max_code  # (..., n_groups)
+            scale = groups.abs().amax(dim=-1) / self.max_code  # (..., n_groups); NaN/Inf if the group has one
             x = (groups / scale.clamp_min(_TINY).unsqueeze(-1)).flatten(-2)  # all-zero groups stay zero
         if self.kind == "int":
             if rounding == "nearest":  # |x| <= max_code already: the scale comes from the group's absmax
-                codes = torch.round(x).to(torch.int8)
+                codes = x.round_().to(torch.int8)
             else:  # floor(x + u) can reach max_code + 1
                 codes = torch.floor(x + self._noise(x, generator)).clamp_(-self.max_code, self.max_code).to(torch.int8)
             return QuantizedTensor(self._pack(codes), scale, self, group_size)
@@ -147,7 +147,7 @@ class StateFormat:
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         """fp32 values of ``q``."""
-        values = self._unpack(q.data).float() if self.kind == "int" else q.data.float()
+        values = self._unpack(q.data) if self.kind == "int" else q.data.float()  # int8 × fp32 promotes below
         if q.scale is None:
             return values
         groups = values.unflatten(-1, (values.shape[-1] // q.group_size, q.group_size))

@@ -91,7 +91,6 @@ class MixerAdapter(ABC):
     @staticmethod
     def scan(
         layer: GSQStateLayer,
-        initial: torch.Tensor,
         dA: torch.Tensor,
         dBx: torch.Tensor,
         C: torch.Tensor,
@@ -99,12 +98,12 @@ class MixerAdapter(ABC):
         out_dtype: torch.dtype,
         conv_history: list | None = None,
     ) -> torch.Tensor:
-        """Run the recurrence from the stored state (or ``initial`` zeros) and store per the write mode.
+        """Run the recurrence from the stored state (zeros before the first write) and store per the write mode.
 
         ``gate`` is (B, T, units): the policy's signal for the write after each step (None if unused).
         """
         stored = layer.read_ssm()
-        h = initial if stored is None else stored
+        h = dBx.new_zeros(dBx.shape[:1] + dBx.shape[2:]) if stored is None else stored  # (B, *state)
         if layer.cache.config.write_mode == "every_step":
 
             last = dBx.shape[1] - 1
