@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import gsq_hf
+from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR
 from gsq_hf.eval.data import load_model, load_text, load_tokenizer
 from gsq_hf.speculative import speculative_generate
 
@@ -34,7 +35,7 @@ def checkpoint_bytes(model, draft_lookahead: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="builtin")
+    parser.add_argument("--model", default=str(BUILTIN_MODEL_DIR))
     parser.add_argument("--dataset", default="builtin")
     parser.add_argument("--split", default="test")
     parser.add_argument("--drafts", nargs="+", default=["int8", "int4", "gsq-gate", "gsq-budget"])

@@ -1,0 +1,34 @@
+"""The benchmark scripts run end to end on the built-in model with a small budget (their numbers are not asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{name}.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args, "--json", str(out)], check=True,
+                   capture_output=True, timeout=600)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_speculative_runs_and_is_exact(tmp_path):
+    result = run_script("bench_speculative", "--drafts", "int4", "--lookaheads", "3", "--prompts", "1",
+                        "--prompt-tokens", "8", "--new-tokens", "8", tmp_path=tmp_path)
+    rows = result["rows"]
+    assert rows[0]["mode"] == "plain greedy" and len(rows) == 1 + 4  # fixed/entropy x checkpoints/recompute
+    assert all(row["exact"] for row in rows)
+
+
+@pytest.mark.slow
+def test_bench_decode_overhead_runs(tmp_path):
+    result = run_script("bench_decode_overhead", "--shapes", "mamba-tiny", "mamba2-tiny", "--batch-sizes", "2",
+                        "--configs", "int8", "--steps", "2", "--rounds", "1", tmp_path=tmp_path)
+    assert {row["shape"] for row in result["rows"]} == {"mamba-tiny", "mamba2-tiny"}
+    assert all(row["ratio"] > 0 for row in result["rows"])
