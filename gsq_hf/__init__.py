@@ -12,6 +12,7 @@ from .config import GSQConfig, list_presets
 from .errors import GSQConfigError, NotPatchedError, UnsupportedModelError, UnsupportedVersionError
 from .formats import FORMATS, get_format
 from .patch import from_pretrained, is_patched, patch, patched, unpatch
+from .speculative import speculative_generate
 
 __version__ = "0.1.0"
 
@@ -29,5 +30,6 @@ __all__ = [
     "list_presets",
     "patch",
     "patched",
+    "speculative_generate",
     "unpatch",
 ]
