@@ -14,9 +14,10 @@ MIN_TRANSFORMERS = Version("5.24.0")
 MAX_TRANSFORMERS_EXCLUSIVE = Version("5.25.0")
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 
-# Name of the keyword that carries the cache through `forward` (was `cache_params` before 5.24).
+# Name of the keyword that carries the cache through `forward` (was `cache_params` before 5.24); 5.24 still
+# accepts the older names (with a deprecation warning), so a cache passed under any of them is the cache.
 CACHE_KWARG = "cache"
-CACHE_KWARG_ALIASES = ("cache", "cache_params")
+CACHE_KWARG_ALIASES = ("cache", "cache_params", "past_key_values")
 
 
 def check_transformers_version() -> None:

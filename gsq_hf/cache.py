@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,7 +35,7 @@ from .config import GSQConfig, resolve_config
 from .formats import QuantizedTensor, StateFormat, get_format
 from .policies import EntropyThresholdPolicy, Signals
 
-__all__ = ["GSQCache", "GSQHybridStateLayer", "GSQStateLayer", "LayerStorage"]
+__all__ = ["GSQCache", "GSQHybridStateLayer", "GSQStateLayer", "LayerStorage", "weight_bytes"]
 
 FALLBACK = "fp32_fallback"
 
@@ -84,6 +85,9 @@ class _GSQStateMixin:
         self.storage = LayerStorage()
         self.positions: list[LayerStorage] = []  # per-token checkpoints while the cache records
         self.last_gate: torch.Tensor | None = None  # the signal of the last write, to re-quantize a copy
+        self.tracing = 0  # precision trace: 0 off, 1 high fraction per row, 2 also every unit's format id
+        self.trace_high: list[torch.Tensor] = []  # per write: (batch,) fraction of units stored high
+        self.trace_units: list[torch.Tensor] = []  # per write: (batch, units) int8 format id (tracing == 2)
         self._reset_stats()
 
     # -- statistics ------------------------------------------------------------------------------------
@@ -196,7 +200,22 @@ class _GSQStateMixin:
         self.has_previous_state[0] = True
         self.last_gate = gate
         self._count(state, group, high_valid, fallback_mask)
+        if self.tracing:
+            self._trace(batch, units, slot_units, high_valid, fallback_mask, state.device)
         return self.read_ssm() if read_back else None
+
+    def _trace(self, batch, units, slot_units, high_valid, fallback_mask, device) -> None:
+        """Log which format each unit of this write is read from (opt-in; kept on ``device``: no host sync)."""
+        ids = torch.zeros(batch, units, dtype=torch.int8, device=device)  # 0 low
+        if high_valid is not None:
+            high = high_valid if slot_units is None else torch.zeros(
+                batch, units, dtype=torch.bool, device=device).scatter(1, slot_units, high_valid)
+            ids = ids.masked_fill(high, 1)  # 1 high
+        if fallback_mask is not None:
+            ids = ids.masked_fill(fallback_mask, 2)  # 2 fp32 fallback (a reader takes it over a high copy)
+        self.trace_high.append((ids == 1).float().mean(dim=1))
+        if self.tracing == 2:
+            self.trace_units.append(ids)
 
     def _count(self, state, group, high_valid, fallback_mask) -> None:
         """Accumulate write statistics as device tensors (no host sync on the hot path)."""
@@ -242,6 +261,7 @@ class _GSQStateMixin:
     def reset(self) -> None:
         self.storage = LayerStorage()
         self.positions = []
+        self.trace_high, self.trace_units = [], []
         self._reset_stats()
         super().reset()  # has_previous_state, and the KV part of a hybrid layer
 
@@ -311,18 +331,50 @@ class GSQHybridStateLayer(_GSQStateMixin, LinearAttentionAndFullAttentionLayer):
 _GSQ_LAYER_FOR = {LinearAttentionLayer: GSQStateLayer, LinearAttentionAndFullAttentionLayer: GSQHybridStateLayer}
 
 
+def _pad_stack(per_layer: list[list[torch.Tensor]], shape: tuple[int, ...], fill, dtype) -> torch.Tensor:
+    """``(layers, *shape)`` on the CPU from per-layer lists of per-write tensors, padded with ``fill``."""
+    out = torch.full((len(per_layer), *shape), fill, dtype=dtype)
+    for i, rows in enumerate(per_layer):
+        if rows and all(r.shape == rows[0].shape for r in rows):  # the usual case: one copy per layer
+            out[i, : len(rows)][(slice(None), *(slice(0, n) for n in rows[0].shape))] = torch.stack(rows).to(
+                "cpu", dtype)
+        else:
+            for t, row in enumerate(rows):
+                out[i, t][tuple(slice(0, n) for n in row.shape)] = row.to("cpu", dtype)
+    return out
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers as stored (``model.get_memory_footprint()`` for a transformers
+    model: int8 weights count 1 byte, bitsandbytes 4-bit weights half a byte; offloaded weights count too)."""
+    if hasattr(model, "get_memory_footprint"):
+        return int(model.get_memory_footprint())
+    return sum(t.nelement() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 class GSQCache(DynamicCache):
     """A `DynamicCache` whose Mamba-layer states are stored per a `GSQConfig`.
 
     Patched models build one automatically (in ``forward`` and ``generate``); build one yourself to give
     two caches different state configs over the same weights::
 
-        cache = GSQCache(model.config, "int4")
+        cache = GSQCache(model, "int4")             # or GSQCache(model.config, "int4")
         model(input_ids, cache=cache)
+        model.generate(input_ids, cache=GSQCache(model, "int8"))   # a per-call config (past_key_values= too)
+
+    Given the model (not only its config), `memory_report` also counts the model's weights
+    (``weight_bytes``, ``total_bytes``): weights plus states is the real memory budget.
+
+    ``trace=True`` (or ``cache.start_trace()``) logs, at every SSM state write, the fraction of each row's
+    units stored in the high format (``trace="units"``: also every unit's format); read it back with
+    `precision_trace`. Off by default: the write path then costs one ``if``.
     """
 
-    def __init__(self, config, gsq_config: GSQConfig | str | dict | None = "fp32", **kwargs):
-        super().__init__(config=config, **kwargs)
+    def __init__(self, model_or_config, gsq_config: GSQConfig | str | dict | None = "fp32", *,
+                 trace: bool | str = False, **kwargs):
+        model = model_or_config if isinstance(model_or_config, torch.nn.Module) else None
+        super().__init__(config=model.config if model is not None else model_or_config, **kwargs)
+        self._model = weakref.ref(model) if model is not None else None  # weights for memory_report; no cycle
         self.config = resolve_config(gsq_config)
         self.policy = self.config.build_policy()
         self.recording = False
@@ -332,6 +384,8 @@ class GSQCache(DynamicCache):
         for index, layer in enumerate(self.layers):
             if type(layer) in _GSQ_LAYER_FOR:
                 self.layers[index] = _GSQ_LAYER_FOR[type(layer)](self)
+        if trace:
+            self.start_trace(units=trace == "units")
 
     # -- used by the adapters --------------------------------------------------------------------------
     def gsq_layer(self, layer_idx: int) -> _GSQStateMixin:
@@ -484,6 +538,66 @@ class GSQCache(DynamicCache):
             mine.dtype, mine.device = getattr(theirs, "dtype", None), getattr(theirs, "device", None)
         self.row_signal, self._prev_logprobs = source.row_signal, source._prev_logprobs
 
+    # -- precision trace -------------------------------------------------------------------------------
+    def start_trace(self, units: bool = False) -> None:
+        """Log the precision of every SSM state write from now on (clears an earlier log).
+
+        Per write, layer and batch row: the fraction of units (channels / heads) a reader takes from the high
+        format; with ``units=True`` also each unit's format id (0 low, 1 high, 2 fp32 fallback). The log stays on
+        the states' device until `precision_trace` (no host sync per write); it is a log of writes, so
+        ``rollback``/``restore`` do not shorten it and beam reordering does not permute it.
+        """
+        for layer in self.gsq_layers:
+            layer.tracing = 2 if units else 1
+            layer.trace_high, layer.trace_units = [], []
+
+    def stop_trace(self) -> None:
+        """Stop logging; what was logged stays readable with `precision_trace`."""
+        for layer in self.gsq_layers:
+            layer.tracing = 0
+
+    @property
+    def tracing(self) -> bool:
+        return any(layer.tracing for layer in self.gsq_layers)
+
+    def precision_trace(self) -> dict[str, Any]:
+        """The precision log since `start_trace`, as CPU tensors (what `gsq_hf.plot.precision_trace` draws).
+
+        Returns a dict:
+
+        - ``high_fraction``: float32 ``(layers, writes, batch)``, the fraction of each row's units stored in the
+          high format at each write (0 throughout for a static policy). With ``write_mode="every_step"`` a write
+          is a token: starting from an empty cache, write ``t`` is the state after input token ``t``. NaN pads
+          layers or writes with fewer entries (e.g. the batch shrank).
+        - ``unit_formats``: int8 ``(layers, writes, batch, units)`` format ids (-1 pads), or None when not
+          traced with ``units=True``; ``format_ids``: the name of each id (``low``, ``high``, fp32 fallback).
+        - ``layers``: the model layer index of each row; ``config``, ``policy``, ``low_format``,
+          ``high_format`` (None for a static policy).
+        """
+        layers = [(index, layer) for index, layer in enumerate(self.layers) if isinstance(layer, _GSQStateMixin)]
+        if not any(layer.tracing or layer.trace_high for _, layer in layers):
+            raise RuntimeError("no precision trace: build the cache with GSQCache(..., trace=True) or call "
+                               "cache.start_trace() before the forward calls")
+        writes = max((len(layer.trace_high) for _, layer in layers), default=0)
+        batch = max((t.shape[0] for _, layer in layers for t in layer.trace_high), default=0)
+        high = _pad_stack([layer.trace_high for _, layer in layers], (writes, batch), math.nan, torch.float32)
+        unit_formats = None
+        if any(layer.trace_units for _, layer in layers):
+            units = max(u.shape[1] for _, layer in layers for u in layer.trace_units)
+            unit_formats = _pad_stack([layer.trace_units for _, layer in layers], (writes, batch, units), -1,
+                                      torch.int8)
+        low_name, high_name = self.policy.low.name, self.policy.high.name if self.policy.high else None
+        return {
+            "high_fraction": high,
+            "unit_formats": unit_formats,
+            "format_ids": {0: low_name, 1: high_name, 2: FALLBACK},
+            "layers": [index for index, _ in layers],
+            "config": self.config.name,
+            "policy": self.config.policy,
+            "low_format": low_name,
+            "high_format": high_name,
+        }
+
     # -- report ----------------------------------------------------------------------------------------
     @property
     def attention_kv_bytes(self) -> int:
@@ -494,8 +608,12 @@ class GSQCache(DynamicCache):
             if isinstance(layer, CacheLayerMixin) and layer.is_initialized
         )
 
-    def memory_report(self) -> dict[str, Any]:
+    def memory_report(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
         """What the state cache holds now and over the run (a JSON-serializable dict).
+
+        ``weight_bytes`` is ``model``'s weights as stored (`weight_bytes`; the model this cache was built
+        with when none is given, None when it was built from a config) and ``total_bytes`` the weights plus
+        ``state_bytes`` plus ``attention_kv_bytes``: what this batch needs in all.
 
         ``full_precision_*`` is what transformers' own cache holds for the same batch: SSM states in fp32
         (as upstream keeps them even for bf16 models), conv states in the model dtype.
@@ -518,6 +636,8 @@ class GSQCache(DynamicCache):
         conv = totals.get("conv_state_bytes", 0)
         full_ssm = totals.get("full_precision_ssm_state_bytes", 0)
         full_conv = totals.get("full_precision_conv_state_bytes", 0)
+        model = model if model is not None else (self._model() if self._model is not None else None)
+        weights = weight_bytes(model) if model is not None else None
         return {
             "config": self.config.name,
             "policy": repr(self.policy),
@@ -533,5 +653,7 @@ class GSQCache(DynamicCache):
             "nonfinite_unit_writes": int(writes.get(FALLBACK, 0)),
             "state_bytes_per_step": totals.get("state_bytes_per_step", 0),
             "attention_kv_bytes": self.attention_kv_bytes,
+            "weight_bytes": weights,
+            "total_bytes": None if weights is None else weights + ssm + conv + self.attention_kv_bytes,
             "layers": per_layer,
         }

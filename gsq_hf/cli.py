@@ -51,6 +51,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="model weights and activations dtype (default: fp32)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--load-in-8bit", dest="quantization", action="store_const", const="8bit",
+                         help="load the linear layers' weights in int8 with bitsandbytes (LLM.int8; the LM head "
+                              "stays unquantized); needs pip install 'gsq_hf[bnb]'")
+    weights.add_argument("--load-in-4bit", dest="quantization", action="store_const", const="4bit",
+                         help="load the linear layers' weights in 4-bit NF4 with bitsandbytes (computing in --dtype)")
+    parser.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                        help="let accelerate place the layers instead of --device (over several GPUs, offloading "
+                             "what does not fit to the CPU)")
     parser.add_argument("--seed", type=int, help="seed of torch and, when given, of every config's stochastic "
                                                  "rounding (default: torch seed 0, configs keep their own)")
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
@@ -78,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-tokens", type=_positive, help="evaluate only the first N tokens (default: all)")
     evaluate.add_argument("--no-reference", action="store_true",
                           help="skip the unpatched full-sequence reference perplexity")
+    evaluate.add_argument("--plot", metavar="DIR",
+                          help="save pareto.png (perplexity vs average stored state bits, per config) and, for "
+                               "each dynamic policy, trace-CONFIG.png (its precision per layer and token over "
+                               "the first batch of windows) in DIR (needs matplotlib)")
     memory = commands.add_parser(
         "memory", help="peak memory of a real generate per config, patched vs unpatched",
         description="Runs generate once per config (and unpatched), each in a fresh process, and reports the "
@@ -131,13 +144,14 @@ def _check_configs(model, configs: list[GSQConfig], ids) -> None:
     import torch
 
     from .cache import GSQCache
+    from .eval.perplexity import _device as input_device
     from .patch import patched
 
     for cfg in configs:
         with patched(model, cfg), torch.inference_mode():
-            cache = GSQCache(model.config, cfg)
+            cache = GSQCache(model, cfg)
             for t in range(2):
-                model(input_ids=ids[:1, t : t + 1].to(model.device), cache=cache, use_cache=True)
+                model(input_ids=ids[:1, t : t + 1].to(input_device(model)), cache=cache, use_cache=True)
 
 
 def _info(args: argparse.Namespace, message: str) -> None:
@@ -155,46 +169,120 @@ def _header(args: argparse.Namespace, model: str) -> dict[str, Any]:
 def _run_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from .cache import weight_bytes
     from .eval.data import load_model, load_text, load_tokenizer, make_windows
+    from .eval.distributed import Processes
     from .eval.perplexity import NonFiniteLogitsError, decode_faithful_perplexity, full_sequence_perplexity
-    from .eval.report import add_deltas, eval_table, failed_record, write_json
+    from .eval.report import add_deltas, eval_table, failed_record, weights_line, write_json
 
     configs = _configs(args.config, args.seed)
-    device = _device(args.device)
+    processes = Processes(_device(args.device))  # one, unless started by torchrun / accelerate launch
+    device, main = processes.device, processes.is_main
+    if processes.count > 1 and args.device_map is not None:
+        raise BadInput("--device-map spreads one model over devices; with several processes each process "
+                       "evaluates on its own device: drop --device-map or launch one process")
+    args.quiet = args.quiet or not main  # progress and run information from the main process only
     source = _model_source(args.model)
+    if args.plot:
+        _require_matplotlib()
     torch.manual_seed(0 if args.seed is None else args.seed)
     text = load_text(args.dataset, args.split)
     windows = make_windows(load_tokenizer(source), text, args.context, args.max_tokens)
-    model = load_model(source, args.dtype, device)
+    model = load_model(source, args.dtype, device, quantization=args.quantization, device_map=args.device_map)
     _check_configs(model, configs, windows.ids)
+    shard = processes.shard(windows, args.batch_size)  # whole batches of windows, contiguous
     _info(args, f"model {source} ({args.dtype}, {device}); dataset {args.dataset or 'builtin'}:{args.split}; "
-                f"{windows.ids.shape[0]} windows x {windows.context} tokens, {windows.scored_tokens} scored")
+                f"{windows.ids.shape[0]} windows x {windows.context} tokens, {windows.scored_tokens} scored"
+                + (f"; {processes.count} processes" if processes.count > 1 else ""))
     progress = not args.quiet
 
-    def attempt(label: str, evaluate, *config: GSQConfig) -> dict[str, Any]:
-        """The run's record, or an error record: one config's non-finite logits do not stop the others."""
-        try:
-            return evaluate(model, windows, *config, batch_size=args.batch_size, progress=progress).to_dict()
-        except NonFiniteLogitsError as error:
-            return failed_record(label, windows.scored_tokens, str(error))
+    traces: dict[str, dict[str, Any]] = {}
 
-    records = [attempt(cfg.name, decode_faithful_perplexity, cfg) for cfg in configs]
+    def attempt(label: str, evaluate, *config: GSQConfig, **options) -> dict[str, Any]:
+        """The run's record, or an error record: one config's non-finite logits do not stop the others."""
+        result, failure = None, None
+        try:
+            if shard.ids.shape[0]:  # a process can be left without a batch
+                result = evaluate(model, shard, *config, batch_size=args.batch_size, progress=progress, **options)
+        except NonFiniteLogitsError as error:
+            failure = str(error)
+        result, failure = processes.combine(result, failure)  # gathered over processes (no-op for one)
+        if failure is not None:
+            return failed_record(label, windows.scored_tokens, failure)
+        if getattr(result, "trace", None) is not None:
+            traces[label] = result.trace
+        return result.to_dict()
+
+    records = [attempt(cfg.name, decode_faithful_perplexity, cfg,
+                       **({"trace": True} if args.plot and cfg.policy != "static" else {})) for cfg in configs]
     add_deltas(records)
-    print(eval_table(records))
+    weights = weight_bytes(model)
+    for record in records:  # what one batch needs in all: the weights plus batch-size sequences of state
+        state = record.get("state_bytes")
+        record["weight_bytes"] = weights
+        record["weights_plus_batch_state_bytes"] = None if state is None else weights + args.batch_size * state
+    if main:
+        print(eval_table(records))
     payload = {**_header(args, source), "context": windows.context, "windows": windows.ids.shape[0],
                "batch_size": args.batch_size, "max_tokens": args.max_tokens, "device": device, "dtype": args.dtype,
+               "quantization": args.quantization, "device_map": args.device_map, "processes": processes.count,
+               "weight_bytes": weights,
                "scoring": "non-overlapping windows; token 0 of each window read, tokens 1..context-1 scored",
                "results": records}
     if not args.no_reference:
-        reference = attempt("reference", full_sequence_perplexity)
+        try:
+            reference = attempt("reference", full_sequence_perplexity)
+            records = [*records, reference]
+        except RuntimeError as error:  # transformers' Mamba-1 forward multiplies by dt_proj.weight directly
+            if args.quantization is None:
+                raise
+            reference = failed_record("reference", windows.scored_tokens, "not available: the unpatched model "
+                                      f"cannot run {args.quantization} bitsandbytes weights ({_one_line(error)})")
         payload["reference"] = reference
-        records = [*records, reference]
         value = "FAILED (" + reference["error"] + ")" if "error" in reference else f"{reference['perplexity']:.4f}"
-        print(f"reference (unpatched model, one full-sequence forward per window): ppl {value}")
+        if main:
+            print(f"reference (unpatched model, one full-sequence forward per window): ppl {value}")
+    if main:
+        print(weights_line(payload["results"], weights, args.batch_size, args.quantization or args.dtype))
+    processes.close()
+    if not main:
+        return EXIT_FAILURE if any(r.get("error") for r in records) else 0
     if args.json:
         write_json(args.json, payload)
         _info(args, f"wrote {args.json}")
+    if args.plot:
+        for path in _save_plots(args.plot, payload, traces):
+            _info(args, f"wrote {path}")
     return EXIT_FAILURE if any(r.get("error") for r in records) else 0
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BadInput('--plot needs matplotlib; pip install "gsq_hf[plot]"') from None
+
+
+def _save_plots(directory: str, payload: dict[str, Any], traces: dict[str, dict[str, Any]]) -> list:
+    """``pareto.png`` and one ``trace-<config>.png`` per traced config in ``directory``; the paths written."""
+    import re
+    from pathlib import Path
+
+    from . import plot
+
+    directory = Path(directory)
+    where = f"{Path(payload['model']).name} on {payload['dataset']}:{payload['split']}, context {payload['context']}"
+    figures = {"pareto.png": plot.pareto(payload, title=f"state bits vs perplexity — {where}")}
+    for name, trace in traces.items():
+        file = "trace-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".png"
+        rows = trace["high_fraction"].shape[2]
+        figures[file] = plot.precision_trace(trace, title=f"{name} — precision trace, mean over the first {rows} "
+                                                          "windows")
+    paths = []
+    for file, figure in figures.items():
+        plot.save(figure, directory / file)
+        paths.append(directory / file)
+    return paths
 
 
 def _run_memory(args: argparse.Namespace) -> int:
@@ -210,14 +298,23 @@ def _run_memory(args: argparse.Namespace) -> int:
     _info(args, f"model {source} ({args.dtype}, {device}); batch {args.batch_size}, {args.prompt_tokens} prompt + "
                 f"{args.new_tokens} new tokens; one process per config")
     records = measure_configs(source, configs, prompt, batch_size=args.batch_size, new_tokens=args.new_tokens,
-                              device=device, dtype=args.dtype, seed=0 if args.seed is None else args.seed)
+                              device=device, dtype=args.dtype, seed=0 if args.seed is None else args.seed,
+                              quantization=args.quantization, device_map=args.device_map)
     print(memory_table(records))
+    # transformers' own Mamba-1 forward multiplies by dt_proj.weight directly, which fails on a bitsandbytes
+    # weight: with --load-in-*bit the unpatched baseline row may fail while every patched row runs.
+    baseline_may_fail = args.quantization is not None
+    if baseline_may_fail and records[0].get("error"):
+        print(f"note: the unpatched model cannot run with {args.quantization} weights here (transformers' Mamba "
+              "forward reads dt_proj.weight directly); the patched rows call dt_proj and do")
     if args.json:
         payload = {**_header(args, source), "batch_size": args.batch_size, "prompt_tokens": args.prompt_tokens,
-                   "new_tokens": args.new_tokens, "device": device, "dtype": args.dtype, "results": records}
+                   "new_tokens": args.new_tokens, "device": device, "dtype": args.dtype,
+                   "quantization": args.quantization, "device_map": args.device_map, "results": records}
         write_json(args.json, payload)
         _info(args, f"wrote {args.json}")
-    return EXIT_FAILURE if any(r.get("error") for r in records) else 0
+    checked = records[1:] if baseline_may_fail else records
+    return EXIT_FAILURE if any(r.get("error") for r in checked) else 0
 
 
 def _quiet_libraries(progress: bool) -> None:

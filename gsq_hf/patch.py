@@ -96,7 +96,7 @@ def _make_forward(adapter: MixerAdapter, mixer: nn.Module, original):
         if not isinstance(cache, GSQCache):
             raise TypeError(
                 f"a gsq_hf-patched model keeps its states in a GSQCache, got {type(cache).__name__}; pass no cache "
-                "(one is created) or gsq_hf.GSQCache(model.config, config)"
+                "(one is created) or gsq_hf.GSQCache(model, config)"
             )
         return adapter.forward(mixer, hidden_states, cache.gsq_layer(mixer.layer_idx), attention_mask)
 
@@ -119,16 +119,16 @@ def _pre_forward_hook(model: nn.Module, args: tuple, kwargs: dict):
     if cache is None and use_cache or (
         cache is not None and not isinstance(cache, GSQCache) and _is_fresh_cache(cache)
     ):
-        cache = GSQCache(model.config, state.config)
-        for name in _compat.CACHE_KWARG_ALIASES:
-            kwargs.pop(name, None)
-        kwargs[_compat.CACHE_KWARG] = cache
+        cache = GSQCache(model, state.config)
     elif cache is not None and not isinstance(cache, GSQCache):
         raise TypeError(
             f"this {type(cache).__name__} already holds states written by an unpatched model; a patched model "
-            "continues only from a GSQCache. Start from no cache, or pass gsq_hf.GSQCache(model.config, config)."
+            "continues only from a GSQCache. Start from no cache, or pass gsq_hf.GSQCache(model, config)."
         )
-    if isinstance(cache, GSQCache):
+    if isinstance(cache, GSQCache):  # under the current name, whichever alias the caller used
+        for name in _compat.CACHE_KWARG_ALIASES:
+            kwargs.pop(name, None)
+        kwargs[_compat.CACHE_KWARG] = cache
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         input_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
         cache.begin_forward(input_ids)

@@ -9,7 +9,9 @@ value. Shared math lives in ``gsq_hf.scan``; a new family is one small subclass 
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -18,7 +20,7 @@ from torch import nn
 from ..cache import GSQStateLayer
 from ..scan import causal_conv, causal_conv_stepwise, selective_scan
 
-__all__ = ["ADAPTERS", "MixerAdapter", "apply_padding_mask", "find_adapter", "register_adapter"]
+__all__ = ["ADAPTERS", "MixerAdapter", "apply_padding_mask", "find_adapter", "loaded_weights", "register_adapter"]
 
 ADAPTERS: dict[str, type[MixerAdapter]] = {}
 
@@ -45,6 +47,25 @@ def apply_padding_mask(hidden_states: torch.Tensor, attention_mask: torch.Tensor
     return (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
 
 
+@contextlib.contextmanager
+def loaded_weights(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` with its parameters in place on its execution device, for code that reads them without calling it.
+
+    accelerate's offload hooks (``device_map`` with ``"cpu"``/``"disk"`` entries, ``cpu_offload``) load a
+    sub-module's weights only around that sub-module's own ``forward`` and leave them on the ``meta`` device
+    otherwise; run the hook's pre/post steps around the read, as its ``forward`` would.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        yield module
+        return
+    hook.pre_forward(module)
+    try:
+        yield module
+    finally:
+        hook.post_forward(module, None)
+
+
 class MixerAdapter(ABC):
     """How one Mamba family's mixer runs with its states in a `GSQStateLayer`."""
 
@@ -69,7 +90,12 @@ class MixerAdapter(ABC):
 
         Returns the output and, while the cache records checkpoints, the stored window after each token.
         """
-        weight, bias = mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias
+        with loaded_weights(mixer.conv1d) as conv1d:  # the conv's weights are read, not called
+            return MixerAdapter._conv(mixer, conv1d.weight.squeeze(1), conv1d.bias, x, layer)
+
+    @staticmethod
+    def _conv(mixer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
+              layer: GSQStateLayer) -> tuple[torch.Tensor, list | None]:
         previous, recording = layer.read_conv(), layer.cache.recording
         history: list | None = [] if recording else None
         if layer.cache.config.write_mode == "every_step" and not layer.cache.conv_format(x.dtype).represents(x.dtype):

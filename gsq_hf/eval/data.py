@@ -28,7 +28,9 @@ __all__ = [
     "DatasetNotFoundError",
     "EvalInputError",
     "ModelNotFoundError",
+    "QUANTIZATIONS",
     "TokenWindows",
+    "bnb_config",
     "load_model",
     "load_text",
     "load_tokenizer",
@@ -253,11 +255,70 @@ def load_tokenizer(source: str | Path):
     return _loading(source, AutoTokenizer.from_pretrained)
 
 
-def load_model(source: str | Path, dtype: str = "fp32", device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The causal LM at ``source`` in ``dtype`` (fp32, bf16, fp16), in eval mode on ``device``."""
+QUANTIZATIONS = ("8bit", "4bit")
+
+
+def bnb_config(quantization: str, dtype: str = "fp32"):
+    """The `transformers.BitsAndBytesConfig` of ``--load-in-8bit`` / ``--load-in-4bit``.
+
+    bitsandbytes' defaults otherwise: the LM head (and tied embeddings) stay unquantized; 4-bit computes in
+    ``dtype`` (its default, fp32, is slow) with NF4 weights.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if quantization not in QUANTIZATIONS:
+        raise EvalInputError(f"quantization {quantization!r} is not accepted; choose one of: "
+                             f"{', '.join(QUANTIZATIONS)}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise EvalInputError(f"loading weights in {quantization} needs bitsandbytes: "
+                             "pip install 'gsq_hf[bnb]'") from None
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype])
+
+
+def load_model(source: str | Path, dtype: str = "fp32", device: str | torch.device = "cpu", *,
+               quantization: str | None = None, device_map: str | dict | None = None) -> torch.nn.Module:
+    """The causal LM at ``source`` in ``dtype`` (fp32, bf16, fp16), in eval mode on ``device``.
+
+    ``quantization`` (``"8bit"``, ``"4bit"``) loads the linear layers' weights with bitsandbytes (the model
+    is then placed with ``device_map={"": device}``: a bitsandbytes model cannot be moved after loading).
+    ``device_map`` (e.g. ``"auto"``, or a dict with ``"cpu"``/``"disk"`` entries) lets accelerate place the
+    layers (over several devices, offloading what does not fit) instead of ``device``.
+    """
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise EvalInputError(f"dtype {dtype!r} is not accepted; choose one of: {', '.join(DTYPES)}")
-    model = _loading(source, lambda location: AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype]))
-    return model.to(device).eval()
+    options: dict = {"dtype": DTYPES[dtype]}
+    if quantization is not None:
+        options["quantization_config"] = bnb_config(quantization, dtype)
+        options["device_map"] = {"": str(device)}
+    if device_map is not None:
+        options["device_map"] = device_map
+    model = _loading(source, lambda location: AutoModelForCausalLM.from_pretrained(location, **options))
+    if quantization == "4bit":
+        _check_bnb_cpu_4bit(model)
+    return (model if "device_map" in options else model.to(device)).eval()
+
+
+def _check_bnb_cpu_4bit(model: torch.nn.Module) -> None:
+    """Refuse 4-bit layers that bitsandbytes' CPU kernel cannot run, before a run fails deep inside it.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks each 4-bit weight at its first inference call;
+    the repacking needs out_features % 32 == 0 and in_features % 64 (the quantization block) == 0, and
+    fails otherwise. Other CPUs and GPUs take another path without this constraint.
+    """
+    import bitsandbytes as bnb
+
+    bad = [f"{name} ({module.in_features}->{module.out_features})" for name, module in model.named_modules()
+           if isinstance(module, bnb.nn.Linear4bit) and module.weight.device.type == "cpu"
+           and getattr(module, "support_avx512bf16_for_cpu", False)
+           and (module.out_features % 32 or module.in_features % 64)]
+    if bad:
+        more = " ..." if len(bad) > 4 else ""
+        raise EvalInputError(f"bitsandbytes' 4-bit CPU kernel needs in_features % 64 == 0 and out_features % 32 "
+                             f"== 0, which {len(bad)} layer(s) do not meet: {', '.join(bad[:4])}{more}; run 4-bit "
+                             "on a GPU, or use --load-in-8bit on the CPU")

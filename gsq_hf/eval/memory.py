@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .._compat import output_cache
-from ..cache import GSQCache
+from ..cache import GSQCache, weight_bytes
 from ..config import GSQConfig
 from ..patch import patch
 from .data import load_model
@@ -111,6 +111,7 @@ def measure_generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: i
     generated = (output.sequences.shape[1] - prompt.shape[1]) * batch
     return {
         "config": label,
+        "weight_bytes": weight_bytes(model),
         "peak_rss_bytes": peak,
         "generate_rss_delta_bytes": peak - rss_before if scoped else None,
         "rss_peak_scope": "generate" if scoped else "process",
@@ -125,7 +126,8 @@ def measure_generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: i
 
 def _worker(job: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(job["seed"])
-    model = load_model(job["model"], job["dtype"], job["device"])
+    model = load_model(job["model"], job["dtype"], job["device"], quantization=job.get("quantization"),
+                       device_map=job.get("device_map"))
     if job["config"] is not None:
         patch(model, GSQConfig.from_dict(job["config"]))
     prompt = torch.tensor(job["prompt"], device=job["device"]).repeat(job["batch_size"], 1)
@@ -142,6 +144,8 @@ def measure_configs(
     device: str,
     dtype: str,
     seed: int,
+    quantization: str | None = None,
+    device_map: str | None = None,
 ) -> list[dict[str, Any]]:
     """One record per config, ``unpatched`` first, each measured in its own fresh process.
 
@@ -151,7 +155,8 @@ def measure_configs(
     jobs = [(UNPATCHED, None), *((cfg.name, cfg.to_dict()) for cfg in configs)]
     for label, config in jobs:
         job = {"model": str(model), "config": config, "label": label, "prompt": prompt, "batch_size": batch_size,
-               "new_tokens": new_tokens, "device": device, "dtype": dtype, "seed": seed}
+               "new_tokens": new_tokens, "device": device, "dtype": dtype, "seed": seed,
+               "quantization": quantization, "device_map": device_map}
         done = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(job), capture_output=True,
                               text=True, check=False)
         if done.returncode == 0:

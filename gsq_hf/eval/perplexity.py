@@ -57,6 +57,7 @@ class PerplexityResult:
     bytes: int
     seconds: float
     state: dict[str, Any] = field(default_factory=dict)  # per-sequence state memory; empty for the reference
+    trace: dict[str, Any] | None = field(default=None, repr=False)  # first batch's precision trace, if asked
 
     @property
     def perplexity(self) -> float:
@@ -117,7 +118,9 @@ def _check_finite(window_nll: torch.Tensor, first_window: int, label: str) -> No
 
 
 def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where inputs go: the first parameter not offloaded by accelerate (those wait on ``meta``; its hooks
+    move inputs and outputs as needed), else the CPU."""
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
 def decode_faithful_perplexity(
@@ -130,26 +133,30 @@ def decode_faithful_perplexity(
     max_tokens: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    trace: bool | str = False,
 ) -> PerplexityResult:
     """Perplexity of ``model`` with its states stored per ``config``, stepping every window token by token.
 
     ``windows_or_tokenizer`` is a `TokenWindows` (share one across configs), or a tokenizer with ``text=``
     and ``context=`` (and optionally ``max_tokens=``). An unpatched model is patched with ``config`` for
     the run and restored after; an already patched one keeps its patch and gets a ``config`` cache.
-    ``batch_size`` windows run at a time, each batch with a fresh `GSQCache`.
+    ``batch_size`` windows run at a time, each batch with a fresh `GSQCache`. ``trace=True`` (or ``"units"``)
+    keeps the precision trace of the first batch (`GSQCache.precision_trace`) in ``result.trace``: per layer,
+    window token and window, the fraction of units stored in the high format.
     """
     windows = _windows(windows_or_tokenizer, text, context, max_tokens)
     cfg = resolve_config(config)
     device = _device(model)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     reports = []
+    kept_trace = None
     bar = tqdm(total=windows.scored_tokens, desc=cfg.name, unit="tok", disable=not progress, leave=False)
     start = time.perf_counter()
     with bar, torch.inference_mode(), (contextlib.nullcontext() if is_patched(model) else patched(model, cfg)):
         first = 0
         for batch in windows.ids.split(batch_size):
             batch = batch.to(device)
-            cache = GSQCache(model.config, cfg)
+            cache = GSQCache(model.config, cfg, trace=trace if first == 0 else False)
             nll = torch.zeros(batch.shape[0], dtype=torch.float64, device=device)
             for t in range(windows.context - 1):
                 logits = model(input_ids=batch[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1]
@@ -158,10 +165,13 @@ def decode_faithful_perplexity(
             _check_finite(nll, first, cfg.name)
             nll_sum += nll.sum()
             reports.append(cache.memory_report())
+            if trace and first == 0:
+                kept_trace = cache.precision_trace()
             first += batch.shape[0]
         total = float(nll_sum)
     return PerplexityResult(cfg.name, total, windows.scored_tokens, int(windows.words.sum()),
-                            int(windows.bytes.sum()), time.perf_counter() - start, _state_summary(reports))
+                            int(windows.bytes.sum()), time.perf_counter() - start,
+                            {"policy": cfg.policy, **_state_summary(reports)}, kept_trace)
 
 
 def _state_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:

@@ -3,17 +3,22 @@
 Eval JSON contract::
 
     {"model", "dataset", "split", "context", "versions": {python, torch, transformers, gsq_hf},
-     "results": [{"config", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "tokens",
+     "weight_bytes", "quantization", "device_map", "processes",
+     "results": [{"config", "policy", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "tokens",
                   "avg_state_bits", "state_bytes", "full_precision_state_bytes", "tokens_per_second",
-                  "delta_vs_reference", ...}, ...]}
+                  "delta_vs_reference", "weight_bytes", "weights_plus_batch_state_bytes", ...}, ...]}
 
-State sizes are per sequence. ``delta_vs_reference`` is the relative perplexity change against the first
-config's record. A config that failed (non-finite logits) keeps its record with ``"error"`` set and null
-metrics, so a reader never mistakes it for a number. NaN/Inf are written as null (strict JSON).
+State sizes are per sequence; ``weight_bytes`` is the model's weights as stored (``get_memory_footprint()``,
+int8/4-bit with ``--load-in-8bit``/``--load-in-4bit``) and ``weights_plus_batch_state_bytes`` the weights plus
+``batch_size`` sequences of state: the memory the run's batches need beside activations.
+``delta_vs_reference`` is the relative perplexity change against the first config's record. A config that
+failed (non-finite logits) keeps its record with ``"error"`` set and null metrics, so a reader never mistakes
+it for a number. NaN/Inf are written as null (strict JSON).
 
 Memory JSON (``gsq-hf memory``): the same header with ``batch_size``, ``prompt_tokens``, ``new_tokens``, and
-one record per config (``unpatched`` first) with ``peak_rss_bytes``, ``generate_rss_delta_bytes``,
-``rss_peak_scope``, ``peak_cuda_bytes``, ``generate_cuda_delta_bytes``, ``state_bytes`` (per sequence),
+one record per config (``unpatched`` first) with ``weight_bytes`` (the model's weights as stored),
+``peak_rss_bytes``, ``generate_rss_delta_bytes``, ``rss_peak_scope``, ``peak_cuda_bytes``,
+``generate_cuda_delta_bytes``, ``state_bytes`` (per sequence),
 ``generated_tokens``, ``seconds``, ``tokens_per_second`` (see `gsq_hf.eval.memory`).
 """
 
@@ -26,7 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_deltas", "eval_table", "failed_record", "format_table", "memory_table", "versions", "write_json"]
+__all__ = ["add_deltas", "eval_table", "failed_record", "format_table", "memory_table", "versions", "weights_line",
+           "write_json"]
 
 METRICS = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "avg_state_bits", "state_bytes",
            "full_precision_state_bytes", "tokens_per_second")
@@ -108,11 +114,19 @@ def eval_table(records: list[dict[str, Any]]) -> str:
     return format_table(headers, rows) + _notes(records)
 
 
+def weights_line(records: list[dict[str, Any]], weight_bytes: int, batch_size: int, weights_format: str) -> str:
+    """The model's weights beside the states: weights + a batch of states is what an evaluation needs."""
+    totals = ", ".join(f"{r['config']} {_mib(weight_bytes + batch_size * r['state_bytes'])}"
+                       for r in records if _number(r.get("state_bytes")))
+    return (f"model weights: {_mib(weight_bytes)} MiB as stored ({weights_format}); weights + the states of "
+            f"{batch_size} sequences (MiB): {totals or '-'}")
+
+
 def memory_table(records: list[dict[str, Any]]) -> str:
     """One row per config of ``gsq-hf memory``: peak memory during ``generate`` and the state it keeps."""
     cuda = any(_number(r.get("peak_cuda_bytes")) for r in records)
-    headers = ["config", "peak RSS MiB", "Δ RSS in generate MiB", *(["peak CUDA MiB", "Δ CUDA MiB"] if cuda else []),
-               "state B/seq", "vs first", "tok/s"]
+    headers = ["config", "weights MiB", "peak RSS MiB", "Δ RSS in generate MiB",
+               *(["peak CUDA MiB", "Δ CUDA MiB"] if cuda else []), "state B/seq", "vs first", "tok/s"]
     base = records[0].get("state_bytes") if records else None
     rows = []
     for r in records:
@@ -120,7 +134,7 @@ def memory_table(records: list[dict[str, Any]]) -> str:
             rows.append(_failed(r, len(headers)))
             continue
         rows.append([
-            r["config"], _mib(r["peak_rss_bytes"]), _mib(r["generate_rss_delta_bytes"]),
+            r["config"], _mib(r.get("weight_bytes")), _mib(r["peak_rss_bytes"]), _mib(r["generate_rss_delta_bytes"]),
             *([_mib(r["peak_cuda_bytes"]), _mib(r["generate_cuda_delta_bytes"])] if cuda else []),
             _fmt(r["state_bytes"], ",.0f"), _ratio(r["state_bytes"], base), _fmt(r["tokens_per_second"], ",.1f"),
         ])

@@ -1,0 +1,271 @@
+"""Figures of what a state config does: where it spends precision, and what it costs for the bits it stores.
+
+    from gsq_hf import plot
+    plot.precision_trace(cache.precision_trace())      # layer x token heatmap of the fraction stored high
+    plot.pareto(json.load(open("results.json")))      # perplexity vs average stored bits, one point per config
+
+Both return a `matplotlib.figure.Figure` built without pyplot (no global figure state; a notebook shows it
+once, ``fig.savefig(path)`` writes it). matplotlib is imported only when a function is called:
+``pip install "gsq_hf[plot]"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["pareto", "precision_trace", "save"]
+
+STATIC_POLICY = "static"
+_DYNAMIC_STYLES = [("s", "tab:orange"), ("^", "tab:green"), ("D", "tab:red"), ("v", "tab:purple"),
+                   ("P", "tab:brown"), ("X", "tab:pink"), ("*", "tab:olive"), ("h", "tab:cyan")]
+
+
+def _figure(**kwargs) -> Figure:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:  # pragma: no cover - exercised only without matplotlib
+        raise ImportError('gsq_hf.plot needs matplotlib: pip install "gsq_hf[plot]"') from error
+    return Figure(**kwargs)
+
+
+def save(fig: Figure, path, dpi: int = 150) -> None:
+    """Write ``fig`` to ``path`` (format from the suffix), creating the folder."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+
+
+# -- precision trace --------------------------------------------------------------------------------------
+def _trace_parts(trace) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``(layers, writes, batch)`` fractions and the metadata of a trace dict, a result or a bare tensor."""
+    if not isinstance(trace, (Mapping, torch.Tensor)) and hasattr(trace, "trace"):  # a PerplexityResult
+        if trace.trace is None:
+            raise ValueError(f"result {trace.config!r} has no trace: run decode_faithful_perplexity(..., trace=True)")
+        trace = trace.trace
+    if isinstance(trace, Mapping):
+        high, meta = trace["high_fraction"], dict(trace)
+    else:
+        high, meta = trace, {}
+    high = torch.as_tensor(high, dtype=torch.float32)
+    if high.dim() == 2:
+        high = high[:, :, None]
+    if high.dim() != 3:
+        raise ValueError(f"a precision trace is (layers, tokens) or (layers, tokens, batch), got {tuple(high.shape)}")
+    return high, meta
+
+
+def precision_trace(
+    trace,
+    *,
+    row: int | None = None,
+    tokens: Sequence[str] | None = None,
+    title: str | None = None,
+    summary: bool = True,
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """Layer x token heatmap of the fraction of units stored in the high format.
+
+    ``trace``: the dict of `GSQCache.precision_trace` (or a `PerplexityResult` run with ``trace=True``, or a
+    ``(layers, tokens[, batch])`` tensor). ``row``: one batch row; None averages the rows. ``tokens``: labels
+    of the tokens on the x axis (used when there are at most 64). ``summary``: add a panel below with the
+    fraction over all layers per token and its mean.
+    """
+    high, meta = _trace_parts(trace)
+    layers, writes, batch = high.shape
+    if row is None:
+        data, rows_text = high.nanmean(dim=2), (f"mean over {batch} rows" if batch > 1 else "1 row")
+    else:
+        if not -batch <= row < batch:
+            raise IndexError(f"row {row} out of range for a trace of {batch} rows")
+        data, rows_text = high[:, :, row], f"row {row % batch}"
+    data = data.numpy()
+    layer_ids = list(meta.get("layers") or range(layers))
+    high_name, low_name = meta.get("high_format"), meta.get("low_format")
+
+    width = min(14.0, max(6.0, 3.0 + writes / 40)) if tokens is None or writes > 64 else max(6.0, 0.28 * writes + 2)
+    height = 0.9 + 0.32 * max(layers, 4) + (1.5 if summary else 0)
+    fig = _figure(figsize=figsize or (width, height), layout="constrained")
+    if summary:
+        heat_ax, line_ax = fig.subplots(2, 1, sharex=True, height_ratios=[max(layers, 3), 2.2])
+    else:
+        heat_ax, line_ax = fig.subplots(1, 1), None
+    image = heat_ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0,
+                           origin="upper", extent=(-0.5, writes - 0.5, layers - 0.5, -0.5))
+    heat_ax.set_yticks(range(layers), [str(i) for i in layer_ids])
+    heat_ax.set_ylabel("layer")
+    colorbar = fig.colorbar(image, ax=heat_ax if line_ax is None else [heat_ax, line_ax], pad=0.01, shrink=0.95)
+    colorbar.set_label(f"fraction in {high_name or 'high'}" + (f" (else {low_name})" if low_name else ""))
+    config = meta.get("config")
+    heading = title or " — ".join(p for p in (config, f"precision trace, {rows_text}") if p)
+    heat_ax.set_title(heading)
+
+    bottom = heat_ax
+    if line_ax is not None:
+        per_token = data.mean(axis=0) if layers else data.sum(axis=0)
+        steps = range(writes)
+        line_ax.plot(steps, per_token, color="tab:blue", linewidth=1.2, drawstyle="steps-mid")
+        mean = float(per_token.mean()) if writes else math.nan
+        if math.isfinite(mean):
+            line_ax.axhline(mean, color="0.4", linestyle="--", linewidth=1)
+        line_ax.set_title(f"all layers; dashed: mean {mean:.2f}", fontsize="small", loc="left")
+        line_ax.set_ylim(-0.05, 1.05)
+        line_ax.set_ylabel("fraction high")
+        line_ax.grid(True, alpha=0.3)
+        bottom = line_ax
+    if tokens is not None and len(tokens) == writes and writes <= 64:
+        bottom.set_xticks(range(writes), [_token_label(t) for t in tokens], rotation=90, fontsize="small")
+    bottom.set_xlabel("token (state write)")
+    bottom.set_xlim(-0.5, writes - 0.5)
+    return fig
+
+
+def _token_label(token: str, width: int = 12) -> str:
+    label = repr(str(token))[1:-1]  # newlines and tabs visible
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+# -- Pareto -----------------------------------------------------------------------------------------------
+def _records(results) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Records and the reference record from a ``gsq-hf eval --json`` payload, a list of dicts or results."""
+    reference = None
+    if isinstance(results, Mapping):
+        reference = results.get("reference")
+        results = results["results"]
+    records = [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in results]
+    return records, reference
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def is_uniform(record: Mapping[str, Any]) -> bool:
+    """Whether a record's config stores every unit in one format (a static policy)."""
+    if record.get("policy") is not None:
+        return record["policy"] == STATIC_POLICY
+    fractions = record.get("format_fractions")
+    if fractions:  # older records: a static policy writes one format (plus the fp32 fallback)
+        return len([name for name in fractions if name != "fp32_fallback"]) == 1
+    from .config import GSQConfigError, resolve_config
+
+    try:
+        return resolve_config(record["config"]).policy == STATIC_POLICY
+    except (GSQConfigError, OSError, KeyError, TypeError):
+        return False
+
+
+_X = {"bits": ("avg_state_bits", "average stored bits per SSM state element (scales included)"),
+      "bytes": ("state_bytes", "state bytes per sequence (SSM + conv)")}
+
+
+def _same_x(points: list) -> list[tuple[float, list]]:
+    """Points sorted by x, grouped where x is equal (to 0.1%)."""
+    groups: list[tuple[float, list]] = []
+    for point in points:
+        if groups and math.isclose(groups[-1][0], point[1], rel_tol=1e-3):
+            groups[-1][1].append(point)
+        else:
+            groups.append((point[1], [point]))
+    return groups
+
+
+def pareto(
+    results,
+    *,
+    x: str = "bits",
+    y: str = "perplexity",
+    reference: Mapping[str, Any] | float | None = None,
+    logy: bool | None = None,
+    title: str | None = None,
+    ax: Axes | None = None,
+    figsize: tuple[float, float] = (7.0, 4.5),
+) -> Figure:
+    """Perplexity (or its change) against the state each config stores: uniform formats as a line, dynamic
+    policies as labelled points.
+
+    ``results``: the records of ``gsq-hf eval --json`` (the whole payload, or its ``results`` list), or
+    `PerplexityResult` objects; failed records are left out. ``x``: ``"bits"`` (average stored bits per state
+    element) or ``"bytes"`` (state bytes per sequence). ``y``: ``"perplexity"`` or ``"delta"`` (relative change
+    vs the first config, in %). ``reference``: the unpatched model's record or perplexity, drawn as a dashed
+    line (taken from the payload when there is one; y = perplexity only). ``logy``: log-scale perplexity
+    (default: when the values span more than a factor 3).
+    """
+    if x not in _X:
+        raise ValueError(f"x must be one of {', '.join(_X)}, got {x!r}")
+    if y not in ("perplexity", "delta"):
+        raise ValueError(f"y must be 'perplexity' or 'delta', got {y!r}")
+    records, payload_reference = _records(results)
+    reference = payload_reference if reference is None else reference
+    x_key, x_label = _X[x]
+    base = next((r.get("perplexity") for r in records[:1]), None)
+
+    def y_of(record) -> float | None:
+        ppl = record.get("perplexity")
+        if not _finite(ppl):
+            return None
+        if y == "perplexity":
+            return float(ppl)
+        return 100.0 * (ppl / base - 1.0) if _finite(base) and base else None
+
+    points = [(r, float(r[x_key]), y_of(r)) for r in records
+              if not r.get("error") and _finite(r.get(x_key)) and y_of(r) is not None]
+    if ax is None:
+        fig = _figure(figsize=figsize, layout="constrained")
+        ax = fig.subplots()
+    else:
+        fig = ax.figure
+
+    uniform = sorted((p for p in points if is_uniform(p[0])), key=lambda p: p[1])
+    dynamic = [p for p in points if not is_uniform(p[0])]
+    if uniform:
+        ax.plot([p[1] for p in uniform], [p[2] for p in uniform], "o-", color="tab:blue", linewidth=1.5,
+                markersize=6, label="uniform formats", zorder=2)
+        for px, group in _same_x(uniform):  # e.g. bf16 and fp16 both store 16 bits: one label
+            ax.annotate(" / ".join(r["config"] for r, _, _ in group), (px, min(py for _, _, py in group)),
+                        xytext=(0, -14), textcoords="offset points", ha="center", fontsize="small", color="tab:blue")
+    for i, (record, px, py) in enumerate(dynamic):
+        marker, color = _DYNAMIC_STYLES[i % len(_DYNAMIC_STYLES)]
+        ax.scatter([px], [py], marker=marker, s=60, color=color, edgecolors="black", linewidths=0.5,
+                   label=record["config"], zorder=3)
+        ax.annotate(record["config"], (px, py), xytext=(6, 5), textcoords="offset points", fontsize="small",
+                    color=color)
+
+    ref_ppl = reference.get("perplexity") if isinstance(reference, Mapping) else reference
+    if y == "perplexity" and _finite(ref_ppl):
+        ax.axhline(ref_ppl, color="0.5", linestyle="--", linewidth=1, label=f"unpatched reference ({ref_ppl:.3f})",
+                   zorder=1)
+    if y == "delta" and records:
+        ax.axhline(0.0, color="0.5", linestyle="--", linewidth=1, label=f"{records[0]['config']} (Δ = 0)", zorder=1)
+
+    values = [p[2] for p in points] + ([ref_ppl] if y == "perplexity" and _finite(ref_ppl) else [])
+    if logy is None:
+        logy = y == "perplexity" and bool(values) and min(values) > 0 and max(values) / min(values) > 3
+    if logy:
+        ax.set_yscale("log")
+    if x == "bits" and points:
+        ax.set_xscale("log", base=2)
+        ticks = sorted({2 ** k for k in range(0, 7) if min(p[1] for p in points) / 1.5 <= 2 ** k <= 1.5 * max(
+            p[1] for p in points)} | {round(p[1], 1) for p in uniform})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+    if x == "bytes":
+        ax.xaxis.set_major_formatter("{x:,.0f}")
+    ax.margins(x=0.08, y=0.15)
+    ax.set_xlabel(x_label)
+    first = records[0]["config"] if records else "first config"
+    ax.set_ylabel("perplexity" if y == "perplexity" else f"Δ perplexity vs {first} (%)")
+    ax.set_title(title or "what each state config costs for the state it stores")
+    ax.grid(True, alpha=0.3)
+    if points:
+        ax.legend(fontsize="small", loc="best")
+    return fig

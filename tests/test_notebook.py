@@ -1,0 +1,51 @@
+"""``docs/notebooks/quickstart.ipynb`` runs top to bottom, offline, in a kernel of this interpreter."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+pytest.importorskip("matplotlib")
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "notebooks" / "quickstart.ipynb"
+KERNEL = "gsq-hf-test"
+
+
+@pytest.fixture
+def kernel(tmp_path, monkeypatch) -> str:
+    """A kernelspec for ``sys.executable`` (the interpreter gsq_hf is installed in), found via JUPYTER_PATH."""
+    spec = tmp_path / "jupyter" / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "gsq_hf test kernel", "language": "python",
+    }))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the notebook must not need the network
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    return KERNEL
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_executes(kernel, tmp_path):
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(notebook, timeout=240, kernel_name=kernel,
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    start = time.perf_counter()
+    client.execute()  # raises CellExecutionError on the first cell that fails
+    seconds = time.perf_counter() - start
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 3  # the precision trace of a generate, the Pareto plot, the gate trace of the eval
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stdout")
+    assert "state_bytes" in text and "gsq-budget" in text and "reference (unpatched" in text
+    assert seconds < 120, f"the quickstart should take well under a minute on a CPU, took {seconds:.0f} s"

@@ -1,0 +1,145 @@
+"""`gsq_hf.plot` (Agg, no pixels compared: what the axes hold) and ``gsq-hf eval --plot``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+
+from gsq_hf import plot  # noqa: E402
+from gsq_hf.cli import main  # noqa: E402
+
+
+def record(config, policy, bits, ppl, state_bytes=None, **extra):
+    return {"config": config, "policy": policy, "avg_state_bits": bits, "perplexity": ppl,
+            "state_bytes": state_bytes if state_bytes is not None else int(bits * 100), **extra}
+
+
+PAYLOAD = {
+    "model": "m", "dataset": "d", "split": "test", "context": 64,
+    "results": [
+        record("fp32", "static", 32.0, 10.0),
+        record("int4", "static", 6.0, 12.0),  # out of order on purpose: the line is drawn sorted by bits
+        record("int8", "static", 10.0, 10.1),
+        record("gsq-gate", "gate", 11.6, 10.05),
+        record("gsq-budget", "budget", 8.5, 11.0),
+        {"config": "broken", "perplexity": None, "avg_state_bits": None, "error": "NaN/Inf next-token logits"},
+    ],
+    "reference": {"config": "reference", "perplexity": 9.99},
+}
+
+
+def texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.texts]
+
+
+def test_pareto_uniform_line_dynamic_points_reference():
+    fig = plot.pareto(PAYLOAD)
+    assert isinstance(fig, matplotlib.figure.Figure)
+    (ax,) = fig.axes
+    uniform = next(line for line in ax.lines if line.get_label() == "uniform formats")
+    assert list(uniform.get_xdata()) == [6.0, 10.0, 32.0]  # sorted by bits, the failed record left out
+    assert list(uniform.get_ydata()) == [12.0, 10.1, 10.0]
+    assert [c.get_label() for c in ax.collections] == ["gsq-gate", "gsq-budget"]  # one labelled point each
+    assert [tuple(c.get_offsets()[0]) for c in ax.collections] == [(11.6, 10.05), (8.5, 11.0)]
+    reference = next(line for line in ax.lines if line.get_label().startswith("unpatched reference"))
+    assert set(reference.get_ydata()) == {9.99}
+    assert set(texts(ax)) == {"fp32", "int4", "int8", "gsq-gate", "gsq-budget"}
+    assert "broken" not in texts(ax)
+    assert ax.get_xlabel().startswith("average stored bits") and ax.get_ylabel() == "perplexity"
+    assert ax.get_yscale() == "linear" and ax.get_xscale() == "log"
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:3] == ["uniform formats", "gsq-gate", "gsq-budget"] and legend[3].startswith("unpatched")
+
+
+def test_pareto_delta_against_state_bytes_from_a_list():
+    fig = plot.pareto(PAYLOAD["results"], x="bytes", y="delta", title="t")
+    (ax,) = fig.axes
+    uniform = next(line for line in ax.lines if line.get_label() == "uniform formats")
+    assert list(uniform.get_xdata()) == [600, 1000, 3200]
+    np.testing.assert_allclose(uniform.get_ydata(), [20.0, 1.0, 0.0])  # % vs the first config (fp32)
+    assert ax.get_ylabel() == "Δ perplexity vs fp32 (%)" and ax.get_xlabel().startswith("state bytes")
+    assert ax.get_title() == "t"
+    assert not any(line.get_label().startswith("unpatched") for line in ax.lines)  # no reference in a list
+
+
+def test_pareto_old_records_and_log_scale():
+    """Records without ``policy`` (older JSON) are classified by their format fractions."""
+    old = [{k: v for k, v in r.items() if k != "policy"} for r in PAYLOAD["results"][:5]]
+    for r in old:
+        static = r["config"] in ("fp32", "int4", "int8")
+        r["format_fractions"] = ({r["config"]: 1.0, "fp32_fallback": 0.0} if static
+                                 else {"int8": 0.7, "fp16": 0.3, "fp32_fallback": 0.0})
+    old[1]["perplexity"] = 500.0  # int4 blows up: a log axis keeps the others readable
+    (ax,) = plot.pareto(old).axes
+    assert len(next(line for line in ax.lines if line.get_label() == "uniform formats").get_xdata()) == 3
+    assert len(ax.collections) == 2 and ax.get_yscale() == "log"
+    with pytest.raises(ValueError, match="x must be"):
+        plot.pareto(old, x="tokens")
+
+
+def trace_dict(layers=3, writes=5, batch=2):
+    high = torch.rand(layers, writes, batch, generator=torch.Generator().manual_seed(0))
+    return {"high_fraction": high, "unit_formats": None, "layers": [0, 2, 5][:layers], "config": "gsq-gate",
+            "policy": "gate", "low_format": "int8", "high_format": "fp16"}
+
+
+def test_precision_trace_heatmap_and_summary():
+    trace = trace_dict()
+    fig = plot.precision_trace(trace)
+    heat, line, colorbar = fig.axes
+    (image,) = heat.images
+    np.testing.assert_allclose(image.get_array(), trace["high_fraction"].mean(dim=2).numpy(), rtol=1e-6)
+    assert image.get_clim() == (0.0, 1.0)
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["0", "2", "5"]  # model layer indices
+    assert heat.get_ylabel() == "layer" and heat.get_title() == "gsq-gate — precision trace, mean over 2 rows"
+    assert colorbar.get_ylabel() == "fraction in fp16 (else int8)"
+    np.testing.assert_allclose(line.lines[0].get_ydata(), trace["high_fraction"].mean(dim=2).mean(dim=0).numpy(),
+                               rtol=1e-6)
+    assert line.get_xlabel() == "token (state write)"
+
+
+def test_precision_trace_row_tokens_tensor_input():
+    trace = trace_dict(writes=4)
+    fig = plot.precision_trace(trace, row=1, tokens=["a", "b\n", "c", "d"], summary=False)
+    heat = fig.axes[0]
+    assert len(fig.axes) == 2  # heatmap + colorbar
+    np.testing.assert_allclose(heat.images[0].get_array(), trace["high_fraction"][:, :, 1].numpy())
+    assert [t.get_text() for t in heat.get_xticklabels()] == ["a", "b\\n", "c", "d"]
+    assert heat.get_title().endswith("row 1")
+    bare = plot.precision_trace(torch.ones(2, 7))  # (layers, tokens)
+    assert bare.axes[0].images[0].get_array().shape == (2, 7)
+    with pytest.raises(IndexError):
+        plot.precision_trace(trace, row=2)
+
+
+def test_plot_module_imports_matplotlib_lazily():
+    code = "import sys, gsq_hf, gsq_hf.plot, gsq_hf.cli; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_plot_writes_pareto_and_traces(tmp_path, capsys):
+    out = tmp_path / "plots"
+    code = main(["eval", "--max-tokens", "64", "--context", "32", "--config", "int8", "--config", "fp32",
+                 "--config", "gsq-gate", "--quiet", "--plot", str(out), "--json", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["pareto.png", "trace-gsq-gate.png"]  # static: no trace
+    for png in out.iterdir():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (ax,) = plot.pareto(json.loads((tmp_path / "r.json").read_text())).axes  # what pareto.png shows
+    assert len(ax.lines[0].get_xdata()) == 2 and [c.get_label() for c in ax.collections] == ["gsq-gate"]
+
+
+def test_pareto_one_label_for_formats_of_equal_bits():
+    records = [record("fp32", "static", 32.0, 10.0), record("bf16", "static", 16.0, 10.02),
+               record("fp16", "static", 16.0, 10.0)]
+    (ax,) = plot.pareto(records).axes
+    assert sorted(texts(ax)) == ["bf16 / fp16", "fp32"]
+    assert len(ax.lines[0].get_xdata()) == 3
