@@ -1,0 +1,14 @@
+"""Fused GPU kernels for the quantized state cache, each with a plain torch reference twin.
+
+* `gsq_hf.kernels.state_update.state_update` — one Triton pass per decode step: read the stored state in
+  its format, update it in fp32, choose formats, re-quantize, write (needs ``triton``: ``pip install
+  "gsq_hf[triton]"``; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+* `state_update_reference` — the same step from `gsq_hf.formats` and the policies (torch only).
+
+Importing this package needs torch only; the Triton module is imported explicitly. How the kernel is meant
+to be dispatched, and what is left before the adapters use it, is in `gsq_hf.kernels.state_update`.
+"""
+
+from .reference import StateUpdate, state_update_reference, unsupported_reason
+
+__all__ = ["StateUpdate", "state_update_reference", "unsupported_reason"]

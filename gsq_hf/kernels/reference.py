@@ -1,0 +1,184 @@
+"""The decode-step state update in plain torch: the reference twin of the fused Triton kernel.
+
+`state_update_reference` takes the same arguments as `gsq_hf.kernels.state_update.state_update` (less the
+kernel's launch configuration) and computes the same thing from the parts the cache already uses:
+`StateFormat.dequantize` to read, the adapters' recurrence, `PrecisionPolicy.choose` to pick the formats and
+`StateFormat.quantize` to store. The kernel is tested against it (``tests/kernels``). This module also holds
+what both share: the result type, the supported-case check and the Δ preprocessing. It imports torch only.
+
+Shapes (Mamba: ``units`` = channels ``D``, no ``P``; Mamba2: ``units`` = heads ``H`` of ``P`` values each)::
+
+    stored state  (batch, D, N) | (batch, H, P, N)   low copy of every unit; high copies where high_valid
+    x             (batch, D)    | (batch, H, P)      SSM input after the causal conv
+    dt            (batch, D)    | (batch, H)         Δ, or its pre-activation when dt_softplus
+    A             (D, N)        | (H,)               continuous decay rates (negative)
+    B, C          (batch, N)    | (batch, G, N)      G groups; head h reads group h // (H / G)
+    D             (D,)          | (H,)               skip connection
+    z             (batch, D)    | —                  output gate silu(z) (Mamba2 gates in its RMS norm)
+    y             like x                             output of the step, in x.dtype
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import QuantizedTensor, StateFormat
+from ..policies import EntropyThresholdPolicy, GateThresholdPolicy, PrecisionPolicy, Signals, StaticPolicy
+
+__all__ = ["StateUpdate", "delta", "state_update_reference", "unsupported_reason"]
+
+
+class StateUpdate(NamedTuple):
+    """What one decode step returns: the output and the new stored state."""
+
+    y: torch.Tensor  # like x, in x.dtype
+    low: QuantizedTensor  # every unit in policy.low
+    high: QuantizedTensor | None  # high copies, current where high_valid (None for static policies)
+    high_valid: torch.Tensor | None  # (batch, units) bool
+    gate: torch.Tensor | None  # (batch, units) fp32 gate signal, when return_gate
+
+
+def unsupported_reason(
+    policy: PrecisionPolicy,
+    low: QuantizedTensor | None,
+    high: QuantizedTensor | None,
+    A: torch.Tensor,
+    z: torch.Tensor | None,
+    group_size: int | None,
+) -> str | None:
+    """Why the fused step cannot run this case (the caller then keeps the torch path), or None if it can.
+
+    The kernel holds one unit's d_state values in one tile: N and the group size must be powers of two
+    (Triton tiles are). Budget policies store high copies in K < units slots chosen by a per-row top-k:
+    that stays on the torch path, as does Zamba's multi-head Mamba-1 (A per (head, p, n)).
+    """
+    if not isinstance(policy, (StaticPolicy, GateThresholdPolicy, EntropyThresholdPolicy)):
+        return f"{type(policy).__name__}: only static, gate and entropy threshold policies are fused"
+    if low is None:
+        return "no stored state yet (the first write comes from a prefill, on the torch path)"
+    if low.fmt != policy.low or (high is not None and high.fmt != policy.high):
+        return "stored formats differ from the policy's (re-store through the cache first)"
+    n = low.data.shape[-1] * (2 if low.fmt.name == "int4" else 1)
+    group = group_size or n
+    if {3: 2, 4: 1}.get(low.data.dim()) != A.dim():
+        return f"state of {low.data.dim()} dims with A of {A.dim()}: only Mamba (B, D, N) and Mamba2 (B, H, P, N)"
+    if z is not None and low.data.dim() == 4:
+        return "z gate on a Mamba2 state (Mamba2 gates in its RMS norm, after the update)"
+    if n < 4 or n & (n - 1) or group & (group - 1) or n % group or group < 2:
+        return f"d_state {n} / group size {group}: both must be powers of two, 2 <= group <= d_state, d_state >= 4"
+    return None
+
+
+def delta(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float]):
+    """Δ in fp32: ``clamp(softplus(dt + dt_bias))``, as Mamba's ``dt_proj`` / Mamba2's ``dt_bias`` paths make it."""
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    return dt.clamp(*dt_limit)
+
+
+def rounding_generator(device: torch.device, seed: int, step: int | torch.Tensor) -> torch.Generator:
+    """A generator for stochastic rounding that depends on (seed, step) only, so that each step differs."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + int(step)) % (2**63)
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+def read_state(low: QuantizedTensor, high: QuantizedTensor | None, high_valid: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 state a reader sees: the high copy where valid, else the low copy (as `GSQStateLayer.read_ssm`)."""
+    state = low.dequantize()
+    if high is not None and high_valid is not None:
+        valid = high_valid.view(*high_valid.shape, *([1] * (state.dim() - 2)))
+        state = torch.where(valid, high.dequantize(), state)
+    return state
+
+
+def state_update_reference(
+    low: QuantizedTensor,
+    high: QuantizedTensor | None,
+    high_valid: torch.Tensor | None,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    *,
+    policy: PrecisionPolicy,
+    group_size: int | None = None,
+    rounding: str = "nearest",
+    seed: int = 0,
+    step: int | torch.Tensor = 0,
+    row_signal: torch.Tensor | None = None,
+    return_gate: bool = False,
+    inplace: bool = False,
+) -> StateUpdate:
+    """One decode step on a stored state: read, update in fp32, choose formats, re-quantize, store.
+
+    ``policy`` decides the formats (static, gate or entropy threshold); ``row_signal`` (batch,) is the
+    entropy policy's signal (None: every row high, as before any logits). Stochastic rounding draws from a
+    generator seeded by ``(seed, step)``. With ``inplace`` the new low/high copies are written into the
+    given storage (``high_valid`` is always a new tensor). Shapes: see the module docstring.
+    """
+    reason = unsupported_reason(policy, low, high, A, z, group_size)
+    if reason is not None:
+        raise NotImplementedError(reason)
+    state = read_state(low, high, high_valid)
+    dt = delta(dt, dt_bias, dt_softplus, dt_limit)
+    xf = x.float()
+    if state.dim() == 3:  # Mamba: (batch, D, N), one decay per (channel, n)
+        dA = torch.exp(dt[..., None] * A.float())  # (batch, D, N)
+        dBx = dt[..., None] * B.float()[:, None, :] * xf[..., None]  # (batch, D, N)
+        h = dA * state + dBx
+        y = (h * C.float()[:, None, :]).sum(-1)  # (batch, D)
+        gate = 1.0 - dA.mean(dim=-1)  # (batch, D)
+        if D is not None:
+            y = y + xf * D.float()
+        if z is not None:
+            y = y * F.silu(z.float())
+    else:  # Mamba2: (batch, H, P, N), one decay per head
+        heads, groups = state.shape[1], B.shape[1]
+        dA = torch.exp(dt * A.float())  # (batch, H)
+        Bh = B.float().repeat_interleave(heads // groups, dim=1)  # (batch, H, N)
+        Ch = C.float().repeat_interleave(heads // groups, dim=1)  # (batch, H, N)
+        dBx = (dt[..., None] * xf)[..., None] * Bh[:, :, None, :]  # (batch, H, P, N)
+        h = dA[..., None, None] * state + dBx
+        y = (h * Ch[:, :, None, :]).sum(-1)  # (batch, H, P)
+        gate = 1.0 - dA  # (batch, H)
+        if D is not None:
+            y = y + xf * D.float()[:, None]
+
+    batch, units = h.shape[:2]
+    group = group_size or h.shape[-1]
+    generator = rounding_generator(h.device, seed, step) if rounding == "stochastic" else None
+    mask = policy.choose(Signals((batch, units), h.device, gate, row_signal))
+    new_low = policy.low.quantize(h, group, rounding, generator)
+    new_high = policy.high.quantize(h, group, rounding, generator) if mask is not None else None
+    if inplace:
+        new_low = _copy_into(low, new_low)
+        if new_high is not None and high is not None:
+            new_high = _copy_into(high, new_high)
+    return StateUpdate(y.to(x.dtype), new_low, new_high, mask, gate if return_gate else None)
+
+
+def _copy_into(target: QuantizedTensor, source: QuantizedTensor) -> QuantizedTensor:
+    target.data.copy_(source.data)
+    if target.scale is not None:
+        target.scale.copy_(source.scale)
+    return target
+
+
+def empty_storage(fmt: StateFormat, shape: tuple[int, ...], group_size: int, device) -> QuantizedTensor:
+    """Uninitialized storage for an fp32 state of ``shape`` in ``fmt`` (what the kernel writes into)."""
+    data_shape = (*shape[:-1], shape[-1] // 2) if fmt.name == "int4" else shape
+    scale = torch.empty(*shape[:-1], shape[-1] // group_size, device=device) if fmt.scaled else None
+    return QuantizedTensor(torch.empty(data_shape, dtype=fmt.storage_dtype, device=device), scale, fmt, group_size)
