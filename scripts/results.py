@@ -1,0 +1,323 @@
+"""The results table: every state config on reference models and datasets, decode-faithfully.
+
+    python scripts/results.py                                   # built-in model; wikitext-2, PTB, LAMBADA tests
+    python scripts/results.py --model state-spaces/mamba-130m-hf --dataset ../shared/data/ptb/ptb.test.txt \
+        --max-tokens 16384 --context 1024 --batch-size 8 --lambada-examples 500 --out docs/
+    python scripts/results.py --dataset builtin --max-tokens 4096 --out /tmp/results_check
+
+For each ``--model`` x ``--dataset`` the text is cut into windows once (`make_windows`) and every config of
+`CONFIGS` (uniform formats, then the dynamic grid) is scored on those same windows with
+`decode_faithful_perplexity`. A LAMBADA JSONL (file name starting with ``lambada``) also gets last-word
+accuracy and perplexity on its first ``--lambada-examples`` examples: context = all but the last word, the
+last word's tokens scored decode-faithfully (every state write through the config), accuracy = every target
+token is the greedy argmax, perplexity = exp(mean NLL per word) as lm-evaluation-harness reports it.
+
+Writes into ``--out``: ``results.md`` (one table per model and dataset; the command line and versions on
+top), ``results.json`` (all records), ``pareto-<model>-<dataset>.png`` (Δ perplexity vs average stored bits:
+uniform formats as `gsq_hf.plot.pareto`'s line, one line per dynamic policy family across its thresholds)
+and ``trace-<model>.png`` (the gsq-gate preset's per layer x token precision on one passage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import gsq_hf
+from gsq_hf import plot
+from gsq_hf.config import resolve_config
+from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR
+from gsq_hf.eval.data import load_model, load_text, load_tokenizer, make_windows
+from gsq_hf.eval.perplexity import NonFiniteLogitsError, decode_faithful_perplexity, full_sequence_perplexity
+from gsq_hf.eval.report import versions, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+DEFAULT_DATASETS = [str(DATA / "wikitext-2-raw" / "wiki.test.raw"), str(DATA / "ptb" / "ptb.test.txt"),
+                    str(DATA / "lambada" / "lambada_test.jsonl")]
+
+# -- the grid: (family, config). fp32 first: every Δ is relative to it. -------------------------------
+UNIFORM = "uniform"
+CONFIGS: list[tuple[str, str | dict]] = [
+    (UNIFORM, "fp32"), (UNIFORM, "bf16"), (UNIFORM, "fp16"),
+    (UNIFORM, {"name": "fp8", "policy": "static", "format": "fp8"}),
+    (UNIFORM, "int8"), (UNIFORM, "int4"),
+    *[("gate-open", {"name": f"gate-open@{t}", "policy": "gate", "low_format": "int8", "high_format": "fp16",
+                     "threshold": t, "high_when": "open"}) for t in (0.1, 0.3, 0.6)],
+    *[("gate-closed", {"name": f"gate-closed@{t}", "policy": "gate", "low_format": "int8", "high_format": "fp16",
+                       "threshold": t, "high_when": "closed"}) for t in (0.1, 0.3, 0.6)],
+    *[("entropy", {"name": f"entropy@{t}", "policy": "entropy", "low_format": "int4", "high_format": "fp16",
+                   "threshold": t}) for t in (0.25, 0.5, 0.75)],
+    *[("budget", {"name": f"budget@{f}", "policy": "budget", "low_format": "int4", "high_format": "fp16",
+                  "budget_fraction": f, "high_when": "open"}) for f in (0.1, 0.25, 0.5)],
+]
+TRACE_CONFIG = "gsq-gate"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-") or "x"
+
+
+def model_name(source: str) -> str:
+    path = Path(source)
+    return path.name if path.exists() else source.rsplit("/", 1)[-1]
+
+
+def dataset_name(source: str) -> str:
+    return "builtin" if source == "builtin" else (Path(source).stem if Path(source).exists() else source)
+
+
+def is_lambada(source: str) -> bool:
+    path = Path(source)
+    return path.suffix == ".jsonl" and path.name.lower().startswith("lambada")
+
+
+# -- LAMBADA ------------------------------------------------------------------------------------------
+def lambada_examples(path: str | Path, limit: int | None) -> list[str]:
+    texts = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            texts.append(json.loads(line)["text"])
+            if limit is not None and len(texts) >= limit:
+                break
+    return texts
+
+
+def lambada_tokens(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, last-word ids) per example; the target is the last whitespace-separated word with its
+    leading space, tokenized on its own as lm-evaluation-harness does."""
+    pairs = []
+    for text in texts:
+        context, word = text.rstrip().rsplit(" ", 1)
+        ctx = tokenizer.encode(context, add_special_tokens=False)
+        target = tokenizer.encode(" " + word, add_special_tokens=False)
+        pairs.append((ctx, target))
+    return pairs
+
+
+@torch.inference_mode()
+def lambada_score(model, pairs: list[tuple[list[int], list[int]]], config, batch_size: int = 8,
+                  pad_id: int = 0) -> dict[str, Any]:
+    """Last-word accuracy and perplexity, decode-faithfully: each batch of examples (left-aligned, padded on
+    the right) is stepped one token at a time through a fresh `GSQCache`; every policy decides per row, so a
+    row's scores do not depend on the others (padding only follows a row's last scored token)."""
+    cfg = resolve_config(config)
+    device = next(p.device for p in model.parameters())
+    correct, nlls, target_tokens = 0, [], 0
+    start = time.perf_counter()
+    with gsq_hf.patched(model, cfg):
+        for first in range(0, len(pairs), batch_size):
+            batch = pairs[first:first + batch_size]
+            rows = [ctx + tgt for ctx, tgt in batch]
+            length = max(len(r) for r in rows)
+            ids = torch.full((len(rows), length), pad_id, dtype=torch.int64)
+            for i, row in enumerate(rows):
+                ids[i, :len(row)] = torch.tensor(row)
+            ids = ids.to(device)
+            begin = torch.tensor([len(ctx) for ctx, _ in batch], device=device)   # first target position
+            end = torch.tensor([len(r) for r in rows], device=device)
+            nll = torch.zeros(len(rows), dtype=torch.float64, device=device)
+            exact = torch.ones(len(rows), dtype=torch.bool, device=device)
+            cache = gsq_hf.GSQCache(model.config, cfg)
+            last_needed = int(end.max()) - 1
+            for t in range(last_needed):
+                logits = model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits[:, -1].float()
+                scored = (begin <= t + 1) & (t + 1 < end)
+                if bool(scored.any()):
+                    target = ids[:, t + 1]
+                    step = F.cross_entropy(logits, target, reduction="none").double()
+                    nll += torch.where(scored, step, torch.zeros_like(step))
+                    exact &= ~scored | (logits.argmax(dim=-1) == target)
+            if not bool(torch.isfinite(nll).all()):
+                raise NonFiniteLogitsError(f"{cfg.name}: NaN/Inf logits on LAMBADA examples {first}..")
+            correct += int(exact.sum())
+            nlls.extend(nll.tolist())
+            target_tokens += sum(len(tgt) for _, tgt in batch)
+    mean_nll = sum(nlls) / len(nlls)
+    return {"lambada_accuracy": correct / len(pairs), "lambada_perplexity": math.exp(mean_nll),
+            "lambada_token_perplexity": math.exp(sum(nlls) / target_tokens), "lambada_examples": len(pairs),
+            "lambada_seconds": time.perf_counter() - start}
+
+
+# -- trace --------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def trace_passage(model, tokenizer, ids: torch.Tensor, config=TRACE_CONFIG):
+    """Step one passage (1-D ids) through a traced cache; the trace dict and the token strings."""
+    cfg = resolve_config(config)
+    with gsq_hf.patched(model, cfg):
+        cache = gsq_hf.GSQCache(model.config, cfg, trace=True)
+        for t in range(ids.numel()):
+            model(input_ids=ids[None, t:t + 1], cache=cache, use_cache=True)
+    trace = cache.precision_trace()
+    tokens = [tokenizer.decode([i]) for i in ids.tolist()]
+    return trace, tokens
+
+
+# -- report -------------------------------------------------------------------------------------------
+def _f(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+
+def markdown_table(records: list[dict[str, Any]], lambada: bool) -> str:
+    headers = ["config", "family", "perplexity", "word ppl", "Δ vs fp32", "avg state bits", "state B/seq"]
+    if lambada:
+        headers[4:4] = ["LAMBADA acc", "LAMBADA ppl"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+    for r in records:
+        if r.get("error"):
+            cells = [r["config"], r["family"], "FAILED"] + ["-"] * (len(headers) - 3)
+        else:
+            delta = r.get("delta_vs_fp32")
+            cells = [r["config"], r["family"], _f(r["perplexity"], ".4f"), _f(r["word_perplexity"], ".4f"),
+                     f"{100 * delta:+.3f}%" if delta is not None and math.isfinite(delta) else "-",
+                     _f(r.get("avg_state_bits"), ".2f"), _f(r.get("state_bytes"), ",.0f")]
+            if lambada:
+                cells[4:4] = [_f(r.get("lambada_accuracy"), ".4f"), _f(r.get("lambada_perplexity"), ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pareto_figure(records: list[dict[str, Any]], title: str):
+    """`gsq_hf.plot.pareto` for the uniform formats (its line), plus one line per dynamic family (pareto
+    itself draws each dynamic config as a separate point, not a family)."""
+    from matplotlib.figure import Figure
+
+    ok = [r for r in records if not r.get("error") and math.isfinite(r.get("perplexity") or math.nan)]
+    fig = Figure(figsize=(8.0, 5.0), layout="constrained")
+    ax = fig.subplots()
+    plot.pareto([r for r in ok if r["family"] == UNIFORM], x="bits", y="delta", ax=ax, title=title)
+    styles = iter([("s", "tab:orange"), ("^", "tab:green"), ("D", "tab:red"), ("v", "tab:purple"),
+                   ("P", "tab:brown"), ("X", "tab:pink")])
+    for family in dict.fromkeys(r["family"] for r in ok if r["family"] != UNIFORM):
+        points = sorted(((r["avg_state_bits"], 100 * r["delta_vs_fp32"], r["config"].split("@")[-1])
+                         for r in ok if r["family"] == family), key=lambda p: p[0])
+        marker, color = next(styles, ("o", "0.3"))
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, linestyle="--", color=color,
+                label=family, zorder=3)
+        for x, y, knob in points:
+            ax.annotate(knob, (x, y), xytext=(5, 4), textcoords="offset points", fontsize="x-small", color=color)
+    ax.set_ylabel("Δ perplexity vs fp32 (%)")
+    ax.legend(fontsize="small", loc="best")
+    return fig
+
+
+# -- main ---------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", help="model dir or Hub id (repeatable; default: built-in)")
+    parser.add_argument("--dataset", action="append",
+                        help="'builtin', a text file, a JSONL... (repeatable; default: wikitext-2, PTB, LAMBADA tests)")
+    parser.add_argument("--max-tokens", type=int, default=16384, help="tokens per dataset (default 16384)")
+    parser.add_argument("--context", type=int, default=512, help="window length (default 512)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lambada-examples", type=int, default=500, help="LAMBADA examples scored (default 500)")
+    parser.add_argument("--trace-tokens", type=int, default=64, help="tokens of the traced passage (default 64)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model weights dtype")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = args.model or [str(BUILTIN_MODEL_DIR)]
+    datasets = args.dataset or DEFAULT_DATASETS
+    command = "python scripts/results.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = versions()
+    records: list[dict[str, Any]] = []
+    references: list[dict[str, Any]] = []
+    md = ["# Results: decode-faithful perplexity of every state config", "",
+          "Generated by `scripts/results.py`; every number below is computed by it, none written by hand.", "",
+          "```", command, "```", "",
+          "Versions: " + ", ".join(f"{k} {v}" for k, v in info.items()) +
+          f"; device {args.device}, weights {args.dtype}.", "",
+          f"Windows: `--context {args.context}`, first `--max-tokens {args.max_tokens}` tokens of each dataset, "
+          f"`--batch-size {args.batch_size}`; all configs scored on the same windows. Δ is the relative perplexity "
+          "change vs fp32. avg state bits: stored bits per SSM state element (scales included); state B/seq: "
+          "SSM + conv state bytes per sequence. LAMBADA: last-word accuracy (greedy, every target token) and "
+          "perplexity exp(mean NLL per last word), on the first "
+          f"`--lambada-examples {args.lambada_examples}` examples.", ""]
+    total = len(models) * len(datasets) * len(CONFIGS)
+    bar = tqdm(total=total, desc="results", unit="config", disable=args.no_progress)
+    started = time.perf_counter()
+    for source in models:
+        name = model_name(source)
+        model = load_model(source, args.dtype, args.device)
+        tokenizer = load_tokenizer(source)
+        md += [f"## {name}", ""]
+        trace_ids = None
+        for dataset in datasets:
+            dname = dataset_name(dataset)
+            text = load_text(dataset)
+            windows = make_windows(tokenizer, text, args.context, args.max_tokens)
+            if trace_ids is None:
+                trace_ids = windows.ids[0, :args.trace_tokens]
+            lambada = is_lambada(dataset)
+            pairs = lambada_tokens(tokenizer, lambada_examples(dataset, args.lambada_examples)) if lambada else None
+            ref = full_sequence_perplexity(model, windows, batch_size=args.batch_size, progress=False)
+            references.append({"model": name, "dataset": dname, **ref.to_dict()})
+            group = []
+            for family, config in CONFIGS:
+                cfg = resolve_config(config)
+                bar.set_postfix_str(f"{name} / {dname} / {cfg.name}")
+                base = {"model": name, "dataset": dname, "family": family, "config": cfg.name,
+                        "gsq_config": cfg.to_dict(), "context": args.context, "windows": windows.ids.shape[0]}
+                try:
+                    record = {**base, **decode_faithful_perplexity(model, windows, cfg, batch_size=args.batch_size,
+                                                                   progress=False).to_dict()}
+                    record["config"] = cfg.name
+                    if lambada:
+                        record.update(lambada_score(model, pairs, cfg, args.batch_size,
+                                                    tokenizer.pad_token_id or 0))
+                except NonFiniteLogitsError as error:
+                    record = {**base, "perplexity": None, "error": str(error)}
+                group.append(record)
+                bar.update(1)
+            fp32 = next((r["perplexity"] for r in group if r["config"] == "fp32"), None)
+            for r in group:
+                ppl = r.get("perplexity")
+                r["delta_vs_fp32"] = ppl / fp32 - 1.0 if ppl is not None and fp32 else None
+            records += group
+            md += [f"### {name} — {dname}", "",
+                   f"{windows.ids.shape[0]} windows x {args.context} tokens ({windows.scored_tokens} scored). "
+                   f"Unpatched full-sequence reference perplexity: {ref.perplexity:.4f}.", "",
+                   markdown_table(group, lambada), ""]
+            fig = pareto_figure(group, f"{name} — {dname}: Δ perplexity vs stored state bits")
+            plot.save(fig, args.out / f"pareto-{slug(name)}-{slug(dname)}.png")
+            md += [f"![pareto](pareto-{slug(name)}-{slug(dname)}.png)", ""]
+        trace, tokens = trace_passage(model, tokenizer, trace_ids)
+        fig = plot.precision_trace(trace, row=0, tokens=tokens,
+                                   title=f"{name}: {TRACE_CONFIG} precision per layer x token")
+        plot.save(fig, args.out / f"trace-{slug(name)}.png")
+        md += [f"Precision trace of `{TRACE_CONFIG}` on the first {trace_ids.numel()} tokens of "
+               f"{dataset_name(datasets[0])}:", "", f"![trace](trace-{slug(name)}.png)", ""]
+    bar.close()
+    seconds = time.perf_counter() - started
+    md += [f"Total time: {seconds:.1f} s."]
+    (args.out / "results.md").write_text("\n".join(md) + "\n")
+    payload = {"command": command, "versions": info, "models": models, "datasets": datasets,
+               "context": args.context, "max_tokens": args.max_tokens, "batch_size": args.batch_size,
+               "lambada_examples": args.lambada_examples, "device": args.device, "dtype": args.dtype,
+               "seconds": seconds, "references": references, "records": records}
+    write_json(args.out / "results.json", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
