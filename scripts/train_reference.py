@@ -1,0 +1,460 @@
+"""Train a reference Mamba / Mamba2 language model on the local Wikipedia corpus.
+
+The model is a transformers ``MambaForCausalLM`` (``--family mamba``) or ``Mamba2ForCausalLM``
+(``--family mamba2``) built from a config, trained from scratch on ``../shared/data/train-corpus/``
+(English Wikipedia, WikiExtractor format; the ``<doc …>``/``</doc>`` lines are dropped) with the
+GPT-NeoX-20B tokenizer (eos ``<|endoftext|>`` = 0, pad ``<|padding|>`` = 1, ``vocab_size`` padded to 50280
+as the state-spaces/mamba-*-hf configs do). The output directory holds a ``save_pretrained`` model and
+tokenizer that ``AutoModelForCausalLM.from_pretrained(dir)`` and ``gsq-hf eval --model dir`` load.
+
+Usage, from the repository root with the package importable (``pip install -e .`` or ``PYTHONPATH=.``)::
+
+    python scripts/train_reference.py --family mamba --preset cpu --output-dir runs/mamba-cpu
+    python scripts/train_reference.py --family mamba2 --preset gpu --output-dir runs/mamba2-gpu
+    python scripts/train_reference.py --family mamba --preset cpu --output-dir runs/mamba-cpu --resume --steps 2000
+
+Presets (every value can be overridden by its flag):
+
+* ``cpu``: hidden 256, 4 layers, d_state 16, batch 8 x 256 tokens, 35 minutes (14.6M parameters, 12.9M of
+  them the tied 50280 x 256 embedding); fits <= 45 minutes on 2 cores with tokenization (~30 s for the whole
+  corpus) and evaluation. The 50k-vocabulary LM head dominates a step: measured 13-15 s a step on 2 cores
+  shared with another job (expect roughly half that on 2 free cores), i.e. a few hundred steps.
+* ``gpu``: hidden 384, 10 layers (d_state 16 for Mamba, 64 for Mamba2), batch 32 x 512, bf16 autocast,
+  7 minutes: about 29M parameters, saved in bf16 in <= 15 MB shards so that it fits what a device call returns
+  (hidden 512 x 12 would be about 46M parameters with this 50k vocabulary).
+  ``max_shard_size`` cannot split one tensor, and the tied embedding alone is 50280 x hidden x 2 bytes
+  (38.6 MB at hidden 384): on the device machine, keep the checkpoint and token cache out of ``$OUT`` and pack
+  the saved directory into <= 15 MiB parts (at most 8 files come back)::
+
+      python scripts/train_reference.py --family mamba --preset gpu --output-dir run/m \
+          --checkpoint-dir /tmp/ckpt --cache-dir /tmp/tok && tar -C run -cf - m | split -b 15m - $OUT/m.tar.part-
+      cat m.tar.part-* | tar -xf -          # back on this machine: run/m again, loadable as saved
+
+Training uses the parallel scan (``use_mambapy=True`` for Mamba; transformers' chunked torch path for
+Mamba2); the saved config has ``use_mambapy=False``. The tokenized corpus is cached (``tokens-*.pt``) in
+``--cache-dir`` (default: the output directory). A checkpoint (model, optimizer, scheduler, step, RNG states)
+is written every ``--checkpoint-every`` steps and at the end to ``<output>/checkpoint/``; ``--resume``
+continues from it up to ``--steps`` / ``--minutes`` in total. Training stops at whichever of ``--steps`` and
+``--minutes`` comes first; the warmup + cosine schedule follows whichever is further along.
+At the end the saved model is reloaded and scored on WikiText-2 raw test (token and word perplexity, a short
+token budget) with ``gsq_hf.eval.make_windows`` + ``full_sequence_perplexity``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+import torch
+import torch.nn.functional as F
+import transformers
+from tqdm import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Mamba2Config,
+    Mamba2ForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CORPUS_DIR = SHARED_DATA / "train-corpus"
+TOKENIZER_FILE = SHARED_DATA / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+WIKITEXT_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+EOS, PAD = "<|endoftext|>", "<|padding|>"
+VOCAB_SIZE = 50280  # GPT-NeoX's 50277 entries padded as in the state-spaces/mamba-*-hf configs
+WARMUP = 0.05  # fraction of training
+# The published mamba-130m WikiText-2 perplexity, printed for context. No source for it was found in the
+# offline reference material (the Mamba paper reports Pile perplexity, not WikiText-2), so none is claimed.
+PUBLISHED_MAMBA_130M_WIKITEXT2 = "not available offline"
+
+PRESETS: dict[str, dict] = {
+    "cpu": dict(hidden=256, layers=4, d_state={"mamba": 16, "mamba2": 16}, steps=100_000, minutes=35.0,
+                batch_size=8, seq_len=256, lr=3e-3, bf16=False, eval_every=25, val_tokens=8_192,
+                checkpoint_every=25, wikitext_tokens=8_192, wikitext_context=256, eval_batch_size=8),
+    "gpu": dict(hidden=384, layers=10, d_state={"mamba": 16, "mamba2": 64}, steps=100_000, minutes=7.0,
+                batch_size=32, seq_len=512, lr=2e-3, bf16=True, eval_every=100, val_tokens=65_536,
+                checkpoint_every=200, wikitext_tokens=65_536, wikitext_context=512, eval_batch_size=16),
+}
+
+
+# -- data -----------------------------------------------------------------------------------------------
+def load_tokenizer() -> PreTrainedTokenizerFast:
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE), bos_token=EOS, eos_token=EOS,
+                                  unk_token=EOS, pad_token=PAD)
+    assert tok.convert_tokens_to_ids(EOS) == 0 and tok.convert_tokens_to_ids(PAD) == 1
+    return tok
+
+
+def corpus_files(corpus: Path) -> list[Path]:
+    return sorted(f for f in corpus.rglob("*") if f.is_file() and f.name.startswith("wiki_"))
+
+
+def read_documents(corpus: Path, max_bytes: int | None) -> list[str]:
+    """Articles of the corpus in file order, ``<doc …>``/``</doc>`` lines dropped; at most ``max_bytes``."""
+    documents, current, used = [], [], 0
+    for path in corpus_files(corpus):
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if max_bytes is not None and used >= max_bytes:
+                    break
+                used += len(line.encode("utf-8"))
+                if line.startswith("<doc "):
+                    current = []
+                elif line.startswith("</doc>"):
+                    if current:
+                        documents.append("".join(current).strip())
+                    current = []
+                else:
+                    current.append(line)
+        if max_bytes is not None and used >= max_bytes:
+            break
+    if current and "".join(current).strip():
+        documents.append("".join(current).strip())
+    return documents
+
+
+def corpus_tokens(args, tokenizer) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(train ids, held-out ids, info), cached in ``args.cache_dir``.
+
+    The held-out slice is the last ``--val-fraction`` of the articles (whole articles, never trained on).
+    Articles are joined with ``<|endoftext|>``.
+    """
+    files = corpus_files(args.corpus)
+    if not files:
+        raise SystemExit(f"no wiki_* files under {args.corpus}")
+    key = hashlib.sha256(json.dumps({
+        "files": [(str(f.relative_to(args.corpus)), f.stat().st_size) for f in files],
+        "max_bytes": args.max_corpus_bytes, "val_fraction": args.val_fraction,
+        "tokenizer": TOKENIZER_FILE.stat().st_size, "version": 1,
+    }).encode()).hexdigest()[:16]
+    cache = args.cache_dir / f"tokens-{key}.pt"
+    if cache.exists():
+        data = torch.load(cache)
+        print(f"tokenized corpus from cache {cache}")
+        return data["train"], data["val"], data["info"]
+    t0 = time.perf_counter()
+    documents = read_documents(args.corpus, args.max_corpus_bytes)
+    n_val = max(1, round(len(documents) * args.val_fraction))
+    if len(documents) < 2:
+        raise SystemExit("the corpus slice holds fewer than 2 articles; raise --max-corpus-bytes")
+    backend = tokenizer.backend_tokenizer
+
+    def encode(docs: list[str]) -> torch.Tensor:
+        parts = []
+        for i in tqdm(range(0, len(docs), 512), desc="tokenize", unit="512 docs", leave=False):
+            for enc in backend.encode_batch(docs[i:i + 512], add_special_tokens=False):
+                parts.append(np.asarray(enc.ids + [0], dtype=np.int32))
+        return torch.from_numpy(np.concatenate(parts))
+
+    train, val = encode(documents[:-n_val]), encode(documents[-n_val:])
+    info = {"articles": len(documents), "heldout_articles": n_val, "train_tokens": len(train),
+            "heldout_tokens": len(val), "max_corpus_bytes": args.max_corpus_bytes,
+            "tokenize_s": round(time.perf_counter() - t0, 1)}
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"train": train, "val": val, "info": info}, cache)
+    print(f"tokenized {len(documents):,} articles in {info['tokenize_s']} s -> {cache}")
+    return train, val, info
+
+
+# -- model ----------------------------------------------------------------------------------------------
+def build_model(args) -> torch.nn.Module:
+    common = dict(vocab_size=VOCAB_SIZE, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                  state_size=args.d_state, expand=2, tie_word_embeddings=True,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    if args.family == "mamba":
+        config = MambaConfig(**common, use_mambapy=True)  # parallel scan for training; off when saved
+        return MambaForCausalLM(config)
+    d_inner = 2 * args.hidden
+    head_dim = 64
+    while d_inner % head_dim:
+        head_dim //= 2
+    config = Mamba2Config(**common, head_dim=head_dim, num_heads=d_inner // head_dim, n_groups=1,
+                          chunk_size=min(256, args.seq_len))
+    return Mamba2ForCausalLM(config)
+
+
+class WarmupCosine:
+    """Linear warmup over the first ``WARMUP`` of training, then cosine decay to 10% of the peak lr."""
+
+    def __init__(self, optimizer, lr: float, floor: float = 0.1):
+        self.optimizer, self.lr, self.floor, self.progress = optimizer, lr, floor, 0.0
+
+    def factor(self, progress: float) -> float:
+        if progress < WARMUP:
+            return progress / WARMUP
+        x = min(1.0, (progress - WARMUP) / (1 - WARMUP))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * x))
+
+    def step(self, progress: float) -> float:
+        self.progress = progress
+        lr = self.lr * self.factor(progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "floor": self.floor, "progress": self.progress}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.progress = state["progress"]  # lr/floor come from this run's flags
+
+
+@torch.no_grad()
+def heldout_loss(model, ids: torch.Tensor, window: int, batch_size: int, device, bf16: bool) -> float:
+    """Mean next-token loss over non-overlapping windows of the held-out ids (each from an empty state)."""
+    was_training = model.training
+    model.eval()
+    n = len(ids) // window
+    total, count = 0.0, 0
+    for x in ids[: n * window].view(n, window).long().split(batch_size):
+        x = x.to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum").item()
+        count += x[:, 1:].numel()
+    model.train(was_training)
+    return total / count
+
+
+# -- checkpoint -----------------------------------------------------------------------------------------
+def rng_states(generator: torch.Generator) -> dict:
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+              "data": generator.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    generator.set_state(states["data"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, generator, state: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "checkpoint.pt.tmp"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng_states(generator), **state}, tmp)
+    tmp.replace(path / "checkpoint.pt")
+
+
+# -- main -----------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", choices=["mamba", "mamba2"], default="mamba")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--cache-dir", type=Path, default=None, help="where the tokenized corpus is cached "
+                   "(default: the output directory)")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="where the resumable checkpoint goes "
+                   "(default: <output-dir>/checkpoint)")
+    p.add_argument("--corpus", type=Path, default=CORPUS_DIR)
+    p.add_argument("--max-corpus-bytes", type=int, default=None, help="read only this many bytes of the corpus")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="last fraction of articles held out")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--d-state", type=int)
+    p.add_argument("--steps", type=int, help="total optimizer steps (upper bound with --minutes)")
+    p.add_argument("--minutes", type=float, help="total wall-clock cap on the training loop (0: none)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (gpu preset)")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--val-tokens", type=int, help="held-out tokens scored at each evaluation")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--wikitext-tokens", type=int, help="WikiText-2 test tokens scored at the end (0: skip)")
+    p.add_argument("--wikitext-context", type=int)
+    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint/")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    for name, value in preset.items():
+        if name == "d_state":
+            value = value[args.family]
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if args.cache_dir is None:
+        args.cache_dir = args.output_dir
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = load_tokenizer()
+    train_ids, val_ids, corpus_info = corpus_tokens(args, tokenizer)
+    if len(train_ids) <= args.seq_len:
+        raise SystemExit(f"only {len(train_ids)} training tokens for seq len {args.seq_len}; raise --max-corpus-bytes")
+    val_ids = val_ids[: args.val_tokens]
+    val_window = min(args.seq_len, len(val_ids))
+
+    model = build_model(args).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    params = list(model.named_parameters())
+    decay = [p for n, p in params if p.ndim >= 2 and "A_log" not in n and "embed" not in n]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and "A_log" not in n and "embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    scheduler = WarmupCosine(optimizer, args.lr)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    ckpt_dir = args.checkpoint_dir or args.output_dir / "checkpoint"
+    step, elapsed, losses, history, commands = 0, 0.0, [], [], []
+    if args.resume:
+        if not (ckpt_dir / "checkpoint.pt").exists():
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_dir / 'checkpoint.pt'}")
+        ckpt = torch.load(ckpt_dir / "checkpoint.pt", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_states(ckpt["rng"], generator)
+        step, elapsed = ckpt["step"], ckpt["train_time_s"]
+        losses, history, commands = ckpt["losses"], ckpt["history"], ckpt["commands"]
+        print(f"resumed from step {step} ({elapsed:.0f} s trained)")
+    commands.append(shlex.join(["python", *sys.argv]))
+    print(f"{args.family}: {n_params:,} parameters, hidden {args.hidden} x {args.layers} layers, d_state "
+          f"{args.d_state}; train tokens {len(train_ids):,}, held-out tokens {len(val_ids):,}; device {device}")
+
+    budget_s = args.minutes * 60 if args.minutes else math.inf
+
+    def progress(extra_step: int = 0) -> float:
+        return max((step + extra_step) / args.steps, (elapsed + time.perf_counter() - t_loop) / budget_s)
+
+    def state() -> dict:
+        return {"step": step, "train_time_s": elapsed + time.perf_counter() - t_loop, "losses": losses,
+                "history": history, "commands": commands, "args": {k: str(v) for k, v in vars(args).items()}}
+
+    model.train()
+    t_loop = time.perf_counter()
+    bar = tqdm(total=args.steps, initial=step, desc=f"train {args.family}", unit="step", disable=args.no_progress)
+    while progress() < 1:
+        lr = scheduler.step(progress(1))
+        starts = torch.randint(len(train_ids) - args.seq_len, (args.batch_size,), generator=generator)
+        x = torch.stack([train_ids[s: s + args.seq_len + 1] for s in starts]).long().to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            logits = model(input_ids=x[:, :-1], use_cache=False).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        losses.append(round(loss.item(), 4))
+        bar.update()
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.1e}")
+        if step % args.eval_every == 0 or progress() >= 1:
+            recent = losses[-args.eval_every:]
+            val = heldout_loss(model, val_ids, val_window, args.eval_batch_size, device, args.bf16)
+            history.append({"step": step, "train_loss": round(sum(recent) / len(recent), 4),
+                            "heldout_loss": round(val, 4), "heldout_ppl": round(math.exp(val), 2),
+                            "time_s": round(state()["train_time_s"], 1)})
+            bar.write(f"step {step}: train loss {history[-1]['train_loss']:.3f}, held-out loss {val:.3f} "
+                      f"(ppl {math.exp(val):.1f})")
+        if step % args.checkpoint_every == 0:
+            save_checkpoint(ckpt_dir, model, optimizer, scheduler, generator, state())
+    bar.close()
+    final_state = state()
+    save_checkpoint(ckpt_dir, model, optimizer, scheduler, generator, final_state)
+    train_time = final_state["train_time_s"]
+
+    out = args.output_dir
+    model.config.use_mambapy = False  # saved with the sequential scan (the default inference path)
+    save_kwargs = {}
+    if args.bf16:
+        model.to(torch.bfloat16)
+        save_kwargs["max_shard_size"] = "15MB"  # each file <= 16 MiB, so they come back from a device call
+    model.save_pretrained(out, **save_kwargs)
+    for f in out.glob("model*.safetensors"):
+        f.chmod(0o644)
+    tokenizer.save_pretrained(out)
+    del model, optimizer
+
+    # Final numbers come from the saved files, loaded the way `gsq-hf eval` loads them.
+    wikitext = None
+    if args.wikitext_tokens:
+        from gsq_hf.eval import full_sequence_perplexity, make_windows
+
+        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
+        reloaded_tok = AutoTokenizer.from_pretrained(out)
+        windows = make_windows(reloaded_tok, WIKITEXT_TEST.read_text(encoding="utf-8"), args.wikitext_context,
+                               max_tokens=args.wikitext_tokens)
+        result = full_sequence_perplexity(reloaded, windows, batch_size=args.eval_batch_size,
+                                          progress=not args.no_progress)
+        wikitext = {"file": "shared/data/wikitext-2-raw/wiki.test.raw", "max_tokens": args.wikitext_tokens,
+                    "context": args.wikitext_context, "windows": windows.ids.shape[0],
+                    "scored_tokens": result.tokens, "scored_words": result.words,
+                    "method": "gsq_hf.eval.make_windows + full_sequence_perplexity (non-overlapping windows, each "
+                              "from an empty state, first token context only), fp32, sequential scan",
+                    "token_perplexity": round(result.perplexity, 2),
+                    "word_perplexity": round(result.word_perplexity, 2),
+                    "published_mamba_130m_wikitext2": PUBLISHED_MAMBA_130M_WIKITEXT2}
+
+    recent = losses[-50:]
+    info = {
+        "model": "MambaForCausalLM" if args.family == "mamba" else "Mamba2ForCausalLM",
+        "family": args.family, "preset": args.preset, "parameters": n_params, "vocab_size": VOCAB_SIZE,
+        "hidden_size": args.hidden, "num_hidden_layers": args.layers, "state_size": args.d_state,
+        "tokenizer": "GPT-NeoX-20B (shared/data/tokenizers/gpt-neox-20b/tokenizer.json)",
+        "steps": step, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "tokens_seen": step * args.batch_size * args.seq_len, "lr": args.lr, "weight_decay": args.weight_decay,
+        "bf16_autocast": args.bf16, "saved_dtype": "bfloat16" if args.bf16 else "float32",
+        "seed": args.seed, "device": str(device), "threads": torch.get_num_threads(),
+        "train_time_s": round(train_time, 1), "wall_time_s_this_run": round(time.perf_counter() - t_start, 1),
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last_50_steps": round(sum(recent) / len(recent), 4) if recent else None,
+        "corpus": {"path": "shared/data/train-corpus (English Wikipedia, <doc> lines dropped)", **corpus_info,
+                   "heldout_tokens_scored": len(val_ids)},
+        "history": history, "train_losses": losses, "wikitext2_test": wikitext,
+        "command": commands[-1], "commands": commands,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+    }
+    (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    summary = {k: info[k] for k in ("model", "parameters", "steps", "tokens_seen", "train_time_s",
+                                    "train_loss_first", "train_loss_last_50_steps")}
+    print(json.dumps(summary, indent=2))
+    if history:
+        print(f"held-out loss {history[0]['heldout_loss']} (step {history[0]['step']}) -> "
+              f"{history[-1]['heldout_loss']} (step {history[-1]['step']})")
+    if wikitext:
+        print(f"WikiText-2 raw test ({wikitext['scored_tokens']} tokens, context {wikitext['context']}): "
+              f"token perplexity {wikitext['token_perplexity']}, word perplexity {wikitext['word_perplexity']}; "
+              f"published mamba-130m WikiText-2: {PUBLISHED_MAMBA_130M_WIKITEXT2}")
+
+
+if __name__ == "__main__":
+    main()
