@@ -184,10 +184,9 @@ class _GSQStateMixin:
         # the low format's per-group scales are NaN/Inf exactly when a group is; unscaled formats need a sum
         probe = low.scale if low.scale is not None else state.sum()
         if not bool(torch.isfinite(probe).all()):  # the per-unit check runs only if this fails
-            fallback_mask = ~torch.isfinite(state).flatten(2).all(dim=-1)  # (batch, units)
-            fallback = state.clone()
-        if fallback_mask is not None and not bool(fallback_mask.any()):
-            fallback = fallback_mask = None  # the sum overflowed; every unit is finite
+            nonfinite = ~torch.isfinite(state).flatten(2).all(dim=-1)  # (batch, units)
+            if bool(nonfinite.any()):  # else only the sum overflowed: every unit is finite
+                fallback, fallback_mask = state.clone(), nonfinite
         if fallback_mask is not None:
             warnings.warn(
                 f"gsq_hf: non-finite SSM state in layer {cache.layer_index(self)}; those units are kept in fp32 "

@@ -28,6 +28,19 @@ def model(family):
 
 
 @pytest.fixture(autouse=True)
+def _restore_library_logging():
+    """``gsq-hf`` quiets transformers/datasets for its process; give the next test their defaults back."""
+    import datasets
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    yield
+    transformers.logging.set_verbosity(verbosity)
+    transformers.logging.enable_progress_bar()
+    datasets.enable_progress_bars()
+
+
+@pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():
         yield

@@ -95,19 +95,6 @@ def test_4bit_on_cpu(saved):
 
 
 # -- the CLI ------------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _restore_library_logging():
-    """``main`` quiets transformers/datasets for its process; give other tests their defaults back."""
-    import datasets
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    yield
-    transformers.logging.set_verbosity(verbosity)
-    transformers.logging.enable_progress_bar()
-    datasets.enable_progress_bars()
-
-
 @pytest.fixture(scope="module")
 def cli_model(tmp_path_factory):
     from test_cli import WORDS, _save  # a tiny model saved with a word-level tokenizer

@@ -44,28 +44,6 @@ def text_file(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two cores are shared with other jobs: tiny models gain nothing from intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _restore_library_logging():
-    """``main`` quiets transformers/datasets for its process; give other tests their defaults back."""
-    import datasets
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    yield
-    transformers.logging.set_verbosity(verbosity)
-    transformers.logging.enable_progress_bar()
-    datasets.enable_progress_bars()
-
-
 @pytest.fixture
 def offline_hub(monkeypatch):
     """Hub access fails at once, as with no network but without huggingface_hub's ~25 s of retries."""
@@ -131,7 +109,7 @@ def test_builtin_default(tmp_path, capsys):
 
 
 def test_memory_command(model_dir, text_file, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the worker processes, as _one_thread does here
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the worker processes, as tests/conftest.py does here
     out = tmp_path / "memory.json"
     code = main(["memory", "--model", model_dir, "--dataset", text_file, "--config", "int8", "--batch-size", "2",
                  "--new-tokens", "4", "--prompt-tokens", "8", "--json", str(out), "--quiet"])

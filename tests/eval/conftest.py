@@ -11,20 +11,10 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from evalkit import word_text, word_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread():
-    """Two cores are shared with other jobs: tiny models gain nothing from intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
