@@ -96,6 +96,7 @@ class _GSQStateMixin:
         self.unit_writes: dict[str, torch.Tensor | int] = {f.name: 0 for f in formats} | {FALLBACK: 0}
         self.stored_bits = 0.0  # sum over writes of bits stored (payload + scales), as a tensor once written
         self.stored_elements = 0
+        self.writes = 0  # SSM writes so far: the step counter of the fused kernel's stochastic rounding
         self.last_step_bytes: torch.Tensor | int = 0
         self._last_unit_bytes: torch.Tensor | int = 0
         self.ssm_shape: tuple[int, ...] | None = None
@@ -196,12 +197,25 @@ class _GSQStateMixin:
             )
         self.storage = replace(self.storage, low=low, high=high, slot_units=slot_units, high_valid=high_valid,
                                fallback=fallback, fallback_mask=fallback_mask)
+        self._written(tuple(state.shape), group, gate, slot_units, high_valid, fallback_mask, state.device)
+        return self.read_ssm() if read_back else None
+
+    def store_update(self, low: QuantizedTensor, high: QuantizedTensor | None, high_valid: torch.Tensor | None,
+                     gate: torch.Tensor | None) -> None:
+        """Store a decode step the fused kernel computed (`gsq_hf.kernels.state_update`): same statistics as
+        `write_ssm`; the caller has checked the step's output for NaN/Inf (else it takes the torch path)."""
+        self.storage = replace(self.storage, low=low, high=high, slot_units=None, high_valid=high_valid,
+                               fallback=None, fallback_mask=None)
+        shape = (*low.data.shape[:-1], low.data.shape[-1] * (2 if low.fmt.name == "int4" else 1))
+        self._written(shape, low.group_size, gate, None, high_valid, None, low.data.device)
+
+    def _written(self, shape, group, gate, slot_units, high_valid, fallback_mask, device) -> None:
         self.has_previous_state[0] = True
         self.last_gate = gate
-        self._count(state, group, high_valid, fallback_mask)
+        self.writes += 1
+        self._count(shape, group, high_valid, fallback_mask)
         if self.tracing:
-            self._trace(batch, units, slot_units, high_valid, fallback_mask, state.device)
-        return self.read_ssm() if read_back else None
+            self._trace(shape[0], shape[1], slot_units, high_valid, fallback_mask, device)
 
     def _trace(self, batch, units, slot_units, high_valid, fallback_mask, device) -> None:
         """Log which format each unit of this write is read from (opt-in; kept on ``device``: no host sync)."""
@@ -216,11 +230,11 @@ class _GSQStateMixin:
         if self.tracing == 2:
             self.trace_units.append(ids)
 
-    def _count(self, state, group, high_valid, fallback_mask) -> None:
+    def _count(self, shape, group, high_valid, fallback_mask) -> None:
         """Accumulate write statistics as device tensors (no host sync on the hot path)."""
         policy = self._cache.policy
-        batch, units = state.shape[:2]
-        unit_elems = math.prod(state.shape[2:])
+        batch, units = shape[:2]
+        unit_elems = math.prod(shape[2:])
         total = batch * units
         n_high = high_valid.sum() if high_valid is not None else 0
         n_fallback = fallback_mask.sum() if fallback_mask is not None else 0
@@ -230,7 +244,7 @@ class _GSQStateMixin:
             counts[policy.high.name] = n_high
         per_unit_bytes = {f.name: f.nbytes(unit_elems, group) for f in policy.formats} | {FALLBACK: 4 * unit_elems}
         bits = sum(counts[name] * per_unit_bytes[name] * 8 for name in counts)
-        previous_bytes = self._last_unit_bytes if self.ssm_shape == tuple(state.shape) else 0
+        previous_bytes = self._last_unit_bytes if self.ssm_shape == shape else 0
         written = sum(counts[name] * per_unit_bytes[name] for name in counts)
         for name, count in counts.items():
             self.unit_writes[name] = self.unit_writes[name] + count
@@ -238,7 +252,7 @@ class _GSQStateMixin:
         self.stored_elements += total * unit_elems
         self.last_step_bytes = previous_bytes + written
         self._last_unit_bytes = written
-        self.ssm_shape = tuple(state.shape)
+        self.ssm_shape = shape
 
     # -- transformers cache-layer protocol -------------------------------------------------------------
     def lazy_initialization(self, *args, **kwargs) -> None:  # storage is created on the first write

@@ -24,6 +24,7 @@ __all__ = ["GSQConfig", "list_presets", "resolve_config"]
 WRITE_MODES = ("every_step", "end_of_forward")
 HIGH_WHEN = ("open", "closed")
 ENTROPY_SIGNALS = ("entropy", "surprisal")
+KERNELS = ("auto", "triton", "torch")
 CONFIG_FILENAME = "gsq_config.json"
 
 
@@ -53,6 +54,9 @@ class GSQConfig:
     rounding: str = field(default="nearest", metadata={"help": "nearest | stochastic"})
     seed: int = field(default=0, metadata={"help": "seed of stochastic rounding"})
     write_mode: str = field(default="every_step", metadata={"help": "every_step | end_of_forward"})
+    kernel: str = field(default="auto", metadata={
+        "help": "decode-step state update: 'auto' = the fused Triton kernel on CUDA, torch elsewhere; "
+                "'triton' = the kernel wherever it runs (CPU only under TRITON_INTERPRET=1); 'torch' = never"})
 
     def __post_init__(self) -> None:
         _choice("policy", self.policy, tuple(POLICIES))
@@ -63,6 +67,7 @@ class GSQConfig:
         _choice("write_mode", self.write_mode, WRITE_MODES)
         _choice("high_when", self.high_when, HIGH_WHEN)
         _choice("entropy_signal", self.entropy_signal, ENTROPY_SIGNALS)
+        _choice("kernel", self.kernel, KERNELS)
         if not isinstance(self.threshold, (int, float)) or not 0.0 <= self.threshold <= 1.0:
             raise GSQConfigError(f"GSQConfig.threshold={self.threshold!r} must be a number in [0, 1]")
         if not isinstance(self.budget_fraction, (int, float)) or not 0.0 <= self.budget_fraction <= 1.0:

@@ -61,6 +61,10 @@ class MambaAdapter(MixerAdapter):
         x = apply_padding_mask(x.transpose(1, 2), attention_mask)  # (B, T, D)
         x, dt, B, C = self.ssm_inputs(mixer, x)
         A = -torch.exp(mixer.A_log.float())  # (*S, N)
+        if x.shape[1] == 1:
+            y = self.fused_step(layer, x[:, 0], dt[:, 0], A, B[:, 0, 0], C[:, 0], mixer.D, z[..., 0], conv_history)
+            if y is not None:
+                return mixer.out_proj(y[:, None].to(dtype))
         dA = torch.exp(dt[..., None] * A)  # (B, T, *S, N)
         dBx = dt[..., None] * B.float() * x[..., None].float()  # (B, T, *S, N)
         gate = 1.0 - dA.flatten(3).mean(dim=-1) if layer.cache.policy.uses_gate else None  # (B, T, S[0])
