@@ -19,15 +19,16 @@ Presets (every value can be overridden by its flag):
   them the tied 50280 x 256 embedding); fits <= 45 minutes on 2 cores with tokenization (~30 s for the whole
   corpus) and evaluation. The 50k-vocabulary LM head dominates a step: measured 13-15 s a step on 2 cores
   shared with another job (expect roughly half that on 2 free cores), i.e. a few hundred steps.
-* ``gpu``: hidden 384, 10 layers (d_state 16 for Mamba, 64 for Mamba2), batch 32 x 512, bf16 autocast,
-  7 minutes: about 29M parameters, saved in bf16 in <= 15 MB shards so that it fits what a device call returns
-  (hidden 512 x 12 would be about 46M parameters with this 50k vocabulary).
-  ``max_shard_size`` cannot split one tensor, and the tied embedding alone is 50280 x hidden x 2 bytes
-  (38.6 MB at hidden 384): on the device machine, keep the checkpoint and token cache out of ``$OUT`` and pack
-  the saved directory into <= 15 MiB parts (at most 8 files come back)::
+* ``gpu``: hidden 384, 8 layers (d_state 16 for Mamba, 64 for Mamba2), batch 32 x 512, bf16 autocast,
+  4.5 minutes: 27.0M parameters (51.5 MiB in bf16), the largest that comes back from one device call
+  (<= 64 MiB in <= 8 files of <= 16 MiB; hidden 512 x 12 would be about 46M parameters with this vocabulary).
+  The machine has no corpus: tokenize here once (any run writes ``tokens-*.pt`` into ``--cache-dir``), carry
+  that file and the tokenizer/WikiText files (``--data-dir``), and train with ``--tokens``. The tied
+  embedding alone is 50280 x hidden x 2 bytes (38.6 MB), one tensor that ``max_shard_size`` cannot split:
+  pack the saved directory into <= 15 MiB parts::
 
-      python scripts/train_reference.py --family mamba --preset gpu --output-dir run/m \
-          --checkpoint-dir /tmp/ckpt --cache-dir /tmp/tok && tar -C run -cf - m | split -b 15m - $OUT/m.tar.part-
+      python scripts/train_reference.py --family mamba --preset gpu --output-dir run/m --data-dir gpu_data \
+          --tokens gpu_data/tokens.pt --checkpoint-dir /tmp/ckpt && tar -C run -cf - m | split -b 15m - $OUT/m.tar.part-
       cat m.tar.part-* | tar -xf -          # back on this machine: run/m again, loadable as saved
 
 Training uses the parallel scan (``use_mambapy=True`` for Mamba; transformers' chunked torch path for
@@ -72,9 +73,8 @@ from transformers import (
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-CORPUS_DIR = SHARED_DATA / "train-corpus"
-TOKENIZER_FILE = SHARED_DATA / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
-WIKITEXT_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+TOKENIZER_FILE = Path("tokenizers") / "gpt-neox-20b" / "tokenizer.json"  # under --data-dir
+WIKITEXT_TEST = Path("wikitext-2-raw") / "wiki.test.raw"
 EOS, PAD = "<|endoftext|>", "<|padding|>"
 VOCAB_SIZE = 50280  # GPT-NeoX's 50277 entries padded as in the state-spaces/mamba-*-hf configs
 WARMUP = 0.05  # fraction of training
@@ -86,15 +86,15 @@ PRESETS: dict[str, dict] = {
     "cpu": dict(hidden=256, layers=4, d_state={"mamba": 16, "mamba2": 16}, steps=100_000, minutes=35.0,
                 batch_size=8, seq_len=256, lr=3e-3, bf16=False, eval_every=25, val_tokens=8_192,
                 checkpoint_every=25, wikitext_tokens=8_192, wikitext_context=256, eval_batch_size=8),
-    "gpu": dict(hidden=384, layers=10, d_state={"mamba": 16, "mamba2": 64}, steps=100_000, minutes=7.0,
+    "gpu": dict(hidden=384, layers=8, d_state={"mamba": 16, "mamba2": 64}, steps=100_000, minutes=4.5,
                 batch_size=32, seq_len=512, lr=2e-3, bf16=True, eval_every=100, val_tokens=65_536,
                 checkpoint_every=200, wikitext_tokens=65_536, wikitext_context=512, eval_batch_size=16),
 }
 
 
 # -- data -----------------------------------------------------------------------------------------------
-def load_tokenizer() -> PreTrainedTokenizerFast:
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE), bos_token=EOS, eos_token=EOS,
+def load_tokenizer(tokenizer_file: Path) -> PreTrainedTokenizerFast:
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), bos_token=EOS, eos_token=EOS,
                                   unk_token=EOS, pad_token=PAD)
     assert tok.convert_tokens_to_ids(EOS) == 0 and tok.convert_tokens_to_ids(PAD) == 1
     return tok
@@ -134,19 +134,23 @@ def corpus_tokens(args, tokenizer) -> tuple[torch.Tensor, torch.Tensor, dict]:
     The held-out slice is the last ``--val-fraction`` of the articles (whole articles, never trained on).
     Articles are joined with ``<|endoftext|>``.
     """
+    if args.tokens is not None:
+        data = torch.load(args.tokens, weights_only=False)
+        print(f"tokenized corpus from {args.tokens}")
+        return _ids(data["train"]), _ids(data["val"]), data["info"]
     files = corpus_files(args.corpus)
     if not files:
         raise SystemExit(f"no wiki_* files under {args.corpus}")
     key = hashlib.sha256(json.dumps({
         "files": [(str(f.relative_to(args.corpus)), f.stat().st_size) for f in files],
         "max_bytes": args.max_corpus_bytes, "val_fraction": args.val_fraction,
-        "tokenizer": TOKENIZER_FILE.stat().st_size, "version": 1,
+        "tokenizer": args.tokenizer_file.stat().st_size, "version": 2,
     }).encode()).hexdigest()[:16]
     cache = args.cache_dir / f"tokens-{key}.pt"
     if cache.exists():
-        data = torch.load(cache)
+        data = torch.load(cache, weights_only=False)
         print(f"tokenized corpus from cache {cache}")
-        return data["train"], data["val"], data["info"]
+        return _ids(data["train"]), _ids(data["val"]), data["info"]
     t0 = time.perf_counter()
     documents = read_documents(args.corpus, args.max_corpus_bytes)
     n_val = max(1, round(len(documents) * args.val_fraction))
@@ -158,17 +162,21 @@ def corpus_tokens(args, tokenizer) -> tuple[torch.Tensor, torch.Tensor, dict]:
         parts = []
         for i in tqdm(range(0, len(docs), 512), desc="tokenize", unit="512 docs", leave=False):
             for enc in backend.encode_batch(docs[i:i + 512], add_special_tokens=False):
-                parts.append(np.asarray(enc.ids + [0], dtype=np.int32))
-        return torch.from_numpy(np.concatenate(parts))
+                parts.append(np.asarray(enc.ids + [0], dtype=np.uint16))  # vocabulary < 65536
+        return np.concatenate(parts)
 
     train, val = encode(documents[:-n_val]), encode(documents[-n_val:])
     info = {"articles": len(documents), "heldout_articles": n_val, "train_tokens": len(train),
             "heldout_tokens": len(val), "max_corpus_bytes": args.max_corpus_bytes,
             "tokenize_s": round(time.perf_counter() - t0, 1)}
     args.cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"train": train, "val": val, "info": info}, cache)
+    torch.save({"train": train, "val": val, "info": info}, cache)  # uint16: half the bytes to carry to a GPU
     print(f"tokenized {len(documents):,} articles in {info['tokenize_s']} s -> {cache}")
-    return train, val, info
+    return _ids(train), _ids(val), info
+
+
+def _ids(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(array.astype(np.int32))
 
 
 # -- model ----------------------------------------------------------------------------------------------
@@ -267,7 +275,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: the output directory)")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="where the resumable checkpoint goes "
                    "(default: <output-dir>/checkpoint)")
-    p.add_argument("--corpus", type=Path, default=CORPUS_DIR)
+    p.add_argument("--data-dir", type=Path, default=SHARED_DATA, help="holds train-corpus/, "
+                   "tokenizers/gpt-neox-20b/tokenizer.json and wikitext-2-raw/wiki.test.raw (default ../shared/data)")
+    p.add_argument("--corpus", type=Path, default=None, help="default: <data-dir>/train-corpus")
+    p.add_argument("--tokens", type=Path, default=None, help="a tokens-*.pt cache written by an earlier run: "
+                   "train from it without the corpus (e.g. on a GPU machine the corpus is not copied to)")
     p.add_argument("--max-corpus-bytes", type=int, default=None, help="read only this many bytes of the corpus")
     p.add_argument("--val-fraction", type=float, default=0.01, help="last fraction of articles held out")
     p.add_argument("--hidden", type=int)
@@ -292,6 +304,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint/")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    args.corpus = args.corpus or args.data_dir / "train-corpus"
+    args.tokenizer_file = args.data_dir / TOKENIZER_FILE
     preset = PRESETS[args.preset]
     for name, value in preset.items():
         if name == "d_state":
@@ -315,7 +329,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(args.tokenizer_file)
     train_ids, val_ids, corpus_info = corpus_tokens(args, tokenizer)
     if len(train_ids) <= args.seq_len:
         raise SystemExit(f"only {len(train_ids)} training tokens for seq len {args.seq_len}; raise --max-corpus-bytes")
@@ -410,8 +424,8 @@ def main(argv=None) -> None:
 
         reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
         reloaded_tok = AutoTokenizer.from_pretrained(out)
-        windows = make_windows(reloaded_tok, WIKITEXT_TEST.read_text(encoding="utf-8"), args.wikitext_context,
-                               max_tokens=args.wikitext_tokens)
+        text = (args.data_dir / WIKITEXT_TEST).read_text(encoding="utf-8")
+        windows = make_windows(reloaded_tok, text, args.wikitext_context, max_tokens=args.wikitext_tokens)
         result = full_sequence_perplexity(reloaded, windows, batch_size=args.eval_batch_size,
                                           progress=not args.no_progress)
         wikitext = {"file": "shared/data/wikitext-2-raw/wiki.test.raw", "max_tokens": args.wikitext_tokens,

@@ -1,7 +1,7 @@
 """The adapters' decode steps dispatch to the fused Triton kernel (here through Triton's interpreter on CPU).
 
 ``GSQConfig.kernel='triton'`` forces the kernel on CPU tensors so that the dispatch itself is tested in CI;
-on CUDA ``auto`` takes the same path. The kernel and the torch path must agree in kind: the same stored
+on a GPU machine the same tests run on CUDA tensors, where ``auto`` takes the same path. The kernel and the torch path must agree in kind: the same stored
 formats, the same policy decisions, logits within rounding (the kernel rounds with a reciprocal scale and
 sums in another order; see `gsq_hf.kernels.state_update`).
 """
@@ -16,7 +16,8 @@ import gsq_hf.kernels.state_update as kernel_module
 from gsq_hf import GSQCache, GSQConfig
 from gsq_hf.errors import GSQConfigError
 
-PROMPT = torch.tensor([[5, 9, 3, 17, 2, 8], [4, 4, 11, 30, 7, 1]])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PROMPT = torch.tensor([[5, 9, 3, 17, 2, 8], [4, 4, 11, 30, 7, 1]], device=DEVICE)
 CONFIGS = {
     "fp32": dict(policy="static", format="fp32"),
     "int8": dict(policy="static", format="int8"),
@@ -28,6 +29,11 @@ CONFIGS = {
 # |kernel - torch| of the logits, relative to their scale: fp32 differs by summation order only; a quantized
 # state can move one code at a rounding tie (the reciprocal scale), i.e. about one quantization step.
 TOLERANCE = {"fp32": 1e-5, "int8": 2e-3, "int4": 2e-2, "gate-open": 2e-3, "gate-closed": 2e-2, "entropy": 2e-2}
+
+
+@pytest.fixture
+def model(model):
+    return model.to(DEVICE)
 
 
 @pytest.fixture
@@ -97,8 +103,9 @@ def test_budget_policy_and_auto_on_cpu_take_the_torch_path(model, kernel_calls):
     gsq_hf.patch(model)
     with torch.no_grad():
         decode(model, dict(policy="budget", low_format="int4", high_format="fp16", kernel="triton"), steps=2)
-        decode(model, dict(policy="static", format="int8", kernel="auto"), steps=2)  # CPU tensors
-    assert not kernel_calls
+        assert not kernel_calls
+        decode(model, dict(policy="static", format="int8", kernel="auto"), steps=2)
+    assert len(kernel_calls) == (2 * 2 if DEVICE == "cuda" else 0)  # auto: the kernel on CUDA tensors only
 
 
 def test_nonfinite_step_is_redone_on_the_torch_path(model, monkeypatch):
@@ -118,7 +125,8 @@ def test_nonfinite_step_is_redone_on_the_torch_path(model, monkeypatch):
 
 
 def test_forced_kernel_on_cpu_without_the_interpreter_is_a_clear_error(model, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = model.cpu()
     gsq_hf.patch(model, {"policy": "static", "format": "int8", "kernel": "triton"})
     with torch.no_grad(), pytest.raises(GSQConfigError, match="TRITON_INTERPRET=1"):
-        model.generate(PROMPT, max_new_tokens=2, do_sample=False)
+        model.generate(PROMPT.cpu(), max_new_tokens=2, do_sample=False)
