@@ -5,8 +5,8 @@
   "gsq_hf[triton]"``; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 * `state_update_reference` — the same step from `gsq_hf.formats` and the policies (torch only).
 
-Importing this package needs torch only; the Triton module is imported explicitly. How the kernel is meant
-to be dispatched, and what is left before the adapters use it, is in `gsq_hf.kernels.state_update`.
+Importing this package needs torch only; the Triton module is imported explicitly (the adapters import it
+at their first fused decode step). Dispatch rules: `gsq_hf.kernels.state_update`.
 """
 
 from .reference import StateUpdate, state_update_reference, unsupported_reason

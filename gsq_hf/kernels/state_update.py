@@ -22,15 +22,13 @@ formats are rounded onto their grid in fp32 arithmetic, so the final cast is exa
 Triton interpreter truncates fp32→bf16). The same arithmetic is what `state_update_reference` does with
 `gsq_hf.formats`; ``tests/kernels`` compares the two.
 
-Dispatch (not wired into the adapters yet: that needs a GPU to validate): an adapter's decode step with
-T = 1 on a CUDA device, a threshold or static policy (`unsupported_reason` is None) and no fp32 fallback
-units in the layer's storage calls `state_update` with the layer's ``low`` / ``high`` / ``high_valid``
-and stores the returned copies (``LayerStorage`` stays immutable: ``inplace=False`` unless the caller owns
-the buffers, e.g. under a CUDA graph, where ``step`` must then be a device tensor so that replays advance
-it). Every other case — CPU, prefill (T > 1), budget policies, fallback units — keeps the torch path. Left
-for that wiring: the NaN/Inf probe (``write_ssm`` checks the group scales; a kernel caller can check the
-returned scales the same way and redo the step on the torch path), the cache's write statistics (counts
-of ``high_valid``), and a per-token ``step`` counter in `GSQCache`.
+Dispatch: `gsq_hf.adapters.base.MixerAdapter.fused_step` calls `state_update` for a decode step with T = 1
+when ``GSQConfig.kernel`` allows it (``auto``: CUDA tensors), the policy is a threshold or static one
+(`unsupported_reason` is None) and the layer holds no fp32 fallback units; it stores the returned copies
+(``inplace=False``: `LayerStorage` stays immutable, so checkpoints stay references), takes the write
+statistics from ``high_valid``, steps the noise with the layer's write counter, and redoes a step whose
+output is NaN/Inf on the torch path. Every other case — CPU, prefill (T > 1), budget policies, fallback
+units — keeps the torch path. Timings on an H200: ``docs/performance.md``.
 """
 
 from __future__ import annotations
