@@ -206,7 +206,7 @@ class _GSQStateMixin:
         `write_ssm`; the caller has checked the step's output for NaN/Inf (else it takes the torch path)."""
         self.storage = replace(self.storage, low=low, high=high, slot_units=None, high_valid=high_valid,
                                fallback=None, fallback_mask=None)
-        shape = (*low.data.shape[:-1], low.data.shape[-1] * (2 if low.fmt.name == "int4" else 1))
+        shape = low.shape
         self._written(shape, low.group_size, gate, None, high_valid, None, low.data.device)
 
     def _written(self, shape, group, gate, slot_units, high_valid, fallback_mask, device) -> None:

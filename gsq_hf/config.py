@@ -37,7 +37,7 @@ def _choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
 class GSQConfig:
     """How a patched model stores its SSM and conv states.
 
-    Presets (``configs/*.yaml``): fp32, bf16, fp16, int8, int4, gsq-gate, gsq-entropy, gsq-budget.
+    Presets (``configs/*.yaml``): fp32, bf16, fp16, int8, int4, int3, int2, gsq-gate, gsq-entropy, gsq-budget.
     """
 
     name: str = field(default="custom", metadata={"help": "label used in reports"})

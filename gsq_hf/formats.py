@@ -66,6 +66,11 @@ class QuantizedTensor:
         """The fp32 tensor this storage represents."""
         return self.fmt.dequantize(self)
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the fp32 tensor this storage represents."""
+        return (*self.data.shape[:-1], self.fmt.logical_last_dim(self.data.shape[-1]))
+
     def map(self, fn) -> QuantizedTensor:
         """Apply ``fn`` to every stored tensor (device moves, batch indexing along dim 0)."""
         scale = fn(self.scale) if self.scale is not None else None
@@ -162,18 +167,56 @@ class StateFormat:
     def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
+    def logical_last_dim(self, stored_last_dim: int) -> int:
+        """The fp32 tensor's last dim for a stored last dim (sub-byte formats pack several codes per byte)."""
+        per, nbytes = self._block
+        return stored_last_dim * per // nbytes
+
+    def stored_last_dim(self, last_dim: int) -> int:
+        per, nbytes = self._block
+        return last_dim * nbytes // per
+
+    @property
+    def codes_per_block(self) -> int:
+        """The last dim must be a multiple of this (1 for byte formats, 2 for int4 and 4 for int2, 8 for int3)."""
+        return self._block[0]
+
+    @property
+    def _block(self) -> tuple[int, int]:
+        """(values, stored elements) of one block: sub-byte ints pack the fewest codes that fill whole bytes
+        (int4: 2 in 1, int2: 4 in 1, int3: 8 in 3); every other format stores one value per element."""
+        if self.kind != "int":
+            return 1, 1  # one value per stored element of its dtype
+        codes = 8 // math.gcd(self.bits, 8)
+        return codes, codes * self.bits // 8
+
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
+        """Sub-byte codes, offset to unsigned, packed little-endian: code i of a block at bit ``i * bits``."""
         if self.bits == 8:
             return codes
-        nibbles = (codes + 8).to(torch.uint8)
-        return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+        per, nbytes = self._block
+        if nbytes == 1:  # int4 / int2: shifts within a byte
+            unsigned = (codes + (1 << (self.bits - 1))).to(torch.uint8).unflatten(-1, (-1, per))
+            packed = unsigned[..., 0]
+            for i in range(1, per):
+                packed = packed | (unsigned[..., i] << (i * self.bits))
+            return packed
+        unsigned = (codes.to(torch.int32) + (1 << (self.bits - 1))).unflatten(-1, (-1, per))
+        word = (unsigned << (torch.arange(per, device=codes.device) * self.bits)).sum(-1)  # < 2**24
+        return torch.stack([(word >> (8 * k)) & 0xFF for k in range(nbytes)], dim=-1).to(torch.uint8).flatten(-2)
 
     def _unpack(self, data: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
             return data
-        low = (data & 0x0F).to(torch.int8) - 8
-        high = (data >> 4).to(torch.int8) - 8
-        return torch.stack((low, high), dim=-1).flatten(-2)
+        per, nbytes = self._block
+        mask, offset = (1 << self.bits) - 1, 1 << (self.bits - 1)
+        if nbytes == 1:
+            parts = [((data >> (i * self.bits)) & mask).to(torch.int8) - offset for i in range(per)]
+            return torch.stack(parts, dim=-1).flatten(-2)
+        blocks = data.unflatten(-1, (-1, nbytes)).to(torch.int32)
+        word = (blocks << (torch.arange(nbytes, device=data.device) * 8)).sum(-1, keepdim=True)
+        codes = (word >> (torch.arange(per, device=data.device) * self.bits)) & mask
+        return (codes - offset).to(torch.int8).flatten(-2)
 
 
 FORMATS: dict[str, StateFormat] = {
@@ -185,6 +228,8 @@ FORMATS: dict[str, StateFormat] = {
         StateFormat("fp8", "float", 8, torch.float8_e4m3fn, True, 448.0, 3, -6),
         StateFormat("int8", "int", 8, torch.int8, True, 127.0),
         StateFormat("int4", "int", 4, torch.uint8, True, 7.0),
+        StateFormat("int3", "int", 3, torch.uint8, True, 3.0),  # 8 codes in 3 bytes; d_state % 8 == 0
+        StateFormat("int2", "int", 2, torch.uint8, True, 1.0),  # ternary codes -1, 0, 1; 4 in a byte
     )
 }
 

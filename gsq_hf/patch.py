@@ -28,6 +28,7 @@ from .adapters.unsupported import find_refusal
 from .cache import GSQCache
 from .config import GSQConfig, resolve_config
 from .errors import GSQConfigError, NotPatchedError, UnsupportedModelError
+from .formats import get_format
 
 __all__ = ["from_pretrained", "is_patched", "patch", "patched", "unpatch"]
 
@@ -71,9 +72,15 @@ def _validate(config: GSQConfig, model: nn.Module, mixers: list[tuple[nn.Module,
         group = config.group_size or n
         if n % group:
             raise GSQConfigError(f"GSQConfig.group_size={group} does not divide d_state={n}; use a divisor of {n}")
-        formats = {config.format, config.low_format, config.high_format}
-        if "int4" in formats and group % 2:
-            raise GSQConfigError(f"int4 packs two values per byte: group_size must be even, got {group}")
+        for fmt in config.build_policy().formats:
+            if n % fmt.codes_per_block:
+                raise GSQConfigError(f"{fmt.name} packs {fmt.codes_per_block} codes per block along d_state: "
+                                     f"d_state={n} is not a multiple; use a format of 4 or 8 bits")
+        width = mixer.conv1d.kernel_size[0]
+        if config.conv_format != "auto" and width % get_format(config.conv_format).codes_per_block:
+            raise GSQConfigError(f"GSQConfig.conv_format={config.conv_format!r} packs "
+                                 f"{get_format(config.conv_format).codes_per_block} codes per block; the conv "
+                                 f"window of {width} values is not a multiple (use int8, int4, fp8, fp16 or fp32)")
     if config.policy == "entropy" and model.get_output_embeddings() is None:
         raise GSQConfigError(
             f"the entropy policy reads the model's next-token logits, but {type(model).__name__} has no LM head; "

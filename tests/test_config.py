@@ -6,7 +6,7 @@ import gsq_hf
 from gsq_hf import GSQConfig, GSQConfigError
 from gsq_hf.config import resolve_config
 
-PRESETS = ["bf16", "fp16", "fp32", "gsq-budget", "gsq-entropy", "gsq-gate", "int4", "int8"]
+PRESETS = ["bf16", "fp16", "fp32", "gsq-budget", "gsq-entropy", "gsq-gate", "int2", "int3", "int4", "int8"]
 
 
 def test_presets_listed_and_load():
@@ -35,13 +35,13 @@ def test_round_trip_yaml_json_dict(name, tmp_path):
     "field, value, message",
     [
         ("policy", "magic", "GSQConfig.policy='magic' is not accepted; choose one of: static, gate, entropy, budget"),
-        ("format", "int3", "GSQConfig.format='int3'.*fp32, bf16, fp16, fp8, int8, int4"),
+        ("format", "int5", "GSQConfig.format='int5'.*fp32, bf16, fp16, fp8, int8, int4, int3, int2"),
         ("rounding", "up", "rounding='up'.*nearest, stochastic"),
         ("write_mode", "sometimes", "every_step, end_of_forward"),
         ("threshold", 1.5, r"threshold=1.5 must be a number in \[0, 1\]"),
         ("budget_fraction", -0.1, "budget_fraction"),
         ("group_size", 1, "group_size=1"),
-        ("conv_format", "int2", "auto, fp32"),
+        ("conv_format", "int9", "auto, fp32"),
         ("high_when", "sometimes", "open, closed"),
     ],
 )

@@ -57,6 +57,28 @@ def test_storage_is_really_that_small(name):
     assert (q.scale is not None) == fmt.scaled
 
 
+@pytest.mark.parametrize(("name", "stored"), [("int4", 8), ("int3", 6), ("int2", 4)])
+def test_sub_byte_formats_pack_every_code_exactly(name, stored):
+    """Every code at every position of a packed block survives the round trip; storage is bits/8 per value."""
+    fmt = FORMATS[name]
+    codes = torch.arange(-int(fmt.max_code), int(fmt.max_code) + 1)
+    x = codes[torch.randperm(len(codes) * 16, generator=torch.Generator().manual_seed(0)) % len(codes)]
+    x = x.float().view(-1, 16)
+    x[:, 0] = fmt.max_code  # every row's scale is exactly 1
+    q = fmt.quantize(x, group_size=16)
+    assert q.data.shape == (x.shape[0], stored) and q.shape == tuple(x.shape)
+    assert torch.equal(q.dequantize(), x)
+
+
+def test_int3_packing_layout():
+    fmt = FORMATS["int3"]
+    x = torch.tensor([[3.0, -3.0, 0.0, 1.0, 2.0, -1.0, -2.0, 3.0]])
+    q = fmt.quantize(x, group_size=8)
+    # codes + 4: [7, 1, 4, 5, 6, 3, 2, 7], code i at bit 3i of a little-endian 24-bit word
+    word = sum(c << (3 * i) for i, c in enumerate([7, 1, 4, 5, 6, 3, 2, 7]))
+    assert q.data.tolist() == [[word & 0xFF, (word >> 8) & 0xFF, word >> 16]]
+
+
 def test_int4_packing_layout():
     fmt = FORMATS["int4"]
     x = torch.tensor([[7.0, -7.0, 1.0, 0.0]])
@@ -66,7 +88,7 @@ def test_int4_packing_layout():
     assert torch.equal(q.dequantize(), x)
 
 
-@pytest.mark.parametrize("name", ["bf16", "fp16", "fp8", "int8", "int4"])
+@pytest.mark.parametrize("name", ["bf16", "fp16", "fp8", "int8", "int4", "int3", "int2"])
 def test_stochastic_rounding_is_unbiased_and_reproducible(name):
     fmt = FORMATS[name]
     x = torch.full((20000, 16), 0.3)
@@ -86,6 +108,6 @@ def test_zero_and_fp16_saturation():
 
 
 def test_unknown_format_lists_known():
-    with pytest.raises(GSQConfigError, match="accepted: fp32, bf16, fp16, fp8, int8, int4"):
-        get_format("int3")
+    with pytest.raises(GSQConfigError, match="accepted: fp32, bf16, fp16, fp8, int8, int4, int3, int2"):
+        get_format("int5")
     assert get_format(torch.bfloat16).name == "bf16"

@@ -25,10 +25,21 @@ def test_patch_twice_and_unpatch_unpatched(model):
 
 def test_unknown_preset_and_bad_group_size(model):
     with pytest.raises(GSQConfigError, match="known presets"):
-        gsq_hf.patch(model, "int3")
+        gsq_hf.patch(model, "int5")
     with pytest.raises(GSQConfigError, match="group_size=3 does not divide d_state=8"):
         gsq_hf.patch(model, {"policy": "static", "format": "int8", "group_size": 3})
     assert not gsq_hf.is_patched(model)
+
+
+def test_sub_byte_format_needs_a_d_state_it_packs(model):
+    """int3 packs 8 codes in 3 bytes; the tiny models' d_state of 8 works, a d_state of 12 does not."""
+    gsq_hf.patch(model, "int3")
+    gsq_hf.unpatch(model)
+    bad = type(model)(type(model.config)(**(model.config.to_dict() | {"state_size": 12})))
+    with pytest.raises(GSQConfigError, match="int3 packs 8 codes.*d_state=12"):
+        gsq_hf.patch(bad, "int3")
+    with pytest.raises(GSQConfigError, match="conv_format='int3'.*window of 4"):
+        gsq_hf.patch(model, {"policy": "static", "format": "int8", "conv_format": "int3"})
 
 
 def test_entropy_policy_needs_lm_head(model):

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from ..formats import QuantizedTensor, StateFormat
 from ..policies import EntropyThresholdPolicy, GateThresholdPolicy, PrecisionPolicy, Signals, StaticPolicy
 
-__all__ = ["StateUpdate", "delta", "state_update_reference", "unsupported_reason"]
+__all__ = ["KERNEL_FORMATS", "StateUpdate", "delta", "state_update_reference", "unsupported_reason"]
+
+KERNEL_FORMATS = frozenset({"fp32", "bf16", "fp16", "fp8", "int8", "int4"})  # int3/int2: torch path only
 
 
 class StateUpdate(NamedTuple):
@@ -62,7 +64,10 @@ def unsupported_reason(
         return "no stored state yet (the first write comes from a prefill, on the torch path)"
     if low.fmt != policy.low or (high is not None and high.fmt != policy.high):
         return "stored formats differ from the policy's (re-store through the cache first)"
-    n = low.data.shape[-1] * (2 if low.fmt.name == "int4" else 1)
+    formats = {low.fmt.name} | ({high.fmt.name} if high is not None else set()) | {f.name for f in policy.formats}
+    if not formats <= KERNEL_FORMATS:
+        return f"formats {sorted(formats - KERNEL_FORMATS)}: the kernel stores {', '.join(sorted(KERNEL_FORMATS))}"
+    n = low.shape[-1]
     group = group_size or n
     if {3: 2, 4: 1}.get(low.data.dim()) != A.dim():
         return f"state of {low.data.dim()} dims with A of {A.dim()}: only Mamba (B, D, N) and Mamba2 (B, H, P, N)"
@@ -179,6 +184,6 @@ def _copy_into(target: QuantizedTensor, source: QuantizedTensor) -> QuantizedTen
 
 def empty_storage(fmt: StateFormat, shape: tuple[int, ...], group_size: int, device) -> QuantizedTensor:
     """Uninitialized storage for an fp32 state of ``shape`` in ``fmt`` (what the kernel writes into)."""
-    data_shape = (*shape[:-1], shape[-1] // 2) if fmt.name == "int4" else shape
+    data_shape = (*shape[:-1], fmt.stored_last_dim(shape[-1]))
     scale = torch.empty(*shape[:-1], shape[-1] // group_size, device=device) if fmt.scaled else None
     return QuantizedTensor(torch.empty(data_shape, dtype=fmt.storage_dtype, device=device), scale, fmt, group_size)

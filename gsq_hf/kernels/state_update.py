@@ -400,7 +400,7 @@ def state_update(
         raise RuntimeError("state_update runs on CUDA tensors (or under TRITON_INTERPRET=1); "
                            "use gsq_hf.kernels.state_update_reference on CPU")
     mamba2 = low.data.dim() == 4
-    shape = (*low.data.shape[:-1], low.data.shape[-1] * (2 if low.fmt.name == "int4" else 1))
+    shape = low.shape
     batch, units, n = shape[0], shape[1], shape[-1]
     group = group_size or n
     device = x.device

@@ -39,7 +39,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 from gsq_hf.formats import FORMATS, QuantizedTensor, StateFormat, get_format  # noqa: E402
 from gsq_hf.kernels import state_update_reference, unsupported_reason  # noqa: E402
-from gsq_hf.kernels.reference import read_state  # noqa: E402
+from gsq_hf.kernels.reference import KERNEL_FORMATS, read_state  # noqa: E402
 from gsq_hf.kernels.state_update import state_update  # noqa: E402
 from gsq_hf.policies import (  # noqa: E402
     EntropyThresholdPolicy,
@@ -53,7 +53,7 @@ N = 16
 F = get_format
 
 # name -> (policy, group_size, row_signal)
-CASES = {f"static-{name}": (StaticPolicy(F(name)), None, None) for name in FORMATS} | {
+CASES = {f"static-{name}": (StaticPolicy(F(name)), None, None) for name in sorted(KERNEL_FORMATS)} | {
     "static-int8-g4": (StaticPolicy(F("int8")), 4, None),
     "static-int4-g4": (StaticPolicy(F("int4")), 4, None),
     "static-fp8-g4": (StaticPolicy(F("fp8")), 4, None),
@@ -268,3 +268,5 @@ def test_unsupported_cases_say_why():
     assert "z gate" in unsupported_reason(mamba2["policy"], mamba2["low"], None, mamba2["A"], mamba2["x"], None)
     low = F("int8").quantize(torch.zeros(1, 2, 12), 12)
     assert "powers of two" in unsupported_reason(StaticPolicy(F("int8")), low, None, torch.zeros(2, 12), None, None)
+    int3 = F("int3").quantize(torch.zeros(1, 2, 16), 16)
+    assert "int3" in unsupported_reason(StaticPolicy(F("int3")), int3, None, torch.zeros(2, 16), None, None)
