@@ -190,33 +190,40 @@ class StateFormat:
         codes = 8 // math.gcd(self.bits, 8)
         return codes, codes * self.bits // 8
 
+    def _pieces(self, per: int, nbytes: int):
+        """(code i, byte k, shift): bits of code i that land in byte k, at ``i * bits - 8 * k`` within it."""
+        for i in range(per):
+            for k in range(nbytes):
+                shift = i * self.bits - 8 * k
+                if -self.bits < shift < 8:
+                    yield i, k, shift
+
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
-        """Sub-byte codes, offset to unsigned, packed little-endian: code i of a block at bit ``i * bits``."""
+        """Sub-byte codes, offset to unsigned, packed little-endian: code i of a block at bit ``i * bits``.
+
+        Built from strided slices (code i of every block at once), so no reduction runs on the per-token path.
+        """
         if self.bits == 8:
             return codes
         per, nbytes = self._block
-        if nbytes == 1:  # int4 / int2: shifts within a byte
-            unsigned = (codes + (1 << (self.bits - 1))).to(torch.uint8).unflatten(-1, (-1, per))
-            packed = unsigned[..., 0]
-            for i in range(1, per):
-                packed = packed | (unsigned[..., i] << (i * self.bits))
-            return packed
-        unsigned = (codes.to(torch.int32) + (1 << (self.bits - 1))).unflatten(-1, (-1, per))
-        word = (unsigned << (torch.arange(per, device=codes.device) * self.bits)).sum(-1)  # < 2**24
-        return torch.stack([(word >> (8 * k)) & 0xFF for k in range(nbytes)], dim=-1).to(torch.uint8).flatten(-2)
+        unsigned = (codes.to(torch.int16) + (1 << (self.bits - 1)))
+        out: list = [0] * nbytes
+        for i, k, shift in self._pieces(per, nbytes):
+            part = unsigned[..., i::per]
+            out[k] = out[k] | (part << shift if shift >= 0 else part >> -shift)
+        return torch.stack([byte & 0xFF for byte in out], dim=-1).to(torch.uint8).flatten(-2)
 
     def _unpack(self, data: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
             return data
         per, nbytes = self._block
+        blocks = data.to(torch.int16).unflatten(-1, (-1, nbytes))
+        codes: list = [0] * per
+        for i, k, shift in self._pieces(per, nbytes):
+            part = blocks[..., k]
+            codes[i] = codes[i] | (part >> shift if shift >= 0 else part << -shift)
         mask, offset = (1 << self.bits) - 1, 1 << (self.bits - 1)
-        if nbytes == 1:
-            parts = [((data >> (i * self.bits)) & mask).to(torch.int8) - offset for i in range(per)]
-            return torch.stack(parts, dim=-1).flatten(-2)
-        blocks = data.unflatten(-1, (-1, nbytes)).to(torch.int32)
-        word = (blocks << (torch.arange(nbytes, device=data.device) * 8)).sum(-1, keepdim=True)
-        codes = (word >> (torch.arange(per, device=data.device) * self.bits)) & mask
-        return (codes - offset).to(torch.int8).flatten(-2)
+        return torch.stack([(code & mask) - offset for code in codes], dim=-1).to(torch.int8).flatten(-2)
 
 
 FORMATS: dict[str, StateFormat] = {
