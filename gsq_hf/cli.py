@@ -1,4 +1,5 @@
-"""The ``gsq-hf`` command: ``gsq-hf eval`` (decode-faithful perplexity) and ``gsq-hf memory`` (peak memory).
+"""The ``gsq-hf`` command: ``gsq-hf eval`` (decode-faithful perplexity), ``gsq-hf memory`` (peak memory) and
+``gsq-hf recall`` (decode-faithful associative recall of a model trained by ``scripts/train_recall.py``).
 
 Exit codes: 0 success; 2 bad input (unknown model, dataset or config, empty text, a context longer than
 the text): one line on stderr naming what was wrong and what is accepted, no traceback unless
@@ -76,7 +77,8 @@ def _positive(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gsq-hf", description="Gated state quantization for Mamba-family models.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{eval,memory}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{eval,memory,recall}",
+                                     parser_class=_Parser)
     evaluate = commands.add_parser(
         "eval", help="decode-faithful perplexity of each state config",
         description="Perplexity with the model's states stored per each config, every window fed one token at "
@@ -99,7 +101,46 @@ def _parser() -> argparse.ArgumentParser:
     memory.add_argument("--new-tokens", type=_positive, default=128, help="tokens generated (default: 128)")
     memory.add_argument("--prompt-tokens", type=_positive, default=32,
                         help="prompt length, taken from the start of the dataset text (default: 32)")
+    _recall_parser(commands)
     return parser
+
+
+def _recall_parser(commands) -> None:
+    recall = commands.add_parser(
+        "recall", help="decode-faithful associative recall (MQAR) of each state config",
+        description="Multi-query associative recall with the model's states stored per each config: every "
+                    "sequence (key-value pairs, GAP filler tokens, queries) is fed one token at a time, and a "
+                    "query counts when the argmax next token is its value. The task is read from the model "
+                    "directory's recall_model.json (scripts/train_recall.py writes it).")
+    recall.add_argument("--model", required=True, help="directory of a recall model (save_pretrained + "
+                                                       "recall_model.json, from scripts/train_recall.py)")
+    recall.add_argument("--config", action="extend", nargs="+", metavar="CONFIG",
+                        help="state config: a preset (" + ", ".join(list_presets()) + ") or a YAML/JSON file; "
+                             "repeatable (default: " + " ".join(DEFAULT_CONFIGS) + ")")
+    recall.add_argument("--gap", type=_int_list, metavar="G[,G...]",
+                        help="filler tokens between the pairs and the queries, comma-separated "
+                             "(default: the training gap and 4x it)")
+    recall.add_argument("--num", type=_positive, default=512, help="sequences per gap (default: 512)")
+    recall.add_argument("--pairs", type=int, help="key-value pairs per sequence (default: the training task's)")
+    recall.add_argument("--queries", type=int, help="queries per sequence (default: the training task's, at most "
+                                                    "--pairs)")
+    recall.add_argument("--batch-size", type=_positive, default=128, help="sequences run at once (default: 128)")
+    recall.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, ... (default: cuda if available)")
+    recall.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="model weights and activations dtype (default: fp32)")
+    recall.add_argument("--seed", type=int, help="seed of the sequences (default: 0, the set train_recall.py "
+                                                 "reports) and, when given, of every config's stochastic rounding")
+    recall.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
+    recall.add_argument("--quiet", action="store_true", help="no progress bars or run information, only the table")
+    recall.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,128,512, got {text!r}") \
+            from None
 
 
 # -- shared steps ---------------------------------------------------------------------------------------
@@ -317,6 +358,44 @@ def _run_memory(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if any(r.get("error") for r in checked) else 0
 
 
+def _run_recall(args: argparse.Namespace) -> int:
+    from .eval.data import load_model
+    from .eval.recall import (
+        check_recall_task,
+        generate_mqar,
+        load_recall_spec,
+        read_recall_info,
+        recall_sweep,
+        recall_table,
+    )
+    from .eval.report import versions, write_json
+
+    configs = _configs(args.config, args.seed)
+    device = _device(args.device)
+    spec = load_recall_spec(args.model, pairs=args.pairs, queries=args.queries)
+    gaps = args.gap or [spec.gap, 4 * spec.gap]
+    model = load_model(args.model, args.dtype, device)
+    seed = 0 if args.seed is None else args.seed
+    _info(args, f"model {args.model} ({args.dtype}, {device}); {spec.pairs} pairs, {spec.queries} queries, "
+                f"{spec.keys} keys, {spec.values} values; gaps {','.join(map(str, gaps))}; {args.num} sequences "
+                f"per gap (seed {seed})")
+    check_recall_task(model, spec, gaps, args.num)  # before any config runs
+    _check_configs(model, configs, generate_mqar(spec, 1, seed=seed).input_ids)
+    result = recall_sweep(model, spec, configs, gaps, args.num, seed=seed, batch_size=args.batch_size,
+                          progress=not args.quiet)
+    print(recall_table(result["results"]))
+    if args.json:
+        trained = read_recall_info(args.model)
+        payload = {"model": args.model, **result, "device": device, "dtype": args.dtype,
+                   "batch_size": args.batch_size, "versions": versions(),
+                   "trained": {key: trained.get(key) for key in ("family", "parameters", "recall_fp32", "command")},
+                   "scoring": "every sequence fed one token at a time through the patched model; a query counts "
+                              "when the argmax next token is its value; the same seed at every gap"}
+        write_json(args.json, payload)
+        _info(args, f"wrote {args.json}")
+    return 0
+
+
 def _quiet_libraries(progress: bool) -> None:
     """Library logs (kernel fallbacks, Hub retries) would bury the table and the one-line errors."""
     import datasets
@@ -344,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else EXIT_BAD_INPUT
     if not args.debug:
         _quiet_libraries(progress=not args.quiet)
-    run = _run_eval if args.command == "eval" else _run_memory
+    run = {"eval": _run_eval, "memory": _run_memory, "recall": _run_recall}[args.command]
     try:
         return run(args)
     except (BadInput, EvalInputError, GSQConfigError, UnsupportedModelError) as error:

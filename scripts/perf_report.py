@@ -28,7 +28,8 @@ def state_update_tables(result: dict) -> str:
              f"(read + write); activations {result['act_dtype']}; versions {result['versions']}.", ""]
     for shape in dict.fromkeys(key[0] for key in rows):
         lines += [f"**{shape}**", "",
-                  "| batch | method | µs plain | µs graph | MB moved | % of copy bandwidth (graph) | × fused fp32 (graph) |",
+                  "| batch | method | µs plain | µs graph | MB moved | % of copy bandwidth (graph) "
+                  "| × fused fp32 (graph) |",
                   "|---|---|---|---|---|---|---|"]
         for (s, batch, method), modes in sorted(rows.items(), key=lambda kv: kv[0][1]):  # stable: run order
             if s != shape:
@@ -42,8 +43,10 @@ def state_update_tables(result: dict) -> str:
         lines.append("")
     checks = result.get("fp32_baseline_check", [])
     if checks:
-        lines += ["Fused fp32 kernel / mamba_ssm fp32 (same mode; recorded H200 figures when mamba_ssm is absent):", ""]
-        lines += [f"- {c['shape']} batch {c['batch']} ({c['mode']}, vs {c['against']}): {c['ratio']:.2f}" for c in checks]
+        lines += ["Fused fp32 kernel / mamba_ssm fp32 (same mode; recorded H200 figures when mamba_ssm is absent):",
+                  ""]
+        lines += [f"- {c['shape']} batch {c['batch']} ({c['mode']}, vs {c['against']}): {c['ratio']:.2f}"
+                  for c in checks]
         lines.append("")
     return "\n".join(lines)
 
@@ -51,7 +54,8 @@ def state_update_tables(result: dict) -> str:
 def generate_table(result: dict) -> str:
     lines = [f"Device: {result['device']}, model dtype {result['dtype']}, prompt {result['prompt']} tokens, "
              f"{result['new_tokens']} new tokens, median of {result['rounds']} rounds.", "",
-             "| shape | batch | config | tokens/s | × unpatched | peak GiB | state MB / sequence |", "|---|---|---|---|---|---|---|"]
+             "| shape | batch | config | tokens/s | × unpatched | peak GiB | state MB / sequence |",
+             "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         state = row["state_bytes_per_sequence"]
         lines.append(f"| {row['shape']} | {row['batch']} | {row['config']} | {row['tokens_per_s']:.0f} | "

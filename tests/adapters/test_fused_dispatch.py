@@ -1,9 +1,10 @@
 """The adapters' decode steps dispatch to the fused Triton kernel (here through Triton's interpreter on CPU).
 
-``GSQConfig.kernel='triton'`` forces the kernel on CPU tensors so that the dispatch itself is tested in CI;
-on a GPU machine the same tests run on CUDA tensors, where ``auto`` takes the same path. The kernel and the torch path must agree in kind: the same stored
-formats, the same policy decisions, logits within rounding (the kernel rounds with a reciprocal scale and
-sums in another order; see `gsq_hf.kernels.state_update`).
+``GSQConfig.kernel='triton'`` forces the kernel on CPU tensors so that the dispatch itself is tested in
+CI; on a GPU machine the same tests run on CUDA tensors, where ``auto`` takes the same path. The kernel
+and the torch path must agree in kind: the same stored formats, the same policy decisions, logits within
+rounding (the kernel rounds with a reciprocal scale and sums in another order; see
+`gsq_hf.kernels.state_update`).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def test_kernel_decode_matches_torch_path(model, name, kernel_calls):
     assert len(kernel_calls) == 4 * layers  # every decode step of every layer; the prefill stays on torch
     scale = torch_logits.abs().max()
     assert (kernel_logits - torch_logits).abs().max() <= TOLERANCE[name] * scale
-    for ours, theirs in zip(kernel_cache.gsq_layers, torch_cache.gsq_layers):
+    for ours, theirs in zip(kernel_cache.gsq_layers, torch_cache.gsq_layers, strict=True):
         assert ours.storage.low.fmt == theirs.storage.low.fmt
         assert ours.writes == theirs.writes == PROMPT.shape[1] + 4  # every_step: one write per token
         if theirs.storage.high_valid is None:
@@ -95,7 +96,7 @@ def test_lossless_kernel_decode_matches_unpatched_model(model):
         ours = model.generate(PROMPT, max_new_tokens=5, do_sample=False, output_scores=True,
                               return_dict_in_generate=True)
     assert torch.equal(ours.sequences, reference.sequences)
-    for a, b in zip(ours.scores, reference.scores):
+    for a, b in zip(ours.scores, reference.scores, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 

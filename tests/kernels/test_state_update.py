@@ -37,7 +37,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device: run with TRITON_INTERPRET=1 to test the kernel on CPU (Triton's interpreter)",
                 allow_module_level=True)
 
-from gsq_hf.formats import FORMATS, QuantizedTensor, StateFormat, get_format  # noqa: E402
+from gsq_hf.formats import QuantizedTensor, StateFormat, get_format  # noqa: E402
 from gsq_hf.kernels import state_update_reference, unsupported_reason  # noqa: E402
 from gsq_hf.kernels.reference import KERNEL_FORMATS, read_state  # noqa: E402
 from gsq_hf.kernels.state_update import state_update  # noqa: E402
