@@ -1,20 +1,28 @@
-"""Evaluation of what a state config costs (perplexity) and saves (memory); ``gsq-hf eval`` / ``gsq-hf memory``.
+"""Evaluation of what a state config costs (perplexity, associative recall) and saves (memory).
+
+``gsq-hf eval`` / ``gsq-hf recall`` / ``gsq-hf memory``.
 
 ``memory`` is not imported here: it is also run as ``python -m gsq_hf.eval.memory`` (one process per config).
 """
 
 from .data import DatasetNotFoundError, EvalInputError, ModelNotFoundError, TokenWindows, load_text, make_windows
 from .perplexity import NonFiniteLogitsError, PerplexityResult, decode_faithful_perplexity, full_sequence_perplexity
+from .recall import MQARSpec, RecallInputError, generate_mqar, recall_accuracy, recall_sweep
 
 __all__ = [
     "DatasetNotFoundError",
     "EvalInputError",
+    "MQARSpec",
     "ModelNotFoundError",
     "NonFiniteLogitsError",
     "PerplexityResult",
+    "RecallInputError",
     "TokenWindows",
     "decode_faithful_perplexity",
     "full_sequence_perplexity",
+    "generate_mqar",
     "load_text",
     "make_windows",
+    "recall_accuracy",
+    "recall_sweep",
 ]
