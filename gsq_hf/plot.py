@@ -3,6 +3,7 @@
     from gsq_hf import plot
     plot.precision_trace(cache.precision_trace())      # layer x token heatmap of the fraction stored high
     plot.pareto(json.load(open("results.json")))      # perplexity vs average stored bits, one point per config
+    plot.by_position(records)                          # Δ perplexity per position bucket along long streams
 
 Both return a `matplotlib.figure.Figure` built without pyplot (no global figure state; a notebook shows it
 once, ``fig.savefig(path)`` writes it). matplotlib is imported only when a function is called:
@@ -11,6 +12,7 @@ once, ``fig.savefig(path)`` writes it). matplotlib is imported only when a funct
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["pareto", "precision_trace", "save"]
+__all__ = ["by_position", "pareto", "precision_trace", "save"]
 
 STATIC_POLICY = "static"
 _DYNAMIC_STYLES = [("s", "tab:orange"), ("^", "tab:green"), ("D", "tab:red"), ("v", "tab:purple"),
@@ -268,4 +270,66 @@ def pareto(
     ax.grid(True, alpha=0.3)
     if points:
         ax.legend(fontsize="small", loc="best")
+    return fig
+
+
+# -- by position ------------------------------------------------------------------------------------------
+def by_position(
+    results,
+    *,
+    title: str | None = None,
+    ax: Axes | None = None,
+    figsize: tuple[float, float] = (8.0, 4.5),
+    linear_pct: float = 0.01,
+) -> Figure:
+    """Δ perplexity vs the first record per position bucket, one line per config: does a quantized state's
+    error accumulate along a stream?
+
+    ``results``: records (dicts or `PerplexityResult`) with ``position_buckets``, from
+    ``decode_faithful_perplexity(..., position_buckets=...)`` on the same windows; the first is the baseline
+    (e.g. fp32) and must have succeeded; failed records are left out. Uniform formats are solid blue lines
+    (darker: later in ``results``), dynamic policies dashed in other colours; a record's
+    ``position_buckets["delta_stderr"]`` (fractions, as `scripts/results.py` adds) is drawn as error bars. The
+    y axis is symmetric-log
+    (linear within ±``linear_pct``) once some |Δ| exceeds 100 x ``linear_pct``, so that near-lossless
+    formats and int4 both stay readable.
+    """
+    from matplotlib import colormaps
+
+    from .eval.perplexity import bucket_labels
+
+    records, _ = _records(results)
+    if not records or records[0].get("error") or not records[0].get("position_buckets"):
+        raise ValueError("the first record is the baseline: it needs position_buckets and no error")
+    base = records[0]["position_buckets"]
+    labels = bucket_labels(base["starts"], base["ends"])
+    if ax is None:
+        fig = _figure(figsize=figsize, layout="constrained")
+        ax = fig.subplots()
+    else:
+        fig = ax.figure
+    ax.axhline(0.0, color="0.5", linestyle="--", linewidth=1, label=f"{records[0]['config']} (Δ = 0)", zorder=1)
+    lines = [(r, [100.0 * (p / q - 1.0) for p, q in zip(r["position_buckets"]["perplexity"], base["perplexity"],
+                                                         strict=True)])
+             for r in records[1:] if not r.get("error") and r.get("position_buckets")]
+    uniform = [line for line in lines if is_uniform(line[0])]
+    dynamic = [line for line in lines if not is_uniform(line[0])]
+    shades = colormaps["Blues"](torch.linspace(0.4, 1.0, len(uniform)).tolist())
+    styles = [("o", "-", color, 2) for color in shades] + [
+        (marker, "--", color, 3) for (marker, color), _ in zip(itertools.cycle(_DYNAMIC_STYLES), dynamic)]
+    for (record, deltas), (marker, linestyle, color, zorder) in zip(uniform + dynamic, styles, strict=True):
+        ax.plot(range(len(deltas)), deltas, marker=marker, linestyle=linestyle, color=color, linewidth=1.3,
+                label=record["config"], zorder=zorder)
+        stderr = record["position_buckets"].get("delta_stderr")
+        if stderr:
+            ax.errorbar(range(len(deltas)), deltas, yerr=[100.0 * e for e in stderr], fmt="none", ecolor=color,
+                        elinewidth=0.8, capsize=2, zorder=zorder)
+    if max((abs(d) for _, deltas in lines for d in deltas), default=0.0) > 100 * linear_pct:
+        ax.set_yscale("symlog", linthresh=linear_pct)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("positions within the stream (scored tokens)")
+    ax.set_ylabel(f"Δ perplexity vs {records[0]['config']} (%)")
+    ax.set_title(title or "error by position along the stream")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig

@@ -12,10 +12,18 @@ accuracy and perplexity on its first ``--lambada-examples`` examples: context = 
 last word's tokens scored decode-faithfully (every state write through the config), accuracy = every target
 token is the greedy argmax, perplexity = exp(mean NLL per word) as lm-evaluation-harness reports it.
 
+Long streams (does the error grow with sequence length?): ``--long-stream-streams`` streams of
+``--long-stream-tokens`` consecutive tokens of ``--long-stream-dataset`` (concatenated text, default the first
+non-LAMBADA ``--dataset``) run as one batch, each stepped token by token through one cache from an empty
+state, so the state is carried over the whole stream. fp32, every uniform format and each dynamic family at
+its preset's setting (`LONG_STREAM_DYNAMIC`) are scored per position bucket (``0, 256, 1024, 4096, ...``);
+``--long-stream-tokens 0`` skips this part.
+
 Writes into ``--out``: ``results.md`` (one table per model and dataset; the command line and versions on
 top), ``results.json`` (all records), ``pareto-<model>-<dataset>.png`` (Δ perplexity vs average stored bits:
-uniform formats as `gsq_hf.plot.pareto`'s line, one line per dynamic policy family across its thresholds)
-and ``trace-<model>.png`` (the gsq-gate preset's per layer x token precision on one passage).
+uniform formats as `gsq_hf.plot.pareto`'s line, one line per dynamic policy family across its thresholds),
+``trace-<model>.png`` (the gsq-gate preset's per layer x token precision on one passage) and
+``long-stream-<model>.png`` (Δ perplexity vs position bucket, one line per config).
 """
 
 from __future__ import annotations
@@ -38,8 +46,14 @@ import gsq_hf
 from gsq_hf import plot
 from gsq_hf.config import resolve_config
 from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR
-from gsq_hf.eval.data import load_model, load_text, load_tokenizer, make_windows
-from gsq_hf.eval.perplexity import NonFiniteLogitsError, decode_faithful_perplexity, full_sequence_perplexity
+from gsq_hf.eval.data import EvalInputError, TokenWindows, load_model, load_text, load_tokenizer, make_windows
+from gsq_hf.eval.perplexity import (
+    NonFiniteLogitsError,
+    bucket_labels,
+    decode_faithful_perplexity,
+    full_sequence_perplexity,
+    log_position_buckets,
+)
 from gsq_hf.eval.report import versions, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +77,11 @@ CONFIGS: list[tuple[str, str | dict]] = [
                   "budget_fraction": f, "high_when": "open"}) for f in (0.1, 0.25, 0.5)],
 ]
 TRACE_CONFIG = "gsq-gate"
+# Long streams: each dynamic family at its preset's setting (gsq-gate 0.3, gsq-entropy 0.5, gsq-budget 0.25).
+LONG_STREAM_DYNAMIC = ("gate-open@0.3", "gate-closed@0.3", "entropy@0.5", "budget@0.25")
+# |Δ| rise from the first to the last bucket called growth: above the issue's "lossless" bar (0.1 percentage
+# point) and above twice its standard error over the streams.
+GROWTH_PP = 0.1
 
 
 def slug(text: str) -> str:
@@ -164,6 +183,137 @@ def trace_passage(model, tokenizer, ids: torch.Tensor, config=TRACE_CONFIG):
     return trace, tokens
 
 
+# -- long streams -------------------------------------------------------------------------------------
+def long_stream_configs() -> list[tuple[str, Any]]:
+    """fp32 (the baseline), every uniform format, and the `LONG_STREAM_DYNAMIC` representatives."""
+    chosen = [(family, resolve_config(config)) for family, config in CONFIGS]
+    return [(family, cfg) for family, cfg in chosen if family == UNIFORM or cfg.name in LONG_STREAM_DYNAMIC]
+
+
+def long_stream_dataset(datasets: list[str]) -> str:
+    """The first dataset of running text (a LAMBADA file is passages, but concatenated they still serve)."""
+    return next((d for d in datasets if not is_lambada(d)), datasets[0])
+
+
+def bucket_deltas(buckets: dict[str, Any], fp32: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Δ perplexity vs fp32 per bucket (all streams pooled) and its standard error over the streams (NaN with
+    one stream), from per-stream ΣNLL: every stream has the same tokens in a bucket."""
+    streams = len(buckets["window_nll_sum"])
+    pooled = [p / q - 1.0 for p, q in zip(buckets["perplexity"], fp32["perplexity"], strict=True)]
+    if streams < 2:
+        return pooled, [math.nan] * len(pooled)
+    extra_nll = (torch.tensor(buckets["window_nll_sum"], dtype=torch.float64)
+                 - torch.tensor(fp32["window_nll_sum"], dtype=torch.float64))  # (streams, buckets)
+    per_stream = torch.expm1(extra_nll / (torch.tensor(buckets["tokens"], dtype=torch.float64) / streams))
+    return pooled, (per_stream.std(dim=0) / math.sqrt(streams)).tolist()
+
+
+def long_stream_scores(model, streams: TokenWindows, labels: dict[str, Any], bar: tqdm) -> list[dict[str, Any]]:
+    """Per-position-bucket records of `long_stream_configs` on ``streams`` (one batch), with ``delta_vs_fp32``
+    overall and per bucket (``position_buckets["delta_vs_fp32"]``, ``["delta_stderr"]``: `bucket_deltas`)
+    against the first (fp32) record."""
+    starts = log_position_buckets(streams.context)
+    group = []
+    for family, cfg in long_stream_configs():
+        bar.set_postfix_str(f"{labels['model']} / long streams of {labels['dataset']} / {cfg.name}")
+        base = {**labels, "family": family, "config": cfg.name, "gsq_config": cfg.to_dict(),
+                "streams": streams.ids.shape[0], "stream_tokens": streams.context}
+        try:
+            result = decode_faithful_perplexity(model, streams, cfg, batch_size=streams.ids.shape[0],
+                                                progress=False, position_buckets=starts)
+            group.append({**base, **result.to_dict(), "config": cfg.name})
+        except NonFiniteLogitsError as error:
+            group.append({**base, "perplexity": None, "error": str(error)})
+        bar.update(1)
+    fp32 = group[0]
+    for r in group:
+        ok = not r.get("error") and not fp32.get("error")
+        r["delta_vs_fp32"] = r["perplexity"] / fp32["perplexity"] - 1.0 if ok else None
+        if ok:
+            buckets = r["position_buckets"]
+            buckets["delta_vs_fp32"], buckets["delta_stderr"] = bucket_deltas(buckets, fp32["position_buckets"])
+    return group
+
+
+def _pct(delta, stderr=math.nan) -> str:
+    """``+1.234%``, or ``+1.234 ± 0.056%`` with a standard error."""
+    if not (isinstance(delta, float) and math.isfinite(delta)):
+        return "-"
+    return f"{100 * delta:+.3f}" + (f" ± {100 * stderr:.3f}%" if math.isfinite(stderr) else "%")
+
+
+def long_stream_table(group: list[dict[str, Any]], labels: list[str]) -> str:
+    headers = ["config", "family", "avg state bits", "all positions", *labels]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(headers) - 2)) + "|"]
+    for r in group:
+        if r.get("error") or r.get("delta_vs_fp32") is None:
+            cells = [r["config"], r["family"], "FAILED"] + ["-"] * (len(headers) - 3)
+        else:
+            buckets = r["position_buckets"]
+            cells = [r["config"], r["family"], _f(r.get("avg_state_bits"), ".2f"), _pct(r["delta_vs_fp32"]),
+                     *map(_pct, buckets["delta_vs_fp32"], buckets["delta_stderr"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def growth_sentence(group: list[dict[str, Any]], labels: list[str]) -> str:
+    """The answer: which configs' |Δ| grows from the first position bucket to the last (`GROWTH_PP`), which
+    still grow between the last two, and every config's Δ in the first and the last bucket."""
+    question = "**Does the error grow with sequence length?** "
+    scored = [r for r in group[1:] if r.get("delta_vs_fp32") is not None]
+    if len(labels) < 2 or not scored:
+        return question + ("Not measured: fewer than two position buckets (use a longer --long-stream-tokens)."
+                           if scored else "Not measured: the fp32 baseline failed.")
+
+    def rises(buckets: dict[str, Any], before: int, after: int) -> float:
+        """How far |Δ| rises from bucket ``before`` to ``after`` beyond the larger of the two bars (< 0: not)."""
+        delta, stderr = buckets["delta_vs_fp32"], buckets["delta_stderr"]
+        noise = 2 * math.hypot(stderr[before], stderr[after])
+        threshold = max(GROWTH_PP / 100, noise if math.isfinite(noise) else 0.0)
+        return abs(delta[after]) - abs(delta[before]) - threshold
+
+    grows = [r["config"] for r in scored if rises(r["position_buckets"], 0, -1) > 0]
+    shrinks = [r["config"] for r in scored if rises(r["position_buckets"], -1, 0) > 0]
+    still = [r["config"] for r in scored if r["config"] in grows and rises(r["position_buckets"], -2, -1) > 0]
+    verdict = (f"Yes for {', '.join(grows)}" if grows else "No") + (
+        f"; it shrinks for {', '.join(shrinks)}" if shrinks else "")
+    if grows and len(labels) > 2:
+        verdict += f"; still growing between the last two buckets: {', '.join(still) or 'none'}"
+
+    def first_to_last(record: dict[str, Any]) -> str:
+        delta, stderr = record["position_buckets"]["delta_vs_fp32"], record["position_buckets"]["delta_stderr"]
+        return f"{record['config']} {_pct(delta[0], stderr[0])} → {_pct(delta[-1], stderr[-1])}"
+
+    numbers = "; ".join(map(first_to_last, scored))
+    return (question + f"{verdict}. Growth: |Δ| rises by more than {GROWTH_PP} percentage point and more than "
+            f"twice its standard error over the {scored[0]['streams']} streams. Δ perplexity vs fp32 ± standard "
+            f"error, positions {labels[0]} → {labels[-1]}: {numbers}.")
+
+
+def long_stream_section(group: list[dict[str, Any]], streams: TokenWindows, name: str, sname: str,
+                        out: Path) -> list[str]:
+    """The markdown of one model's long streams; writes its plot into ``out``."""
+    buckets = next((r["position_buckets"] for r in group if not r.get("error")), None)
+    labels = bucket_labels(buckets["starts"], buckets["ends"]) if buckets else []
+    fp32 = group[0]
+    per_range = ("FAILED" if fp32.get("error") else ", ".join(
+        f"{label}: {ppl:.3f}" for label, ppl in zip(labels, fp32["position_buckets"]["perplexity"], strict=True)))
+    md = [f"### {name} — long streams of {sname}", "",
+          f"{streams.ids.shape[0]} streams of {streams.context} consecutive tokens of {sname} "
+          "(`--long-stream-streams`, `--long-stream-tokens`), run as one batch, each stepped token by token "
+          "through one cache from an empty state: the state is carried over the whole stream. Each column is a "
+          "range of positions within the streams; Δ is the relative perplexity change vs fp32 on the same "
+          "tokens (all streams pooled) ± its standard error over the streams. fp32 perplexity per range: "
+          f"{per_range}.", "",
+          long_stream_table(group, labels), "", growth_sentence(group, labels), ""]
+    if not fp32.get("error"):
+        fig = plot.by_position(group, title=f"{name} — {sname}, {streams.ids.shape[0]} streams of "
+                                            f"{streams.context} tokens: Δ perplexity by position")
+        plot.save(fig, out / f"long-stream-{slug(name)}.png")
+        md += [f"![long streams](long-stream-{slug(name)}.png)", ""]
+    return md
+
+
 # -- report -------------------------------------------------------------------------------------------
 def _f(value, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "-"
@@ -223,6 +373,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lambada-examples", type=int, default=500, help="LAMBADA examples scored (default 500)")
     parser.add_argument("--trace-tokens", type=int, default=64, help="tokens of the traced passage (default 64)")
+    parser.add_argument("--long-stream-tokens", type=int, default=16384,
+                        help="tokens per long stream, stepped with one cache (default 16384; 0 skips long streams)")
+    parser.add_argument("--long-stream-streams", type=int, default=8,
+                        help="long streams run as one batch (default 8; fewer if the text is shorter)")
+    parser.add_argument("--long-stream-dataset",
+                        help="text cut into long streams (default: the first non-LAMBADA --dataset)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model weights dtype")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
@@ -237,11 +393,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     models = args.model or [str(BUILTIN_MODEL_DIR)]
     datasets = args.dataset or DEFAULT_DATASETS
+    stream_source = args.long_stream_dataset or long_stream_dataset(datasets)
+    stream_text = load_text(stream_source) if args.long_stream_tokens else None
     command = "python scripts/results.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
     info = versions()
     records: list[dict[str, Any]] = []
     references: list[dict[str, Any]] = []
+    long_records: list[dict[str, Any]] = []
     md = ["# Results: decode-faithful perplexity of every state config", "",
           "Generated by `scripts/results.py`; every number below is computed by it, none written by hand.", "",
           "```", command, "```", "",
@@ -253,13 +412,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "SSM + conv state bytes per sequence. LAMBADA: last-word accuracy (greedy, every target token) and "
           "perplexity exp(mean NLL per last word), on the first "
           f"`--lambada-examples {args.lambada_examples}` examples.", ""]
-    total = len(models) * len(datasets) * len(CONFIGS)
+    per_model = len(datasets) * len(CONFIGS) + (len(long_stream_configs()) if stream_text is not None else 0)
+    total = len(models) * per_model
     bar = tqdm(total=total, desc="results", unit="config", disable=args.no_progress)
     started = time.perf_counter()
     for source in models:
         name = model_name(source)
         model = load_model(source, args.dtype, args.device)
         tokenizer = load_tokenizer(source)
+        streams = None
+        if stream_text is not None:  # cut first: a text too short for one stream fails before the sweep
+            try:
+                streams = make_windows(tokenizer, stream_text, args.long_stream_tokens,
+                                       args.long_stream_tokens * args.long_stream_streams)
+            except EvalInputError as error:
+                message = f"--long-stream-tokens {args.long_stream_tokens} on {stream_source}: {error}"
+                raise SystemExit(message) from None
         md += [f"## {name}", ""]
         trace_ids = None
         for dataset in datasets:
@@ -307,6 +475,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plot.save(fig, args.out / f"trace-{slug(name)}.png")
         md += [f"Precision trace of `{TRACE_CONFIG}` on the first {trace_ids.numel()} tokens of "
                f"{dataset_name(datasets[0])}:", "", f"![trace](trace-{slug(name)}.png)", ""]
+        if streams is not None:
+            sname = dataset_name(stream_source)
+            group = long_stream_scores(model, streams, {"model": name, "dataset": sname}, bar)
+            long_records += group
+            md += long_stream_section(group, streams, name, sname, args.out)
     bar.close()
     seconds = time.perf_counter() - started
     md += [f"Total time: {seconds:.1f} s."]
@@ -314,7 +487,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {"command": command, "versions": info, "models": models, "datasets": datasets,
                "context": args.context, "max_tokens": args.max_tokens, "batch_size": args.batch_size,
                "lambada_examples": args.lambada_examples, "device": args.device, "dtype": args.dtype,
-               "seconds": seconds, "references": references, "records": records}
+               "long_stream_dataset": stream_source if stream_text is not None else None,
+               "long_stream_tokens": args.long_stream_tokens, "long_stream_streams": args.long_stream_streams,
+               "seconds": seconds, "references": references, "records": records, "long_stream": long_records}
     write_json(args.out / "results.json", payload)
     return payload
 

@@ -143,3 +143,32 @@ def test_pareto_one_label_for_formats_of_equal_bits():
     (ax,) = plot.pareto(records).axes
     assert sorted(texts(ax)) == ["bf16 / fp16", "fp32"]
     assert len(ax.lines[0].get_xdata()) == 3
+
+
+def positions(*ppl):
+    return {"starts": [0, 256, 1024][: len(ppl)], "ends": [256, 1024, 2048][: len(ppl)], "perplexity": list(ppl)}
+
+
+def test_by_position_one_line_per_config_relative_to_the_first():
+    records = [record("fp32", "static", 32.0, 10.0, position_buckets=positions(10.0, 8.0, 5.0)),
+               record("int8", "static", 10.0, 10.0, position_buckets=positions(10.0, 8.04, 5.01)),
+               record("gsq-gate", "gate", 11.6, 10.0, position_buckets=positions(10.08, 8.0, 5.0)),
+               {"config": "broken", "perplexity": None, "error": "NaN/Inf next-token logits"}]
+    (ax,) = plot.by_position(records).axes
+    lines = {line.get_label(): line for line in ax.lines}
+    assert list(lines) == ["fp32 (Δ = 0)", "int8", "gsq-gate"]  # the baseline as y = 0, the failed one left out
+    assert list(lines["int8"].get_ydata()) == pytest.approx([0.0, 0.5, 0.2])  # % vs fp32, bucket by bucket
+    assert list(lines["gsq-gate"].get_ydata()) == pytest.approx([0.8, 0.0, 0.0])
+    assert lines["int8"].get_linestyle() == "-" and lines["gsq-gate"].get_linestyle() == "--"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1–255", "256–1023", "1024–2047"]
+    assert ax.get_yscale() == "linear"  # |Δ| <= 1%: symmetric-log only beyond 100 x linear_pct
+    assert not ax.containers  # no standard errors given: no error bars
+    records[1]["position_buckets"]["delta_stderr"] = [0.001, 0.002, 0.003]
+    (ax,) = plot.by_position(records).axes
+    (bars,) = ax.containers
+    ends = [y for segment in bars.lines[2][0].get_segments() for y in segment[:, 1]]
+    assert ends == pytest.approx([-0.1, 0.1, 0.3, 0.7, -0.1, 0.5])  # Δ ± 100 x stderr, in %
+    records[1]["position_buckets"] = positions(10.0, 8.0, 6.0)  # +20%
+    assert plot.by_position(records).axes[0].get_yscale() == "symlog"
+    with pytest.raises(ValueError, match="baseline"):
+        plot.by_position(records[3:] + records[:3])

@@ -14,14 +14,19 @@ lm-evaluation-harness does (ΣNLL, tokens, words, bytes) and the metrics derived
     byte_perplexity  exp(ΣNLL / bytes)
     bits_per_byte    ΣNLL / (bytes · ln 2)
 
+``position_buckets=`` also splits ΣNLL and token counts by position within the window (`PositionBuckets`):
+with one long window per stream, that shows whether a quantized state's error accumulates with length.
+
 Non-finite logits are never averaged: they raise `NonFiniteLogitsError` naming the windows affected.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,13 +42,65 @@ from .data import TokenWindows, make_windows
 __all__ = [
     "NonFiniteLogitsError",
     "PerplexityResult",
+    "PositionBuckets",
+    "bucket_labels",
     "decode_faithful_perplexity",
     "full_sequence_perplexity",
+    "log_position_buckets",
 ]
 
 
 class NonFiniteLogitsError(ArithmeticError):
     """Some next-token logits were NaN or Inf: the perplexity of that config is undefined."""
+
+
+def log_position_buckets(length: int, first: int = 256, factor: int = 4) -> list[int]:
+    """Bucket starts ``0, first, first·factor, ...`` below ``length``: log-spaced, so that an error which
+    accumulates along a stream shows as a trend over a few buckets of similar weight on a log axis."""
+    starts, start = [0], first
+    while start < length:
+        starts.append(start)
+        start *= factor
+    return starts
+
+
+def bucket_labels(starts: Sequence[int], ends: Sequence[int]) -> list[str]:
+    """``"1–255"``-style labels of the scored positions in each bucket (position 0 is never scored)."""
+    return [f"{max(start, 1)}–{end - 1}" for start, end in zip(starts, ends, strict=True)]
+
+
+@dataclass(frozen=True)
+class PositionBuckets:
+    """ΣNLL and scored tokens per range of positions within the windows, summed over windows, and ΣNLL per
+    window (the spread over windows says how much of a difference between configs is noise).
+
+    Bucket i holds the tokens at window positions ``starts[i] <= p < ends[i]`` (position 0 is never scored).
+    """
+
+    starts: tuple[int, ...]
+    ends: tuple[int, ...]
+    nll_sum: tuple[float, ...]
+    tokens: tuple[int, ...]
+    window_nll_sum: tuple[tuple[float, ...], ...]  # (windows, buckets)
+
+    @property
+    def perplexity(self) -> list[float]:
+        return [math.exp(nll / n) for nll, n in zip(self.nll_sum, self.tokens, strict=True)]
+
+    def to_dict(self) -> dict[str, list]:
+        return {"starts": list(self.starts), "ends": list(self.ends), "nll_sum": list(self.nll_sum),
+                "tokens": list(self.tokens), "perplexity": self.perplexity,
+                "window_nll_sum": [list(row) for row in self.window_nll_sum]}
+
+
+def _bucket_of_step(starts: Sequence[int], context: int) -> tuple[tuple[int, ...], torch.Tensor]:
+    """The buckets that hold scored positions ``1..context-1`` and the bucket index of each decode step
+    (step t scores position t+1); starts at or beyond ``context`` would be empty and are dropped."""
+    starts = [int(s) for s in starts]
+    if not starts or starts[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts)):
+        raise ValueError(f"position buckets are increasing bucket starts beginning at 0, got {starts}")
+    kept = tuple(s for s in starts if s < context)
+    return kept, torch.bucketize(torch.arange(1, context), torch.tensor(kept), right=True) - 1
 
 
 @dataclass
@@ -58,6 +115,7 @@ class PerplexityResult:
     seconds: float
     state: dict[str, Any] = field(default_factory=dict)  # per-sequence state memory; empty for the reference
     trace: dict[str, Any] | None = field(default=None, repr=False)  # first batch's precision trace, if asked
+    positions: PositionBuckets | None = None  # per position bucket, if asked
 
     @property
     def perplexity(self) -> float:
@@ -93,6 +151,7 @@ class PerplexityResult:
             "seconds": self.seconds,
             "tokens_per_second": self.tokens_per_second,
             **self.state,
+            **({"position_buckets": self.positions.to_dict()} if self.positions is not None else {}),
         }
 
 
@@ -134,6 +193,7 @@ def decode_faithful_perplexity(
     batch_size: int = 8,
     progress: bool = True,
     trace: bool | str = False,
+    position_buckets: Sequence[int] | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` with its states stored per ``config``, stepping every window token by token.
 
@@ -142,12 +202,18 @@ def decode_faithful_perplexity(
     the run and restored after; an already patched one keeps its patch and gets a ``config`` cache.
     ``batch_size`` windows run at a time, each batch with a fresh `GSQCache`. ``trace=True`` (or ``"units"``)
     keeps the precision trace of the first batch (`GSQCache.precision_trace`) in ``result.trace``: per layer,
-    window token and window, the fraction of units stored in the high format.
+    window token and window, the fraction of units stored in the high format. ``position_buckets``
+    (increasing bucket starts from 0, e.g. `log_position_buckets`) also fills ``result.positions``.
     """
     windows = _windows(windows_or_tokenizer, text, context, max_tokens)
     cfg = resolve_config(config)
     device = _device(model)
+    steps = windows.context - 1
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    if position_buckets is not None:
+        starts, bucket_of_step = _bucket_of_step(position_buckets, windows.context)
+        bucket_of_step = bucket_of_step.to(device)
+        window_nll = []
     reports = []
     kept_trace = None
     bar = tqdm(total=windows.scored_tokens, desc=cfg.name, unit="tok", disable=not progress, leave=False)
@@ -157,21 +223,31 @@ def decode_faithful_perplexity(
         for batch in windows.ids.split(batch_size):
             batch = batch.to(device)
             cache = GSQCache(model.config, cfg, trace=trace if first == 0 else False)
-            nll = torch.zeros(batch.shape[0], dtype=torch.float64, device=device)
-            for t in range(windows.context - 1):
+            step_nll = torch.empty(steps, batch.shape[0], dtype=torch.float64, device=device)
+            for t in range(steps):
                 logits = model(input_ids=batch[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1]
-                nll += F.cross_entropy(logits.float(), batch[:, t + 1], reduction="none")
+                step_nll[t] = F.cross_entropy(logits.float(), batch[:, t + 1], reduction="none")
                 bar.update(batch.shape[0])
+            nll = step_nll.sum(dim=0)
             _check_finite(nll, first, cfg.name)
             nll_sum += nll.sum()
+            if position_buckets is not None:
+                buckets = step_nll.new_zeros(len(starts), batch.shape[0])
+                window_nll.append(buckets.index_add_(0, bucket_of_step, step_nll))
             reports.append(cache.memory_report())
             if trace and first == 0:
                 kept_trace = cache.precision_trace()
             first += batch.shape[0]
         total = float(nll_sum)
+    positions = None
+    if position_buckets is not None:
+        per_window = torch.cat(window_nll, dim=1).T.cpu()  # (windows, buckets)
+        counts = torch.bincount(bucket_of_step.cpu(), minlength=len(starts)) * windows.ids.shape[0]
+        positions = PositionBuckets(starts, (*starts[1:], windows.context), tuple(per_window.sum(dim=0).tolist()),
+                                    tuple(counts.tolist()), tuple(map(tuple, per_window.tolist())))
     return PerplexityResult(cfg.name, total, windows.scored_tokens, int(windows.words.sum()),
                             int(windows.bytes.sum()), time.perf_counter() - start,
-                            {"policy": cfg.policy, **_state_summary(reports)}, kept_trace)
+                            {"policy": cfg.policy, **_state_summary(reports)}, kept_trace, positions)
 
 
 def _state_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:

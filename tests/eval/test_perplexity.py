@@ -1,4 +1,5 @@
-"""Decode-faithful perplexity: equivalence with the ordinary forward, metrics, state memory, non-finite logits."""
+"""Decode-faithful perplexity: equivalence with the ordinary forward, metrics, state memory, non-finite logits,
+position buckets."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from gsq_hf.eval import (
     full_sequence_perplexity,
     make_windows,
 )
+from gsq_hf.eval.perplexity import bucket_labels, log_position_buckets
 
 # fp32 decode vs one full-sequence forward: the same math in another summation order (Mamba2's reference
 # forward is the chunked SSD scan). Measured on these models: ΣNLL within 6e-9 and perplexity within 3e-8
@@ -107,3 +109,44 @@ def test_nonfinite_logits_raise_and_name_the_windows(tokenizer, text):
     with pytest.raises(NonFiniteLogitsError, match="reference"):
         full_sequence_perplexity(model, windows, progress=False)
     assert "perplexity is undefined" in str(info.value)
+
+
+def test_log_position_buckets_and_labels():
+    assert log_position_buckets(16384) == [0, 256, 1024, 4096]  # 16384 would hold no position of the window
+    assert log_position_buckets(16385) == [0, 256, 1024, 4096, 16384]
+    assert log_position_buckets(256) == [0] and log_position_buckets(40, first=8, factor=2) == [0, 8, 16, 32]
+    assert bucket_labels([0, 256, 1024], [256, 1024, 1500]) == ["1–255", "256–1023", "1024–1499"]
+
+
+def test_position_buckets_match_per_position_nll_of_the_forward(model, tokenizer, text):
+    """Each bucket holds exactly its positions (checked against the full forward's per-token NLL), the buckets
+    add up to the total, and asking for them leaves the total unchanged."""
+    windows = make_windows(tokenizer, text, context=40, max_tokens=200)  # 5 windows: batches of 2, 2, 1
+    plain = decode_faithful_perplexity(model, windows, "fp32", batch_size=2, progress=False)
+    result = decode_faithful_perplexity(model, windows, "fp32", batch_size=2, progress=False,
+                                        position_buckets=[0, 8, 16, 32, 64])  # 64 >= context: dropped
+    buckets = result.positions
+    assert plain.positions is None and "position_buckets" not in plain.to_dict()
+    assert result.nll_sum == plain.nll_sum
+    assert buckets.starts == (0, 8, 16, 32) and buckets.ends == (8, 16, 32, 40)
+    assert buckets.tokens == (5 * 7, 5 * 8, 5 * 16, 5 * 8)  # position 0 is never scored
+    assert sum(buckets.tokens) == result.tokens
+    assert sum(buckets.nll_sum) == pytest.approx(result.nll_sum, rel=1e-12)
+
+    logits = model(input_ids=windows.ids).logits[:, :-1].float()
+    per_position = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows.ids[:, 1:],
+                                                     reduction="none").double()  # (windows, positions 1..39)
+    expected = torch.stack([per_position[:, max(start, 1) - 1 : end - 1].sum(dim=1)
+                            for start, end in zip(buckets.starts, buckets.ends, strict=True)], dim=1)
+    torch.testing.assert_close(torch.tensor(buckets.window_nll_sum, dtype=torch.float64), expected,
+                               rtol=EQUIVALENCE_RTOL, atol=0.0)  # (windows, buckets)
+    assert buckets.nll_sum == pytest.approx(expected.sum(dim=0).tolist(), rel=EQUIVALENCE_RTOL)
+    assert result.to_dict()["position_buckets"]["perplexity"] == pytest.approx(
+        (expected.sum(dim=0) / torch.tensor(buckets.tokens)).exp().tolist(), rel=EQUIVALENCE_RTOL)
+
+
+@pytest.mark.parametrize("starts", [[], [1, 8], [0, 8, 8], [0, 16, 8]])
+def test_position_buckets_must_be_increasing_starts_from_zero(tokenizer, text, starts):
+    windows = make_windows(tokenizer, text, context=16, max_tokens=16)
+    with pytest.raises(ValueError, match="increasing bucket starts beginning at 0"):
+        decode_faithful_perplexity(tiny_mamba(), windows, "fp32", progress=False, position_buckets=starts)
