@@ -10,6 +10,7 @@ full forward by up to 4e-6 on these models. Measured per family: docs/support.md
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -241,3 +242,27 @@ def test_speculative_greedy_equals_plain_generate(model):
     for rollback in ("checkpoints", "recompute"):
         out = speculative_generate(model, ids, draft="int4", lookahead=4, max_new_tokens=12, rollback=rollback)
         assert torch.equal(out.sequences, expected), rollback
+
+
+def test_fused_kernel_decode_matches_the_torch_path(case, model, monkeypatch):
+    """Every family's decode steps through the Triton kernel (interpreter on CPU) give the torch path's tokens;
+    Zamba's multi-head Mamba-1 (A per head row) stays on torch."""
+    pytest.importorskip("triton", exc_type=ImportError)
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernel needs CUDA or TRITON_INTERPRET=1")
+    import gsq_hf.kernels.state_update as kernel_module
+
+    calls = []
+    original = kernel_module.state_update
+    monkeypatch.setattr(kernel_module, "state_update", lambda *a, **k: calls.append(1) or original(*a, **k))
+    ids = ids_(2, 6, seed=4)
+    gsq_hf.patch(model)
+    runs = {}
+    for kernel in ("torch", "triton"):
+        cache = gsq_hf.GSQCache(model, {"policy": "static", "format": "int8", "kernel": kernel})
+        runs[kernel] = model.generate(ids, max_new_tokens=4, do_sample=False, cache=cache, output_scores=True,
+                                      return_dict_in_generate=True)
+    assert torch.equal(runs["triton"].sequences, runs["torch"].sequences)
+    for a, b in zip(runs["triton"].scores, runs["torch"].scores, strict=True):
+        assert relative_error(a, b) <= 1e-3  # an int8 code may move at a rounding tie
+    assert bool(calls) == (TEST_CASES[case][0] != "zamba")
