@@ -4,6 +4,7 @@
     plot.precision_trace(cache.precision_trace())      # layer x token heatmap of the fraction stored high
     plot.pareto(json.load(open("results.json")))      # perplexity vs average stored bits, one point per config
     plot.by_position(records)                          # Δ perplexity per position bucket along long streams
+    plot.families(records, y="recall_loss")            # any metric vs average stored bits, one line per family
 
 Both return a `matplotlib.figure.Figure` built without pyplot (no global figure state; a notebook shows it
 once, ``fig.savefig(path)`` writes it). matplotlib is imported only when a function is called:
@@ -23,11 +24,12 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["by_position", "pareto", "precision_trace", "save"]
+__all__ = ["by_position", "families", "pareto", "precision_trace", "save"]
 
 STATIC_POLICY = "static"
 _DYNAMIC_STYLES = [("s", "tab:orange"), ("^", "tab:green"), ("D", "tab:red"), ("v", "tab:purple"),
-                   ("P", "tab:brown"), ("X", "tab:pink"), ("*", "tab:olive"), ("h", "tab:cyan")]
+                   ("P", "tab:brown"), ("X", "tab:pink"), ("*", "tab:olive"), ("h", "tab:cyan"),
+                   ("<", "tab:gray"), (">", "black")]
 
 
 def _figure(**kwargs) -> Figure:
@@ -270,6 +272,71 @@ def pareto(
     ax.grid(True, alpha=0.3)
     if points:
         ax.legend(fontsize="small", loc="best")
+    return fig
+
+
+# -- one line per family ---------------------------------------------------------------------------------
+def families(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    y: str,
+    y_label: str | None = None,
+    uniform_family: str = "uniform",
+    baseline: str | None = None,
+    symlog: float | None = None,
+    title: str | None = None,
+    ax: Axes | None = None,
+    figsize: tuple[float, float] = (8.0, 5.0),
+) -> Figure:
+    """A metric against the average stored bits, one line per policy family.
+
+    ``records``: dicts with ``family``, ``config``, ``avg_state_bits`` and the ``y`` key (records without a
+    finite value, or with an ``error``, are left out). The ``uniform_family`` line is solid blue with each
+    config named (configs storing the same bits share a label); every other family is a dashed line in its
+    own colour, each point annotated with its knob (the part of the config name after ``@``). ``baseline``:
+    the label of a dashed y = 0 line (e.g. ``"fp32"`` when y is a loss or change vs fp32). The x axis is
+    log2; ``symlog``: a symmetric-log y axis, linear within ±``symlog``, once some |y| exceeds 10 x it (small
+    losses stay readable beside int2's).
+    """
+    points = [r for r in records if not r.get("error") and _finite(r.get("avg_state_bits")) and _finite(r.get(y))]
+    if ax is None:
+        fig = _figure(figsize=figsize, layout="constrained")
+        ax = fig.subplots()
+    else:
+        fig = ax.figure
+    if baseline is not None:
+        ax.axhline(0.0, color="0.5", linestyle="--", linewidth=1, label=f"{baseline} (0)", zorder=1)
+    styles = itertools.cycle(_DYNAMIC_STYLES)
+    for family in dict.fromkeys(r["family"] for r in points):
+        line = sorted(((float(r["avg_state_bits"]), float(r[y]), r) for r in points if r["family"] == family),
+                      key=lambda p: p[0])
+        xs, ys = [p[0] for p in line], [p[1] for p in line]
+        if family == uniform_family:
+            ax.plot(xs, ys, "o-", color="tab:blue", linewidth=1.5, markersize=6, label=family, zorder=2)
+            for px, group in _same_x([(p[2], p[0], p[1]) for p in line]):
+                ax.annotate(" / ".join(r["config"] for r, _, _ in group), (px, min(py for _, _, py in group)),
+                            xytext=(0, -14), textcoords="offset points", ha="center", fontsize="small",
+                            color="tab:blue")
+            continue
+        marker, color = next(styles)
+        ax.plot(xs, ys, marker=marker, linestyle="--", color=color, linewidth=1.2, label=family, zorder=3)
+        for px, py, record in line:
+            ax.annotate(str(record["config"]).split("@")[-1], (px, py), xytext=(5, 4), textcoords="offset points",
+                        fontsize="x-small", color=color)
+    if points:
+        bits = [float(r["avg_state_bits"]) for r in points]
+        ax.set_xscale("log", base=2)
+        ticks = sorted({2 ** k for k in range(0, 7) if min(bits) / 1.5 <= 2 ** k <= 1.5 * max(bits)})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        ax.legend(fontsize="small", loc="best")
+        if symlog and max(abs(float(r[y])) for r in points) > 10 * symlog:
+            ax.set_yscale("symlog", linthresh=symlog)
+    ax.margins(x=0.08, y=0.15)
+    ax.set_xlabel(_X["bits"][1])
+    ax.set_ylabel(y_label or y)
+    ax.set_title(title or f"{y_label or y} vs stored state bits")
+    ax.grid(True, alpha=0.3)
     return fig
 
 

@@ -19,16 +19,34 @@ state, so the state is carried over the whole stream. fp32, every uniform format
 its preset's setting (`LONG_STREAM_DYNAMIC`) are scored per position bucket (``0, 256, 1024, 4096, ...``);
 ``--long-stream-tokens 0`` skips this part.
 
+The grid: uniform round-to-nearest formats (fp32 ... int2: the curve every verdict compares against),
+stochastic-rounding int4/int3 (``uniform-sr``, their own line), and dynamic families named with their formats
+(``gate-closed int3/int8``...) across their knobs; ``--families`` runs a subset (fp32 always first).
+
+Recall (issue 10): for each ``--recall-model`` (default: every ``gsq_hf/assets/recall-*``), `recall_sweep` over
+the same configs, ``--recall-num`` MQAR sequences at each of ``--recall-gaps`` (default: the training gap and
+4x it); ``--recall-num 0`` skips it, ``--recall-only`` runs only it:
+
+    python scripts/results.py --recall-only --recall-num 256 --out /tmp/recall_results
+
+Verdicts are computed, not written by hand: each dynamic config's perplexity Δ / recall is compared with the
+uniform curve linearly interpolated in average bits between its two neighbouring uniform points (no verdict
+outside their range); it "beats uniform" only by more than `PPL_MARGIN_PP` (perplexity: no standard error) or
+`RECALL_SE` binomial standard errors of the difference (recall).
+
 Writes into ``--out``: ``results.md`` (one table per model and dataset; the command line and versions on
 top), ``results.json`` (all records), ``pareto-<model>-<dataset>.png`` (Δ perplexity vs average stored bits:
 uniform formats as `gsq_hf.plot.pareto`'s line, one line per dynamic policy family across its thresholds),
 ``trace-<model>.png`` (the gsq-gate preset's per layer x token precision on one passage) and
-``long-stream-<model>.png`` (Δ perplexity vs position bucket, one line per config).
+``long-stream-<model>.png`` (Δ perplexity vs position bucket, one line per config) and
+``recall-pareto-<model>.png`` (recall loss vs fp32 in points vs average stored bits, one line per family).
+results.json holds the records, ``"recall"`` (one entry per recall model) and ``"verdicts"``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
@@ -62,20 +80,48 @@ DEFAULT_DATASETS = [str(DATA / "wikitext-2-raw" / "wiki.test.raw"), str(DATA / "
                     str(DATA / "lambada" / "lambada_test.jsonl")]
 
 # -- the grid: (family, config). fp32 first: every Δ is relative to it. -------------------------------
-UNIFORM = "uniform"
+# A family name shows its formats (low/high) so plot legends say what each line stores.
+UNIFORM = "uniform"  # round-to-nearest uniform formats: the curve every verdict compares against
+UNIFORM_SR = "uniform-sr"  # stochastic rounding: a static policy, but its own line (not the verdict's curve)
+
+
+def _dynamic(family: str, policy: str, low: str, high: str, knob: str, values, **extra) -> list[tuple[str, dict]]:
+    """One family of dynamic configs: ``<family> <low>/<high>`` with one config per knob value."""
+    label = f"{family} {low}/{high}"
+    prefix = family if (low, high) in (("int8", "fp16"), ("int4", "fp16")) else f"{family}-{low}-{high}"
+    return [(label, {"name": f"{prefix}@{v}", "policy": policy, "low_format": low, "high_format": high,
+                     knob: v, **extra}) for v in values]
+
+
 CONFIGS: list[tuple[str, str | dict]] = [
     (UNIFORM, "fp32"), (UNIFORM, "bf16"), (UNIFORM, "fp16"),
     (UNIFORM, {"name": "fp8", "policy": "static", "format": "fp8"}),
-    (UNIFORM, "int8"), (UNIFORM, "int4"),
-    *[("gate-open", {"name": f"gate-open@{t}", "policy": "gate", "low_format": "int8", "high_format": "fp16",
-                     "threshold": t, "high_when": "open"}) for t in (0.1, 0.3, 0.6)],
-    *[("gate-closed", {"name": f"gate-closed@{t}", "policy": "gate", "low_format": "int8", "high_format": "fp16",
-                       "threshold": t, "high_when": "closed"}) for t in (0.1, 0.3, 0.6)],
-    *[("entropy", {"name": f"entropy@{t}", "policy": "entropy", "low_format": "int4", "high_format": "fp16",
-                   "threshold": t}) for t in (0.25, 0.5, 0.75)],
-    *[("budget", {"name": f"budget@{f}", "policy": "budget", "low_format": "int4", "high_format": "fp16",
-                  "budget_fraction": f, "high_when": "open"}) for f in (0.1, 0.25, 0.5)],
+    (UNIFORM, "int8"), (UNIFORM, "int4"), (UNIFORM, "int3"), (UNIFORM, "int2"),
+    *[(UNIFORM_SR, {"name": f"{fmt}-sr", "policy": "static", "format": fmt, "rounding": "stochastic"})
+      for fmt in ("int4", "int3")],
+    *_dynamic("gate-open", "gate", "int8", "fp16", "threshold", (0.1, 0.3, 0.6), high_when="open"),
+    *_dynamic("gate-closed", "gate", "int8", "fp16", "threshold", (0.1, 0.3, 0.6), high_when="closed"),
+    *_dynamic("entropy", "entropy", "int4", "fp16", "threshold", (0.25, 0.5, 0.75)),
+    *_dynamic("budget", "budget", "int4", "fp16", "budget_fraction", (0.1, 0.25, 0.5), high_when="open"),
+    # the low-bit regime, where spending precision where it matters could beat uniform int3/int4
+    *_dynamic("gate-open", "gate", "int3", "int8", "threshold", (0.02, 0.1, 0.3), high_when="open"),
+    *_dynamic("gate-closed", "gate", "int3", "int8", "threshold", (0.02, 0.1, 0.3), high_when="closed"),
+    *_dynamic("budget-closed", "budget", "int3", "int8", "budget_fraction", (0.1, 0.25), high_when="closed"),
+    *_dynamic("entropy", "entropy", "int3", "int8", "threshold", (0.25, 0.5)),
 ]
+FAMILIES = list(dict.fromkeys(family for family, _ in CONFIGS))
+
+
+def select_configs(families: list[str] | None) -> list[tuple[str, str | dict]]:
+    """The configs of ``families`` (None: all) in grid order; fp32 always first (every Δ is relative to it)."""
+    if not families:
+        return list(CONFIGS)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise SystemExit(f"--families: unknown {', '.join(map(repr, unknown))}; known: {', '.join(FAMILIES)}")
+    return [CONFIGS[0]] + [(family, config) for family, config in CONFIGS[1:] if family in families]
+
+
 TRACE_CONFIG = "gsq-gate"
 # Long streams: each dynamic family at its preset's setting (gsq-gate 0.3, gsq-entropy 0.5, gsq-budget 0.25).
 LONG_STREAM_DYNAMIC = ("gate-open@0.3", "gate-closed@0.3", "entropy@0.5", "budget@0.25")
@@ -184,9 +230,10 @@ def trace_passage(model, tokenizer, ids: torch.Tensor, config=TRACE_CONFIG):
 
 
 # -- long streams -------------------------------------------------------------------------------------
-def long_stream_configs() -> list[tuple[str, Any]]:
-    """fp32 (the baseline), every uniform format, and the `LONG_STREAM_DYNAMIC` representatives."""
-    chosen = [(family, resolve_config(config)) for family, config in CONFIGS]
+def long_stream_configs(configs: list[tuple[str, Any]] | None = None) -> list[tuple[str, Any]]:
+    """fp32 (the baseline), every uniform format, and the `LONG_STREAM_DYNAMIC` representatives (of
+    ``configs``, default all of `CONFIGS`)."""
+    chosen = [(family, resolve_config(config)) for family, config in (CONFIGS if configs is None else configs)]
     return [(family, cfg) for family, cfg in chosen if family == UNIFORM or cfg.name in LONG_STREAM_DYNAMIC]
 
 
@@ -208,13 +255,14 @@ def bucket_deltas(buckets: dict[str, Any], fp32: dict[str, Any]) -> tuple[list[f
     return pooled, (per_stream.std(dim=0) / math.sqrt(streams)).tolist()
 
 
-def long_stream_scores(model, streams: TokenWindows, labels: dict[str, Any], bar: tqdm) -> list[dict[str, Any]]:
+def long_stream_scores(model, streams: TokenWindows, labels: dict[str, Any], bar: tqdm,
+                       configs: list[tuple[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Per-position-bucket records of `long_stream_configs` on ``streams`` (one batch), with ``delta_vs_fp32``
     overall and per bucket (``position_buckets["delta_vs_fp32"]``, ``["delta_stderr"]``: `bucket_deltas`)
     against the first (fp32) record."""
     starts = log_position_buckets(streams.context)
     group = []
-    for family, cfg in long_stream_configs():
+    for family, cfg in long_stream_configs(configs):
         bar.set_postfix_str(f"{labels['model']} / long streams of {labels['dataset']} / {cfg.name}")
         base = {**labels, "family": family, "config": cfg.name, "gsq_config": cfg.to_dict(),
                 "streams": streams.ids.shape[0], "stream_tokens": streams.context}
@@ -314,6 +362,168 @@ def long_stream_section(group: list[dict[str, Any]], streams: TokenWindows, name
     return md
 
 
+# -- verdict: does a dynamic policy beat uniform at equal bits? ---------------------------------------
+# Perplexity has no standard error here (one set of windows): a dynamic config beats uniform only if its Δ is
+# lower than the interpolated uniform Δ by more than this margin (the issue's "lossless" bar, in points).
+PPL_MARGIN_PP = 0.1
+# Recall: better than the interpolated uniform recall by more than this many binomial standard errors.
+RECALL_SE = 2.0
+
+
+def interpolate_uniform(points: list[tuple[float, float, float]], bits: float) -> tuple[float, float] | None:
+    """The uniform curve at ``bits``: ``(value, stderr)`` linearly interpolated between the two neighbouring
+    uniform points ``(bits, value, stderr)``; None outside their range. Where several uniform formats store the
+    same bits (bf16, fp16), the curve takes the first of them in ``points`` (callers put the best first)."""
+    curve: list[tuple[float, float, float]] = []
+    for point in sorted(points, key=lambda p: p[0]):  # stable: the first of equal bits wins
+        if not (curve and math.isclose(curve[-1][0], point[0], rel_tol=1e-9)):
+            curve.append(point)
+    if not curve or not curve[0][0] - 1e-9 <= bits <= curve[-1][0] + 1e-9:
+        return None
+    for (x0, y0, e0), (x1, y1, e1) in itertools.pairwise(curve):
+        if x0 - 1e-9 <= bits <= x1 + 1e-9:
+            w = (bits - x0) / (x1 - x0)
+            return y0 + w * (y1 - y0), math.hypot((1 - w) * e0, w * e1)
+    return curve[0][1], curve[0][2]  # a single uniform point, at exactly its bits
+
+
+def beats_uniform(records: list[dict[str, Any]], *, value: str, higher_is_better: bool,
+                  stderr: str | None = None, margin: float = 0.0, n_se: float = RECALL_SE,
+                  uniform_family: str = UNIFORM) -> list[dict[str, Any]]:
+    """For each dynamic config (policy not static), its ``value`` against the uniform (round-to-nearest) curve
+    interpolated at its average bits: ``{"config", "family", "bits", "value", "uniform", "gain", "noise",
+    "beats"}`` with ``gain`` > 0 meaning better than uniform, ``noise`` = max(``margin``, ``n_se`` x the
+    standard error of the difference) and ``beats`` = gain > noise; ``uniform`` is None (no verdict) outside
+    the uniform formats' range of bits. ``stderr``: the key of each record's standard error (None: 0)."""
+    def se(r):
+        return float(r.get(stderr) or 0.0) if stderr else 0.0
+
+    ok = [r for r in records if not r.get("error") and isinstance(r.get(value), (int, float))
+          and math.isfinite(r[value]) and isinstance(r.get("avg_state_bits"), (int, float))]
+    sign = 1.0 if higher_is_better else -1.0
+    uniform = sorted(((r["avg_state_bits"], r[value], se(r)) for r in ok if r["family"] == uniform_family),
+                     key=lambda p: (p[0], -sign * p[1]))  # at equal bits the best first
+    verdicts = []
+    for r in ok:
+        if r.get("policy", r.get("gsq_config", {}).get("policy")) == "static":
+            continue
+        curve = interpolate_uniform(uniform, r["avg_state_bits"])
+        entry = {"config": r["config"], "family": r["family"], "bits": r["avg_state_bits"], "value": r[value],
+                 "uniform": None, "gain": None, "noise": None, "beats": None}
+        if curve is not None:
+            gain = sign * (r[value] - curve[0])
+            noise = max(margin, n_se * math.hypot(se(r), curve[1]))
+            entry.update(uniform=curve[0], gain=gain, noise=noise, beats=gain > noise)
+        verdicts.append(entry)
+    return verdicts
+
+
+def verdict_sentence(where: str, verdicts: list[dict[str, Any]], unit: str, scale: float,
+                     noise_text: str) -> str:
+    """One sentence: which dynamic configs beat uniform at equal bits and by how much, or none."""
+    judged = [v for v in verdicts if v["uniform"] is not None]
+    winners = sorted((v for v in judged if v["beats"]), key=lambda v: -v["gain"])
+    outside = [v["config"] for v in verdicts if v["uniform"] is None]
+    if winners:
+        listed = "; ".join(f"{v['config']} ({v['bits']:.2f} bits: {scale * v['gain']:+.2f} {unit} better than "
+                           f"the interpolated uniform, noise {scale * v['noise']:.2f})" for v in winners)
+    else:
+        listed = "none"
+    best = max(judged, key=lambda v: v["gain"] - v["noise"], default=None)
+    closest = ("" if winners or best is None else
+               f" (closest: {best['config']}, {best['bits']:.2f} bits, {scale * best['gain']:+.2f} {unit} vs "
+               f"noise {scale * best['noise']:.2f})")
+    tail = f" No verdict outside the uniform range of bits: {', '.join(outside)}." if outside else ""
+    return (f"**Beats uniform at equal bits — {where}:** {listed}{closest}. {len(judged)} dynamic configs "
+            f"compared with the round-to-nearest uniform curve linearly interpolated in average bits; "
+            f"{noise_text}.{tail}")
+
+
+def perplexity_verdict(where: str, group: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    records = [{**r, "policy": r.get("gsq_config", {}).get("policy")} for r in group]
+    verdicts = beats_uniform(records, value="delta_vs_fp32", higher_is_better=False, margin=PPL_MARGIN_PP / 100)
+    return verdict_sentence(where + " (perplexity)", verdicts, "pp", 100.0,
+                            f"'beats' means a Δ perplexity lower by more than {PPL_MARGIN_PP} percentage point "
+                            "(no standard error: one set of windows)"), verdicts
+
+
+# -- recall -------------------------------------------------------------------------------------------
+def default_recall_models() -> list[str]:
+    return [str(d) for d in sorted((ROOT / "gsq_hf" / "assets").glob("recall-*"))
+            if (d / "recall_model.json").is_file()]
+
+
+def binomial_stderr(correct: int, queries: int) -> float:
+    """Standard error of a recall of ``correct``/``queries``, from the add-one estimate (correct + 1) /
+    (queries + 2): never 0, so a config with no miss (or no hit) still carries the noise of its sample."""
+    p = (correct + 1) / (queries + 2)
+    return math.sqrt(p * (1 - p) / queries)
+
+
+def recall_records(sweep: dict[str, Any], families: list[str], model: str) -> list[dict[str, Any]]:
+    """`recall_sweep`'s records with family, model, the binomial standard error of each recall (overall and
+    per gap, `binomial_stderr`) and Δ recall vs fp32 (the first config) in fractions."""
+    records = []
+    for family, record in zip(families, sweep["results"], strict=True):
+        r = {"model": model, "family": family, **record, "delta_vs_fp32": record["delta_vs_first"]}
+        r["recall_stderr"] = binomial_stderr(r["correct"], r["queries"])
+        for g in r["by_gap"].values():
+            g["recall_stderr"] = binomial_stderr(g["correct"], g["queries"])
+        records.append(r)
+    return records
+
+
+def recall_table_md(records: list[dict[str, Any]], gaps: list[int]) -> str:
+    headers = ["config", "family", "avg bits", "recall %", *(f"gap {g} %" for g in gaps), "Δ vs fp32 (points)",
+               *(f"Δ gap {g}" for g in gaps)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(headers) - 2)) + "|"]
+    for r in records:
+        cells = [r["config"], r["family"], f"{r['avg_state_bits']:.2f}", f"{100 * r['recall']:.2f}",
+                 *(f"{100 * r['recall_by_gap'][str(g)]:.2f}" for g in gaps), f"{100 * r['delta_vs_fp32']:+.2f}",
+                 *(f"{100 * r['delta_by_gap'][str(g)]:+.2f}" for g in gaps)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def at_gap(records: list[dict[str, Any]], gap: int | None) -> list[dict[str, Any]]:
+    """The records seen at one gap (None: all gaps pooled): recall, its stderr and the bits of that gap."""
+    if gap is None:
+        return records
+    return [{**r, "recall": r["by_gap"][str(gap)]["recall"], "recall_stderr": r["by_gap"][str(gap)]["recall_stderr"],
+             "avg_state_bits": r["by_gap"][str(gap)]["avg_state_bits"]} for r in records]
+
+
+def recall_verdicts(name: str, records: list[dict[str, Any]], gaps: list[int]) -> tuple[list[str], dict]:
+    noise = (f"'beats' means a recall higher by more than {RECALL_SE:g} binomial standard errors of the "
+             "difference (each from the add-one estimate (correct + 1) / (queries + 2))")
+    sentences, data = [], {}
+    for gap in ([None] if len(gaps) > 1 else []) + list(gaps):
+        label = "all gaps" if gap is None else f"gap {gap}"
+        verdicts = beats_uniform(at_gap(records, gap), value="recall", higher_is_better=True,
+                                 stderr="recall_stderr")
+        data[label] = verdicts
+        sentences.append(verdict_sentence(f"{name}, {label} (recall)", verdicts, "points", 100.0, noise))
+    return sentences, data
+
+
+def recall_summary(name: str, records: list[dict[str, Any]], train_gap: int, gaps: list[int]) -> str:
+    """fp32/int8/int4/int3 recall and the best dynamic config at ≤ 4 average bits, at the training gap and 4x."""
+    parts = []
+    for gap in (train_gap, 4 * train_gap):
+        if gap not in gaps:
+            parts.append(f"gap {gap}: not measured (use --recall-gaps)")
+            continue
+        seen = {r["config"]: r for r in at_gap(records, gap)}
+        uniform = ", ".join(f"{c} {100 * seen[c]['recall']:.2f}%" for c in ("fp32", "int8", "int4", "int3")
+                            if c in seen)
+        dynamic = [r for r in seen.values() if r["policy"] != "static" and r["avg_state_bits"] <= 4.0]
+        best = max(dynamic, key=lambda r: (r["recall"], -r["avg_state_bits"]), default=None)
+        text = (f"best dynamic at ≤ 4 bits {best['config']} {100 * best['recall']:.2f}% "
+                f"({best['avg_state_bits']:.2f} bits)" if best else "no dynamic config at ≤ 4 average bits")
+        parts.append(f"gap {gap}{' (training gap)' if gap == train_gap else ' (4x)'}: {uniform}; {text}")
+    return f"**{name} recall:** " + "; ".join(parts) + "."
+
+
 # -- report -------------------------------------------------------------------------------------------
 def _f(value, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "-"
@@ -347,12 +557,11 @@ def pareto_figure(records: list[dict[str, Any]], title: str):
     fig = Figure(figsize=(8.0, 5.0), layout="constrained")
     ax = fig.subplots()
     plot.pareto([r for r in ok if r["family"] == UNIFORM], x="bits", y="delta", ax=ax, title=title)
-    styles = iter([("s", "tab:orange"), ("^", "tab:green"), ("D", "tab:red"), ("v", "tab:purple"),
-                   ("P", "tab:brown"), ("X", "tab:pink")])
+    styles = itertools.cycle(plot._DYNAMIC_STYLES)
     for family in dict.fromkeys(r["family"] for r in ok if r["family"] != UNIFORM):
         points = sorted(((r["avg_state_bits"], 100 * r["delta_vs_fp32"], r["config"].split("@")[-1])
                          for r in ok if r["family"] == family), key=lambda p: p[0])
-        marker, color = next(styles, ("o", "0.3"))
+        marker, color = next(styles)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, linestyle="--", color=color,
                 label=family, zorder=3)
         for x, y, knob in points:
@@ -360,6 +569,50 @@ def pareto_figure(records: list[dict[str, Any]], title: str):
     ax.set_ylabel("Δ perplexity vs fp32 (%)")
     ax.legend(fontsize="small", loc="best")
     return fig
+
+
+def recall_section(model_dirs: list[str], configs: list[tuple[str, Any]], args: argparse.Namespace,
+                   payload: list[dict[str, Any]], verdicts: list[dict[str, Any]]) -> list[str]:
+    """The markdown of the recall section (one table, plot and verdict per recall model); appends each
+    model's sweep (records with family and standard errors) to ``payload`` and its verdicts to ``verdicts``."""
+    from gsq_hf.eval.recall import load_recall_spec, read_recall_info, recall_sweep
+
+    md = ["## Associative recall (MQAR)", "",
+          f"Decode-faithful multi-query associative recall (`gsq_hf.eval.recall.recall_sweep`): "
+          f"`--recall-num {args.recall_num}` seeded sequences per gap (seed 0: the same pairs and queries at every "
+          "gap), each stepped token by token with every state write through the config. recall: fraction of "
+          "queries answered (argmax); Δ: recall minus fp32's, in points; avg bits: stored bits per SSM state "
+          "element, weighted by state writes over all gaps.", ""]
+    for directory in model_dirs:
+        name = model_name(directory)
+        spec = load_recall_spec(directory)
+        info = read_recall_info(directory)
+        gaps = args.recall_gaps or [spec.gap, 4 * spec.gap]
+        model = load_model(directory, args.dtype, args.device)
+        started = time.perf_counter()
+        sweep = recall_sweep(model, spec, [config for _, config in configs], gaps, args.recall_num,
+                             batch_size=args.recall_batch_size, progress=not args.no_progress)
+        records = recall_records(sweep, [family for family, _ in configs], name)
+        sentences, judged = recall_verdicts(name, records, gaps)
+        summary = recall_summary(name, records, spec.gap, gaps)
+        seconds = time.perf_counter() - started
+        payload.append({"model": name, "directory": str(directory), "task": sweep["task"], "gaps": gaps,
+                        "num": args.recall_num, "seed": sweep["seed"], "training_gap": spec.gap,
+                        "recall_fp32_trained": info.get("recall_fp32"), "seconds": seconds, "results": records})
+        verdicts.append({"metric": "recall", "model": name, "verdicts": judged})
+        for r in records:
+            r["recall_loss_points"] = -100.0 * r["delta_vs_fp32"]
+        fig = plot.families(records, y="recall_loss_points", y_label="recall loss vs fp32 (points)",
+                            baseline="fp32", symlog=1.0, title=f"{name}: recall loss vs stored state bits "
+                                                   f"(gaps {', '.join(map(str, gaps))}, {args.recall_num} seqs each)")
+        plot.save(fig, args.out / f"recall-pareto-{slug(name)}.png")
+        md += [f"### {name} — recall", "",
+               f"Task: {spec.pairs} key–value pairs ({spec.keys} keys, {spec.values} values), {spec.queries} "
+               f"queries, {spec.filler} filler ids; training gap {spec.gap}; gaps {', '.join(map(str, gaps))}; "
+               f"{records[0]['queries']} queries per config in all ({seconds:.0f} s).", "",
+               recall_table_md(records, gaps), "", summary, "", *[x for s in sentences for x in (s, "")],
+               f"![recall pareto](recall-pareto-{slug(name)}.png)", ""]
+    return md
 
 
 # -- main ---------------------------------------------------------------------------------------------
@@ -379,6 +632,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="long streams run as one batch (default 8; fewer if the text is shorter)")
     parser.add_argument("--long-stream-dataset",
                         help="text cut into long streams (default: the first non-LAMBADA --dataset)")
+    parser.add_argument("--families", type=lambda text: [f.strip() for f in text.split(",") if f.strip()],
+                        help="comma-separated families of CONFIGS to run (default: all; fp32 is always run "
+                             "first), e.g. 'uniform,gate-closed int3/int8'")
+    parser.add_argument("--recall-model", action="append",
+                        help="recall model dir (repeatable; default: every gsq_hf/assets/recall-* dir)")
+    parser.add_argument("--recall-num", type=int, default=256,
+                        help="MQAR sequences per gap (default 256; 0 skips the recall section)")
+    parser.add_argument("--recall-gaps", type=lambda text: [int(g) for g in text.split(",")],
+                        help="comma-separated filler gaps (default: the model's training gap and 4x it)")
+    parser.add_argument("--recall-batch-size", type=int, default=64, help="MQAR sequences run at once (default 64)")
+    parser.add_argument("--recall-only", action="store_true",
+                        help="only the recall section (no perplexity models, datasets, trace or long streams)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model weights dtype")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
@@ -391,17 +656,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = args.model or [str(BUILTIN_MODEL_DIR)]
-    datasets = args.dataset or DEFAULT_DATASETS
-    stream_source = args.long_stream_dataset or long_stream_dataset(datasets)
-    stream_text = load_text(stream_source) if args.long_stream_tokens else None
+    if args.recall_only and args.recall_num <= 0:
+        raise SystemExit("--recall-only with --recall-num 0 leaves nothing to run")
+    configs = select_configs(args.families)
+    models = [] if args.recall_only else (args.model or [str(BUILTIN_MODEL_DIR)])
+    datasets = [] if args.recall_only else (args.dataset or DEFAULT_DATASETS)
+    recall_models = (args.recall_model or default_recall_models()) if args.recall_num > 0 else []
+    stream_source = args.long_stream_dataset or long_stream_dataset(datasets) if datasets else None
+    stream_text = load_text(stream_source) if args.long_stream_tokens and stream_source else None
     command = "python scripts/results.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
     info = versions()
     records: list[dict[str, Any]] = []
     references: list[dict[str, Any]] = []
     long_records: list[dict[str, Any]] = []
-    md = ["# Results: decode-faithful perplexity of every state config", "",
+    recall_payload: list[dict[str, Any]] = []
+    verdicts: list[dict[str, Any]] = []
+    md = ["# Results: decode-faithful perplexity and recall of every state config", "",
           "Generated by `scripts/results.py`; every number below is computed by it, none written by hand.", "",
           "```", command, "```", "",
           "Versions: " + ", ".join(f"{k} {v}" for k, v in info.items()) +
@@ -412,7 +683,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "SSM + conv state bytes per sequence. LAMBADA: last-word accuracy (greedy, every target token) and "
           "perplexity exp(mean NLL per last word), on the first "
           f"`--lambada-examples {args.lambada_examples}` examples.", ""]
-    per_model = len(datasets) * len(CONFIGS) + (len(long_stream_configs()) if stream_text is not None else 0)
+    per_model = len(datasets) * len(configs) + (len(long_stream_configs(configs)) if stream_text is not None else 0)
     total = len(models) * per_model
     bar = tqdm(total=total, desc="results", unit="config", disable=args.no_progress)
     started = time.perf_counter()
@@ -441,7 +712,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ref = full_sequence_perplexity(model, windows, batch_size=args.batch_size, progress=False)
             references.append({"model": name, "dataset": dname, **ref.to_dict()})
             group = []
-            for family, config in CONFIGS:
+            for family, config in configs:
                 cfg = resolve_config(config)
                 bar.set_postfix_str(f"{name} / {dname} / {cfg.name}")
                 base = {"model": name, "dataset": dname, "family": family, "config": cfg.name,
@@ -466,6 +737,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    f"{windows.ids.shape[0]} windows x {args.context} tokens ({windows.scored_tokens} scored). "
                    f"Unpatched full-sequence reference perplexity: {ref.perplexity:.4f}.", "",
                    markdown_table(group, lambada), ""]
+            sentence, judged = perplexity_verdict(f"{name} — {dname}", group)
+            verdicts.append({"metric": "perplexity", "model": name, "dataset": dname, "verdicts": judged})
+            md += [sentence, ""]
             fig = pareto_figure(group, f"{name} — {dname}: Δ perplexity vs stored state bits")
             plot.save(fig, args.out / f"pareto-{slug(name)}-{slug(dname)}.png")
             md += [f"![pareto](pareto-{slug(name)}-{slug(dname)}.png)", ""]
@@ -477,10 +751,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                f"{dataset_name(datasets[0])}:", "", f"![trace](trace-{slug(name)}.png)", ""]
         if streams is not None:
             sname = dataset_name(stream_source)
-            group = long_stream_scores(model, streams, {"model": name, "dataset": sname}, bar)
+            group = long_stream_scores(model, streams, {"model": name, "dataset": sname}, bar, configs)
             long_records += group
             md += long_stream_section(group, streams, name, sname, args.out)
     bar.close()
+    if recall_models:
+        md += recall_section(recall_models, configs, args, recall_payload, verdicts)
     seconds = time.perf_counter() - started
     md += [f"Total time: {seconds:.1f} s."]
     (args.out / "results.md").write_text("\n".join(md) + "\n")
@@ -489,7 +765,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "lambada_examples": args.lambada_examples, "device": args.device, "dtype": args.dtype,
                "long_stream_dataset": stream_source if stream_text is not None else None,
                "long_stream_tokens": args.long_stream_tokens, "long_stream_streams": args.long_stream_streams,
-               "seconds": seconds, "references": references, "records": records, "long_stream": long_records}
+               "families": [f for f in FAMILIES if any(f == family for family, _ in configs)],
+               "seconds": seconds, "references": references, "records": records, "long_stream": long_records,
+               "recall": recall_payload, "verdicts": verdicts}
     write_json(args.out / "results.json", payload)
     return payload
 

@@ -172,3 +172,26 @@ def test_by_position_one_line_per_config_relative_to_the_first():
     assert plot.by_position(records).axes[0].get_yscale() == "symlog"
     with pytest.raises(ValueError, match="baseline"):
         plot.by_position(records[3:] + records[:3])
+
+
+def test_families_draws_one_line_per_family_with_uniform_solid():
+    records = [
+        {"family": "uniform", "config": "fp32", "avg_state_bits": 32.0, "loss": 0.0},
+        {"family": "uniform", "config": "int4", "avg_state_bits": 4.5, "loss": 0.4},
+        {"family": "uniform", "config": "int8", "avg_state_bits": 8.5, "loss": 0.0},
+        {"family": "gate-closed int3/int8", "config": "g@0.3", "avg_state_bits": 8.2, "loss": 0.0},
+        {"family": "gate-closed int3/int8", "config": "g@0.02", "avg_state_bits": 4.8, "loss": 0.9},
+        {"family": "entropy int3/int8", "config": "e@0.25", "avg_state_bits": 7.7, "loss": float("nan")},
+        {"family": "broken", "config": "x", "avg_state_bits": 4.0, "loss": 1.0, "error": "boom"},
+    ]
+    fig = plot.families(records, y="loss", y_label="recall loss (points)", baseline="fp32", title="t")
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"fp32 (0)", "uniform", "gate-closed int3/int8"}  # NaN and failed records left out
+    assert list(lines["uniform"].get_xdata()) == [4.5, 8.5, 32.0] and lines["uniform"].get_linestyle() == "-"
+    assert list(lines["gate-closed int3/int8"].get_xdata()) == [4.8, 8.2]
+    assert lines["gate-closed int3/int8"].get_linestyle() == "--"
+    assert {"fp32", "int4", "int8", "0.3", "0.02"} <= set(texts(ax))
+    assert ax.get_ylabel() == "recall loss (points)" and ax.get_title() == "t"
+    assert ax.get_yscale() == "linear"
+    assert plot.families(records, y="loss", symlog=0.01).axes[0].get_yscale() == "symlog"  # |0.9| > 10 x 0.01

@@ -11,6 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAMBADA = ROOT.parent / "shared" / "data" / "lambada" / "lambada_test.jsonl"
+RECALL_MODEL = ROOT / "gsq_hf" / "assets" / "recall-mamba2"
+# the CI run: the uniform curve, one family from the seed grid and one low-bit dynamic family
+FAMILIES = "uniform,gate-open int8/fp16,gate-closed int3/int8"
 
 
 def load_script():
@@ -32,7 +35,8 @@ def test_results_pipeline(tmp_path):
     script = load_script()
     args = ["--dataset", "builtin", "--max-tokens", "256", "--context", "64", "--lambada-examples", "4",
             "--trace-tokens", "24", "--long-stream-tokens", "300", "--long-stream-streams", "2",
-            "--threads", "1", "--no-progress", "--out", str(tmp_path)]
+            "--families", FAMILIES, "--recall-model", str(RECALL_MODEL), "--recall-num", "8",
+            "--recall-gaps", "32", "--threads", "1", "--no-progress", "--out", str(tmp_path)]
     with_lambada = LAMBADA.is_file()
     if with_lambada:
         args += ["--dataset", str(LAMBADA)]
@@ -40,10 +44,14 @@ def test_results_pipeline(tmp_path):
         pytest.fail(f"{LAMBADA} is missing on CI")
     payload = script.main(args)
 
-    names = [script.resolve_config(config).name for _, config in script.CONFIGS]
-    assert names[0] == "fp32" and len(set(names)) == len(names)
+    all_names = [script.resolve_config(config).name for _, config in script.CONFIGS]
+    assert all_names[0] == "fp32" and len(set(all_names)) == len(all_names)
+    selected = script.select_configs(FAMILIES.split(","))
+    names = [script.resolve_config(config).name for _, config in selected]
+    assert names[:8] == ["fp32", "bf16", "fp16", "fp8", "int8", "int4", "int3", "int2"] and len(names) == 14
     datasets = ["builtin"] + (["lambada_test"] if with_lambada else [])
     for name in ["results.md", "results.json", "trace-tiny-mamba-pydoc.png", "long-stream-tiny-mamba-pydoc.png",
+                 "recall-pareto-recall-mamba2.png",
                  *(f"pareto-tiny-mamba-pydoc-{script.slug(d)}.png" for d in datasets)]:
         assert (tmp_path / name).stat().st_size > 0, name
 
@@ -71,6 +79,10 @@ def test_results_pipeline(tmp_path):
         if record["config"] == "fp32":
             assert record["delta_vs_fp32"] == 0.0
     check_long_streams(script, markdown, payload)
+    check_recall(markdown, payload, names)
+    for dataset in datasets:
+        assert re.search(rf"\*\*Beats uniform at equal bits — tiny-mamba-pydoc — {dataset} \(perplexity\):\*\* "
+                         r"(none|\S+@)", markdown)
     if not with_lambada:
         pytest.skip(f"LAMBADA part skipped: {LAMBADA} is absent (the built-in part passed)")
 
@@ -96,9 +108,72 @@ def test_lambada_split_and_padding_rows_are_independent():
         assert together["lambada_accuracy"] == sum(a["lambada_accuracy"] for a in alone) / 2
 
 
+def check_recall(markdown: str, payload: dict, names: list[str]) -> None:
+    """8 sequences at gap 32 on recall-mamba2: table rows, summary sentence, verdict, JSON records."""
+    rows = table_rows(markdown, "recall-mamba2 — recall")
+    assert [row[0] for row in rows] == names
+    assert rows[0][2:] == ["32.00", rows[0][3], rows[0][3], "+0.00", "+0.00"] and float(rows[0][3]) >= 95.0
+    assert "| config | family | avg bits | recall % | gap 32 % | Δ vs fp32 (points) | Δ gap 32 |" in markdown
+    assert re.search(r"\*\*recall-mamba2 recall:\*\* gap 32 \(training gap\): fp32 [\d.]+%, int8 [\d.]+%, "
+                     r"int4 [\d.]+%, int3 [\d.]+%; (best dynamic at ≤ 4 bits \S+ [\d.]+%|no dynamic config)"
+                     r".*; gap 128: not measured", markdown)
+    assert re.search(r"\*\*Beats uniform at equal bits — recall-mamba2, gap 32 \(recall\):\*\* (none|\S+@)",
+                     markdown)
+    (recall,) = payload["recall"]
+    assert recall["model"] == "recall-mamba2" and recall["gaps"] == [32] and recall["num"] == 8
+    records = recall["results"]
+    assert [r["config"] for r in records] == names and records[0]["delta_vs_fp32"] == 0.0
+    for r in records:
+        assert r["queries"] == 64 and 0.0 <= r["recall"] <= 1.0 and math.isfinite(r["avg_state_bits"])
+        assert r["family"] in FAMILIES.split(",") and math.isfinite(r["recall_stderr"])
+    assert {v["metric"] for v in payload["verdicts"]} == {"perplexity", "recall"}
+
+
+def test_uniform_verdict_interpolates_in_bits_and_needs_more_than_noise():
+    script = load_script()
+
+    def rec(config, family, bits, recall, policy="gate", queries=10_000):
+        return {"config": config, "family": family, "policy": policy, "avg_state_bits": bits, "recall": recall,
+                "recall_stderr": math.sqrt(recall * (1 - recall) / queries)}
+
+    uniform = [rec("fp32", "uniform", 32.0, 0.999, "static"), rec("int8", "uniform", 8.5, 0.999, "static"),
+               rec("int4", "uniform", 4.5, 0.99, "static"), rec("int3", "uniform", 3.5, 0.95, "static"),
+               rec("int3-sr", "uniform-sr", 3.5, 0.99, "static")]  # not on the curve, not judged
+    records = uniform + [rec("above", "g", 4.0, 0.99),  # uniform at 4.0 bits: 0.97 → +2 points, well above noise
+                         rec("below", "g", 4.0, 0.96),
+                         rec("tie", "g", 4.0, 0.972),  # +0.2 points: within 2 standard errors
+                         rec("low", "g", 3.0, 0.999), rec("high", "g", 40.0, 0.999)]  # outside: no verdict
+    verdicts = {v["config"]: v for v in script.beats_uniform(records, value="recall", higher_is_better=True,
+                                                            stderr="recall_stderr")}
+    assert set(verdicts) == {"above", "below", "tie", "low", "high"}
+    assert verdicts["above"]["uniform"] == pytest.approx(0.97) and verdicts["above"]["gain"] == pytest.approx(0.02)
+    assert verdicts["above"]["beats"] and not verdicts["below"]["beats"] and not verdicts["tie"]["beats"]
+    assert verdicts["below"]["gain"] == pytest.approx(-0.01)
+    assert verdicts["low"]["uniform"] is None and verdicts["low"]["beats"] is None
+    assert verdicts["high"]["beats"] is None
+    assert script.binomial_stderr(100, 100) > 0.005  # no miss still carries its sample's noise
+    assert script.binomial_stderr(50, 100) == pytest.approx(0.05)
+    sentence = script.verdict_sentence("m, gap 32 (recall)", list(verdicts.values()), "points", 100.0, "noise")
+    assert sentence.startswith("**Beats uniform at equal bits — m, gap 32 (recall):** above (4.00 bits: +2.00 "
+                               "points better than the interpolated uniform, noise ")
+    assert sentence.endswith("No verdict outside the uniform range of bits: low, high.")
+    none = script.verdict_sentence("m", [verdicts["below"]], "points", 100.0, "noise")
+    assert "** none (closest: below, 4.00 bits, -1.00 points" in none
+
+    # perplexity: lower Δ is better, a 0.1 percentage point margin instead of a standard error
+    ppl = [{"config": c, "family": f, "gsq_config": {"policy": p}, "avg_state_bits": b, "delta_vs_fp32": d}
+           for c, f, p, b, d in [("fp32", "uniform", "static", 32.0, 0.0), ("int8", "uniform", "static", 8.5, 0.0),
+                                 ("int4", "uniform", "static", 4.5, 0.02), ("a", "g", "gate", 6.5, 0.0095),
+                                 ("b", "g", "gate", 6.5, 0.0005)]]  # uniform at 6.5 bits: +1.0%
+    sentence, judged = script.perplexity_verdict("m — d", ppl)
+    assert [v["beats"] for v in judged] == [False, True]  # a: 0.05 pp better (< 0.1); b: 0.95 pp better
+    assert "** b (6.50 bits: +0.95 pp better" in sentence
+
+
 def check_long_streams(script, markdown: str, payload: dict) -> None:
     """2 streams of 300 builtin tokens: buckets 1–255 and 256–299, Δ vs fp32 per bucket, the answer sentence."""
-    names = [cfg.name for _, cfg in script.long_stream_configs()]
+    names = [cfg.name for _, cfg in script.long_stream_configs(script.select_configs(FAMILIES.split(",")))]
+    assert names == ["fp32", "bf16", "fp16", "fp8", "int8", "int4", "int3", "int2", "gate-open@0.3"]
     rows = table_rows(markdown, "tiny-mamba-pydoc — long streams of builtin")
     assert [row[0] for row in rows] == names
     assert rows[0][3:] == ["+0.000%"] + ["+0.000 ± 0.000%"] * 2  # fp32: all positions, 1–255, 256–299
@@ -126,7 +201,7 @@ def test_long_stream_configs_are_the_uniform_formats_and_one_per_dynamic_family(
     uniform = [script.resolve_config(c).name for family, c in script.CONFIGS if family == script.UNIFORM]
     assert [cfg.name for _, cfg in chosen] == uniform + list(script.LONG_STREAM_DYNAMIC)
     dynamic = [family for family, _ in chosen if family != script.UNIFORM]
-    assert len(set(dynamic)) == len(dynamic) == len({f for f, _ in script.CONFIGS} - {script.UNIFORM})
+    assert len(set(dynamic)) == len(dynamic) == len(script.LONG_STREAM_DYNAMIC)  # one per seed family
     assert script.long_stream_dataset(["x/lambada_test.jsonl", "wiki.test.raw"]) == "wiki.test.raw"
 
 
