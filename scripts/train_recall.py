@@ -48,6 +48,9 @@ after 1,131 steps (chance is 1.6%). A smaller task (4 pairs, 32 keys/values, gap
 (``gsq_hf/assets/recall-mamba2``, see its ``recall_model.json``), Mamba2 hidden 128, 2 layers, d_state 64,
 batch 256, lr 3e-3 learned the full task in half a minute: held-out recall 86% at step 400, 99% at 600, 100%
 at 1,200 (about 20 ms a step); decode-faithful fp32 recall 99.96% at gap 32, fast recall 99.7% at gap 512.
+Mamba-1 is the hard one: on the same H200, hidden 128, 2 layers, d_state 64, batch 256, lr 3e-3 for 2 minutes
+(1,095 steps, about 110 ms a step, beside a Mamba2 run) reached only 5.1% decode-faithful recall at gap 32;
+it needs a longer run (give it most of a device call) or another recipe.
 
 Recommended GPU run (3-4 minutes each, in parallel on one GPU). Per family, keep the best ``recall_fp32``
 among the runs whose ``fast_recall_by_gap`` at 4x the gap stays close to it (a model that only works at the
@@ -454,7 +457,8 @@ def main(argv: list[str] | None = None) -> dict:
         device = torch.device(args.device)
         total = torch.cuda.get_device_properties(device).total_memory
         if args.max_gpu_memory > 0:
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory * 2**30 / total), device)
+            index = device.index if device.index is not None else torch.cuda.current_device()  # torch 2.11 needs one
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory * 2**30 / total), index)
     try:
         spec = MQARSpec(**{name: getattr(args, name) for name in ("pairs", "gap", "queries", "keys", "values",
                                                                    "filler")})
