@@ -234,6 +234,9 @@ FORMATS: dict[str, StateFormat] = {
         StateFormat("fp16", "float", 16, torch.float16, False, float(torch.finfo(torch.float16).max), 10, -14),
         StateFormat("fp8", "float", 8, torch.float8_e4m3fn, True, 448.0, 3, -6),
         StateFormat("int8", "int", 8, torch.int8, True, 127.0),
+        StateFormat("int7", "int", 7, torch.uint8, True, 63.0),  # 8 codes in 7 bytes; d_state % 8 == 0
+        StateFormat("int6", "int", 6, torch.uint8, True, 31.0),  # 4 codes in 3 bytes
+        StateFormat("int5", "int", 5, torch.uint8, True, 15.0),  # 8 codes in 5 bytes
         StateFormat("int4", "int", 4, torch.uint8, True, 7.0),
         StateFormat("int3", "int", 3, torch.uint8, True, 3.0),  # 8 codes in 3 bytes; d_state % 8 == 0
         StateFormat("int2", "int", 2, torch.uint8, True, 1.0),  # ternary codes -1, 0, 1; 4 in a byte

@@ -96,7 +96,9 @@ def _dynamic(family: str, policy: str, low: str, high: str, knob: str, values, *
 CONFIGS: list[tuple[str, str | dict]] = [
     (UNIFORM, "fp32"), (UNIFORM, "bf16"), (UNIFORM, "fp16"),
     (UNIFORM, {"name": "fp8", "policy": "static", "format": "fp8"}),
-    (UNIFORM, "int8"), (UNIFORM, "int4"), (UNIFORM, "int3"), (UNIFORM, "int2"),
+    (UNIFORM, "int8"),
+    *[(UNIFORM, {"name": f, "policy": "static", "format": f}) for f in ("int7", "int6", "int5")],  # fill 8 → 4 bits
+    (UNIFORM, "int4"), (UNIFORM, "int3"), (UNIFORM, "int2"),
     *[(UNIFORM_SR, {"name": f"{fmt}-sr", "policy": "static", "format": fmt, "rounding": "stochastic"})
       for fmt in ("int4", "int3")],
     *_dynamic("gate-open", "gate", "int8", "fp16", "threshold", (0.1, 0.3, 0.6), high_when="open"),

@@ -35,7 +35,7 @@ def test_round_trip_yaml_json_dict(name, tmp_path):
     "field, value, message",
     [
         ("policy", "magic", "GSQConfig.policy='magic' is not accepted; choose one of: static, gate, entropy, budget"),
-        ("format", "int5", "GSQConfig.format='int5'.*fp32, bf16, fp16, fp8, int8, int4, int3, int2"),
+        ("format", "int9", "GSQConfig.format='int9'.*fp32, bf16, fp16, fp8, int8, int7, int6, int5, int4, int3, int2"),
         ("rounding", "up", "rounding='up'.*nearest, stochastic"),
         ("write_mode", "sometimes", "every_step, end_of_forward"),
         ("threshold", 1.5, r"threshold=1.5 must be a number in \[0, 1\]"),

@@ -57,7 +57,8 @@ def test_storage_is_really_that_small(name):
     assert (q.scale is not None) == fmt.scaled
 
 
-@pytest.mark.parametrize(("name", "stored"), [("int4", 8), ("int3", 6), ("int2", 4)])
+@pytest.mark.parametrize(("name", "stored"), [("int7", 14), ("int6", 12), ("int5", 10), ("int4", 8), ("int3", 6),
+                                              ("int2", 4)])
 def test_sub_byte_formats_pack_every_code_exactly(name, stored):
     """Every code at every position of a packed block survives the round trip; storage is bits/8 per value."""
     fmt = FORMATS[name]
@@ -108,6 +109,7 @@ def test_zero_and_fp16_saturation():
 
 
 def test_unknown_format_lists_known():
-    with pytest.raises(GSQConfigError, match="accepted: fp32, bf16, fp16, fp8, int8, int4, int3, int2"):
-        get_format("int5")
+    accepted = "accepted: fp32, bf16, fp16, fp8, int8, int7, int6, int5, int4, int3, int2"
+    with pytest.raises(GSQConfigError, match=accepted):
+        get_format("int9")
     assert get_format(torch.bfloat16).name == "bf16"

@@ -25,7 +25,7 @@ def test_patch_twice_and_unpatch_unpatched(model):
 
 def test_unknown_preset_and_bad_group_size(model):
     with pytest.raises(GSQConfigError, match="known presets"):
-        gsq_hf.patch(model, "int5")
+        gsq_hf.patch(model, "int9")
     with pytest.raises(GSQConfigError, match="group_size=3 does not divide d_state=8"):
         gsq_hf.patch(model, {"policy": "static", "format": "int8", "group_size": 3})
     assert not gsq_hf.is_patched(model)

@@ -48,7 +48,8 @@ def test_results_pipeline(tmp_path):
     assert all_names[0] == "fp32" and len(set(all_names)) == len(all_names)
     selected = script.select_configs(FAMILIES.split(","))
     names = [script.resolve_config(config).name for _, config in selected]
-    assert names[:8] == ["fp32", "bf16", "fp16", "fp8", "int8", "int4", "int3", "int2"] and len(names) == 14
+    assert names[:11] == ["fp32", "bf16", "fp16", "fp8", "int8", "int7", "int6", "int5", "int4", "int3", "int2"]
+    assert len(names) == 17
     datasets = ["builtin"] + (["lambada_test"] if with_lambada else [])
     for name in ["results.md", "results.json", "trace-tiny-mamba-pydoc.png", "long-stream-tiny-mamba-pydoc.png",
                  "recall-pareto-recall-mamba2.png",
@@ -173,7 +174,8 @@ def test_uniform_verdict_interpolates_in_bits_and_needs_more_than_noise():
 def check_long_streams(script, markdown: str, payload: dict) -> None:
     """2 streams of 300 builtin tokens: buckets 1–255 and 256–299, Δ vs fp32 per bucket, the answer sentence."""
     names = [cfg.name for _, cfg in script.long_stream_configs(script.select_configs(FAMILIES.split(",")))]
-    assert names == ["fp32", "bf16", "fp16", "fp8", "int8", "int4", "int3", "int2", "gate-open@0.3"]
+    assert names == ["fp32", "bf16", "fp16", "fp8", "int8", "int7", "int6", "int5", "int4", "int3", "int2",
+                     "gate-open@0.3"]
     rows = table_rows(markdown, "tiny-mamba-pydoc — long streams of builtin")
     assert [row[0] for row in rows] == names
     assert rows[0][3:] == ["+0.000%"] + ["+0.000 ± 0.000%"] * 2  # fp32: all positions, 1–255, 256–299
