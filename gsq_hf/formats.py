@@ -206,24 +206,29 @@ class StateFormat:
         if self.bits == 8:
             return codes
         per, nbytes = self._block
-        unsigned = (codes.to(torch.int16) + (1 << (self.bits - 1)))
-        out: list = [0] * nbytes
+        work = torch.uint8 if nbytes == 1 else torch.int16  # one-byte blocks: bits past 8 simply drop
+        unsigned = (codes + (1 << (self.bits - 1))).to(work)
+        out: list = [None] * nbytes
         for i, k, shift in self._pieces(per, nbytes):
             part = unsigned[..., i::per]
-            out[k] = out[k] | (part << shift if shift >= 0 else part >> -shift)
+            part = part if shift == 0 else part << shift if shift > 0 else part >> -shift
+            out[k] = part if out[k] is None else out[k] | part
+        if nbytes == 1:
+            return out[0]
         return torch.stack([byte & 0xFF for byte in out], dim=-1).to(torch.uint8).flatten(-2)
 
     def _unpack(self, data: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
             return data
         per, nbytes = self._block
-        blocks = data.to(torch.int16).unflatten(-1, (-1, nbytes))
-        codes: list = [0] * per
+        blocks = (data if nbytes == 1 else data.to(torch.int16)).unflatten(-1, (-1, nbytes))
+        codes: list = [None] * per
         for i, k, shift in self._pieces(per, nbytes):
             part = blocks[..., k]
-            codes[i] = codes[i] | (part >> shift if shift >= 0 else part << -shift)
+            part = part if shift == 0 else part >> shift if shift > 0 else part << -shift
+            codes[i] = part if codes[i] is None else codes[i] | part
         mask, offset = (1 << self.bits) - 1, 1 << (self.bits - 1)
-        return torch.stack([(code & mask) - offset for code in codes], dim=-1).to(torch.int8).flatten(-2)
+        return torch.stack([(code & mask).to(torch.int8) - offset for code in codes], dim=-1).flatten(-2)
 
 
 FORMATS: dict[str, StateFormat] = {

@@ -15,6 +15,7 @@ cache's state bytes per sequence. Writes JSON (``--json``) and prints a table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -83,8 +84,7 @@ def main(argv=None) -> None:
         raise SystemExit("--device cuda: no CUDA device found; use --device cpu (tiny shapes) or run on a GPU")
     variants = [(name, resolve_config(name)) for name in args.configs]
     if args.torch_path:
-        variants += [(f"{name}/torch", resolve_config(name).__class__(**(config.to_dict() | {"kernel": "torch"})))
-                     for name, config in list(variants)]
+        variants += [(f"{name}/torch", dataclasses.replace(config, kernel="torch")) for name, config in list(variants)]
     result = {"benchmark": "generate", "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else "cpu", "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new_tokens,
               "rounds": args.rounds, "versions": {"torch": torch.__version__, "gsq_hf": gsq_hf.__version__},

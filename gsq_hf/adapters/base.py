@@ -174,7 +174,7 @@ class MixerAdapter(ABC):
         mode = cache.config.kernel
         if mode == "torch" or (mode == "auto" and not x.is_cuda) or stored.low is None:
             return None
-        if stored.fallback is not None or stored.slot_units is not None:
+        if stored.fallback is not None:  # fp32 copies of non-finite units: only the torch path reads them
             return None
         if unsupported_reason(cache.policy, stored.low, stored.high, A, z, cache.config.group_size) is not None:
             return None
