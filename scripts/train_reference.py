@@ -19,9 +19,10 @@ Presets (every value can be overridden by its flag):
   them the tied 50280 x 256 embedding); fits <= 45 minutes on 2 cores with tokenization (~30 s for the whole
   corpus) and evaluation. The 50k-vocabulary LM head dominates a step: measured 13-15 s a step on 2 cores
   shared with another job (expect roughly half that on 2 free cores), i.e. a few hundred steps.
-* ``gpu``: hidden 384, 8 layers (d_state 16 for Mamba, 64 for Mamba2), batch 32 x 512, bf16 autocast,
-  4.5 minutes: 27.0M parameters (51.5 MiB in bf16), the largest that comes back from one device call
-  (<= 64 MiB in <= 8 files of <= 16 MiB; hidden 512 x 12 would be about 46M parameters with this vocabulary).
+* ``gpu``: hidden 256, 6 layers (d_state 16 for Mamba, 64 for Mamba2), batch 32 x 512, bf16 autocast,
+  4.5 minutes: 15.5M parameters (29.6 MiB in bf16) each, so that both families come back from one device call
+  (<= 64 MiB in <= 8 files of <= 16 MiB; one model alone could be hidden 384 x 8 = 27.0M, 51.5 MiB).
+  ``scripts/device_run.sh`` is that call: both families and Mamba-1 recall candidates on one GPU.
   The machine has no corpus: tokenize here once (any run writes ``tokens-*.pt`` into ``--cache-dir``), carry
   that file and the tokenizer/WikiText files (``--data-dir``), and train with ``--tokens``. The tied
   embedding alone is 50280 x hidden x 2 bytes (38.6 MB), one tensor that ``max_shard_size`` cannot split:
@@ -86,7 +87,7 @@ PRESETS: dict[str, dict] = {
     "cpu": dict(hidden=256, layers=4, d_state={"mamba": 16, "mamba2": 16}, steps=100_000, minutes=35.0,
                 batch_size=8, seq_len=256, lr=3e-3, bf16=False, eval_every=25, val_tokens=8_192,
                 checkpoint_every=25, wikitext_tokens=8_192, wikitext_context=256, eval_batch_size=8),
-    "gpu": dict(hidden=384, layers=8, d_state={"mamba": 16, "mamba2": 64}, steps=100_000, minutes=4.5,
+    "gpu": dict(hidden=256, layers=6, d_state={"mamba": 16, "mamba2": 64}, steps=100_000, minutes=4.5,
                 batch_size=32, seq_len=512, lr=2e-3, bf16=True, eval_every=100, val_tokens=65_536,
                 checkpoint_every=200, wikitext_tokens=65_536, wikitext_context=512, eval_batch_size=16),
 }
