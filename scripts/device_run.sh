@@ -50,7 +50,7 @@ timeout -s INT "$LIMIT" python3 scripts/train_recall.py $RECALL --hidden 128 --l
   $RECALL_ARGS --output-dir "$RUNS/recall-mamba-a" > "$RUNS/recall-mamba-a.log" 2>&1 &
 timeout -s INT "$LIMIT" python3 scripts/train_recall.py $RECALL --hidden 128 --layers 4 --d-state 32 --lr 2e-3 \
   $RECALL_ARGS --output-dir "$RUNS/recall-mamba-b" > "$RUNS/recall-mamba-b.log" 2>&1 &
-timeout -s INT "$LIMIT" python3 scripts/train_recall.py $RECALL --hidden 128 --layers 2 --d-state 64 --lr 1e-3 \
+timeout -s INT "$LIMIT" python3 scripts/train_recall.py $RECALL --hidden 256 --layers 2 --d-state 16 --lr 1e-3 \
   --curriculum 2,4,8 $RECALL_ARGS --output-dir "$RUNS/recall-mamba-c" > "$RUNS/recall-mamba-c.log" 2>&1 &
 wait
 stamp "training done"

@@ -487,6 +487,72 @@ def perplexity_verdict(where: str, group: list[dict[str, Any]]) -> tuple[str, li
                             "(no standard error: one set of windows)"), verdicts
 
 
+# -- the issue's questions, answered from one model's records ------------------------------------------
+# The seeds' rules as the grid holds them (tests check they equal the presets): the GSQ note's "gate-closed
+# states in int8, open ones in fp16" and the entropy note's "low-entropy tokens in 4-bit states".
+SEED_CONFIGS = {"gsq-gate": "gate-open@0.3", "gsq-entropy": "entropy@0.5"}
+SEED_BANDWIDTH_CLAIM = 0.25  # the entropy note: "reduce average memory bandwidth by 25%"
+
+
+def questions_section(name: str, groups: dict[str, list[dict[str, Any]]],
+                      judged: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The questions of the results issue as sentences with this model's numbers, per dataset: is int8
+    lossless, do dynamic policies beat uniform at equal bits, and what of the two seeds' claims."""
+    def find(group, config):
+        return next((r for r in group if r["config"] == config and not r.get("error")), None)
+
+    def delta(record):
+        return f"{100 * record['delta_vs_fp32']:+.3f}%"
+
+    def lambada(record, group):
+        fp32 = find(group, "fp32")
+        if record.get("lambada_accuracy") is None or fp32 is None:
+            return ""
+        return f" (LAMBADA accuracy {100 * record['lambada_accuracy']:.1f}% vs {100 * fp32['lambada_accuracy']:.1f}%)"
+
+    bar = PPL_MARGIN_PP / 100
+    lines = [f"### {name} — the questions, answered", ""]
+    int8 = {d: find(g, "int8") for d, g in groups.items()}
+    if all(int8.values()):
+        lossless = all(abs(r["delta_vs_fp32"]) < bar for r in int8.values())
+        lines.append(f"- **Is int8 static state quantization lossless (|Δ perplexity| below {PPL_MARGIN_PP}%)?** "
+                     f"{'Yes' if lossless else 'No'}: " + "; ".join(
+                         f"{d} {delta(r)}{lambada(r, groups[d])}" for d, r in int8.items()) + ".")
+    counts = []
+    for d, verdicts in judged.items():
+        compared = [v for v in verdicts if v["uniform"] is not None]
+        winners = sorted((v for v in compared if v["beats"]), key=lambda v: -v["gain"])
+        best = (f" (largest: {winners[0]['config']}, {100 * winners[0]['gain']:.2f} pp at "
+                f"{winners[0]['bits']:.2f} bits)" if winners else "")
+        counts.append(f"{d}: {len(winners)} of {len(compared)}{best}")
+    if counts:
+        lines.append("- **Do gate, entropy and budget policies beat uniform quantization at equal average bits?** "
+                     f"Dynamic configs below the interpolated uniform curve by more than {PPL_MARGIN_PP} pp — "
+                     + "; ".join(counts) + ". Each dataset's verdict above lists them; a win that appears on one "
+                     "dataset only, or only between two distant uniform points, is weak evidence.")
+    gate = {d: (find(g, SEED_CONFIGS["gsq-gate"]), int8[d]) for d, g in groups.items()}
+    if all(a and b for a, b in gate.values()):
+        holds = all(abs(r["delta_vs_fp32"]) < bar for r, _ in gate.values())
+        lines.append(
+            f"- **The GSQ seed: gate-closed states go to int8 \"without losing information\".** `gsq-gate` "
+            f"({SEED_CONFIGS['gsq-gate']}: closed → int8, open → fp16) — " + "; ".join(
+                f"{d}: Δ {delta(r)} at {r['avg_state_bits']:.2f} bits vs uniform int8 {delta(i)} at "
+                f"{i['avg_state_bits']:.2f} bits" for d, (r, i) in gate.items()) +
+            f". The claim {'holds' if holds else 'does not hold'} at the {PPL_MARGIN_PP}% bar; what the open "
+            "states' fp16 buys is the difference to uniform int8, which stores every state in int8.")
+    entropy = {d: (find(g, SEED_CONFIGS["gsq-entropy"]), int8[d]) for d, g in groups.items()}
+    if all(a and b for a, b in entropy.values()):
+        lines.append(
+            "- **The entropy seed: low-entropy tokens in 4-bit states save about "
+            f"{100 * SEED_BANDWIDTH_CLAIM:.0f}% of state bandwidth.** `gsq-entropy` ({SEED_CONFIGS['gsq-entropy']}: "
+            "int4 when the next-token distribution is confident, fp16 otherwise) — " + "; ".join(
+                f"{d}: {r['avg_state_bits']:.2f} bits = {100 * (1 - r['avg_state_bits'] / 16):.0f}% less state "
+                f"traffic than an fp16 state, Δ {delta(r)}; uniform int8 {100 * (1 - i['avg_state_bits'] / 16):.0f}% "
+                f"less, Δ {delta(i)}" for d, (r, i) in entropy.items()) +
+            " (bits include the scales; state bytes moved per step are proportional to them).")
+    return lines + [""]
+
+
 # -- recall -------------------------------------------------------------------------------------------
 def default_recall_models() -> list[str]:
     return [str(d) for d in sorted((ROOT / "gsq_hf" / "assets").glob("recall-*"))
@@ -740,6 +806,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 message = f"--long-stream-tokens {args.long_stream_tokens} on {stream_source}: {error}"
                 raise SystemExit(message) from None
         md += [f"## {name}", ""]
+        model_groups: dict[str, list[dict[str, Any]]] = {}
+        model_judged: dict[str, list[dict[str, Any]]] = {}
         provenance = model_provenance(source)
         if provenance:
             md += [provenance, ""]
@@ -782,10 +850,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    markdown_table(group, lambada), ""]
             sentence, judged = perplexity_verdict(f"{name} — {dname}", group)
             verdicts.append({"metric": "perplexity", "model": name, "dataset": dname, "verdicts": judged})
+            model_groups[dname], model_judged[dname] = group, judged
             md += [sentence, ""]
             fig = pareto_figure(group, f"{name} — {dname}: Δ perplexity vs stored state bits")
             plot.save(fig, args.out / f"pareto-{slug(name)}-{slug(dname)}.png")
             md += [f"![pareto](pareto-{slug(name)}-{slug(dname)}.png)", ""]
+        md += questions_section(name, model_groups, model_judged)
         trace, tokens = trace_passage(model, tokenizer, trace_ids)
         fig = plot.precision_trace(trace, row=0, tokens=tokens,
                                    title=f"{name}: {TRACE_CONFIG} precision per layer x token")

@@ -85,6 +85,10 @@ def test_results_pipeline(tmp_path):
     for dataset in datasets:
         assert re.search(rf"\*\*Beats uniform at equal bits — tiny-mamba-pydoc — {dataset} \(perplexity\):\*\* "
                          r"(none|\S+@)", markdown)
+    answers = markdown.split("### tiny-mamba-pydoc — the questions, answered", 1)[1].split("###", 1)[0]
+    assert re.search(r"\*\*Is int8 static state quantization lossless .*\*\* (Yes|No): builtin [-+]\d", answers)
+    assert "**The GSQ seed: gate-closed states go to int8" in answers  # gate-open@0.3 is in FAMILIES
+    assert "**The entropy seed" not in answers  # entropy@0.5 is not: no sentence without its numbers
     if not with_lambada:
         pytest.skip(f"LAMBADA part skipped: {LAMBADA} is absent (the built-in part passed)")
 
@@ -262,3 +266,31 @@ def test_model_provenance_states_training_and_wikitext_from_training_info(tmp_pa
     assert script.PUBLISHED_MAMBA_130M in sentence and "`python scripts/train_reference.py" in sentence
     builtin = script.model_provenance(str(script.BUILTIN_MODEL_DIR))
     assert "held-out loss" in builtin and script.PUBLISHED_MAMBA_130M not in builtin  # not a WikiText model
+
+
+def test_seed_configs_are_the_presets_and_questions_are_answered_from_the_records():
+    script = load_script()
+    grid = {script.resolve_config(c).name: script.resolve_config(c) for _, c in script.CONFIGS}
+    for preset, config in script.SEED_CONFIGS.items():
+        ours, theirs = grid[config].to_dict(), script.resolve_config(preset).to_dict()
+        ours.pop("name"), theirs.pop("name")
+        assert ours == theirs, preset
+
+    def rec(config, delta, bits, acc=None):
+        return {"config": config, "delta_vs_fp32": delta, "avg_state_bits": bits, "lambada_accuracy": acc}
+
+    groups = {"wiki": [rec("fp32", 0.0, 32), rec("int8", 0.0004, 10), rec("gate-open@0.3", 0.0002, 11.6),
+                       rec("entropy@0.5", 0.004, 12.0)],
+              "lambada": [rec("fp32", 0.0, 32, 0.25), rec("int8", 0.002, 10, 0.24),
+                          rec("gate-open@0.3", 0.0001, 11.6, 0.25), rec("entropy@0.5", 0.01, 12.0, 0.2)]}
+    judged = {"wiki": [{"config": "x@1", "uniform": 0.01, "beats": True, "gain": 0.003, "bits": 6.5},
+                       {"config": "y@1", "uniform": 0.01, "beats": False, "gain": 0.0, "bits": 7.0},
+                       {"config": "z@1", "uniform": None, "beats": None, "gain": None, "bits": 3.0}],
+              "lambada": []}
+    text = "\n".join(script.questions_section("m", groups, judged))
+    assert ("(|Δ perplexity| below 0.1%)?** No: wiki +0.040%; lambada +0.200% (LAMBADA accuracy 24.0% vs 25.0%)."
+            in text)  # lambada's int8 is 0.2% off: not lossless
+    assert "wiki: 1 of 2 (largest: x@1, 0.30 pp at 6.50 bits); lambada: 0 of 0." in text
+    assert "wiki: Δ +0.020% at 11.60 bits vs uniform int8 +0.040% at 10.00 bits" in text
+    assert "The claim holds at the 0.1% bar" in text
+    assert "wiki: 12.00 bits = 25% less state traffic than an fp16 state, Δ +0.400%; uniform int8 38% less" in text
