@@ -38,21 +38,26 @@ fi
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
 stamp "training (reference LMs + Mamba-1 recall candidates, in parallel)"
+PIDS=()  # waited for by pid: a bare `wait` would also wait for the tee above, which never ends
 LIMIT=$(python3 -c "print(int(max($REF_MINUTES, $RECALL_MINUTES) * 60 + 150))")  # training + final evaluation
 for family in mamba mamba2; do
   timeout -s INT "$LIMIT" python3 scripts/train_reference.py --family "$family" --preset gpu --device "$DEVICE" \
     --minutes "$REF_MINUTES" --wikitext-tokens "$WIKITEXT_TOKENS" --data-dir gpu_data --tokens gpu_data/tokens.pt \
     --output-dir "$RUNS/ref-$family-gpu" --checkpoint-dir "/tmp/ckpt-$family" --no-progress $REF_ARGS \
     > "$RUNS/ref-$family-gpu.log" 2>&1 &
+  PIDS+=($!)
 done
 RECALL="--family mamba --device $DEVICE --minutes $RECALL_MINUTES --batch 256 --max-gpu-memory 16"
 timeout -s INT "$LIMIT" python3 scripts/train_recall.py $RECALL --hidden 128 --layers 2 --d-state 64 --lr 3e-3 \
   $RECALL_ARGS --output-dir "$RUNS/recall-mamba-a" > "$RUNS/recall-mamba-a.log" 2>&1 &
+PIDS+=($!)
 timeout -s INT "$LIMIT" python3 scripts/train_recall.py $RECALL --hidden 128 --layers 4 --d-state 32 --lr 2e-3 \
   $RECALL_ARGS --output-dir "$RUNS/recall-mamba-b" > "$RUNS/recall-mamba-b.log" 2>&1 &
+PIDS+=($!)
 timeout -s INT "$LIMIT" python3 scripts/train_recall.py $RECALL --hidden 256 --layers 2 --d-state 16 --lr 1e-3 \
   --curriculum 2,4,8 $RECALL_ARGS --output-dir "$RUNS/recall-mamba-c" > "$RUNS/recall-mamba-c.log" 2>&1 &
-wait
+PIDS+=($!)
+wait "${PIDS[@]}"
 stamp "training done"
 for f in "$RUNS"/*.log; do echo "--- $f"; grep -v -e "^\s*$" -e "^\[transformers\]" "$f" | tr '\r' '\n' | grep -v "step/s" | tail -8; done
 
@@ -65,13 +70,15 @@ for info in sorted(runs.glob("recall-mamba-*/recall_model.json")):
     figure = json.loads(info.read_text()).get("recall_fp32")
     print(info.parent.name, "recall_fp32", figure)
     scored.append((figure if figure is not None else -1.0, info.parent))
-for _, path in sorted(scored, key=lambda s: s[0])[:-1]:
-    shutil.rmtree(path)
 if scored:
     best = max(scored, key=lambda s: s[0])[1]
+    for _, path in scored:
+        if path != best:
+            shutil.rmtree(path)
     best.rename(runs / "recall-mamba")
     print("kept", best.name, "as recall-mamba")
 PY
 rm -rf "$RUNS"/ref-*/checkpoint
 tar -C "$RUNS" -czf - . | split -b 15m - "$OUT/models.tar.gz.part-"
 ls -la "$OUT"; du -sh "$OUT"; stamp "end"
+exec 1>&- 2>&-; wait  # close the log's pipe and let tee finish writing run.log before the call returns

@@ -168,8 +168,9 @@ def model_provenance(source: str) -> str | None:
         parts.append(f"WikiText-2 test perplexity {wikitext['token_perplexity']:.1f} per token, "
                      f"{wikitext['word_perplexity']:.1f} per word (full-sequence, {wikitext['scored_tokens']} tokens)")
     sentence = "Model: " + "; ".join(parts) + f" (`{path.name}` in the model directory"
-    if info.get("command"):
-        sentence += f"; `{info['command']}`"
+    commands = info.get("commands") or ([info["command"]] if info.get("command") else [])
+    if commands:  # the training command (a later --resume that only saved and scored adds nothing to it)
+        sentence += f"; `{commands[0]}`"
     sentence += ")."
     if wikitext:
         sentence += (f" For scale, a real mamba-130m: {PUBLISHED_MAMBA_130M} (Gu & Dao 2023, Table 3). This "

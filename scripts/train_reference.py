@@ -72,6 +72,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from gsq_hf.eval import full_sequence_perplexity, make_windows  # imported first: a missing package fails at start
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 TOKENIZER_FILE = Path("tokenizers") / "gpt-neox-20b" / "tokenizer.json"  # under --data-dir
@@ -421,8 +423,6 @@ def main(argv=None) -> None:
     # Final numbers come from the saved files, loaded the way `gsq-hf eval` loads them.
     wikitext = None
     if args.wikitext_tokens:
-        from gsq_hf.eval import full_sequence_perplexity, make_windows
-
         reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
         reloaded_tok = AutoTokenizer.from_pretrained(out)
         text = (args.data_dir / WIKITEXT_TEST).read_text(encoding="utf-8")
