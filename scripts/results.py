@@ -16,8 +16,8 @@ Long streams (does the error grow with sequence length?): ``--long-stream-stream
 ``--long-stream-tokens`` consecutive tokens of ``--long-stream-dataset`` (concatenated text, default the first
 non-LAMBADA ``--dataset``) run as one batch, each stepped token by token through one cache from an empty
 state, so the state is carried over the whole stream. fp32, the uniform formats of `LONG_STREAM_UNIFORM` and
-each dynamic family at its preset's setting (`LONG_STREAM_DYNAMIC`) are scored per position bucket (``0, 256, 1024, 4096, ...``);
-``--long-stream-tokens 0`` skips this part.
+each dynamic family at its preset's setting (`LONG_STREAM_DYNAMIC`) are scored per position bucket
+(``0, 256, 1024, 4096, ...``); ``--long-stream-tokens 0`` skips this part.
 
 The grid: uniform round-to-nearest formats (fp32 ... int2: the curve every verdict compares against),
 stochastic-rounding int4/int3 (``uniform-sr``, their own line), and dynamic families named with their formats
