@@ -44,11 +44,11 @@ the training gap after 753 steps but 1.8% at 4x the gap; the same with ``--gap-m
 gap 32, 9.6% at 128 and 8.6% at 512 (early in training, a fixed gap is learned faster and random gaps carry
 to longer gaps; the trained GPU model below carries either way). Mamba hidden 64, d_state 16, batch 32: 3.7%
 after 1,131 steps (chance is 1.6%). A smaller task (4 pairs, 32 keys/values, gap 8; hidden 64, d_state 32,
-4 minutes): Mamba2 86% after 926 steps, Mamba 12% after 187. The same small task for 16 minutes on 2 free
-cores (batch 32, about 5 steps a second): Mamba hidden 64, d_state 32, lr 3e-3 reached 53% at 2,900 steps and 54%
-at 5,200; hidden 128, d_state 16, lr 1e-3 52-54% from 3,000 to 4,100 steps: a plateau at about half the pairs, as
-with 8 pairs at 36%. Setting A = -1 for every state dim instead of the S4D-real init did not move the start of
-training. CPU cannot reach the target here. On an H200
+4 minutes): Mamba2 86% after 926 steps, Mamba 12% after 187. The same small task on 2 free
+cores (batch 32, about 5 steps a second, 24 minutes): Mamba hidden 64, d_state 32, lr 3e-3 reached 53% at 2,900
+steps and 55.1% decode-faithful at the end (7,653 steps; 28.5% at 4x the gap); hidden 128, d_state 16, lr 1e-3
+52.8% (6,123 steps): a plateau at about half the pairs, as with 8 pairs at 36%. Setting A = -1 for every
+state dim instead of the S4D-real init did not move the start of training. CPU cannot reach the target here. On an H200
 (``gsq_hf/assets/recall-mamba2``, see its ``recall_model.json``), Mamba2 hidden 128, 2 layers, d_state 64,
 batch 256, lr 3e-3 learned the full task in half a minute: held-out recall 86% at step 400, 99% at 600, 100%
 at 1,200 (about 20 ms a step); decode-faithful fp32 recall 99.96% at gap 32, fast recall 99.7% at gap 512.
