@@ -31,7 +31,7 @@ from ..policies import EntropyThresholdPolicy, GateThresholdPolicy, PrecisionPol
 
 __all__ = ["KERNEL_FORMATS", "StateUpdate", "delta", "state_update_reference", "unsupported_reason"]
 
-KERNEL_FORMATS = frozenset({"fp32", "bf16", "fp16", "fp8", "int8", "int4"})  # int3/int2: torch path only
+KERNEL_FORMATS = frozenset({"fp32", "bf16", "fp16", "fp8", "int8", "int4"})  # int7 … int5, int3, int2: torch path only
 
 
 class StateUpdate(NamedTuple):
