@@ -82,6 +82,7 @@ figures take seconds on a GPU beyond ``--minutes``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -101,10 +102,13 @@ from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, 
 
 from gsq_hf.eval.recall import RECALL_INFO_FILE, MQARBatch, MQARSpec, generate_mqar, recall_accuracy
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts/training_scan.py
+from training_scan import sequential_mamba_scan  # noqa: E402
+
 TRAIN_SEED_BASE = 10**9  # training batch k of run seed s uses seed (s + 1) * 10**9 + k: never an evaluation seed
 MONITOR_SEED = 1  # held-out set scored while training (fast full-sequence argmax)
 FINAL_SEED = 0  # the final decode-faithful figure: the sequences `gsq-hf recall` scores by default
-TRAINING_FLAGS = ("device", "threads", "seed", "batch", "init_std", "lr", "warmup", "weight_decay", "clip",
+TRAINING_FLAGS = ("device", "threads", "scan", "seed", "batch", "init_std", "lr", "warmup", "weight_decay", "clip",
                   "advance_at", "hidden", "layers", "d_state", "expand", "conv_kernel", "head_dim", "groups",
                   "chunk_size")
 
@@ -120,6 +124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="GiB of GPU memory this process may take (runs share one GPU: a step that needs more is "
                         "split into micro-batches, same gradient); 0: no cap")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--scan", choices=("auto", "sequential", "mambapy"), default="auto",
+                   help="Mamba-1 training scan: scripts/training_scan.py's sequential scan (several times faster on "
+                        "CPU at these short lengths) or the mambapy parallel scan; auto: sequential on CPU")
     p.add_argument("--seed", type=int, default=0)
     budget = p.add_argument_group("budget")
     budget.add_argument("--steps", type=int, default=20_000, help="optimizer steps (upper bound with --minutes)")
@@ -163,7 +170,7 @@ def build_model(args: argparse.Namespace, spec: MQARSpec) -> torch.nn.Module:
                   state_size=args.d_state, expand=args.expand, conv_kernel=args.conv_kernel, pad_token_id=0,
                   bos_token_id=1, eos_token_id=1, tie_word_embeddings=True, initializer_range=args.init_std)
     if args.family == "mamba":
-        return MambaForCausalLM(MambaConfig(**common, use_mambapy=True))
+        return MambaForCausalLM(MambaConfig(**common, use_mambapy=args.scan == "mambapy"))
     inner = args.expand * args.hidden
     if inner % args.head_dim:
         raise SystemExit(f"--head-dim {args.head_dim} must divide expand x hidden = {inner}")
@@ -449,6 +456,10 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     args = parse_args(argv)
+    if args.family == "mamba2":
+        args.scan = "transformers-chunked"  # Mamba2 has one torch training path
+    elif args.scan == "auto":
+        args.scan = "sequential" if args.device == "cpu" else "mambapy"
     t_start = time.perf_counter()
     transformers.logging.set_verbosity_error()  # the kernel-fallback notes are expected here
     transformers.logging.disable_progress_bar()
@@ -486,7 +497,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "loss": "cross-entropy on the answer positions only"},
             "monitor": {"seed": MONITOR_SEED, "num": args.eval_num, "gap": spec.gap,
                         "method": "full-sequence argmax with the training scan"}}
-    run = train(model, args, spec, plan, info, bf16)
+    with sequential_mamba_scan() if args.scan == "sequential" else contextlib.nullcontext():
+        run = train(model, args, spec, plan, info, bf16)
     info["monitor"].update(best=run.pop("monitor_best"), history=run.pop("history"))
     info.update(status="done", **run)
     save(model, args.output_dir, info)
