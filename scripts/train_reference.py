@@ -18,8 +18,9 @@ Presets (every value can be overridden by its flag):
 * ``cpu``: hidden 256, 4 layers, d_state 16, batch 8 x 256 tokens, 35 minutes (14.6M parameters, 12.9M of
   them the tied 50280 x 256 embedding); fits <= 45 minutes on 2 cores with tokenization (~30 s for the whole
   corpus) and evaluation. The 50k-vocabulary LM head dominates a step. Measured with both families side by
-  side on 2 cores (``--threads 1`` each): Mamba 7.9 s a step (268 steps, 0.55M tokens, held-out loss 7.04),
-  Mamba2 3.5 s (595 steps, 1.22M tokens, held-out loss 6.40): far from converged, near a unigram model.
+  side on 2 cores (``--threads 1`` each): Mamba 7.9 s a step with ``mambapy`` (268 steps, 0.55M tokens,
+  held-out loss 7.04; the sequential scan now used on CPU halves that step), Mamba2 3.5 s (595 steps, 1.22M
+  tokens, held-out loss 6.40): far from converged, near a unigram model.
 * ``gpu``: hidden 256, 6 layers (d_state 16 for Mamba, 64 for Mamba2), batch 32 x 512, bf16 autocast,
   4.5 minutes: 15.5M parameters (29.6 MiB in bf16) each, so that both families come back from one device call
   (<= 64 MiB in <= 8 files of <= 16 MiB; one model alone could be hidden 384 x 8 = 27.0M, 51.5 MiB).
@@ -33,8 +34,10 @@ Presets (every value can be overridden by its flag):
           --tokens gpu_data/tokens.pt --checkpoint-dir /tmp/ckpt && tar -C run -cf - m | split -b 15m - $OUT/m.tar.part-
       cat m.tar.part-* | tar -xf -          # back on this machine: run/m again, loadable as saved
 
-Training uses the parallel scan (``use_mambapy=True`` for Mamba; transformers' chunked torch path for
-Mamba2); the saved config has ``use_mambapy=False``. The tokenized corpus is cached (``tokens-*.pt``) in
+Mamba trains with ``scripts/training_scan.py``'s sequential scan on CPU (``--scan auto``; 4.46 s a cpu-preset
+step against 8.98 s with the ``mambapy`` parallel scan, measured side by side on a loaded machine, 1 thread)
+and with ``mambapy`` on a GPU; Mamba2 with transformers' chunked torch path. The saved config has
+``use_mambapy=False``. The tokenized corpus is cached (``tokens-*.pt``) in
 ``--cache-dir`` (default: the output directory). A checkpoint (model, optimizer, scheduler, step, RNG states)
 is written every ``--checkpoint-every`` steps and at the end to ``<output>/checkpoint/``; ``--resume``
 continues from it up to ``--steps`` / ``--minutes`` in total. Training stops at whichever of ``--steps`` and
@@ -46,6 +49,7 @@ token budget) with ``gsq_hf.eval.make_windows`` + ``full_sequence_perplexity``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -74,6 +78,9 @@ from transformers import (
 )
 
 from gsq_hf.eval import full_sequence_perplexity, make_windows  # imported first: a missing package fails at start
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts/training_scan.py
+from training_scan import sequential_mamba_scan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -189,7 +196,7 @@ def build_model(args) -> torch.nn.Module:
                   state_size=args.d_state, expand=2, tie_word_embeddings=True,
                   bos_token_id=0, eos_token_id=0, pad_token_id=1)
     if args.family == "mamba":
-        config = MambaConfig(**common, use_mambapy=True)  # parallel scan for training; off when saved
+        config = MambaConfig(**common, use_mambapy=args.scan == "mambapy")  # the training scan; off when saved
         return MambaForCausalLM(config)
     d_inner = 2 * args.hidden
     head_dim = 64
@@ -286,6 +293,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "train from it without the corpus (e.g. on a GPU machine the corpus is not copied to)")
     p.add_argument("--max-corpus-bytes", type=int, default=None, help="read only this many bytes of the corpus")
     p.add_argument("--val-fraction", type=float, default=0.01, help="last fraction of articles held out")
+    p.add_argument("--scan", choices=("auto", "sequential", "mambapy"), default="auto",
+                   help="Mamba-1 training scan: scripts/training_scan.py's sequential scan (2x faster than mambapy "
+                        "per cpu-preset step on CPU) or mambapy's parallel scan; auto: sequential on CPU")
     p.add_argument("--hidden", type=int)
     p.add_argument("--layers", type=int)
     p.add_argument("--d-state", type=int)
@@ -328,6 +338,10 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.family == "mamba2":
+        args.scan = "transformers-chunked"  # Mamba2 has one torch training path
+    elif args.scan == "auto":
+        args.scan = "sequential" if device.type == "cpu" else "mambapy"
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -379,31 +393,32 @@ def main(argv=None) -> None:
     model.train()
     t_loop = time.perf_counter()
     bar = tqdm(total=args.steps, initial=step, desc=f"train {args.family}", unit="step", disable=args.no_progress)
-    while progress() < 1:
-        lr = scheduler.step(progress(1))
-        starts = torch.randint(len(train_ids) - args.seq_len, (args.batch_size,), generator=generator)
-        x = torch.stack([train_ids[s: s + args.seq_len + 1] for s in starts]).long().to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(input_ids=x[:, :-1], use_cache=False).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        losses.append(round(loss.item(), 4))
-        bar.update()
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.1e}")
-        if step % args.eval_every == 0 or progress() >= 1:
-            recent = losses[-args.eval_every:]
-            val = heldout_loss(model, val_ids, val_window, args.eval_batch_size, device, args.bf16)
-            history.append({"step": step, "train_loss": round(sum(recent) / len(recent), 4),
-                            "heldout_loss": round(val, 4), "heldout_ppl": round(math.exp(val), 2),
-                            "time_s": round(state()["train_time_s"], 1)})
-            bar.write(f"step {step}: train loss {history[-1]['train_loss']:.3f}, held-out loss {val:.3f} "
-                      f"(ppl {math.exp(val):.1f})")
-        if step % args.checkpoint_every == 0:
-            save_checkpoint(ckpt_dir, model, optimizer, scheduler, generator, state())
+    with sequential_mamba_scan() if args.scan == "sequential" else contextlib.nullcontext():
+        while progress() < 1:
+            lr = scheduler.step(progress(1))
+            starts = torch.randint(len(train_ids) - args.seq_len, (args.batch_size,), generator=generator)
+            x = torch.stack([train_ids[s: s + args.seq_len + 1] for s in starts]).long().to(device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                logits = model(input_ids=x[:, :-1], use_cache=False).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            losses.append(round(loss.item(), 4))
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.1e}")
+            if step % args.eval_every == 0 or progress() >= 1:
+                recent = losses[-args.eval_every:]
+                val = heldout_loss(model, val_ids, val_window, args.eval_batch_size, device, args.bf16)
+                history.append({"step": step, "train_loss": round(sum(recent) / len(recent), 4),
+                                "heldout_loss": round(val, 4), "heldout_ppl": round(math.exp(val), 2),
+                                "time_s": round(state()["train_time_s"], 1)})
+                bar.write(f"step {step}: train loss {history[-1]['train_loss']:.3f}, held-out loss {val:.3f} "
+                          f"(ppl {math.exp(val):.1f})")
+            if step % args.checkpoint_every == 0:
+                save_checkpoint(ckpt_dir, model, optimizer, scheduler, generator, state())
     bar.close()
     final_state = state()
     save_checkpoint(ckpt_dir, model, optimizer, scheduler, generator, final_state)
