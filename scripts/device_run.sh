@@ -1,7 +1,7 @@
 #!/bin/bash
 # One call of the GPU machine (`device` tool): the GPU reference language models (Mamba and Mamba2,
-# `train_reference.py --preset gpu`) and Mamba-1 MQAR recall candidates (`train_recall.py`), all trained at once
-# on one GPU. Everything it returns is under $OUT, within the tool's limits (<= 8 files of <= 16 MiB,
+# `train_reference.py --preset gpu`), trained at once on one GPU. (The recall models train on CPU: see
+# scripts/train_recall.py.) Everything it returns is under $OUT, within the tool's limits (<= 8 files of <= 16 MiB,
 # <= 64 MiB): run.log and models.tar.gz.part-* (the saved model directories, no optimizer state).
 #
 # Prepare on this machine (both paths are git-ignored, so the call must carry them):
@@ -9,21 +9,18 @@
 #   gpu_data/  tokens.pt (the tokenized corpus: copy the tokens-*.pt that any train_reference.py run caches),
 #              tokenizers/gpt-neox-20b/tokenizer.json and wikitext-2-raw/wiki.test.raw (from ../shared/data)
 # Call: command "bash scripts/device_run.sh", carry [".whl", "gpu_data"], timeout_s 560 (the jobs stop by
-# themselves after about 6.5 minutes; every one has a hard timeout).
+# themselves after about 6.5 minutes; each has a hard timeout).
 # Back here:  mkdir -p runs && cat <files_at>/models.tar.gz.part-* | tar -C runs -xzf -
 #
 # Dry run on a CPU (checks the plumbing and the packing, not the models):
-#   OUT=/tmp/out DEVICE=cpu REF_MINUTES=0.2 RECALL_MINUTES=0.2 WIKITEXT_TOKENS=2048 \
-#     REF_ARGS="--batch-size 2 --seq-len 128 --val-tokens 1024 --eval-every 5" \
-#     RECALL_ARGS="--batch 8 --eval-num 64 --final-num 64 --eval-every 5" bash scripts/device_run.sh
+#   OUT=/tmp/out DEVICE=cpu REF_MINUTES=0.2 WIKITEXT_TOKENS=2048 \
+#     REF_ARGS="--batch-size 2 --seq-len 128 --val-tokens 1024 --eval-every 5" bash scripts/device_run.sh
 set -u
 OUT=${OUT:?the device tool sets OUT}
 DEVICE=${DEVICE:-cuda}
 REF_MINUTES=${REF_MINUTES:-4.5}
-RECALL_MINUTES=${RECALL_MINUTES:-4}
 WIKITEXT_TOKENS=${WIKITEXT_TOKENS:-65536}
 REF_ARGS=${REF_ARGS:-}        # appended to each command line (a later flag wins): for the dry run
-RECALL_ARGS=${RECALL_ARGS:-}
 RUNS=/tmp/gsq-runs
 export PYTHONUNBUFFERED=1
 T0=$(date +%s); stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
@@ -37,9 +34,9 @@ if [ "$DEVICE" != cpu ]; then
 fi
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-stamp "training (reference LMs + Mamba-1 recall candidates, in parallel)"
+stamp "training (both reference LMs, in parallel)"
 PIDS=()  # waited for by pid: a bare `wait` would also wait for the tee above, which never ends
-LIMIT=$(python3 -c "print(int(max($REF_MINUTES, $RECALL_MINUTES) * 60 + 150))")  # training + final evaluation
+LIMIT=$(python3 -c "print(int($REF_MINUTES * 60 + 150))")  # training + final evaluation
 for family in mamba mamba2; do
   timeout -s INT "$LIMIT" python3 scripts/train_reference.py --family "$family" --preset gpu --device "$DEVICE" \
     --minutes "$REF_MINUTES" --wikitext-tokens "$WIKITEXT_TOKENS" --data-dir gpu_data --tokens gpu_data/tokens.pt \
@@ -47,37 +44,10 @@ for family in mamba mamba2; do
     > "$RUNS/ref-$family-gpu.log" 2>&1 &
   PIDS+=($!)
 done
-RECALL="--family mamba --device $DEVICE --minutes $RECALL_MINUTES --batch 256 --max-gpu-memory 16"
-timeout -s INT "$LIMIT" python3 scripts/train_recall.py $RECALL --hidden 128 --layers 2 --d-state 64 --lr 3e-3 \
-  $RECALL_ARGS --output-dir "$RUNS/recall-mamba-a" > "$RUNS/recall-mamba-a.log" 2>&1 &
-PIDS+=($!)
-timeout -s INT "$LIMIT" python3 scripts/train_recall.py $RECALL --hidden 128 --layers 4 --d-state 32 --lr 2e-3 \
-  $RECALL_ARGS --output-dir "$RUNS/recall-mamba-b" > "$RUNS/recall-mamba-b.log" 2>&1 &
-PIDS+=($!)
-timeout -s INT "$LIMIT" python3 scripts/train_recall.py $RECALL --hidden 256 --layers 2 --d-state 16 --lr 1e-3 \
-  --curriculum 2,4,8 $RECALL_ARGS --output-dir "$RUNS/recall-mamba-c" > "$RUNS/recall-mamba-c.log" 2>&1 &
-PIDS+=($!)
 wait "${PIDS[@]}"
 stamp "training done"
 for f in "$RUNS"/*.log; do echo "--- $f"; grep -v -e "^\s*$" -e "^\[transformers\]" "$f" | tr '\r' '\n' | grep -v "step/s" | tail -8; done
 
-# Keep the best Mamba-1 recall candidate (decode-faithful fp32 recall) as recall-mamba.
-python3 - "$RUNS" <<'PY'
-import json, pathlib, shutil, sys
-runs = pathlib.Path(sys.argv[1])
-scored = []
-for info in sorted(runs.glob("recall-mamba-*/recall_model.json")):
-    figure = json.loads(info.read_text()).get("recall_fp32")
-    print(info.parent.name, "recall_fp32", figure)
-    scored.append((figure if figure is not None else -1.0, info.parent))
-if scored:
-    best = max(scored, key=lambda s: s[0])[1]
-    for _, path in scored:
-        if path != best:
-            shutil.rmtree(path)
-    best.rename(runs / "recall-mamba")
-    print("kept", best.name, "as recall-mamba")
-PY
 rm -rf "$RUNS"/ref-*/checkpoint
 tar -C "$RUNS" -czf - . | split -b 15m - "$OUT/models.tar.gz.part-"
 ls -la "$OUT"; du -sh "$OUT"; stamp "end"

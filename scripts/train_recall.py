@@ -1,14 +1,15 @@
 """Train a tiny Mamba / Mamba2 on multi-query associative recall (MQAR): the models of ``gsq-hf recall``.
 
-The model is a transformers ``MambaForCausalLM`` (``--family mamba``, trained with the ``mambapy`` parallel
-scan; the saved config has ``use_mambapy=False``) or ``Mamba2ForCausalLM`` (``--family mamba2``, transformers'
+The model is a transformers ``MambaForCausalLM`` (``--family mamba``, trained with ``--scan``: the sequential
+scan of ``scripts/training_scan.py`` on CPU, ``mambapy``'s parallel scan on a GPU; the saved config has
+``use_mambapy=False``) or ``Mamba2ForCausalLM`` (``--family mamba2``, transformers'
 chunked torch scan), built from a config and trained from scratch on freshly generated MQAR batches
 (`gsq_hf.eval.recall.generate_mqar`; loss on the answer positions only). Every batch is new, so there is
 no overfitting to watch: the held-out recall measures what the model learned of the task.
 
 From the repository root, with the package importable (``pip install -e .``)::
 
-    python scripts/train_recall.py --family mamba --device cuda --minutes 4 --output-dir runs/recall-mamba
+    python scripts/train_recall.py --family mamba2 --device cpu --minutes 10 --output-dir runs/recall-mamba2
 
 Training stops at whichever of ``--steps`` / ``--minutes`` comes first, at ``--stop-at`` held-out recall, or
 on SIGTERM/SIGINT (``timeout 300 python ...`` is safe); the warmup + cosine schedule follows whichever budget
@@ -27,56 +28,39 @@ evaluation sets. With ``--curriculum 2,4,8`` training starts at 2 pairs and move
 held-out recall of the stage reaches ``--advance-at``; ``--gap-min`` draws each batch's gap in
 [gap-min, gap] (the spec keeps ``gap`` as the training gap).
 
-What helps MQAR learn (Zoology, Arora et al. 2023, and the Based follow-up train 2-layer models of width
-64-256 with AdamW, learning rates swept over 1e-4..3e-2, cosine decay, batch 256, tens of thousands of
-steps, early stop at 99%; recall is learned in a sudden drop of the loss after a plateau): more examples
-(the plateau is left after a number of examples, not of minutes), a larger ``d_state`` (Mamba-1 keeps one
-``d_state``-wide key space shared by all channels: 64 keys do not fit 16 dimensions cleanly), a learning rate
-around 1e-3..3e-3 with warmup. Mamba-1's ``mambapy`` scan materializes (batch, inner, length, d_state) tensors:
-its time and memory grow with ``d_state`` (on CPU, hidden 128: 2.2 s a step at d_state 16, 11.7 s at 64;
-Mamba2 0.5-0.7 s), so on a GPU shared by several runs ``--max-gpu-memory`` caps each process and a step that
-needs more runs in micro-batches.
+The committed models (``gsq_hf/assets/recall-*``; each ``recall_model.json`` holds its exact command):
 
-Measured on CPU (1 thread, 2 cores shared with other jobs, load 3-6), full task (8 pairs, 64 keys/values,
-gap 32), 10 minutes each: Mamba2 hidden 128, 2 layers, d_state 64, batch 64, lr 3e-3: held-out recall 14% at
-500 steps, 26% at 874 (still rising; 24.8% decode-faithful). Mamba2 hidden 64 (head_dim 16), batch 32: 22% at
-the training gap after 753 steps but 1.8% at 4x the gap; the same with ``--gap-min 1`` (gaps 1..32): 10% at
-gap 32, 9.6% at 128 and 8.6% at 512 (early in training, a fixed gap is learned faster and random gaps carry
-to longer gaps; the trained GPU model below carries either way). Mamba hidden 64, d_state 16, batch 32: 3.7%
-after 1,131 steps (chance is 1.6%). A smaller task (4 pairs, 32 keys/values, gap 8; hidden 64, d_state 32,
-4 minutes): Mamba2 86% after 926 steps, Mamba 12% after 187. The same small task on 2 free
-cores (batch 32, about 5 steps a second, 24 minutes): Mamba hidden 64, d_state 32, lr 3e-3 reached 53% at 2,900
-steps and 55.1% decode-faithful at the end (7,653 steps; 28.5% at 4x the gap); hidden 128, d_state 16, lr 1e-3
-52.8% (6,123 steps): a plateau at about half the pairs, as with 8 pairs at 36%. Setting A = -1 for every
-state dim instead of the S4D-real init did not move the start of training. CPU cannot reach the target here. On an H200
-(``gsq_hf/assets/recall-mamba2``, see its ``recall_model.json``), Mamba2 hidden 128, 2 layers, d_state 64,
-batch 256, lr 3e-3 learned the full task in half a minute: held-out recall 86% at step 400, 99% at 600, 100%
-at 1,200 (about 20 ms a step); decode-faithful fp32 recall 99.96% at gap 32, fast recall 99.7% at gap 512.
-Mamba-1 is the hard one: on the same H200, hidden 128, 2 layers, d_state 64, batch 256, lr 3e-3 for 2 minutes
-(1,095 steps, about 110 ms a step, beside a Mamba2 run) reached only 5.1% decode-faithful recall at gap 32;
-it needs a longer run (give it most of a device call) or another recipe.
+* ``recall-mamba``: Mamba-1, 87k parameters (hidden 64, 2 layers, d_state 32), on CPU in 28 minutes, 1 thread
+  (13,512 steps of batch 32, the other core busy), on 8 pairs / 64 keys and values / gap 32 with **2 queries**
+  a sequence: decode-faithful fp32 recall 99.37% at gap 32, fast recall 98.0% at gap 128, 60.5% at 512::
 
-Recommended GPU run (3-4 minutes each, in parallel on one GPU). Per family, keep the best ``recall_fp32``
-among the runs whose ``fast_recall_by_gap`` at 4x the gap stays close to it (a model that only works at the
-training gap makes the long-gap columns of ``gsq-hf recall`` meaningless). Mamba: d_state 64 at a fixed and
-at random gaps, and depth with d_state 32; Mamba2: d_state 64 at a fixed and at random gaps, and 4 layers::
+      python scripts/train_recall.py --family mamba --device cpu --threads 1 --minutes 28 --steps 100000 \
+          --batch 32 --hidden 64 --d-state 32 --lr 3e-3 --pairs 8 --keys 64 --values 64 --gap 32 --queries 2 \
+          --eval-every 500 --output-dir runs/recall-mamba
 
-    python scripts/train_recall.py --family mamba  --device cuda --minutes 4 --batch 256 --hidden 128 \
-        --layers 2 --d-state 64 --lr 3e-3 --output-dir runs/mamba-a
-    python scripts/train_recall.py --family mamba  --device cuda --minutes 4 --batch 256 --hidden 128 \
-        --layers 4 --d-state 32 --lr 2e-3 --output-dir runs/mamba-b
-    python scripts/train_recall.py --family mamba  --device cuda --minutes 4 --batch 256 --hidden 128 \
-        --layers 2 --d-state 64 --lr 3e-3 --gap-min 1 --output-dir runs/mamba-c
-    python scripts/train_recall.py --family mamba2 --device cuda --minutes 4 --batch 256 --hidden 128 \
-        --layers 2 --d-state 64 --lr 3e-3 --output-dir runs/mamba2-a
-    python scripts/train_recall.py --family mamba2 --device cuda --minutes 4 --batch 256 --hidden 128 \
-        --layers 2 --d-state 64 --lr 3e-3 --gap-min 1 --output-dir runs/mamba2-b
-    python scripts/train_recall.py --family mamba2 --device cuda --minutes 4 --batch 256 --hidden 128 \
-        --layers 4 --d-state 64 --lr 2e-3 --gap-min 1 --output-dir runs/mamba2-c
+* ``recall-mamba2``: Mamba2, 256k parameters (hidden 128, 2 layers, d_state 64), on an H200 in half a minute
+  (batch 256, lr 3e-3; held-out recall 86% at step 400, 99% at 600), 8 queries a sequence: decode-faithful fp32
+  recall 99.96% at gap 32, fast recall 99.7% at gap 512. On CPU (1 thread, 10 minutes, batch 64) the same
+  model reached 26% (874 steps, still rising): its ``--device cuda`` command is in its json.
 
-Parameters: 327k, 535k, 327k; 256k, 492k, 492k (all well under 1M). Each process caps its GPU memory at
-``--max-gpu-memory`` (12 GiB by default); the decode-faithful final evaluation and the fast 1x/4x/16x-gap
-figures take seconds on a GPU beyond ``--minutes``.
+Why Mamba-1 needs fewer queries than pairs. With as many queries as pairs, each query's value is one of the
+values not asked yet, and the last one is certain: a model that stores only *which values occurred* and
+eliminates the answered ones scores mean(1/k, k = 1..pairs), 52% at 4 pairs and 34% at 8, without binding any
+key to its value. Every earlier Mamba-1 run sat exactly there (hidden 64 or 128, d_state 16 or 32, 2 or 4
+layers, lr 1e-3 or 3e-3, up to 18,000 steps, mambapy or the sequential scan, S4D-real or A = -1 init); on the
+small task (4 pairs, 32 keys/values, gap 8), per query position: 28.5%, 41.6%, 51.2% and 100%, and 913 of
+915 wrong answers another pair's value. Mamba2 leaves this plateau; Mamba-1, whose B and C are read from the
+same convolved channels as the stored values (Mamba2 convolves B and C in channels of their own), does not
+in the time available. With 2 queries of 4 pairs (elimination worth about 29%) the same model learned the
+binding: 97% at 8,000 steps, 99.76% decode-faithful at 18,875 (14 minutes; fast recall 96.1% at 4x the
+gap); with 2 of 8 pairs, the committed model above. 4 queries of 8 pairs: 19% after 6,000 steps (stopped).
+
+Speed: Mamba-1 trains with ``scripts/training_scan.py`` on CPU (``--scan auto``): 41.6 ms a step (hidden 64,
+d_state 32, batch 32, 24 tokens) against 185 ms with ``mambapy``, so a CPU run sees about 4x the examples.
+MQAR is learned in a sudden drop after a plateau, after a number of examples (Zoology, Arora et al. 2023,
+and Based train 2-layer models of width 64-256, lr 1e-4..3e-2, batch 256, tens of thousands of steps). On a
+GPU shared by several runs ``--max-gpu-memory`` caps each process and a step that needs more runs in
+micro-batches.
 """
 
 from __future__ import annotations

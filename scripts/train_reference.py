@@ -24,7 +24,7 @@ Presets (every value can be overridden by its flag):
 * ``gpu``: hidden 256, 6 layers (d_state 16 for Mamba, 64 for Mamba2), batch 32 x 512, bf16 autocast,
   4.5 minutes: 15.5M parameters (29.6 MiB in bf16) each, so that both families come back from one device call
   (<= 64 MiB in <= 8 files of <= 16 MiB; one model alone could be hidden 384 x 8 = 27.0M, 51.5 MiB).
-  ``scripts/device_run.sh`` is that call: both families and Mamba-1 recall candidates on one GPU.
+  ``scripts/device_run.sh`` is that call: both families on one GPU.
   The machine has no corpus: tokenize here once (any run writes ``tokens-*.pt`` into ``--cache-dir``), carry
   that file and the tokenizer/WikiText files (``--data-dir``), and train with ``--tokens``. The tied
   embedding alone is 50280 x hidden x 2 bytes (38.6 MB), one tensor that ``max_shard_size`` cannot split:

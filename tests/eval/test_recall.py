@@ -126,8 +126,7 @@ def test_missing_model_directory_or_task_file_is_a_clear_error(tmp_path):
 
 
 # -- the committed recall models (gsq_hf/assets/recall-*, trained by scripts/train_recall.py) ------------------
-# Only Mamba2 so far: Mamba-1 did not learn the task in the time available (see scripts/train_recall.py).
-COMMITTED = ["mamba2"]
+COMMITTED = ["mamba", "mamba2"]
 
 
 @pytest.mark.slow
