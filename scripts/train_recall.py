@@ -55,8 +55,9 @@ in the time available. With 2 queries of 4 pairs (elimination worth about 29%) t
 binding: 97% at 8,000 steps, 99.76% decode-faithful at 18,875 (14 minutes; fast recall 96.1% at 4x the
 gap); with 2 of 8 pairs, the committed model above. 4 queries of 8 pairs: 19% after 6,000 steps (stopped).
 
-Speed: Mamba-1 trains with ``scripts/training_scan.py`` on CPU (``--scan auto``): 41.6 ms a step (hidden 64,
-d_state 32, batch 32, 24 tokens) against 185 ms with ``mambapy``, so a CPU run sees about 4x the examples.
+Speed: Mamba-1 trains with ``scripts/training_scan.py`` on CPU (``--scan auto``): 44.4 ms a step (hidden 64,
+d_state 32, batch 32, 24 tokens) against 186.6 ms with ``mambapy`` (``python scripts/training_scan.py``), so a
+CPU run sees about 4x the examples.
 MQAR is learned in a sudden drop after a plateau, after a number of examples (Zoology, Arora et al. 2023,
 and Based train 2-layer models of width 64-256, lr 1e-4..3e-2, batch 256, tens of thousands of steps). On a
 GPU shared by several runs ``--max-gpu-memory`` caps each process and a step that needs more runs in
@@ -66,7 +67,6 @@ micro-batches.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import platform
@@ -87,7 +87,7 @@ from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, 
 from gsq_hf.eval.recall import RECALL_INFO_FILE, MQARBatch, MQARSpec, generate_mqar, recall_accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts/training_scan.py
-from training_scan import sequential_mamba_scan  # noqa: E402
+from training_scan import SCAN_CHOICES, resolve_scan, training_scan  # noqa: E402
 
 TRAIN_SEED_BASE = 10**9  # training batch k of run seed s uses seed (s + 1) * 10**9 + k: never an evaluation seed
 MONITOR_SEED = 1  # held-out set scored while training (fast full-sequence argmax)
@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="GiB of GPU memory this process may take (runs share one GPU: a step that needs more is "
                         "split into micro-batches, same gradient); 0: no cap")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--scan", choices=("auto", "sequential", "mambapy"), default="auto",
+    p.add_argument("--scan", choices=SCAN_CHOICES, default="auto",
                    help="Mamba-1 training scan: scripts/training_scan.py's sequential scan (several times faster on "
                         "CPU at these short lengths) or the mambapy parallel scan; auto: sequential on CPU")
     p.add_argument("--seed", type=int, default=0)
@@ -440,10 +440,7 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     args = parse_args(argv)
-    if args.family == "mamba2":
-        args.scan = "transformers-chunked"  # Mamba2 has one torch training path
-    elif args.scan == "auto":
-        args.scan = "sequential" if args.device == "cpu" else "mambapy"
+    args.scan = resolve_scan(args.family, args.scan, torch.device(args.device).type)
     t_start = time.perf_counter()
     transformers.logging.set_verbosity_error()  # the kernel-fallback notes are expected here
     transformers.logging.disable_progress_bar()
@@ -481,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "loss": "cross-entropy on the answer positions only"},
             "monitor": {"seed": MONITOR_SEED, "num": args.eval_num, "gap": spec.gap,
                         "method": "full-sequence argmax with the training scan"}}
-    with sequential_mamba_scan() if args.scan == "sequential" else contextlib.nullcontext():
+    with training_scan(args.scan):
         run = train(model, args, spec, plan, info, bf16)
     info["monitor"].update(best=run.pop("monitor_best"), history=run.pop("history"))
     info.update(status="done", **run)

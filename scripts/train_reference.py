@@ -49,7 +49,6 @@ token budget) with ``gsq_hf.eval.make_windows`` + ``full_sequence_perplexity``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -80,7 +79,7 @@ from transformers import (
 from gsq_hf.eval import full_sequence_perplexity, make_windows  # imported first: a missing package fails at start
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts/training_scan.py
-from training_scan import sequential_mamba_scan  # noqa: E402
+from training_scan import SCAN_CHOICES, resolve_scan, training_scan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -293,7 +292,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "train from it without the corpus (e.g. on a GPU machine the corpus is not copied to)")
     p.add_argument("--max-corpus-bytes", type=int, default=None, help="read only this many bytes of the corpus")
     p.add_argument("--val-fraction", type=float, default=0.01, help="last fraction of articles held out")
-    p.add_argument("--scan", choices=("auto", "sequential", "mambapy"), default="auto",
+    p.add_argument("--scan", choices=SCAN_CHOICES, default="auto",
                    help="Mamba-1 training scan: scripts/training_scan.py's sequential scan (2x faster than mambapy "
                         "per cpu-preset step on CPU) or mambapy's parallel scan; auto: sequential on CPU")
     p.add_argument("--hidden", type=int)
@@ -338,10 +337,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.family == "mamba2":
-        args.scan = "transformers-chunked"  # Mamba2 has one torch training path
-    elif args.scan == "auto":
-        args.scan = "sequential" if device.type == "cpu" else "mambapy"
+    args.scan = resolve_scan(args.family, args.scan, device.type)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -393,7 +389,7 @@ def main(argv=None) -> None:
     model.train()
     t_loop = time.perf_counter()
     bar = tqdm(total=args.steps, initial=step, desc=f"train {args.family}", unit="step", disable=args.no_progress)
-    with sequential_mamba_scan() if args.scan == "sequential" else contextlib.nullcontext():
+    with training_scan(args.scan):
         while progress() < 1:
             lr = scheduler.step(progress(1))
             starts = torch.randint(len(train_ids) - args.seq_len, (args.batch_size,), generator=generator)

@@ -1,7 +1,6 @@
 """scripts/results.py runs end to end on the built-in model with a small budget (its numbers are not asserted,
 only that they exist, are finite and that fp32 is the Δ baseline), long streams included."""
 
-import importlib.util
 import json
 import math
 import os
@@ -9,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 LAMBADA = ROOT.parent / "shared" / "data" / "lambada" / "lambada_test.jsonl"
@@ -17,11 +17,6 @@ RECALL_MODEL = ROOT / "gsq_hf" / "assets" / "recall-mamba2"
 FAMILIES = "uniform,gate-open int8/fp16,gate-closed int3/int8"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def table_rows(markdown: str, heading: str) -> list[list[str]]:
@@ -33,7 +28,7 @@ def table_rows(markdown: str, heading: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_results_pipeline(tmp_path):
-    script = load_script()
+    script = load_script("results")
     args = ["--dataset", "builtin", "--max-tokens", "256", "--context", "64", "--lambada-examples", "4",
             "--trace-tokens", "24", "--long-stream-tokens", "300", "--long-stream-streams", "2",
             "--families", FAMILIES, "--recall-model", str(RECALL_MODEL), "--recall-num", "8",
@@ -100,7 +95,7 @@ def test_lambada_split_and_padding_rows_are_independent():
     from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR
     from gsq_hf.eval.data import load_model, load_tokenizer
 
-    script = load_script()
+    script = load_script("results")
     model, tokenizer = load_model(BUILTIN_MODEL_DIR), load_tokenizer(BUILTIN_MODEL_DIR)
     texts = ["The quick brown fox jumps over the lazy dog", "def f(x): return x"]
     pairs = script.lambada_tokens(tokenizer, texts)
@@ -136,7 +131,7 @@ def check_recall(markdown: str, payload: dict, names: list[str]) -> None:
 
 
 def test_uniform_verdict_interpolates_in_bits_and_needs_more_than_noise():
-    script = load_script()
+    script = load_script("results")
 
     def rec(config, family, bits, recall, policy="gate", queries=10_000):
         return {"config": config, "family": family, "policy": policy, "avg_state_bits": bits, "recall": recall,
@@ -202,7 +197,7 @@ def check_long_streams(script, markdown: str, payload: dict) -> None:
 
 
 def test_long_stream_configs_are_the_chosen_uniform_formats_and_one_per_dynamic_family():
-    script = load_script()
+    script = load_script("results")
     chosen = script.long_stream_configs()
     uniform = [script.resolve_config(c).name for family, c in script.CONFIGS if family == script.UNIFORM]
     assert set(script.LONG_STREAM_UNIFORM) <= set(uniform)
@@ -213,7 +208,7 @@ def test_long_stream_configs_are_the_chosen_uniform_formats_and_one_per_dynamic_
 
 
 def test_growth_sentence_states_the_verdict_with_the_numbers():
-    script = load_script()
+    script = load_script("results")
 
     def rec(config, delta, stderr=(0.0001, 0.0001, 0.0001)):
         return {"config": config, "streams": 8, "delta_vs_fp32": 0.0,
@@ -239,7 +234,7 @@ def test_growth_sentence_states_the_verdict_with_the_numbers():
 
 
 def test_bucket_deltas_pool_the_streams_and_give_their_standard_error():
-    script = load_script()
+    script = load_script("results")
     fp32 = {"perplexity": [math.e, math.e], "tokens": [4, 8], "window_nll_sum": [[2.0, 4.0], [2.0, 4.0]]}
     mine = {"perplexity": [math.exp(1.25), math.e], "tokens": [4, 8], "window_nll_sum": [[2.0, 4.0], [3.0, 4.0]]}
     delta, stderr = script.bucket_deltas(mine, fp32)
@@ -251,7 +246,7 @@ def test_bucket_deltas_pool_the_streams_and_give_their_standard_error():
 
 
 def test_model_provenance_states_training_and_wikitext_from_training_info(tmp_path):
-    script = load_script()
+    script = load_script("results")
     assert script.model_provenance(str(tmp_path)) is None  # no training_info.json: nothing claimed
     assert script.model_provenance("state-spaces/mamba-130m-hf") is None
     info = {"model": "MambaForCausalLM", "parameters": 14_624_000, "steps": 151, "tokens_seen": 309_248,
@@ -269,7 +264,7 @@ def test_model_provenance_states_training_and_wikitext_from_training_info(tmp_pa
 
 
 def test_seed_configs_are_the_presets_and_questions_are_answered_from_the_records():
-    script = load_script()
+    script = load_script("results")
     grid = {script.resolve_config(c).name: script.resolve_config(c) for _, c in script.CONFIGS}
     for preset, config in script.SEED_CONFIGS.items():
         ours, theirs = grid[config].to_dict(), script.resolve_config(preset).to_dict()

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 from transformers import AutoModelForCausalLM
 
 from gsq_hf.eval.recall import generate_mqar, load_recall_spec, recall_accuracy
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_recall.py"
 TINY = ["--device", "cpu", "--hidden", "16", "--layers", "1", "--d-state", "4", "--head-dim", "8", "--chunk-size",
         "8", "--batch", "4", "--eval-every", "2", "--eval-num", "8", "--final-num", "8", "--pairs", "2", "--queries",
         "2", "--gap", "3", "--keys", "8", "--values", "8", "--filler", "4"]
@@ -20,10 +18,7 @@ TINY = ["--device", "cpu", "--hidden", "16", "--layers", "1", "--d-state", "4", 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_recall", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_recall")
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import json
 
 import pytest
 import torch
+from script_loader import load_script
 from transformers import MambaConfig, MambaForCausalLM
 from transformers.models.mamba import modeling_mamba
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "training_scan.py"
 
 
 @pytest.fixture(scope="module")
 def scan():
-    spec = importlib.util.spec_from_file_location("training_scan", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("training_scan")
 
 
 def scan_inputs(dtype, b=2, d=5, length=7, n=3, seed=0):
@@ -78,3 +73,18 @@ def test_context_swaps_the_mamba_training_scan_and_restores_it(scan):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for g, g_ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-5)
+
+
+def test_scan_choice_and_the_timing_script(scan, tmp_path):
+    """auto: sequential on CPU, mambapy on a GPU, Mamba2's own path; the benchmark times both scans to JSON."""
+    assert scan.resolve_scan("mamba", "auto", "cpu") == "sequential"
+    assert scan.resolve_scan("mamba", "auto", "cuda") == "mambapy"
+    assert scan.resolve_scan("mamba", "mambapy", "cpu") == "mambapy"
+    assert scan.resolve_scan("mamba2", "sequential", "cpu") == "transformers-chunked"
+    with torch.enable_grad():
+        result = scan.main(["--hidden", "8", "--d-state", "4", "--batch", "2", "--length", "5", "--steps", "1",
+                            "--json", str(tmp_path / "scan.json")])
+    saved = json.loads((tmp_path / "scan.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert [r["scan"] for r in saved["results"]] == ["sequential", "mambapy"]
+    assert all(r["ms_per_step"] > 0 for r in saved["results"]) and saved["results"][0]["vs_sequential"] == 1.0
