@@ -35,7 +35,8 @@ Presets (every value can be overridden by its flag):
       cat m.tar.part-* | tar -xf -          # back on this machine: run/m again, loadable as saved
 
 Mamba trains with ``scripts/training_scan.py``'s sequential scan on CPU (``--scan auto``; 4.46 s a cpu-preset
-step against 8.98 s with the ``mambapy`` parallel scan, measured side by side on a loaded machine, 1 thread)
+step against 8.98 s with the ``mambapy`` parallel scan, 1 thread on a loaded machine: ``python
+scripts/training_scan.py --hidden 256 --layers 4 --d-state 16 --batch 8 --length 256 --vocab 50280 --steps 3``)
 and with ``mambapy`` on a GPU; Mamba2 with transformers' chunked torch path. The saved config has
 ``use_mambapy=False``. The tokenized corpus is cached (``tokens-*.pt``) in
 ``--cache-dir`` (default: the output directory). A checkpoint (model, optimizer, scheduler, step, RNG states)
