@@ -386,6 +386,27 @@ def verdict(name: str, comparisons: list[dict[str, Any]]) -> str:
     return f"**{name}, all gaps pooled:**\n\n" + "\n".join(lines)
 
 
+def summary(models: list[dict[str, Any]]) -> str:
+    """One line per model: the lines that move a front (with their largest gain), or that none does."""
+    out = []
+    for m in models:
+        moving = {}
+        for c in m["comparisons"]:
+            if c["front"]:
+                gain = min(v["gain"] for v in c["versus"].values())
+                if gain > moving.get(c["line"], (None, -math.inf))[1]:
+                    moving[c["line"]] = (c, gain)
+        if moving:
+            listed = "; ".join(f"{line} (up to {100 * gain:+.2f} points at equal bits: {c['config']}, "
+                               f"{100 * c['recall']:.2f}% at {c['bits']:.2f} bits, beyond "
+                               f"{' and '.join(c['versus'])})" for line, (c, gain) in moving.items())
+            out.append(f"- {m['model']}: **moves the front**: {listed}.")
+        else:
+            out.append(f"- {m['model']}: nothing moves the front; every line is within noise of or below the "
+                       "uniform formats at equal bits.")
+    return "\n".join(out)
+
+
 NOT_BUILT = """Not built:
 
 - *Scale reuse while the gate stays closed* (re-quantize with the previous scale, so an unchanged state is
@@ -454,6 +475,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"stored bits, in points; **better** = by more than {N_SE:g} binomial standard errors of the difference "
           "(add-one estimate). Avg bits include the fp32 scales (per-state-dim scales: one per state dim over "
           "the rows of a unit).", "",
+          "## What moves the front (all gaps pooled)", "", summary(payload["models"]), "",
           "## The signals", "",
           f"fp32 decode, `--signal-num {args.signal_num}` sequences at the larger gap, every SSM write after the "
           "first of each layer; round-trip errors with one absmax scale per row along d_state (as stored).", "",

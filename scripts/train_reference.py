@@ -17,10 +17,10 @@ Presets (every value can be overridden by its flag):
 
 * ``cpu``: hidden 256, 4 layers, d_state 16, batch 8 x 256 tokens, 35 minutes (14.6M parameters, 12.9M of
   them the tied 50280 x 256 embedding); fits <= 45 minutes on 2 cores with tokenization (~30 s for the whole
-  corpus) and evaluation. The 50k-vocabulary LM head dominates a step. Measured with both families side by
-  side on 2 cores (``--threads 1`` each): Mamba 7.9 s a step with ``mambapy`` (268 steps, 0.55M tokens,
-  held-out loss 7.04; the sequential scan now used on CPU halves that step), Mamba2 3.5 s (595 steps, 1.22M
-  tokens, held-out loss 6.40): far from converged, near a unigram model.
+  corpus) and evaluation. The 50k-vocabulary LM head dominates a step. Measured with ``--threads 1`` and the
+  other core busy: Mamba 3.3 s a step with the sequential scan (643 steps, 1.32M tokens, held-out loss 6.36;
+  with ``mambapy`` it was 7.9 s: 268 steps, loss 7.04), Mamba2 3.5 s (595 steps, 1.22M tokens, held-out loss
+  6.40): far from converged, near a unigram model.
 * ``gpu``: hidden 256, 6 layers (d_state 16 for Mamba, 64 for Mamba2), batch 32 x 512, bf16 autocast,
   4.5 minutes: 15.5M parameters (29.6 MiB in bf16) each, so that both families come back from one device call
   (<= 64 MiB in <= 8 files of <= 16 MiB; one model alone could be hidden 384 x 8 = 27.0M, 51.5 MiB).

@@ -103,6 +103,12 @@ def test_compare_needs_more_than_noise_and_every_front(script):
     text = script.verdict("m", list(found.values()))
     assert "- x: **moves the front** beyond uniform and uniform-sr: beats-both at 7.00 bits" in text
     assert "- uniform-sr: **moves the front** beyond uniform: int4-sr" in text
+    headline = script.summary([{"model": "m", "comparisons": list(found.values())},
+                               {"model": "n", "comparisons": [found["noise"], found["outside"]]}])
+    assert "- m: **moves the front**: uniform-sr (up to +8.00 points at equal bits: int4-sr" in headline
+    assert "; x (up to +1.40 points at equal bits: beats-both, 99.90% at 7.00 bits, beyond uniform and uniform-sr)" \
+        in headline
+    assert "- n: nothing moves the front" in headline
 
 
 def test_lines_are_checked(script):
@@ -131,6 +137,6 @@ def test_improvements_report_end_to_end(script, tmp_path):
     assert dims == {"int8-dim": 8.25, "int4-dim": 4.25, "int3-dim": 3.25}  # one fp32 scale per 128 channels
     for r in records:
         assert 0.0 <= r["recall"] <= 1.0 and math.isfinite(r["avg_state_bits"])
-    assert "## The signals" in markdown and "| signal | recall-mamba |" in markdown
+    assert "## What moves the front (all gaps pooled)" in markdown and "## The signals" in markdown and "| signal | recall-mamba |" in markdown
     assert "**recall-mamba, all gaps pooled:**" in markdown and "- per-state-dim scales:" in markdown
     assert "Not built:" in markdown
