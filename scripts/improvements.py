@@ -1,6 +1,7 @@
 """Why the dynamic policies do not beat uniform quantization, and the obvious improvements (results issue, point 4).
 
-    python scripts/improvements.py --num 256 --threads 2 --out docs/
+    python scripts/improvements.py --num 256 --threads 1 --out docs/      # 17 minutes on one core
+    python scripts/improvements.py --lines "uniform-sr,finer groups" --num 64 --out /tmp/improvements
 
 Measured on the committed recall models (``gsq_hf/assets/recall-*``): a state that loses a key-value binding
 fails a query, so recall separates state formats that perplexity on the CPU reference models (close to a
@@ -10,17 +11,20 @@ unigram model) cannot. Every sequence is stepped token by token with every state
 Part 1, the signals (``--signal-num`` sequences at 4x the training gap, fp32 decode, every SSM write seen):
 the gate's distribution; each unit's round-trip error at int4/int3 (nearest rounding, one absmax scale per
 row along d_state); the rank correlation of the gate with that error (does the gate point where the error
-is?); and the *dead band*: the fraction of state elements whose change in one step is smaller than half a
-quantization step of their row, which round-to-nearest drops when the stored state is on the grid.
+is?); and each element's change per step in quantization steps of its row: under 0.01 step the codes of a
+state on the grid stay right under round-to-nearest (a rescale), from 0.01 to 0.5 step round-to-nearest
+drops the change (the *dead band*).
 
-Part 2, the improvements, each a line of configs compared at equal average stored bits with the line it
-tries to improve (interpolated linearly in bits; "better" only by more than 2 binomial standard errors):
+Part 2, the improvements, each a line of configs compared at equal average stored bits with the two static
+fronts, uniform round-to-nearest and uniform stochastic rounding (interpolated linearly in bits; "better"
+only by more than 2 binomial standard errors of the difference); a line moves the front only by beating each
+front that covers its bits:
 
-* stochastic rounding (``rounding: stochastic``) of the uniform formats, against round-to-nearest;
-* the dynamic policies with stochastic rounding, against uniform stochastic rounding;
-* per-state-dimension scales: one scale per (row group, state dim n) over the channels (Mamba) or a head's
-  rows (Mamba2) instead of one per row along d_state (a script-local variant of the formats, not a config
-  option: it loses, see the tables);
+* stochastic rounding (``rounding: stochastic``) of the uniform formats (against round-to-nearest only);
+* the dynamic policies with stochastic rounding;
+* per-state-dimension scales: one scale per state dim n over the channels (Mamba) or a head's rows (Mamba2)
+  instead of one per row along d_state (a script-local variant of the formats, not a config option: it
+  loses, see docs/improvements.md);
 * finer groups along d_state (``group_size``);
 * keeping outlier units high: the budget policy with its gate replaced by a unit's round-trip error at the low
   format (``error-budget``) or by its crest factor max|h| / rms(h) (``crest-budget``), script-local signals.
