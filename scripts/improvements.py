@@ -51,7 +51,7 @@ import torch
 from gsq_hf import patched, plot
 from gsq_hf.cache import GSQCache, _GSQStateMixin
 from gsq_hf.config import resolve_config
-from gsq_hf.eval.data import load_model
+from gsq_hf.eval.data import EvalInputError, load_model
 from gsq_hf.eval.recall import generate_mqar, load_recall_spec, read_recall_info, recall_sweep
 from gsq_hf.eval.report import versions, write_json
 from gsq_hf.formats import StateFormat, get_format
@@ -425,11 +425,22 @@ NOT_BUILT = """Not built:
   stochastic rounding is its stateless counterpart (unbiased on average), measured above."""
 
 
+def gap_list(text: str) -> list[int]:
+    """``--gaps``: positive integers, comma-separated."""
+    try:
+        gaps = [int(g) for g in text.split(",")]
+    except ValueError:
+        gaps = []
+    if not gaps or min(gaps) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers, comma-separated (e.g. 32,128)")
+    return gaps
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="recall model dir (repeatable; default: assets/recall-*)")
     parser.add_argument("--num", type=int, default=256, help="sequences per gap (default 256)")
-    parser.add_argument("--gaps", help="comma-separated gaps (default: the training gap and 4x it)")
+    parser.add_argument("--gaps", type=gap_list, help="comma-separated gaps (default: the training gap and 4x it)")
     parser.add_argument("--signal-num", type=int, default=64, help="sequences for part 1 (default 64)")
     parser.add_argument("--lines", help=f"comma-separated lines to run (default: all): {', '.join(LINES)}")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -449,9 +460,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sections: list[str] = []
     for directory in args.model or default_recall_models():
         name = model_name(directory)
-        spec = load_recall_spec(directory)
-        gaps = [int(g) for g in args.gaps.split(",")] if args.gaps else [spec.gap, 4 * spec.gap]
-        model = load_model(directory, "fp32", "cpu")
+        try:
+            spec = load_recall_spec(directory)
+            model = load_model(directory, "fp32", "cpu")
+        except EvalInputError as error:  # not a recall model: say so, without a traceback
+            raise SystemExit(f"--model {directory}: {error}") from None
+        gaps = args.gaps or [spec.gap, 4 * spec.gap]
         stats[name] = signal_statistics(model, spec, max(gaps), args.signal_num)
         records = run_experiments(model, spec, gaps, args.num, args.batch_size, name, lines)
         comparisons = compare(records, None)

@@ -111,6 +111,14 @@ def test_compare_needs_more_than_noise_and_every_front(script):
     assert "- n: nothing moves the front" in headline
 
 
+def test_bad_input_is_a_clear_error(script, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"--model .*: .*recall_model.json not found"):
+        script.main(["--model", str(tmp_path), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):
+        script.main(["--gaps", "32,x"])
+    assert "--gaps: '32,x': expected positive integers" in capsys.readouterr().err
+
+
 def test_lines_are_checked(script):
     assert script.select_lines(None) == script.LINES
     assert script.select_lines("finer groups") == [script.NEAREST, "finer groups"]
@@ -137,6 +145,7 @@ def test_improvements_report_end_to_end(script, tmp_path):
     assert dims == {"int8-dim": 8.25, "int4-dim": 4.25, "int3-dim": 3.25}  # one fp32 scale per 128 channels
     for r in records:
         assert 0.0 <= r["recall"] <= 1.0 and math.isfinite(r["avg_state_bits"])
-    assert "## What moves the front (all gaps pooled)" in markdown and "## The signals" in markdown and "| signal | recall-mamba |" in markdown
+    assert "## What moves the front (all gaps pooled)" in markdown and "## The signals" in markdown
+    assert "| signal | recall-mamba |" in markdown
     assert "**recall-mamba, all gaps pooled:**" in markdown and "- per-state-dim scales:" in markdown
     assert "Not built:" in markdown
