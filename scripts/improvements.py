@@ -110,22 +110,33 @@ def crest_factor(state: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def budget_signal(name: str):
-    """The budget policy ranks units by ``name`` ("error": round-trip error at the low format; "crest": the
-    crest factor) instead of the gate: the same number of high units per row, chosen as outliers."""
+def writes_through(wrapper):
+    """Route every SSM state write of every cache through ``wrapper(write, layer, state, gate, read_back)``,
+    where ``write`` is the original `write_ssm`."""
     write = _GSQStateMixin.write_ssm
 
-    def write_ssm(self, state, gate, read_back=True):
-        cache = self._cache
-        signal = (unit_error(state, cache.policy.low, cache.group_size(state.shape[-1])) if name == "error"
-                  else crest_factor(state))
-        return write(self, state, signal, read_back)
+    def write_ssm(layer, state, gate, read_back=True):
+        return wrapper(write, layer, state, gate, read_back)
 
     _GSQStateMixin.write_ssm = write_ssm
     try:
-        yield None
+        yield
     finally:
         _GSQStateMixin.write_ssm = write
+
+
+def budget_signal(name: str):
+    """The budget policy ranks units by ``name`` ("error": round-trip error at the low format; "crest": the
+    crest factor) instead of the gate: the same number of high units per row, chosen as outliers."""
+    def ranked(write, layer, state, gate, read_back):
+        if name == "error":
+            cache = layer.cache
+            gate = unit_error(state, cache.policy.low, cache.group_size(state.shape[-1]))
+        else:
+            gate = crest_factor(state)
+        return write(layer, state, gate, read_back)
+
+    return writes_through(ranked)
 
 
 # -- part 1: the signals ----------------------------------------------------------------------------------
@@ -168,19 +179,13 @@ class SignalObserver:
             self.band[name] += int(((change >= STILL) & (change < 0.5)).sum())
         self.elements += state.numel()
 
-    @contextlib.contextmanager
     def watching(self):
-        write = _GSQStateMixin.write_ssm
-
-        def write_ssm(layer, state, gate, read_back=True):
+        """A context in which every SSM write is observed, then stored as usual."""
+        def observed(write, layer, state, gate, read_back):
             self.observe(layer, state, gate)
             return write(layer, state, gate, read_back)
 
-        _GSQStateMixin.write_ssm = write_ssm
-        try:
-            yield self
-        finally:
-            _GSQStateMixin.write_ssm = write
+        return writes_through(observed)
 
     def summary(self) -> dict[str, Any]:
         gate = torch.cat(self.gates)
