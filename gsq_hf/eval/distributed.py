@@ -73,13 +73,15 @@ class Processes:
             return result, error
         from accelerate.utils import gather_object
 
-        mine = None if result is None else dataclasses.replace(result, trace=None)
+        mine = None if result is None else dataclasses.replace(result, trace=None, reference=None)
         outcomes = gather_object([(self.index, mine, error)])
         errors = [f"process {index}: {message}" for index, _, message in outcomes if message]
         if errors:
             return None, "; ".join(errors)
         merged = merge_results([part for _, part, _ in sorted(outcomes, key=lambda o: o[0]) if part is not None])
-        return dataclasses.replace(merged, trace=getattr(result, "trace", None)), None
+        # trace and the kept reference stay local: this process scores its own windows against its reference
+        return dataclasses.replace(merged, trace=getattr(result, "trace", None),
+                                   reference=getattr(result, "reference", None)), None
 
     def close(self) -> None:
         """Tear the process group down together: a process that leaves while a peer still talks to it aborts
@@ -92,7 +94,8 @@ class Processes:
 def merge_results(parts: list[PerplexityResult]) -> PerplexityResult:
     """One result from the results of disjoint window sets (in window order).
 
-    Sums add up; ``seconds`` is the longest part (the parts ran at the same time); the per-sequence state
+    Sums add up (per-window KL sums are concatenated); ``seconds`` is the longest part (the parts ran at the
+    same time); the per-sequence state
     summary combines as in one run: sizes take the largest, counts add up, averages and fractions are
     weighted by each part's scored tokens (windows have equal length, so this is a weighting by windows).
     """
@@ -105,6 +108,9 @@ def merge_results(parts: list[PerplexityResult]) -> PerplexityResult:
         bytes=sum(part.bytes for part in parts),
         seconds=max(part.seconds for part in parts),
         state=_merge([part.state for part in parts], weights, ""),
+        window_kl_sum=(None if any(part.window_kl_sum is None for part in parts)
+                       else tuple(kl for part in parts for kl in part.window_kl_sum)),
+        top1_agree=None if any(part.top1_agree is None for part in parts) else sum(p.top1_agree for p in parts),
     )
 
 

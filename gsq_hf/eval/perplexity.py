@@ -17,6 +17,11 @@ lm-evaluation-harness does (ΣNLL, tokens, words, bytes) and the metrics derived
 ``position_buckets=`` also splits ΣNLL and token counts by position within the window (`PositionBuckets`):
 with one long window per stream, that shows whether a quantized state's error accumulates with length.
 
+Fidelity to a reference run (`ReferenceTopK`): ``keep_reference=k`` keeps each scored token's top-k logits;
+another config run with ``reference=`` that gets ``kl_divergence`` (mean KL(reference ‖ config) per token, nats)
+and ``top1_agreement``. Δ perplexity mixes fidelity with luck: on a model that is weak on the text, noise in
+the state can lower perplexity. KL measures only the distance from the reference's predictions.
+
 Non-finite logits are never averaged: they raise `NonFiniteLogitsError` naming the windows affected.
 """
 
@@ -43,6 +48,7 @@ __all__ = [
     "NonFiniteLogitsError",
     "PerplexityResult",
     "PositionBuckets",
+    "ReferenceTopK",
     "bucket_labels",
     "decode_faithful_perplexity",
     "full_sequence_perplexity",
@@ -82,15 +88,25 @@ class PositionBuckets:
     nll_sum: tuple[float, ...]
     tokens: tuple[int, ...]
     window_nll_sum: tuple[tuple[float, ...], ...]  # (windows, buckets)
+    window_kl_sum: tuple[tuple[float, ...], ...] | None = None  # (windows, buckets), when scored vs a reference
 
     @property
     def perplexity(self) -> list[float]:
         return [math.exp(nll / n) for nll, n in zip(self.nll_sum, self.tokens, strict=True)]
 
+    @property
+    def kl_divergence(self) -> list[float] | None:
+        """Mean KL(reference ‖ config) per token in each bucket (nats), or None without a reference."""
+        if self.window_kl_sum is None:
+            return None
+        return [sum(col) / n for col, n in zip(zip(*self.window_kl_sum, strict=True), self.tokens, strict=True)]
+
     def to_dict(self) -> dict[str, list]:
+        kl = {} if self.window_kl_sum is None else {
+            "kl_divergence": self.kl_divergence, "window_kl_sum": [list(row) for row in self.window_kl_sum]}
         return {"starts": list(self.starts), "ends": list(self.ends), "nll_sum": list(self.nll_sum),
                 "tokens": list(self.tokens), "perplexity": self.perplexity,
-                "window_nll_sum": [list(row) for row in self.window_nll_sum]}
+                "window_nll_sum": [list(row) for row in self.window_nll_sum], **kl}
 
 
 def _bucket_of_step(starts: Sequence[int], context: int) -> tuple[tuple[int, ...], torch.Tensor]:
@@ -101,6 +117,46 @@ def _bucket_of_step(starts: Sequence[int], context: int) -> tuple[tuple[int, ...
         raise ValueError(f"position buckets are increasing bucket starts beginning at 0, got {starts}")
     kept = tuple(s for s in starts if s < context)
     return kept, torch.bucketize(torch.arange(1, context), torch.tensor(kept), right=True) - 1
+
+
+@dataclass(frozen=True)
+class ReferenceTopK:
+    """A reference run's next-token distribution p at every scored token, kept as its top-k logits.
+
+    Scoring a config's distribution q against it gives KL(p ‖ q) over the partition {each of p's top-k tokens,
+    every other token}: a lower bound of the full KL (merging outcomes never increases a divergence) that
+    equals it when k is the vocabulary size, and nearly so once the top k hold almost all of p's mass. Logits
+    are kept as the model gave them (float32) with the float64 log-normalizer, so the log-probabilities are
+    exact and a config identical to the reference scores exactly 0.
+    """
+
+    ids: torch.Tensor  # (windows, context): the windows it was kept on (scoring other windows is an error)
+    logits: torch.Tensor  # (windows, steps, k) float32, each row descending
+    indices: torch.Tensor  # (windows, steps, k) int64
+    logsumexp: torch.Tensor  # (windows, steps) float64
+
+    @property
+    def top_k(self) -> int:
+        return self.logits.shape[-1]
+
+
+def _top_k_divergence(ref_logits: torch.Tensor, ref_indices: torch.Tensor, ref_lse: torch.Tensor,
+                      logits: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: KL(p ‖ q) over {p's top-k tokens, the rest} (float64) and whether p's top token is one of
+    q's most likely (ties count as agreement)."""
+    log_p = ref_logits.double() - ref_lse[:, None]
+    chosen = logits.gather(-1, ref_indices)
+    log_q = chosen.double() - lse[:, None]
+    tail_p = (-torch.expm1(torch.logsumexp(log_p, dim=-1))).clamp_min(0.0)
+    tail_q = (-torch.expm1(torch.logsumexp(log_q, dim=-1))).clamp_min(torch.finfo(torch.float64).tiny)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1) + torch.xlogy(tail_p, tail_p) - torch.xlogy(tail_p, tail_q)
+    return kl, chosen[:, 0] >= logits.amax(dim=-1)
+
+
+def _check_reference(reference: ReferenceTopK, windows: TokenWindows) -> None:
+    if reference.ids.shape != windows.ids.shape or not torch.equal(reference.ids, windows.ids.to(reference.ids.device)):
+        raise ValueError(f"reference= was kept on other token windows ({tuple(reference.ids.shape)}) than these "
+                         f"({tuple(windows.ids.shape)}): keep it with keep_reference= on the same TokenWindows")
 
 
 @dataclass
@@ -116,6 +172,9 @@ class PerplexityResult:
     state: dict[str, Any] = field(default_factory=dict)  # per-sequence state memory; empty for the reference
     trace: dict[str, Any] | None = field(default=None, repr=False)  # first batch's precision trace, if asked
     positions: PositionBuckets | None = None  # per position bucket, if asked
+    window_kl_sum: tuple[float, ...] | None = field(default=None, repr=False)  # per window, scored vs a reference
+    top1_agree: int | None = None  # scored tokens whose reference top token is also this config's top token
+    reference: ReferenceTopK | None = field(default=None, repr=False)  # kept for other configs, if asked
 
     @property
     def perplexity(self) -> float:
@@ -137,6 +196,24 @@ class PerplexityResult:
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else math.nan
 
+    @property
+    def kl_divergence(self) -> float | None:
+        """Mean KL(reference ‖ this config) per scored token, nats (`ReferenceTopK`); None without a reference."""
+        return None if self.window_kl_sum is None else sum(self.window_kl_sum) / self.tokens
+
+    @property
+    def kl_stderr(self) -> float | None:
+        """Standard error of `kl_divergence` over windows (tokens within a window are not independent; every
+        window scores the same number of tokens); NaN with one window."""
+        if self.window_kl_sum is None:
+            return None
+        per_window = torch.tensor(self.window_kl_sum, dtype=torch.float64) * (len(self.window_kl_sum) / self.tokens)
+        return float(per_window.std() / math.sqrt(len(per_window))) if len(per_window) > 1 else math.nan
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return None if self.top1_agree is None else self.top1_agree / self.tokens
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config,
@@ -151,6 +228,9 @@ class PerplexityResult:
             "seconds": self.seconds,
             "tokens_per_second": self.tokens_per_second,
             **self.state,
+            **({} if self.window_kl_sum is None else {
+                "kl_divergence": self.kl_divergence, "kl_stderr": self.kl_stderr,
+                "top1_agreement": self.top1_agreement}),
             **({"position_buckets": self.positions.to_dict()} if self.positions is not None else {}),
         }
 
@@ -194,6 +274,8 @@ def decode_faithful_perplexity(
     progress: bool = True,
     trace: bool | str = False,
     position_buckets: Sequence[int] | None = None,
+    keep_reference: int | None = None,
+    reference: ReferenceTopK | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` with its states stored per ``config``, stepping every window token by token.
 
@@ -204,16 +286,27 @@ def decode_faithful_perplexity(
     keeps the precision trace of the first batch (`GSQCache.precision_trace`) in ``result.trace``: per layer,
     window token and window, the fraction of units stored in the high format. ``position_buckets``
     (increasing bucket starts from 0, e.g. `log_position_buckets`) also fills ``result.positions``.
+    ``keep_reference=k`` keeps this run's top-k next-token logits in ``result.reference``; another config run
+    with ``reference=`` that (same windows) gets ``kl_divergence`` and ``top1_agreement`` (`ReferenceTopK`).
     """
     windows = _windows(windows_or_tokenizer, text, context, max_tokens)
     cfg = resolve_config(config)
+    vocab = getattr(model.config, "vocab_size", None)
+    if keep_reference is not None and not (isinstance(keep_reference, int) and keep_reference > 0
+                                           and (vocab is None or keep_reference <= vocab)):
+        raise ValueError(f"keep_reference= is the number of top logits kept per token, 1..{vocab or 'vocab size'}; "
+                         f"got {keep_reference!r}")
+    if reference is not None:
+        _check_reference(reference, windows)
     device = _device(model)
     steps = windows.context - 1
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     if position_buckets is not None:
         starts, bucket_of_step = _bucket_of_step(position_buckets, windows.context)
         bucket_of_step = bucket_of_step.to(device)
-        window_nll = []
+        window_nll, window_kl_buckets = [], []
+    kept: list[tuple[torch.Tensor, ...]] = []
+    window_kl, top1 = [], torch.zeros((), dtype=torch.int64, device=device)
     reports = []
     kept_trace = None
     bar = tqdm(total=windows.scored_tokens, desc=cfg.name, unit="tok", disable=not progress, leave=False)
@@ -223,17 +316,40 @@ def decode_faithful_perplexity(
         for batch in windows.ids.split(batch_size):
             batch = batch.to(device)
             cache = GSQCache(model.config, cfg, trace=trace if first == 0 else False)
-            step_nll = torch.empty(steps, batch.shape[0], dtype=torch.float64, device=device)
+            rows = batch.shape[0]
+            step_nll = torch.empty(steps, rows, dtype=torch.float64, device=device)
+            if keep_reference is not None:
+                kept_logits = torch.empty(steps, rows, keep_reference, device=device)
+                kept_indices = torch.empty(steps, rows, keep_reference, dtype=torch.int64, device=device)
+                kept_lse = torch.empty(steps, rows, dtype=torch.float64, device=device)
+            if reference is not None:
+                ref = [part[first : first + rows].to(device).transpose(0, 1)
+                       for part in (reference.logits, reference.indices, reference.logsumexp)]
+                step_kl = torch.empty(steps, rows, dtype=torch.float64, device=device)
             for t in range(steps):
-                logits = model(input_ids=batch[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1]
-                step_nll[t] = F.cross_entropy(logits.float(), batch[:, t + 1], reduction="none")
-                bar.update(batch.shape[0])
+                logits = model(input_ids=batch[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1].float()
+                step_nll[t] = F.cross_entropy(logits, batch[:, t + 1], reduction="none")
+                if keep_reference is not None or reference is not None:
+                    lse = torch.logsumexp(logits.double(), dim=-1)
+                if keep_reference is not None:
+                    torch.topk(logits, keep_reference, dim=-1, out=(kept_logits[t], kept_indices[t]))
+                    kept_lse[t] = lse
+                if reference is not None:
+                    step_kl[t], agree = _top_k_divergence(ref[0][t], ref[1][t], ref[2][t], logits, lse)
+                    top1 += agree.sum()
+                bar.update(rows)
             nll = step_nll.sum(dim=0)
             _check_finite(nll, first, cfg.name)
             nll_sum += nll.sum()
+            if keep_reference is not None:
+                kept.append(tuple(part.transpose(0, 1).cpu() for part in (kept_logits, kept_indices, kept_lse)))
+            if reference is not None:
+                window_kl.append(step_kl.sum(dim=0))
             if position_buckets is not None:
-                buckets = step_nll.new_zeros(len(starts), batch.shape[0])
+                buckets = step_nll.new_zeros(len(starts), rows)
                 window_nll.append(buckets.index_add_(0, bucket_of_step, step_nll))
+                if reference is not None:
+                    window_kl_buckets.append(step_kl.new_zeros(len(starts), rows).index_add_(0, bucket_of_step, step_kl))
             reports.append(cache.memory_report())
             if trace and first == 0:
                 kept_trace = cache.precision_trace()
@@ -242,12 +358,20 @@ def decode_faithful_perplexity(
     positions = None
     if position_buckets is not None:
         per_window = torch.cat(window_nll, dim=1).T.cpu()  # (windows, buckets)
+        kl_per_window = torch.cat(window_kl_buckets, dim=1).T.cpu().tolist() if reference is not None else None
         counts = torch.bincount(bucket_of_step.cpu(), minlength=len(starts)) * windows.ids.shape[0]
         positions = PositionBuckets(starts, (*starts[1:], windows.context), tuple(per_window.sum(dim=0).tolist()),
-                                    tuple(counts.tolist()), tuple(map(tuple, per_window.tolist())))
+                                    tuple(counts.tolist()), tuple(map(tuple, per_window.tolist())),
+                                    None if kl_per_window is None else tuple(map(tuple, kl_per_window)))
+    kept_reference = None
+    if keep_reference is not None:
+        logits, indices, lse = (torch.cat(parts) for parts in zip(*kept, strict=True))
+        kept_reference = ReferenceTopK(windows.ids, logits, indices, lse)
     return PerplexityResult(cfg.name, total, windows.scored_tokens, int(windows.words.sum()),
                             int(windows.bytes.sum()), time.perf_counter() - start,
-                            {"policy": cfg.policy, **_state_summary(reports)}, kept_trace, positions)
+                            {"policy": cfg.policy, **_state_summary(reports)}, kept_trace, positions,
+                            tuple(torch.cat(window_kl).tolist()) if reference is not None else None,
+                            int(top1) if reference is not None else None, kept_reference)
 
 
 def _state_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from models import VOCAB, tiny_mamba
 
 import gsq_hf
@@ -17,6 +18,8 @@ from gsq_hf.eval import (
     full_sequence_perplexity,
     make_windows,
 )
+from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR, builtin_text
+from gsq_hf.eval.data import load_model, load_tokenizer
 from gsq_hf.eval.perplexity import bucket_labels, log_position_buckets
 
 # fp32 decode vs one full-sequence forward: the same math in another summation order (Mamba2's reference
@@ -150,3 +153,81 @@ def test_position_buckets_must_be_increasing_starts_from_zero(tokenizer, text, s
     windows = make_windows(tokenizer, text, context=16, max_tokens=16)
     with pytest.raises(ValueError, match="increasing bucket starts beginning at 0"):
         decode_faithful_perplexity(tiny_mamba(), windows, "fp32", progress=False, position_buckets=starts)
+
+
+# -- fidelity to a reference run: KL(reference ‖ config) over the reference's top-k, top-1 agreement ----------
+def _step_logits(model, windows, config) -> torch.Tensor:
+    """Every scored step's next-token logits, stepped here by hand (one cache per run): (windows, steps, V)."""
+    from gsq_hf.cache import GSQCache
+    from gsq_hf.config import resolve_config
+
+    cfg = resolve_config(config)
+    with torch.inference_mode(), gsq_hf.patched(model, cfg):
+        cache = GSQCache(model.config, cfg)
+        return torch.stack([model(input_ids=windows.ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1]
+                            for t in range(windows.context - 1)], dim=1).float()
+
+
+def test_kl_to_itself_is_zero_and_top1_agrees(model, tokenizer, text):
+    """A config scored against its own run: the stored states are the same, so are the logits: KL exactly 0."""
+    windows = make_windows(tokenizer, text, context=24, max_tokens=96)
+    for config in ("fp32", "int4"):
+        kept = decode_faithful_perplexity(model, windows, config, batch_size=2, keep_reference=5, progress=False)
+        again = decode_faithful_perplexity(model, windows, config, batch_size=2, reference=kept.reference,
+                                           progress=False)
+        assert again.nll_sum == kept.nll_sum and again.kl_divergence == 0.0 and again.top1_agreement == 1.0
+        assert kept.kl_divergence is None and "kl_divergence" not in kept.to_dict()
+
+
+def test_full_vocabulary_kl_is_the_kl_of_the_logits():
+    """k = vocabulary: the exact KL, against one computed by hand from logits stepped independently; a small k
+    gives a lower bound; top-1 agreement counted by hand. On the built-in trained model: a random tiny model's
+    predictions barely depend on its state (KL ~1e-13 at int2)."""
+    model = load_model(str(BUILTIN_MODEL_DIR), "fp32", "cpu")
+    windows = make_windows(load_tokenizer(str(BUILTIN_MODEL_DIR)), builtin_text("test"), context=32, max_tokens=128)
+    p_logits, q_logits = _step_logits(model, windows, "fp32"), _step_logits(model, windows, "int2")
+    log_p, log_q = (F.log_softmax(x.double(), dim=-1) for x in (p_logits, q_logits))
+    exact = float((log_p.exp() * (log_p - log_q)).sum()) / windows.scored_tokens
+    agree = float((p_logits.argmax(-1) == q_logits.argmax(-1)).double().mean())
+    assert exact > 1e-3 and agree < 0.95  # int2 moves the predictions: the comparisons below are not 0 == 0
+
+    full = decode_faithful_perplexity(model, windows, "fp32", keep_reference=model.config.vocab_size,
+                                      progress=False)
+    scored = decode_faithful_perplexity(model, windows, "int2", reference=full.reference, progress=False)
+    assert scored.kl_divergence == pytest.approx(exact, rel=1e-9)
+    assert scored.top1_agreement == pytest.approx(agree)
+    per_window = (log_p.exp() * (log_p - log_q)).sum(dim=(1, 2)) / (windows.context - 1)
+    assert scored.kl_stderr == pytest.approx(float(per_window.std() / math.sqrt(len(per_window))), rel=1e-9)
+
+    bounds = []
+    for k in (1, 4, 16):
+        top = decode_faithful_perplexity(model, windows, "fp32", keep_reference=k, progress=False)
+        bounds.append(decode_faithful_perplexity(model, windows, "int2", reference=top.reference,
+                                                 progress=False).kl_divergence)
+    assert 0 < bounds[0] <= bounds[1] <= bounds[2] <= exact * (1 + 1e-9)  # a finer partition: a larger KL
+
+
+def test_kl_by_position_bucket_adds_up(tokenizer, text):
+    model = tiny_mamba(seed=1)
+    windows = make_windows(tokenizer, text, context=40, max_tokens=120)
+    kept = decode_faithful_perplexity(model, windows, "fp32", keep_reference=8, progress=False)
+    scored = decode_faithful_perplexity(model, windows, "int3", reference=kept.reference, progress=False,
+                                        position_buckets=[0, 8, 20])
+    buckets = scored.positions
+    assert [len(row) for row in buckets.window_kl_sum] == [3] * 3
+    assert sum(map(sum, buckets.window_kl_sum)) == pytest.approx(scored.kl_divergence * scored.tokens, rel=1e-12)
+    assert buckets.to_dict()["kl_divergence"] == pytest.approx(
+        [sum(col) / n for col, n in zip(zip(*buckets.window_kl_sum), buckets.tokens)])
+    assert all(kl > 0 for kl in buckets.kl_divergence)
+
+
+def test_reference_errors(tokenizer, text):
+    model = tiny_mamba()
+    windows = make_windows(tokenizer, text, context=16, max_tokens=64)
+    other = make_windows(tokenizer, text, context=16, max_tokens=48)
+    kept = decode_faithful_perplexity(model, windows, "fp32", keep_reference=2, progress=False)
+    with pytest.raises(ValueError, match="other token windows"):
+        decode_faithful_perplexity(model, other, "int8", reference=kept.reference, progress=False)
+    for bad in (0, VOCAB + 1, 2.5):
+        with pytest.raises(ValueError, match=f"keep_reference= is the number of top logits kept per token, 1..{VOCAB}"):
+            decode_faithful_perplexity(model, windows, "fp32", keep_reference=bad, progress=False)
