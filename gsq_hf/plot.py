@@ -348,9 +348,12 @@ def by_position(
     ax: Axes | None = None,
     figsize: tuple[float, float] = (8.0, 4.5),
     linear_pct: float = 0.01,
+    metric: str = "delta",
 ) -> Figure:
     """Δ perplexity vs the first record per position bucket, one line per config: does a quantized state's
-    error accumulate along a stream?
+    error accumulate along a stream? ``metric="kl"``: each record's mean KL vs the reference per bucket
+    (``position_buckets["kl_divergence"]``, scored with ``reference=``; log y axis, error bars from
+    ``["kl_stderr"]`` where present) instead of Δ perplexity.
 
     ``results``: records (dicts or `PerplexityResult`) with ``position_buckets``, from
     ``decode_faithful_perplexity(..., position_buckets=...)`` on the same windows; the first is the baseline
@@ -365,6 +368,8 @@ def by_position(
 
     from .eval.perplexity import bucket_labels
 
+    if metric not in ("delta", "kl"):
+        raise ValueError(f"metric must be 'delta' or 'kl', got {metric!r}")
     records, _ = _records(results)
     if not records or records[0].get("error") or not records[0].get("position_buckets"):
         raise ValueError("the first record is the baseline: it needs position_buckets and no error")
@@ -375,10 +380,15 @@ def by_position(
         ax = fig.subplots()
     else:
         fig = ax.figure
-    ax.axhline(0.0, color="0.5", linestyle="--", linewidth=1, label=f"{records[0]['config']} (Δ = 0)", zorder=1)
-    lines = [(r, [100.0 * (p / q - 1.0) for p, q in zip(r["position_buckets"]["perplexity"], base["perplexity"],
-                                                         strict=True)])
-             for r in records[1:] if not r.get("error") and r.get("position_buckets")]
+    kept = [r for r in records[1:] if not r.get("error") and r.get("position_buckets")]
+    if metric == "kl":
+        lines = [(r, kl) for r in kept if (kl := r["position_buckets"].get("kl_divergence")) and min(kl) > 0]
+        error_key, error_scale = "kl_stderr", 1.0
+    else:
+        ax.axhline(0.0, color="0.5", linestyle="--", linewidth=1, label=f"{records[0]['config']} (Δ = 0)", zorder=1)
+        lines = [(r, [100.0 * (p / q - 1.0) for p, q in zip(r["position_buckets"]["perplexity"], base["perplexity"],
+                                                             strict=True)]) for r in kept]
+        error_key, error_scale = "delta_stderr", 100.0
     uniform = [line for line in lines if is_uniform(line[0])]
     dynamic = [line for line in lines if not is_uniform(line[0])]
     shades = colormaps["Blues"](torch.linspace(0.4, 1.0, len(uniform)).tolist())
@@ -387,15 +397,20 @@ def by_position(
     for (record, deltas), (marker, linestyle, color, zorder) in zip(uniform + dynamic, styles, strict=True):
         ax.plot(range(len(deltas)), deltas, marker=marker, linestyle=linestyle, color=color, linewidth=1.3,
                 label=record["config"], zorder=zorder)
-        stderr = record["position_buckets"].get("delta_stderr")
+        stderr = record["position_buckets"].get(error_key)
         if stderr:
-            ax.errorbar(range(len(deltas)), deltas, yerr=[100.0 * e for e in stderr], fmt="none", ecolor=color,
-                        elinewidth=0.8, capsize=2, zorder=zorder)
-    if max((abs(d) for _, deltas in lines for d in deltas), default=0.0) > 100 * linear_pct:
-        ax.set_yscale("symlog", linthresh=linear_pct)
+            ax.errorbar(range(len(deltas)), deltas, yerr=[error_scale * e for e in stderr], fmt="none",
+                        ecolor=color, elinewidth=0.8, capsize=2, zorder=zorder)
+    if metric == "kl":
+        if lines:
+            ax.set_yscale("log")
+        ax.set_ylabel(f"KL({records[0]['config']} ‖ config), nats per token")
+    else:
+        if max((abs(d) for _, deltas in lines for d in deltas), default=0.0) > 100 * linear_pct:
+            ax.set_yscale("symlog", linthresh=linear_pct)
+        ax.set_ylabel(f"Δ perplexity vs {records[0]['config']} (%)")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel("positions within the stream (scored tokens)")
-    ax.set_ylabel(f"Δ perplexity vs {records[0]['config']} (%)")
     ax.set_title(title or "error by position along the stream")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))

@@ -100,13 +100,19 @@ def test_shards_merge_to_the_whole_run():
     model = FAMILIES["mamba"]()
     ids = torch.randint(2, VOCAB, (7, 6), generator=torch.Generator().manual_seed(2))
     windows = TokenWindows(ids, torch.arange(7) + 3, torch.arange(7) * 5 + 10)
-    whole = decode_faithful_perplexity(model, windows, "gsq-entropy", batch_size=2, progress=False)
-    parts = [decode_faithful_perplexity(model, TokenWindows(ids[rows], windows.words[rows], windows.bytes[rows]),
-                                        "gsq-entropy", batch_size=2, progress=False)
-             for rows in (slice(0, 4), slice(4, 6), slice(6, 7))]
+    def run(windows, config, **options):
+        return decode_faithful_perplexity(model, windows, config, batch_size=2, progress=False, **options)
+
+    whole = run(windows, "gsq-entropy", reference=run(windows, "fp32", keep_reference=8).reference)
+    parts = []
+    for rows in (slice(0, 4), slice(4, 6), slice(6, 7)):  # each process scores its share vs its own reference
+        shard = TokenWindows(ids[rows], windows.words[rows], windows.bytes[rows])
+        parts.append(run(shard, "gsq-entropy", reference=run(shard, "fp32", keep_reference=8).reference))
     merged = merge_results(parts)
     assert (merged.tokens, merged.words, merged.bytes) == (whole.tokens, whole.words, whole.bytes)
     assert merged.perplexity == pytest.approx(whole.perplexity, rel=1e-12)
+    assert merged.window_kl_sum == whole.window_kl_sum and merged.top1_agree == whole.top1_agree
+    assert merged.kl_divergence > 0 and merged.kl_stderr == pytest.approx(whole.kl_stderr, rel=1e-12)
     assert merged.state["state_bytes"] == whole.state["state_bytes"] and merged.state["policy"] == "entropy"
     assert merged.state["avg_state_bits"] == pytest.approx(whole.state["avg_state_bits"], rel=1e-12)
     for name, fraction in whole.state["format_fractions"].items():

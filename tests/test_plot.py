@@ -174,6 +174,25 @@ def test_by_position_one_line_per_config_relative_to_the_first():
         plot.by_position(records[3:] + records[:3])
 
 
+def test_by_position_kl_draws_each_config_kl_on_a_log_axis():
+    records = [record("fp32", "static", 32.0, 10.0, position_buckets=positions(10.0, 8.0)),
+               record("int8", "static", 10.0, 10.0, position_buckets={**positions(10.0, 8.0),
+                                                                   "kl_divergence": [1e-5, 2e-5]}),
+               record("int4", "static", 6.0, 10.0, position_buckets={**positions(10.0, 8.0),
+                                                                  "kl_divergence": [1e-3, 3e-3],
+                                                                  "kl_stderr": [1e-4, 2e-4]}),
+               record("gsq-gate", "gate", 11.6, 10.0, position_buckets=positions(10.0, 8.0))]  # no KL: left out
+    (ax,) = plot.by_position(records, metric="kl").axes
+    lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+    assert list(lines) == ["int8", "int4"]
+    assert list(lines["int4"].get_ydata()) == [1e-3, 3e-3] and ax.get_yscale() == "log"
+    (bars,) = ax.containers  # int4's standard errors, in nats
+    assert [y for seg in bars.lines[2][0].get_segments() for y in seg[:, 1]] == pytest.approx([9e-4, 1.1e-3,
+                                                                                                2.8e-3, 3.2e-3])
+    with pytest.raises(ValueError, match="metric must be 'delta' or 'kl'"):
+        plot.by_position(records, metric="nll")
+
+
 def test_families_draws_one_line_per_family_with_uniform_solid():
     records = [
         {"family": "uniform", "config": "fp32", "avg_state_bits": 32.0, "loss": 0.0},

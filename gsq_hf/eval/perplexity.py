@@ -349,7 +349,8 @@ def decode_faithful_perplexity(
                 buckets = step_nll.new_zeros(len(starts), rows)
                 window_nll.append(buckets.index_add_(0, bucket_of_step, step_nll))
                 if reference is not None:
-                    window_kl_buckets.append(step_kl.new_zeros(len(starts), rows).index_add_(0, bucket_of_step, step_kl))
+                    buckets = step_kl.new_zeros(len(starts), rows)
+                    window_kl_buckets.append(buckets.index_add_(0, bucket_of_step, step_kl))
             reports.append(cache.memory_report())
             if trace and first == 0:
                 kept_trace = cache.precision_trace()

@@ -217,7 +217,7 @@ def test_kl_by_position_bucket_adds_up(tokenizer, text):
     assert [len(row) for row in buckets.window_kl_sum] == [3] * 3
     assert sum(map(sum, buckets.window_kl_sum)) == pytest.approx(scored.kl_divergence * scored.tokens, rel=1e-12)
     assert buckets.to_dict()["kl_divergence"] == pytest.approx(
-        [sum(col) / n for col, n in zip(zip(*buckets.window_kl_sum), buckets.tokens)])
+        [sum(col) / n for col, n in zip(zip(*buckets.window_kl_sum, strict=True), buckets.tokens, strict=True)])
     assert all(kl > 0 for kl in buckets.kl_divergence)
 
 
