@@ -29,16 +29,23 @@ the same configs, ``--recall-num`` MQAR sequences at each of ``--recall-gaps`` (
 
     python scripts/results.py --recall-only --recall-num 256 --out /tmp/recall_results
 
-Verdicts are computed, not written by hand: each dynamic config's perplexity Δ / recall is compared with the
-uniform curve linearly interpolated in average bits between its two neighbouring uniform points (no verdict
-outside their range); it "beats uniform" only by more than `PPL_MARGIN_PP` (perplexity: no standard error) or
-`RECALL_SE` binomial standard errors of the difference (recall).
+Fidelity to fp32: the fp32 run keeps its top ``--kl-top-k`` next-token logits per token and every later config
+is scored against them (`gsq_hf.eval.ReferenceTopK`): KL(fp32 ‖ config) per token (a lower bound of the full KL,
+over fp32's top-k tokens and one bin for the rest) and top-1 agreement, overall and per long-stream position
+bucket. Δ perplexity can come out below fp32 when the model is weak on the text; KL cannot.
+
+Verdicts are computed, not written by hand: each dynamic config's perplexity Δ / KL / recall is compared with
+the uniform curve interpolated in average bits between its two neighbouring uniform points (linearly; for KL,
+linearly in log KL; no verdict outside their range); it "beats uniform" only by more than `PPL_MARGIN_PP`
+(perplexity: no standard error), `KL_SE` standard errors of the difference over windows (KL) or `RECALL_SE`
+binomial standard errors of the difference (recall).
 
 Writes into ``--out``: ``results.md`` (one table per model and dataset; the command line and versions on
 top), ``results.json`` (all records), ``pareto-<model>-<dataset>.png`` (Δ perplexity vs average stored bits:
 uniform formats as `gsq_hf.plot.pareto`'s line, one line per dynamic policy family across its thresholds),
 ``trace-<model>.png`` (the gsq-gate preset's per layer x token precision on one passage) and
-``long-stream-<model>.png`` (Δ perplexity vs position bucket, one line per config) and
+``long-stream-<model>.png`` / ``long-stream-kl-<model>.png`` (Δ perplexity / KL vs position bucket, one
+line per config) and
 ``recall-pareto-<model>.png`` (recall loss vs fp32 in points vs average stored bits, one line per family).
 results.json holds the records, ``"recall"`` (one entry per recall model) and ``"verdicts"``.
 """
@@ -53,6 +60,7 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +136,7 @@ TRACE_CONFIG = "gsq-gate"
 # Long streams (16k+ steps per config, the costliest part): the uniform formats a user would store a state in
 # (bf16, int8) and those the dynamic policies mix (int4, int3; int8), each dynamic family at its preset's setting
 # (gsq-gate 0.3, gsq-entropy 0.5, gsq-budget 0.25).
-LONG_STREAM_UNIFORM = ("fp32", "bf16", "int8", "int4", "int3")
+LONG_STREAM_UNIFORM = ("fp32", "bf16", "fp16", "int8", "int4", "int3")
 LONG_STREAM_DYNAMIC = ("gate-open@0.3", "gate-closed@0.3", "entropy@0.5", "budget@0.25")
 # |Δ| rise from the first to the last bucket called growth: above the issue's "lossless" bar (0.1 percentage
 # point) and above twice its standard error over the streams.
@@ -137,6 +145,15 @@ GROWTH_PP = 0.1
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-") or "x"
+
+
+def fidelity(first: bool, reference, top_k: int) -> dict[str, Any]:
+    """`decode_faithful_perplexity` options of a config run in grid order: the ``first`` (fp32) keeps its top-k
+    logits as the reference, every later one is scored against it (KL, top-1 agreement); none for top_k 0 or
+    when the reference run failed."""
+    if top_k <= 0 or (reference is None and not first):
+        return {}
+    return {"keep_reference": top_k} if first else {"reference": reference}
 
 
 def model_name(source: str) -> str:
@@ -296,20 +313,34 @@ def bucket_deltas(buckets: dict[str, Any], fp32: dict[str, Any]) -> tuple[list[f
     return pooled, (per_stream.std(dim=0) / math.sqrt(streams)).tolist()
 
 
+def bucket_kl_stderr(buckets: dict[str, Any]) -> list[float]:
+    """Standard error of each bucket's mean KL over the streams (NaN with one stream): every stream has the
+    same tokens in a bucket, so a stream's mean is its ΣKL over its share of the tokens."""
+    per_stream = torch.tensor(buckets["window_kl_sum"], dtype=torch.float64)  # (streams, buckets)
+    streams = per_stream.shape[0]
+    if streams < 2:
+        return [math.nan] * per_stream.shape[1]
+    per_stream = per_stream / (torch.tensor(buckets["tokens"], dtype=torch.float64) / streams)
+    return (per_stream.std(dim=0) / math.sqrt(streams)).tolist()
+
+
 def long_stream_scores(model, streams: TokenWindows, labels: dict[str, Any], bar: tqdm,
-                       configs: list[tuple[str, Any]] | None = None) -> list[dict[str, Any]]:
+                       configs: list[tuple[str, Any]] | None = None, kl_top_k: int = 0) -> list[dict[str, Any]]:
     """Per-position-bucket records of `long_stream_configs` on ``streams`` (one batch), with ``delta_vs_fp32``
     overall and per bucket (``position_buckets["delta_vs_fp32"]``, ``["delta_stderr"]``: `bucket_deltas`)
-    against the first (fp32) record."""
+    against the first (fp32) record; with ``kl_top_k`` also KL vs fp32 per bucket (``["kl_divergence"]``,
+    ``["kl_stderr"]``: `bucket_kl_stderr`)."""
     starts = log_position_buckets(streams.context)
-    group = []
+    group, reference = [], None
     for family, cfg in long_stream_configs(configs):
         bar.set_postfix_str(f"{labels['model']} / long streams of {labels['dataset']} / {cfg.name}")
         base = {**labels, "family": family, "config": cfg.name, "gsq_config": cfg.to_dict(),
                 "streams": streams.ids.shape[0], "stream_tokens": streams.context}
         try:
             result = decode_faithful_perplexity(model, streams, cfg, batch_size=streams.ids.shape[0],
-                                                progress=False, position_buckets=starts)
+                                                progress=False, position_buckets=starts,
+                                                **fidelity(not group, reference, kl_top_k))
+            reference = reference or result.reference
             group.append({**base, **result.to_dict(), "config": cfg.name})
         except NonFiniteLogitsError as error:
             group.append({**base, "perplexity": None, "error": str(error)})
@@ -321,6 +352,8 @@ def long_stream_scores(model, streams: TokenWindows, labels: dict[str, Any], bar
         if ok:
             buckets = r["position_buckets"]
             buckets["delta_vs_fp32"], buckets["delta_stderr"] = bucket_deltas(buckets, fp32["position_buckets"])
+            if "window_kl_sum" in buckets:
+                buckets["kl_stderr"] = bucket_kl_stderr(buckets)
     return group
 
 
@@ -379,6 +412,56 @@ def growth_sentence(group: list[dict[str, Any]], labels: list[str]) -> str:
             f"error, positions {labels[0]} → {labels[-1]}: {numbers}.")
 
 
+def _kl(value, stderr=math.nan) -> str:
+    """``1.23e-04``, or ``1.23e-04 ± 5.6e-06`` with a standard error."""
+    if not (isinstance(value, float) and math.isfinite(value)):
+        return "-"
+    return f"{value:.2e}" + (f" ± {stderr:.1e}" if isinstance(stderr, float) and math.isfinite(stderr) else "")
+
+
+def has_kl(record: dict[str, Any]) -> bool:
+    return not record.get("error") and isinstance(record.get("kl_divergence"), float)
+
+
+def long_stream_kl_table(group: list[dict[str, Any]], labels: list[str]) -> str:
+    headers = ["config", "family", "all positions", *labels]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(headers) - 2)) + "|"]
+    for r in group[1:]:
+        if not has_kl(r):
+            cells = [r["config"], r["family"], "FAILED" if r.get("error") else "-"] + ["-"] * len(labels)
+        else:
+            buckets = r["position_buckets"]
+            cells = [r["config"], r["family"], _kl(r["kl_divergence"], r.get("kl_stderr", math.nan)),
+                     *map(_kl, buckets["kl_divergence"], buckets["kl_stderr"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def kl_growth_sentence(group: list[dict[str, Any]], labels: list[str]) -> str:
+    """Which configs' KL vs fp32 rises from the first position bucket to the last by more than twice the
+    standard error of the difference (over the streams), with every config's first → last KL and ratio."""
+    scored = [r for r in group[1:] if has_kl(r)]
+    question = "**Does the divergence from fp32 grow with sequence length?** "
+    if len(labels) < 2 or not scored:
+        return question + "Not measured (fewer than two position buckets, or no KL: `--kl-top-k 0`)."
+
+    def rises(buckets: dict[str, Any]) -> bool | None:
+        kl, stderr = buckets["kl_divergence"], buckets["kl_stderr"]
+        noise = 2 * math.hypot(stderr[0], stderr[-1])
+        return kl[-1] - kl[0] > noise if math.isfinite(noise) else None
+
+    grows = [r["config"] for r in scored if rises(r["position_buckets"])]
+    numbers = "; ".join(f"{r['config']} {_kl(kl[0])} → {_kl(kl[-1])} (x{kl[-1] / kl[0]:.2f})"
+                        for r in scored if (kl := r["position_buckets"]["kl_divergence"]) and kl[0] > 0)
+    if any(rises(r["position_buckets"]) is None for r in scored):
+        verdict = "Not judged (one stream: no standard error)"
+    else:
+        verdict = f"It grows for {', '.join(grows)}" if grows else "No config's KL grows"
+    return (question + f"{verdict}: the last bucket's KL above the first's by more than twice the standard error "
+            f"of the difference over the {scored[0]['streams']} streams. KL vs fp32 per token (nats), positions "
+            f"{labels[0]} → {labels[-1]}: {numbers}.")
+
+
 def long_stream_section(group: list[dict[str, Any]], streams: TokenWindows, name: str, sname: str,
                         out: Path) -> list[str]:
     """The markdown of one model's long streams; writes its plot into ``out``."""
@@ -400,6 +483,15 @@ def long_stream_section(group: list[dict[str, Any]], streams: TokenWindows, name
                                             f"{streams.context} tokens: Δ perplexity by position")
         plot.save(fig, out / f"long-stream-{slug(name)}.png")
         md += [f"![long streams](long-stream-{slug(name)}.png)", ""]
+    if any(has_kl(r) for r in group):
+        md += ["KL(fp32 ‖ config) per token (nats; `--kl-top-k`, see the tables above) by position range, ± its "
+               "standard error over the streams: unlike Δ perplexity it cannot come out better than fp32, so "
+               "it shows an error that accumulates even where the perplexity change is within noise.", "",
+               long_stream_kl_table(group, labels), "", kl_growth_sentence(group, labels), ""]
+        fig = plot.by_position(group, metric="kl", title=f"{name} — {sname}, {streams.ids.shape[0]} streams of "
+                                                         f"{streams.context} tokens: KL vs fp32 by position")
+        plot.save(fig, out / f"long-stream-kl-{slug(name)}.png")
+        md += [f"![long streams, KL](long-stream-kl-{slug(name)}.png)", ""]
     return md
 
 
@@ -409,6 +501,11 @@ def long_stream_section(group: list[dict[str, Any]], streams: TokenWindows, name
 PPL_MARGIN_PP = 0.1
 # Recall: better than the interpolated uniform recall by more than this many binomial standard errors.
 RECALL_SE = 2.0
+# KL vs fp32: lower than the interpolated uniform KL by more than this many standard errors (over windows).
+KL_SE = 2.0
+# KL vs fp32 is taken over fp32's top-k tokens + one bin for the rest (`ReferenceTopK`: a lower bound of the full
+# KL); 64 of a 50k vocabulary hold nearly all of a trained model's mass (the bound's gap: tests, docs/results.md).
+KL_TOP_K = 64
 
 
 def interpolate_uniform(points: list[tuple[float, float, float]], bits: float) -> tuple[float, float] | None:
@@ -459,33 +556,46 @@ def beats_uniform(records: list[dict[str, Any]], *, value: str, higher_is_better
     return verdicts
 
 
-def verdict_sentence(where: str, verdicts: list[dict[str, Any]], unit: str, scale: float,
-                     noise_text: str) -> str:
-    """One sentence: which dynamic configs beat uniform at equal bits and by how much, or none."""
+def verdict_sentence(where: str, verdicts: list[dict[str, Any]], amount: Callable[[float], str],
+                     noise_text: str, curve: str = "linearly interpolated in average bits") -> str:
+    """One sentence: which dynamic configs beat uniform at equal bits and by how much, or none. ``amount``
+    writes a gain or a noise level (e.g. ``lambda x: f"{100 * x:.2f} pp"``)."""
     judged = [v for v in verdicts if v["uniform"] is not None]
     winners = sorted((v for v in judged if v["beats"]), key=lambda v: -v["gain"])
     outside = [v["config"] for v in verdicts if v["uniform"] is None]
     if winners:
-        listed = "; ".join(f"{v['config']} ({v['bits']:.2f} bits: {scale * v['gain']:+.2f} {unit} better than "
-                           f"the interpolated uniform, noise {scale * v['noise']:.2f})" for v in winners)
+        listed = "; ".join(f"{v['config']} ({v['bits']:.2f} bits: {amount(v['gain'])} better than the "
+                           f"interpolated uniform, noise {amount(v['noise'])})" for v in winners)
     else:
         listed = "none"
     best = max(judged, key=lambda v: v["gain"] - v["noise"], default=None)
     closest = ("" if winners or best is None else
-               f" (closest: {best['config']}, {best['bits']:.2f} bits, {scale * best['gain']:+.2f} {unit} vs "
-               f"noise {scale * best['noise']:.2f})")
+               f" (closest: {best['config']}, {best['bits']:.2f} bits, {amount(best['gain'])} better vs "
+               f"noise {amount(best['noise'])})")
     tail = f" No verdict outside the uniform range of bits: {', '.join(outside)}." if outside else ""
     return (f"**Beats uniform at equal bits — {where}:** {listed}{closest}. {len(judged)} dynamic configs "
-            f"compared with the round-to-nearest uniform curve linearly interpolated in average bits; "
+            f"compared with the round-to-nearest uniform curve {curve}; "
             f"{noise_text}.{tail}")
 
 
 def perplexity_verdict(where: str, group: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     records = [{**r, "policy": r.get("gsq_config", {}).get("policy")} for r in group]
     verdicts = beats_uniform(records, value="delta_vs_fp32", higher_is_better=False, margin=PPL_MARGIN_PP / 100)
-    return verdict_sentence(where + " (perplexity)", verdicts, "pp", 100.0,
+    return verdict_sentence(where + " (perplexity)", verdicts, lambda x: f"{100 * x:.2f} pp",
                             f"'beats' means a Δ perplexity lower by more than {PPL_MARGIN_PP} percentage point "
                             "(no standard error: one set of windows)"), verdicts
+
+
+def kl_verdict(where: str, group: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """Dynamic configs vs the uniform curve in KL vs fp32, interpolated in log KL (KL falls about
+    geometrically with the bits: a straight chord in KL itself would favour anything between two formats)."""
+    records = [{**r, "policy": r.get("gsq_config", {}).get("policy"), "log_kl": math.log(r["kl_divergence"]),
+                "log_kl_stderr": r["kl_stderr"] / r["kl_divergence"] if math.isfinite(r["kl_stderr"]) else 0.0}
+               for r in group if has_kl(r) and r["kl_divergence"] > 0]
+    verdicts = beats_uniform(records, value="log_kl", higher_is_better=False, stderr="log_kl_stderr", n_se=KL_SE)
+    return verdict_sentence(where + " (KL vs fp32)", verdicts, lambda x: f"a factor {math.exp(x):.2f} in KL",
+                            f"'beats' means a KL lower by more than {KL_SE:g} standard errors of the difference "
+                            "(each over the windows)", "interpolated in average bits linearly in log KL"), verdicts
 
 
 # -- the issue's questions, answered from one model's records ------------------------------------------
@@ -496,14 +606,22 @@ SEED_BANDWIDTH_CLAIM = 0.25  # the entropy note: "reduce average memory bandwidt
 
 
 def questions_section(name: str, groups: dict[str, list[dict[str, Any]]],
-                      judged: dict[str, list[dict[str, Any]]]) -> list[str]:
+                      judged: dict[str, list[dict[str, Any]]],
+                      judged_kl: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
     """The questions of the results issue as sentences with this model's numbers, per dataset: is int8
-    lossless, do dynamic policies beat uniform at equal bits, and what of the two seeds' claims."""
+    lossless, do dynamic policies beat uniform at equal bits (in Δ perplexity, and in KL vs fp32 where
+    measured), and what of the two seeds' claims."""
     def find(group, config):
         return next((r for r in group if r["config"] == config and not r.get("error")), None)
 
     def delta(record):
         return f"{100 * record['delta_vs_fp32']:+.3f}%"
+
+    def fidelity_text(record):
+        if not has_kl(record):
+            return ""
+        return (f", KL {_kl(record['kl_divergence'])} nats/token, top-1 agreement "
+                f"{100 * record['top1_agreement']:.2f}%")
 
     def lambada(record, group):
         fp32 = find(group, "fp32")
@@ -518,19 +636,29 @@ def questions_section(name: str, groups: dict[str, list[dict[str, Any]]],
         lossless = all(abs(r["delta_vs_fp32"]) < bar for r in int8.values())
         lines.append(f"- **Is int8 static state quantization lossless (|Δ perplexity| below {PPL_MARGIN_PP}%)?** "
                      f"{'Yes' if lossless else 'No'}: " + "; ".join(
-                         f"{d} {delta(r)}{lambada(r, groups[d])}" for d, r in int8.items()) + ".")
-    counts = []
-    for d, verdicts in judged.items():
-        compared = [v for v in verdicts if v["uniform"] is not None]
-        winners = sorted((v for v in compared if v["beats"]), key=lambda v: -v["gain"])
-        best = (f" (largest: {winners[0]['config']}, {100 * winners[0]['gain']:.2f} pp at "
-                f"{winners[0]['bits']:.2f} bits)" if winners else "")
-        counts.append(f"{d}: {len(winners)} of {len(compared)}{best}")
-    if counts:
-        lines.append("- **Do gate, entropy and budget policies beat uniform quantization at equal average bits?** "
-                     f"Dynamic configs below the interpolated uniform curve by more than {PPL_MARGIN_PP} pp — "
-                     + "; ".join(counts) + ". Each dataset's verdict above lists them; a win that appears on one "
-                     "dataset only, or only between two distant uniform points, is weak evidence.")
+                         f"{d} {delta(r)}{fidelity_text(r)}{lambada(r, groups[d])}" for d, r in int8.items()) + ".")
+    def counts(verdicts_by_dataset, amount):
+        parts = []
+        for d, verdicts in verdicts_by_dataset.items():
+            compared = [v for v in verdicts if v["uniform"] is not None]
+            winners = sorted((v for v in compared if v["beats"]), key=lambda v: -v["gain"])
+            best = (f" (largest: {winners[0]['config']}, {amount(winners[0]['gain'])} at "
+                    f"{winners[0]['bits']:.2f} bits)" if winners else "")
+            parts.append(f"{d}: {len(winners)} of {len(compared)}{best}")
+        return "; ".join(parts)
+
+    if judged:
+        text = ("- **Do gate, entropy and budget policies beat uniform quantization at equal average bits?** "
+                f"In Δ perplexity, dynamic configs below the interpolated uniform curve by more than {PPL_MARGIN_PP} "
+                f"pp — {counts(judged, lambda x: f'{100 * x:.2f} pp')}.")
+        if judged_kl:
+            text += (f" In KL vs fp32, dynamic configs below the uniform curve (interpolated in log KL) by more than "
+                     f"{KL_SE:g} standard errors — {counts(judged_kl, lambda x: f'a factor {math.exp(x):.2f}')}. "
+                     "Where the two disagree, trust the KL: Δ perplexity also counts noise in the state that "
+                     "happens to lower the perplexity of a model that is weak on the text, KL only the distance "
+                     "from fp32's predictions.")
+        lines.append(text + " Each dataset's verdicts above list the configs; a win that appears on one dataset "
+                     "only, or only between two distant uniform points, is weak evidence.")
     gate = {d: (find(g, SEED_CONFIGS["gsq-gate"]), int8[d]) for d, g in groups.items()}
     if all(a and b for a, b in gate.values()):
         holds = all(abs(r["delta_vs_fp32"]) < bar for r, _ in gate.values())
@@ -609,7 +737,8 @@ def recall_verdicts(name: str, records: list[dict[str, Any]], gaps: list[int]) -
         verdicts = beats_uniform(at_gap(records, gap), value="recall", higher_is_better=True,
                                  stderr="recall_stderr")
         data[label] = verdicts
-        sentences.append(verdict_sentence(f"{name}, {label} (recall)", verdicts, "points", 100.0, noise))
+        sentences.append(verdict_sentence(f"{name}, {label} (recall)", verdicts, lambda x: f"{100 * x:.2f} points",
+                                          noise))
     return sentences, data
 
 
@@ -637,7 +766,8 @@ def _f(value, spec: str) -> str:
 
 
 def markdown_table(records: list[dict[str, Any]], lambada: bool) -> str:
-    headers = ["config", "family", "perplexity", "word ppl", "Δ vs fp32", "avg state bits", "state B/seq"]
+    headers = ["config", "family", "perplexity", "word ppl", "Δ vs fp32", "KL vs fp32", "top-1 agree",
+               "avg state bits", "state B/seq"]
     if lambada:
         headers[4:4] = ["LAMBADA acc", "LAMBADA ppl"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
@@ -646,8 +776,11 @@ def markdown_table(records: list[dict[str, Any]], lambada: bool) -> str:
             cells = [r["config"], r["family"], "FAILED"] + ["-"] * (len(headers) - 3)
         else:
             delta = r.get("delta_vs_fp32")
+            top1 = r.get("top1_agreement")
             cells = [r["config"], r["family"], _f(r["perplexity"], ".4f"), _f(r["word_perplexity"], ".4f"),
                      f"{100 * delta:+.3f}%" if delta is not None and math.isfinite(delta) else "-",
+                     _kl(r.get("kl_divergence"), r.get("kl_stderr", math.nan)),
+                     f"{100 * top1:.2f}%" if isinstance(top1, float) else "-",
                      _f(r.get("avg_state_bits"), ".2f"), _f(r.get("state_bytes"), ",.0f")]
             if lambada:
                 cells[4:4] = [_f(r.get("lambada_accuracy"), ".4f"), _f(r.get("lambada_perplexity"), ".3f")]
@@ -661,8 +794,9 @@ def pareto_figure(records: list[dict[str, Any]], title: str):
     from matplotlib.figure import Figure
 
     ok = [r for r in records if not r.get("error") and math.isfinite(r.get("perplexity") or math.nan)]
-    fig = Figure(figsize=(8.0, 5.0), layout="constrained")
-    ax = fig.subplots()
+    kl = [r for r in ok if has_kl(r) and r["kl_divergence"] > 0]
+    fig = Figure(figsize=(15.0, 5.0) if kl else (8.0, 5.0), layout="constrained")
+    ax, kl_ax = fig.subplots(1, 2) if kl else (fig.subplots(), None)
     plot.pareto([r for r in ok if r["family"] == UNIFORM], x="bits", y="delta", ax=ax, title=title)
     styles = itertools.cycle(plot._DYNAMIC_STYLES)
     for family in dict.fromkeys(r["family"] for r in ok if r["family"] != UNIFORM):
@@ -675,6 +809,10 @@ def pareto_figure(records: list[dict[str, Any]], title: str):
             ax.annotate(knob, (x, y), xytext=(5, 4), textcoords="offset points", fontsize="x-small", color=color)
     ax.set_ylabel("Δ perplexity vs fp32 (%)")
     ax.legend(fontsize="small", loc="best")
+    if kl_ax is not None:
+        plot.families(kl, y="kl_divergence", y_label="KL(fp32 ‖ config), nats per token", ax=kl_ax,
+                      title="the same configs: KL vs fp32 (log; cannot come out better than fp32)")
+        kl_ax.set_yscale("log")
     return fig
 
 
@@ -731,6 +869,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=16384, help="tokens per dataset (default 16384)")
     parser.add_argument("--context", type=int, default=512, help="window length (default 512)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--kl-top-k", type=int, default=KL_TOP_K,
+                        help=f"fp32 logits kept per token for KL vs fp32 (default {KL_TOP_K}; 0: no KL)")
     parser.add_argument("--lambada-examples", type=int, default=500, help="LAMBADA examples scored (default 500)")
     parser.add_argument("--trace-tokens", type=int, default=64, help="tokens of the traced passage (default 64)")
     parser.add_argument("--long-stream-tokens", type=int, default=16384,
@@ -812,6 +952,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         md += [f"## {name}", ""]
         model_groups: dict[str, list[dict[str, Any]]] = {}
         model_judged: dict[str, list[dict[str, Any]]] = {}
+        model_judged_kl: dict[str, list[dict[str, Any]]] = {}
         provenance = model_provenance(source)
         if provenance:
             md += [provenance, ""]
@@ -826,16 +967,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pairs = lambada_tokens(tokenizer, lambada_examples(dataset, args.lambada_examples)) if lambada else None
             ref = full_sequence_perplexity(model, windows, batch_size=args.batch_size, progress=False)
             references.append({"model": name, "dataset": dname, **ref.to_dict()})
-            group = []
+            group, reference = [], None
             for family, config in configs:
                 cfg = resolve_config(config)
                 bar.set_postfix_str(f"{name} / {dname} / {cfg.name}")
                 base = {"model": name, "dataset": dname, "family": family, "config": cfg.name,
                         "gsq_config": cfg.to_dict(), "context": args.context, "windows": windows.ids.shape[0]}
                 try:
-                    record = {**base, **decode_faithful_perplexity(model, windows, cfg, batch_size=args.batch_size,
-                                                                   progress=False).to_dict()}
-                    record["config"] = cfg.name
+                    result = decode_faithful_perplexity(model, windows, cfg, batch_size=args.batch_size,
+                                                        progress=False,
+                                                        **fidelity(not group, reference, args.kl_top_k))
+                    reference = reference or result.reference
+                    record = {**base, **result.to_dict(), "config": cfg.name}
                     if lambada:
                         record.update(lambada_score(model, pairs, cfg, args.batch_size,
                                                     tokenizer.pad_token_id or 0))
@@ -856,10 +999,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             verdicts.append({"metric": "perplexity", "model": name, "dataset": dname, "verdicts": judged})
             model_groups[dname], model_judged[dname] = group, judged
             md += [sentence, ""]
+            if any(has_kl(r) for r in group):
+                sentence, judged = kl_verdict(f"{name} — {dname}", group)
+                verdicts.append({"metric": "kl", "model": name, "dataset": dname, "verdicts": judged})
+                model_judged_kl[dname] = judged
+                md += [sentence, ""]
             fig = pareto_figure(group, f"{name} — {dname}: Δ perplexity vs stored state bits")
             plot.save(fig, args.out / f"pareto-{slug(name)}-{slug(dname)}.png")
             md += [f"![pareto](pareto-{slug(name)}-{slug(dname)}.png)", ""]
-        md += questions_section(name, model_groups, model_judged)
+        md += questions_section(name, model_groups, model_judged, model_judged_kl)
         trace, tokens = trace_passage(model, tokenizer, trace_ids)
         fig = plot.precision_trace(trace, row=0, tokens=tokens,
                                    title=f"{name}: {TRACE_CONFIG} precision per layer x token")
@@ -868,7 +1016,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                f"{dataset_name(datasets[0])}:", "", f"![trace](trace-{slug(name)}.png)", ""]
         if streams is not None:
             sname = dataset_name(stream_source)
-            group = long_stream_scores(model, streams, {"model": name, "dataset": sname}, bar, configs)
+            group = long_stream_scores(model, streams, {"model": name, "dataset": sname}, bar, configs,
+                                       args.kl_top_k)
             long_records += group
             md += long_stream_section(group, streams, name, sname, args.out)
     bar.close()
@@ -879,7 +1028,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args.out / "results.md").write_text("\n".join(md) + "\n")
     payload = {"command": command, "versions": info, "models": models, "datasets": datasets,
                "context": args.context, "max_tokens": args.max_tokens, "batch_size": args.batch_size,
-               "lambada_examples": args.lambada_examples, "device": args.device, "dtype": args.dtype,
+               "kl_top_k": args.kl_top_k, "lambada_examples": args.lambada_examples, "device": args.device,
+               "dtype": args.dtype,
                "long_stream_dataset": stream_source if stream_text is not None else None,
                "long_stream_tokens": args.long_stream_tokens, "long_stream_streams": args.long_stream_streams,
                "families": [f for f in FAMILIES if any(f == family for family, _ in configs)],

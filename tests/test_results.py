@@ -1,6 +1,7 @@
 """scripts/results.py runs end to end on the built-in model with a small budget (its numbers are not asserted,
 only that they exist, are finite and that fp32 is the Δ baseline), long streams included."""
 
+import itertools
 import json
 import math
 import os
@@ -19,11 +20,16 @@ FAMILIES = "uniform,gate-open int8/fp16,gate-closed int3/int8"
 
 
 
+def rows_of(section: str) -> list[list[str]]:
+    """The data rows of the (first) table in ``section``."""
+    lines = list(itertools.takewhile(lambda line: line.startswith("|"),
+                                     itertools.dropwhile(lambda line: not line.startswith("|"), section.splitlines())))
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]  # skip header, rule
+
+
 def table_rows(markdown: str, heading: str) -> list[list[str]]:
     """The data rows of the table under ``### heading``."""
-    section = markdown.split(f"### {heading}\n", 1)[1].split("\n### ", 1)[0]
-    lines = [line for line in section.splitlines() if line.startswith("| ")]
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]  # skip the header
+    return rows_of(markdown.split(f"### {heading}\n", 1)[1].split("\n### ", 1)[0])
 
 
 @pytest.mark.slow
@@ -48,7 +54,7 @@ def test_results_pipeline(tmp_path):
     assert len(names) == 17
     datasets = ["builtin"] + (["lambada_test"] if with_lambada else [])
     for name in ["results.md", "results.json", "trace-tiny-mamba-pydoc.png", "long-stream-tiny-mamba-pydoc.png",
-                 "recall-pareto-recall-mamba2.png",
+                 "long-stream-kl-tiny-mamba-pydoc.png", "recall-pareto-recall-mamba2.png",
                  *(f"pareto-tiny-mamba-pydoc-{script.slug(d)}.png" for d in datasets)]:
         assert (tmp_path / name).stat().st_size > 0, name
 
@@ -58,8 +64,13 @@ def test_results_pipeline(tmp_path):
         rows = table_rows(markdown, f"tiny-mamba-pydoc — {dataset}")
         assert [row[0] for row in rows] == names  # one row per config, in grid order
         fp32 = rows[0]
-        assert fp32[-3] == "+0.000%"  # Δ vs fp32 of fp32 itself
+        assert fp32[-5:-2] == ["+0.000%", "-", "-"]  # Δ vs fp32 of fp32 itself; no KL or top-1 vs itself
         for row in rows:
+            kl, top1 = row[-4:-2]
+            if row is not fp32:
+                assert re.fullmatch(r"\d\.\d\de-\d\d ± \d\.\de-\d\d", kl) and float(kl.split()[0]) > 0, row
+                assert 0 <= float(top1.rstrip("%")) <= 100, row
+            row = row[:-4] + row[-2:]
             numbers = [cell for cell in row[2:] if re.fullmatch(r"[-+]?[\d,]*\.?\d+%?", cell)]
             assert len(numbers) == len(row) - 2, row  # no "-", no FAILED, no nan
             assert all(math.isfinite(float(cell.rstrip("%").replace(",", ""))) for cell in numbers), row
@@ -74,12 +85,15 @@ def test_results_pipeline(tmp_path):
             assert record["lambada_examples"] == 4 and 0.0 <= record["lambada_accuracy"] <= 1.0
         assert all(math.isfinite(record[key]) for key in keys), record
         if record["config"] == "fp32":
-            assert record["delta_vs_fp32"] == 0.0
+            assert record["delta_vs_fp32"] == 0.0 and "kl_divergence" not in record
+        else:
+            assert record["kl_divergence"] > 0 and 0 <= record["top1_agreement"] <= 1
     check_long_streams(script, markdown, payload)
     check_recall(markdown, payload, names)
     for dataset in datasets:
-        assert re.search(rf"\*\*Beats uniform at equal bits — tiny-mamba-pydoc — {dataset} \(perplexity\):\*\* "
-                         r"(none|\S+@)", markdown)
+        for metric in ("perplexity", "KL vs fp32"):
+            assert re.search(rf"\*\*Beats uniform at equal bits — tiny-mamba-pydoc — {dataset} \({metric}\):\*\* "
+                             r"(none|\S+@)", markdown)
     answers = markdown.split("### tiny-mamba-pydoc — the questions, answered", 1)[1].split("###", 1)[0]
     assert re.search(r"\*\*Is int8 static state quantization lossless .*\*\* (Yes|No): builtin [-+]\d", answers)
     assert "**The GSQ seed: gate-closed states go to int8" in answers  # gate-open@0.3 is in FAMILIES
@@ -127,7 +141,7 @@ def check_recall(markdown: str, payload: dict, names: list[str]) -> None:
     for r in records:
         assert r["queries"] == 64 and 0.0 <= r["recall"] <= 1.0 and math.isfinite(r["avg_state_bits"])
         assert r["family"] in FAMILIES.split(",") and math.isfinite(r["recall_stderr"])
-    assert {v["metric"] for v in payload["verdicts"]} == {"perplexity", "recall"}
+    assert {v["metric"] for v in payload["verdicts"]} == {"perplexity", "kl", "recall"}
 
 
 def test_uniform_verdict_interpolates_in_bits_and_needs_more_than_noise():
@@ -154,12 +168,13 @@ def test_uniform_verdict_interpolates_in_bits_and_needs_more_than_noise():
     assert verdicts["high"]["beats"] is None
     assert script.binomial_stderr(100, 100) > 0.005  # no miss still carries its sample's noise
     assert script.binomial_stderr(50, 100) == pytest.approx(0.05)
-    sentence = script.verdict_sentence("m, gap 32 (recall)", list(verdicts.values()), "points", 100.0, "noise")
+    points = lambda x: f"{100 * x:+.2f} points"  # noqa: E731
+    sentence = script.verdict_sentence("m, gap 32 (recall)", list(verdicts.values()), points, "noise")
     assert sentence.startswith("**Beats uniform at equal bits — m, gap 32 (recall):** above (4.00 bits: +2.00 "
                                "points better than the interpolated uniform, noise ")
     assert sentence.endswith("No verdict outside the uniform range of bits: low, high.")
-    none = script.verdict_sentence("m", [verdicts["below"]], "points", 100.0, "noise")
-    assert "** none (closest: below, 4.00 bits, -1.00 points" in none
+    none = script.verdict_sentence("m", [verdicts["below"]], points, "noise")
+    assert "** none (closest: below, 4.00 bits, -1.00 points better vs noise" in none
 
     # perplexity: lower Δ is better, a 0.1 percentage point margin instead of a standard error
     ppl = [{"config": c, "family": f, "gsq_config": {"policy": p}, "avg_state_bits": b, "delta_vs_fp32": d}
@@ -168,13 +183,29 @@ def test_uniform_verdict_interpolates_in_bits_and_needs_more_than_noise():
                                  ("b", "g", "gate", 6.5, 0.0005)]]  # uniform at 6.5 bits: +1.0%
     sentence, judged = script.perplexity_verdict("m — d", ppl)
     assert [v["beats"] for v in judged] == [False, True]  # a: 0.05 pp better (< 0.1); b: 0.95 pp better
-    assert "** b (6.50 bits: +0.95 pp better" in sentence
+    assert "** b (6.50 bits: 0.95 pp better" in sentence
+
+    # KL: lower is better, the uniform curve interpolated in log KL, noise from each record's standard error
+    kl = [{"config": c, "family": f, "gsq_config": {"policy": p}, "avg_state_bits": b, "kl_divergence": k,
+           "kl_stderr": e}
+          for c, f, p, b, k, e in [("bf16", "uniform", "static", 16.0, 1e-6, 1e-7),
+                                   ("int8", "uniform", "static", 10.0, 1e-4, 1e-6),
+                                   ("int6", "uniform", "static", 8.0, 1e-2, 1e-4),  # at 9 bits: 1e-3 in log KL
+                                   ("a", "g", "gate", 9.0, 0.9e-3, 0.4e-3),  # 1.1x lower, noise ~2.4x: no
+                                   ("b", "g", "gate", 9.0, 0.2e-3, 1e-6),  # 5x lower: beats
+                                   ("c", "g", "gate", 9.0, 0.0, 0.0)]]  # KL 0: no log, left out
+    sentence, judged = script.kl_verdict("m — d", kl)
+    assert [v["config"] for v in judged] == ["a", "b"]
+    assert [v["uniform"] for v in judged] == pytest.approx([math.log(1e-3)] * 2)  # geometric mean of neighbours
+    assert [v["beats"] for v in judged] == [False, True]
+    assert judged[1]["gain"] == pytest.approx(math.log(5.0))
+    assert "** b (9.00 bits: a factor 5.00 in KL better than the interpolated uniform" in sentence
 
 
 def check_long_streams(script, markdown: str, payload: dict) -> None:
     """2 streams of 300 builtin tokens: buckets 1–255 and 256–299, Δ vs fp32 per bucket, the answer sentence."""
     names = [cfg.name for _, cfg in script.long_stream_configs(script.select_configs(FAMILIES.split(",")))]
-    assert names == ["fp32", "bf16", "int8", "int4", "int3", "gate-open@0.3"]
+    assert names == ["fp32", "bf16", "fp16", "int8", "int4", "int3", "gate-open@0.3"]
     rows = table_rows(markdown, "tiny-mamba-pydoc — long streams of builtin")
     assert [row[0] for row in rows] == names
     assert rows[0][3:] == ["+0.000%"] + ["+0.000 ± 0.000%"] * 2  # fp32: all positions, 1–255, 256–299
@@ -194,6 +225,15 @@ def check_long_streams(script, markdown: str, payload: dict) -> None:
         assert all(math.isfinite(d) for d in buckets["delta_vs_fp32"] + buckets["delta_stderr"])
         assert len(buckets["window_nll_sum"]) == 2
     assert records[0]["position_buckets"]["delta_vs_fp32"] == [0.0, 0.0]
+    kl_rows = rows_of(markdown.split("KL(fp32 ‖ config) per token", 1)[1].split("**Does the divergence", 1)[0])
+    assert [row[0] for row in kl_rows] == names[1:]  # fp32 is the reference
+    for row, record in zip(kl_rows, records[1:], strict=True):
+        assert all(re.fullmatch(r"\d\.\d\de-\d\d ± \d\.\de-\d\d", cell) for cell in row[2:]), row
+        buckets = record["position_buckets"]
+        assert math.isclose(sum(map(sum, buckets["window_kl_sum"])), record["kl_divergence"] * record["tokens"])
+        assert len(buckets["kl_stderr"]) == 2
+    assert re.search(r"\*\*Does the divergence from fp32 grow with sequence length\?\*\* (It grows for|No config)",
+                     markdown)
 
 
 def test_long_stream_configs_are_the_chosen_uniform_formats_and_one_per_dynamic_family():
