@@ -89,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-tokens", type=_positive, help="evaluate only the first N tokens (default: all)")
     evaluate.add_argument("--no-reference", action="store_true",
                           help="skip the unpatched full-sequence reference perplexity")
+    evaluate.add_argument("--kl-top-k", type=int, default=64, metavar="K",
+                          help="score every config after the first by KL(first ‖ config) per token and top-1 "
+                               "agreement, over the first config's top K next-token logits and one bin for the "
+                               "rest (a lower bound of the full KL; default: 64; 0: off)")
     evaluate.add_argument("--plot", metavar="DIR",
                           help="save pareto.png (perplexity vs average stored state bits, per config) and, for "
                                "each dynamic policy, trace-CONFIG.png (its precision per layer and token over "
@@ -226,6 +230,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     source = _model_source(args.model)
     if args.plot:
         _require_matplotlib()
+    if args.kl_top_k < 0:
+        raise BadInput(f"--kl-top-k must be 0 (off) or a positive number of logits, got {args.kl_top_k}")
     torch.manual_seed(0 if args.seed is None else args.seed)
     text = load_text(args.dataset, args.split)
     windows = make_windows(load_tokenizer(source), text, args.context, args.max_tokens)
@@ -238,6 +244,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     progress = not args.quiet
 
     traces: dict[str, dict[str, Any]] = {}
+    kept: dict[str, Any] = {}  # the first config's top-k logits, this process's windows
 
     def attempt(label: str, evaluate, *config: GSQConfig, **options) -> dict[str, Any]:
         """The run's record, or an error record: one config's non-finite logits do not stop the others."""
@@ -252,10 +259,20 @@ def _run_eval(args: argparse.Namespace) -> int:
             return failed_record(label, windows.scored_tokens, failure)
         if getattr(result, "trace", None) is not None:
             traces[label] = result.trace
+        if getattr(result, "reference", None) is not None:
+            kept["reference"] = result.reference
         return result.to_dict()
 
-    records = [attempt(cfg.name, decode_faithful_perplexity, cfg,
-                       **({"trace": True} if args.plot and cfg.policy != "static" else {})) for cfg in configs]
+    def fidelity(first: bool) -> dict[str, Any]:
+        if args.kl_top_k == 0 or not shard.ids.shape[0]:
+            return {}
+        if first:  # K beyond the vocabulary keeps all of it: the exact KL
+            return {"keep_reference": min(args.kl_top_k, getattr(model.config, "vocab_size", None) or args.kl_top_k)}
+        return {"reference": kept["reference"]} if "reference" in kept else {}
+
+    records = [attempt(cfg.name, decode_faithful_perplexity, cfg, **fidelity(i == 0),
+                       **({"trace": True} if args.plot and cfg.policy != "static" else {}))
+               for i, cfg in enumerate(configs)]
     add_deltas(records)
     weights = weight_bytes(model)
     for record in records:  # what one batch needs in all: the weights plus batch-size sequences of state

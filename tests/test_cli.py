@@ -73,9 +73,34 @@ def test_eval_json_contract(model_dir, text_file, tmp_path, capsys):
     assert results[0]["delta_vs_reference"] == 0.0 and results[0]["state_bytes"] == STATE_BYTES
     assert results[1]["state_bytes"] < STATE_BYTES and results[1]["avg_state_bits"] == 12.0
     assert data["reference"]["perplexity"] == pytest.approx(results[0]["perplexity"], rel=1e-6)
+    assert "kl_divergence" not in results[0]  # the first config is the KL reference
+    for record in results[1:]:
+        assert record["kl_divergence"] >= 0 and 0 <= record["top1_agreement"] <= 1 and record["kl_stderr"] >= 0
     table = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in table[2:5]] == ["fp32", "int8", "gsq-entropy"]
     assert table[5].startswith("reference (unpatched model")
+
+
+def test_eval_kl_is_the_library_kl_and_can_be_switched_off(model_dir, text_file, tmp_path):
+    """--kl-top-k K scores later configs against the first one's top K logits (K past the vocabulary: all)."""
+    from gsq_hf.eval import decode_faithful_perplexity, make_windows
+    from gsq_hf.eval.data import load_model, load_tokenizer
+
+    runs = {}
+    for k in ("0", "3", "1000"):
+        out = tmp_path / f"kl{k}.json"
+        assert main(["eval", "--model", model_dir, "--dataset", text_file, "--context", "16", "--max-tokens", "64",
+                     "--config", "fp32", "int2", "--kl-top-k", k, "--no-reference", "--json", str(out),
+                     "--quiet"]) == 0
+        runs[k] = json.loads(out.read_text())["results"][1]
+    assert "kl_divergence" not in runs["0"] and "top1_agreement" not in runs["0"]
+    model, windows = load_model(model_dir), make_windows(load_tokenizer(model_dir), open(text_file).read(), 16, 64)
+    for k, top_k in (("3", 3), ("1000", model.config.vocab_size)):
+        fp32 = decode_faithful_perplexity(model, windows, "fp32", keep_reference=top_k, progress=False)
+        int2 = decode_faithful_perplexity(model, windows, "int2", reference=fp32.reference, progress=False)
+        assert runs[k]["kl_divergence"] == pytest.approx(int2.kl_divergence, rel=1e-12) and int2.kl_divergence > 0
+        assert runs[k]["top1_agreement"] == int2.top1_agreement
+    assert runs["3"]["kl_divergence"] <= runs["1000"]["kl_divergence"]
 
 
 @pytest.mark.filterwarnings("ignore:gsq_hf. non-finite SSM state:RuntimeWarning")
@@ -149,6 +174,7 @@ def _bad_inputs(model_dir, text_file, gpt2_dir, tmp_path):
         (["--context", "0"], "argument --context: must be a positive integer"),
         (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
         (["--device", "banana"], "device 'banana' is not a torch device"),
+        (["--kl-top-k", "-1"], "--kl-top-k must be 0 (off) or a positive number of logits, got -1"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "torch sees no CUDA device"))

@@ -6,7 +6,13 @@
 """
 
 from .data import DatasetNotFoundError, EvalInputError, ModelNotFoundError, TokenWindows, load_text, make_windows
-from .perplexity import NonFiniteLogitsError, PerplexityResult, decode_faithful_perplexity, full_sequence_perplexity
+from .perplexity import (
+    NonFiniteLogitsError,
+    PerplexityResult,
+    ReferenceTopK,
+    decode_faithful_perplexity,
+    full_sequence_perplexity,
+)
 from .recall import MQARSpec, RecallInputError, generate_mqar, recall_accuracy, recall_sweep
 
 __all__ = [
@@ -17,6 +23,7 @@ __all__ = [
     "NonFiniteLogitsError",
     "PerplexityResult",
     "RecallInputError",
+    "ReferenceTopK",
     "TokenWindows",
     "decode_faithful_perplexity",
     "full_sequence_perplexity",

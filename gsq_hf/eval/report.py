@@ -11,7 +11,9 @@ Eval JSON contract::
 State sizes are per sequence; ``weight_bytes`` is the model's weights as stored (``get_memory_footprint()``,
 int8/4-bit with ``--load-in-8bit``/``--load-in-4bit``) and ``weights_plus_batch_state_bytes`` the weights plus
 ``batch_size`` sequences of state: the memory the run's batches need beside activations.
-``delta_vs_reference`` is the relative perplexity change against the first config's record. A config that
+``delta_vs_reference`` is the relative perplexity change against the first config's record; ``kl_divergence``
+(± ``kl_stderr`` over windows) and ``top1_agreement`` score each later config's next-token distributions
+against the first config's (``--kl-top-k``; `gsq_hf.eval.ReferenceTopK`). A config that
 failed (non-finite logits) keeps its record with ``"error"`` set and null metrics, so a reader never mistakes
 it for a number. NaN/Inf are written as null (strict JSON).
 
@@ -95,9 +97,9 @@ def _notes(records: list[dict[str, Any]]) -> str:
 
 
 def eval_table(records: list[dict[str, Any]]) -> str:
-    """One row per config: metrics, Δ vs the first config, per-sequence state size and speed."""
-    headers = ["config", "ppl", "word ppl", "byte ppl", "bits/byte", "Δ vs first", "avg bits",
-               "state B/seq", "vs full", "tokens", "tok/s"]
+    """One row per config: metrics, Δ and KL vs the first config, per-sequence state size and speed."""
+    headers = ["config", "ppl", "word ppl", "byte ppl", "bits/byte", "Δ vs first", "KL vs first", "top-1",
+               "avg bits", "state B/seq", "vs full", "tokens", "tok/s"]
     rows = []
     for r in records:
         if r.get("error"):
@@ -107,7 +109,8 @@ def eval_table(records: list[dict[str, Any]]) -> str:
         rows.append([
             r["config"], _fmt(r["perplexity"], ".4f"), _fmt(r["word_perplexity"], ".4f"),
             _fmt(r["byte_perplexity"], ".4f"), _fmt(r["bits_per_byte"], ".4f"),
-            f"{delta:+.3%}" if _number(delta) else "-", _fmt(r.get("avg_state_bits"), ".2f"),
+            f"{delta:+.3%}" if _number(delta) else "-", _fmt(r.get("kl_divergence"), ".2e"),
+            _fmt(r.get("top1_agreement"), ".2%"), _fmt(r.get("avg_state_bits"), ".2f"),
             _fmt(r.get("state_bytes"), ",.0f"), _ratio(r.get("state_bytes"), r.get("full_precision_state_bytes")),
             str(r["tokens"]), _fmt(r["tokens_per_second"], ",.1f"),
         ])

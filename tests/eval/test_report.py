@@ -22,12 +22,14 @@ def test_deltas_are_relative_to_the_first_config():
 
 
 def test_eval_table_has_one_row_per_config_and_notes_failures():
-    table = eval_table(add_deltas([_record("fp32", 10.0), _record("int4", 11.0),
+    table = eval_table(add_deltas([_record("fp32", 10.0),
+                                   _record("int4", 11.0, kl_divergence=0.00123, top1_agreement=0.975),
                                    failed_record("bad", 100, "bad: NaN/Inf logits")]))
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["config", "ppl", "word"]
-    assert lines[2].split()[:2] == ["fp32", "10.0000"]
-    assert "+10.000%" in lines[3] and "0.250" in lines[3]  # Δ vs first; state vs full precision
+    assert lines[2].split()[:8] == ["fp32", "10.0000", "20.0000", "1.5000", "0.5800", "+0.000%", "-", "-"]
+    assert lines[3].split()[5:8] == ["+10.000%", "1.23e-03", "97.50%"]  # Δ, KL and top-1 vs the first config
+    assert "0.250" in lines[3]  # state vs full precision
     assert lines[4].split()[:2] == ["bad", "FAILED"]
     assert lines[5] == "bad: bad: NaN/Inf logits"
 
