@@ -273,6 +273,28 @@ def test_growth_sentence_states_the_verdict_with_the_numbers():
     assert script._pct(0.0123, math.nan) == "+1.230%"
 
 
+def test_kl_growth_sentence_and_the_stream_standard_error():
+    script = load_script("results")
+    # 2 streams with 2 and 4 tokens in the two buckets: mean KL per token [0.1, 0.1] and [0.3, 0.1]
+    buckets = {"tokens": [4, 8], "window_kl_sum": [[0.2, 0.4], [0.6, 0.4]]}
+    assert script.bucket_kl_stderr(buckets) == pytest.approx([abs(0.3 - 0.1) / 2, 0.0])  # std of two / √2
+    assert all(math.isnan(e) for e in script.bucket_kl_stderr({"tokens": [2, 4], "window_kl_sum": [[0.2, 0.4]]}))
+
+    def rec(config, kl, stderr):
+        return {"config": config, "streams": 2, "kl_divergence": sum(kl) / 2,
+                "position_buckets": {"kl_divergence": list(kl), "kl_stderr": list(stderr)}}
+
+    labels = ["1–255", "256–1023"]
+    group = [{"config": "fp32"}, rec("int8", (1e-5, 4e-5), (1e-6, 1e-6)), rec("int4", (1e-2, 1.1e-2), (1e-3, 1e-3))]
+    sentence = script.kl_growth_sentence(group, labels)
+    assert sentence.startswith("**Does the divergence from fp32 grow with sequence length?** It grows for int8: ")
+    assert "int8 1.00e-05 → 4.00e-05 (x4.00); int4 1.00e-02 → 1.10e-02 (x1.10)." in sentence  # int4: within noise
+    assert "No config's KL grows" in script.kl_growth_sentence(group[::2], labels)
+    one = [group[0], rec("int8", (1e-5, 4e-5), (math.nan, math.nan))]
+    assert "Not judged (one stream" in script.kl_growth_sentence(one, labels)
+    assert "Not measured" in script.kl_growth_sentence([group[0], {"config": "x", "error": "NaN"}], labels)
+
+
 def test_bucket_deltas_pool_the_streams_and_give_their_standard_error():
     script = load_script("results")
     fp32 = {"perplexity": [math.e, math.e], "tokens": [4, 8], "window_nll_sum": [[2.0, 4.0], [2.0, 4.0]]}
@@ -322,9 +344,18 @@ def test_seed_configs_are_the_presets_and_questions_are_answered_from_the_record
                        {"config": "y@1", "uniform": 0.01, "beats": False, "gain": 0.0, "bits": 7.0},
                        {"config": "z@1", "uniform": None, "beats": None, "gain": None, "bits": 3.0}],
               "lambada": []}
-    text = "\n".join(script.questions_section("m", groups, judged))
-    assert ("(|Δ perplexity| below 0.1%)?** No: wiki +0.040%; lambada +0.200% (LAMBADA accuracy 24.0% vs 25.0%)."
-            in text)  # lambada's int8 is 0.2% off: not lossless
+    judged_kl = {"wiki": [{"config": "x@1", "uniform": -9.0, "beats": False, "gain": -0.5, "bits": 6.5}],
+                 "lambada": [{"config": "y@1", "uniform": -9.0, "beats": True, "gain": math.log(2.0), "bits": 7.0}]}
+    groups["wiki"][1]["kl_divergence"], groups["wiki"][1]["top1_agreement"] = 2.5e-6, 0.999
+    text = "\n".join(script.questions_section("m", groups, judged, judged_kl))
+    assert "No: wiki +0.040%, KL 2.50e-06 nats/token, top-1 agreement 99.90%; lambada +0.200%" in text
+    assert ("more than 2 standard errors — wiki: 0 of 1; lambada: 1 of 1 (largest: y@1, a factor 2.00 at 7.00 "
+            "bits)") in text
+    assert "Where the two disagree, trust the KL" in text
+    text = "\n".join(script.questions_section("m", groups, judged))  # without KL: no KL sentence
+    assert ("(|Δ perplexity| below 0.1%)?** No: wiki +0.040%, KL 2.50e-06 nats/token, top-1 agreement 99.90%; "
+            "lambada +0.200% (LAMBADA accuracy 24.0% vs 25.0%).") in text  # lambada's int8 is 0.2% off: not lossless
+    assert "In KL vs fp32" not in text
     assert "wiki: 1 of 2 (largest: x@1, 0.30 pp at 6.50 bits); lambada: 0 of 0." in text
     assert "wiki: Δ +0.020% at 11.60 bits vs uniform int8 +0.040% at 10.00 bits" in text
     assert "The claim holds at the 0.1% bar" in text
