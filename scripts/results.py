@@ -504,7 +504,7 @@ RECALL_SE = 2.0
 # KL vs fp32: lower than the interpolated uniform KL by more than this many standard errors (over windows).
 KL_SE = 2.0
 # KL vs fp32 is taken over fp32's top-k tokens + one bin for the rest (`ReferenceTopK`: a lower bound of the full
-# KL); 64 of a 50k vocabulary hold nearly all of a trained model's mass (the bound's gap: tests, docs/results.md).
+# KL, tighter with a larger --kl-top-k; exact at the vocabulary size).
 KL_TOP_K = 64
 
 

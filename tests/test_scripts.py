@@ -32,3 +32,17 @@ def test_bench_decode_overhead_runs(tmp_path):
                         "--configs", "int8", "--steps", "2", "--rounds", "1", tmp_path=tmp_path)
     assert {row["shape"] for row in result["rows"]} == {"mamba-tiny", "mamba2-tiny"}
     assert all(row["ratio"] > 0 for row in result["rows"])
+
+
+def test_kl_bound_measures_the_top_k_share_of_the_exact_kl(tmp_path):
+    """On the built-in model (vocabulary 2048): the bound never exceeds the exact KL and grows with k."""
+    from script_loader import load_script
+
+    payload = load_script("kl_bound").main(["--dataset", "builtin", "--context", "32", "--max-tokens", "128",
+                                            "--top-k", "4", "--top-k", "64", "--top-k", "5000", "--config", "int4",
+                                            "--out", str(tmp_path)])
+    (record,) = payload["records"]
+    shares = [record["bound"][k]["ratio"] for k in ("4", "64", "5000")]
+    assert record["kl_exact"] > 0 and 0 < shares[0] <= shares[1] <= 1 + 1e-9
+    assert shares[2] == 1.0  # k beyond the vocabulary: the exact KL
+    assert "| tiny-mamba-pydoc | int4 |" in (tmp_path / "kl-bound.md").read_text()

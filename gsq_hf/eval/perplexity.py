@@ -135,10 +135,6 @@ class ReferenceTopK:
     indices: torch.Tensor  # (windows, steps, k) int64
     logsumexp: torch.Tensor  # (windows, steps) float64
 
-    @property
-    def top_k(self) -> int:
-        return self.logits.shape[-1]
-
 
 def _top_k_divergence(ref_logits: torch.Tensor, ref_indices: torch.Tensor, ref_lse: torch.Tensor,
                       logits: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

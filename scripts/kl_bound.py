@@ -1,0 +1,100 @@
+"""How tight is the top-k KL? `ReferenceTopK` scores KL(fp32 ‖ config) over fp32's top-k tokens plus one bin for
+the rest: a lower bound of the full KL. This measures the bound against the exact KL (k = the vocabulary) on the
+same windows, per model and config, so a reader knows how far the KL columns of docs/results.md understate it.
+
+    python scripts/kl_bound.py --model runs/ref-mamba-cpu --model runs/ref-mamba2-cpu --out docs/
+    python scripts/kl_bound.py --dataset builtin --out /tmp/kl_bound     # built-in model and text
+
+Writes ``kl-bound.md`` and ``kl-bound.json`` into ``--out`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR
+from gsq_hf.eval.data import load_model, load_text, load_tokenizer, make_windows
+from gsq_hf.eval.perplexity import decode_faithful_perplexity
+from gsq_hf.eval.report import versions, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+CONFIGS = ["int8", "int4", "int2", "gsq-gate"]
+
+
+def measure(source: str, dataset: str, context: int, max_tokens: int, top_ks: list[int],
+            configs: list[str]) -> list[dict]:
+    """One record per config: the exact KL vs fp32 and, per k, the top-k bound and its ratio to the exact."""
+    model, tokenizer = load_model(source), load_tokenizer(source)
+    windows = make_windows(tokenizer, load_text(dataset), context, max_tokens)
+    vocab = model.config.vocab_size
+    references = {k: decode_faithful_perplexity(model, windows, "fp32", keep_reference=k, progress=False).reference
+                  for k in sorted({min(k, vocab) for k in top_ks} | {vocab})}
+    records = []
+    for config in configs:
+        kl = {k: decode_faithful_perplexity(model, windows, config, reference=ref, progress=False).kl_divergence
+              for k, ref in references.items()}
+        exact = kl[vocab]
+        bound = {str(k): {"kl": kl[min(k, vocab)], "ratio": kl[min(k, vocab)] / exact if exact else None}
+                 for k in top_ks}
+        records.append({"model": Path(source).name, "config": config, "tokens": windows.scored_tokens,
+                        "vocab": vocab, "kl_exact": exact, "bound": bound})
+    return records
+
+
+def table(records: list[dict], top_ks: list[int]) -> str:
+    headers = ["model", "config", "exact KL", *(f"top-{k} KL (share)" for k in top_ks)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(headers) - 2)) + "|"]
+    for r in records:
+        cells = [r["model"], r["config"], f"{r['kl_exact']:.3e}"]
+        for k in top_ks:
+            bound = r["bound"][str(k)]
+            cells.append(f"{bound['kl']:.3e} ({bound['ratio']:.0%})" if bound["ratio"] is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", help="model dir or Hub id (repeatable; default: built-in)")
+    parser.add_argument("--dataset", default=str(WIKITEXT), help="text (default: WikiText-2 raw test)")
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--top-k", type=int, action="append", help="bounds to measure (repeatable; default 64)")
+    parser.add_argument("--config", action="append", help=f"configs (repeatable; default {' '.join(CONFIGS)})")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    top_ks = args.top_k or [64]
+    if min(top_ks) < 1:
+        parser.error(f"--top-k must be positive, got {min(top_ks)}")
+    records = [r for source in (args.model or [str(BUILTIN_MODEL_DIR)])
+               for r in measure(source, args.dataset, args.context, args.max_tokens, top_ks, args.config or CONFIGS)]
+    command = "python scripts/kl_bound.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    text = table(records, top_ks)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = versions()
+    (args.out / "kl-bound.md").write_text(
+        "# How tight is the top-k KL of docs/results.md?\n\n"
+        "KL(fp32 ‖ config) per token (nats), decode-faithful, exact (over the whole vocabulary) and as the top-k "
+        "bound `scripts/results.py` reports (fp32's top-k tokens plus one bin for the rest), with the bound's "
+        f"share of the exact KL. {records[0]['tokens'] if records else 0} scored tokens "
+        f"(`--context {args.context}`, `--max-tokens {args.max_tokens}`). Generated by:\n\n"
+        f"```\n{command}\n```\n\n" + "Versions: " + ", ".join(f"{k} {v}" for k, v in info.items()) + ".\n\n"
+        + text + "\n")
+    payload = {"command": command, "versions": info, "dataset": args.dataset, "context": args.context,
+               "max_tokens": args.max_tokens, "top_k": top_ks, "records": records}
+    write_json(args.out / "kl-bound.json", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
