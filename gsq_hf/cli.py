@@ -217,7 +217,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .cache import weight_bytes
     from .eval.data import load_model, load_text, load_tokenizer, make_windows
     from .eval.distributed import Processes
-    from .eval.perplexity import NonFiniteLogitsError, decode_faithful_perplexity, full_sequence_perplexity
+    from .eval.perplexity import (
+        NonFiniteLogitsError,
+        decode_faithful_perplexity,
+        full_sequence_perplexity,
+        reference_options,
+    )
     from .eval.report import add_deltas, eval_table, failed_record, weights_line, write_json
 
     configs = _configs(args.config, args.seed)
@@ -263,14 +268,8 @@ def _run_eval(args: argparse.Namespace) -> int:
             kept["reference"] = result.reference
         return result.to_dict()
 
-    def fidelity(first: bool) -> dict[str, Any]:
-        if args.kl_top_k == 0 or not shard.ids.shape[0]:
-            return {}
-        if first:  # K beyond the vocabulary keeps all of it: the exact KL
-            return {"keep_reference": min(args.kl_top_k, getattr(model.config, "vocab_size", None) or args.kl_top_k)}
-        return {"reference": kept["reference"]} if "reference" in kept else {}
-
-    records = [attempt(cfg.name, decode_faithful_perplexity, cfg, **fidelity(i == 0),
+    records = [attempt(cfg.name, decode_faithful_perplexity, cfg,
+                       **reference_options(model, i == 0, kept.get("reference"), args.kl_top_k),
                        **({"trace": True} if args.plot and cfg.policy != "static" else {}))
                for i, cfg in enumerate(configs)]
     add_deltas(records)

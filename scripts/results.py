@@ -79,6 +79,7 @@ from gsq_hf.eval.perplexity import (
     decode_faithful_perplexity,
     full_sequence_perplexity,
     log_position_buckets,
+    reference_options,
 )
 from gsq_hf.eval.report import versions, write_json
 
@@ -145,15 +146,6 @@ GROWTH_PP = 0.1
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-") or "x"
-
-
-def fidelity(first: bool, reference, top_k: int) -> dict[str, Any]:
-    """`decode_faithful_perplexity` options of a config run in grid order: the ``first`` (fp32) keeps its top-k
-    logits as the reference, every later one is scored against it (KL, top-1 agreement); none for top_k 0 or
-    when the reference run failed."""
-    if top_k <= 0 or (reference is None and not first):
-        return {}
-    return {"keep_reference": top_k} if first else {"reference": reference}
 
 
 def model_name(source: str) -> str:
@@ -339,7 +331,7 @@ def long_stream_scores(model, streams: TokenWindows, labels: dict[str, Any], bar
         try:
             result = decode_faithful_perplexity(model, streams, cfg, batch_size=streams.ids.shape[0],
                                                 progress=False, position_buckets=starts,
-                                                **fidelity(not group, reference, kl_top_k))
+                                                **reference_options(model, not group, reference, kl_top_k))
             reference = reference or result.reference
             group.append({**base, **result.to_dict(), "config": cfg.name})
         except NonFiniteLogitsError as error:
@@ -637,6 +629,7 @@ def questions_section(name: str, groups: dict[str, list[dict[str, Any]]],
         lines.append(f"- **Is int8 static state quantization lossless (|Δ perplexity| below {PPL_MARGIN_PP}%)?** "
                      f"{'Yes' if lossless else 'No'}: " + "; ".join(
                          f"{d} {delta(r)}{fidelity_text(r)}{lambada(r, groups[d])}" for d, r in int8.items()) + ".")
+
     def counts(verdicts_by_dataset, amount):
         parts = []
         for d, verdicts in verdicts_by_dataset.items():
@@ -976,7 +969,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 try:
                     result = decode_faithful_perplexity(model, windows, cfg, batch_size=args.batch_size,
                                                         progress=False,
-                                                        **fidelity(not group, reference, args.kl_top_k))
+                                                        **reference_options(model, not group, reference, args.kl_top_k))
                     reference = reference or result.reference
                     record = {**base, **result.to_dict(), "config": cfg.name}
                     if lambada:

@@ -95,9 +95,9 @@ def merge_results(parts: list[PerplexityResult]) -> PerplexityResult:
     """One result from the results of disjoint window sets (in window order).
 
     Sums add up (per-window KL sums are concatenated); ``seconds`` is the longest part (the parts ran at the
-    same time); the per-sequence state
-    summary combines as in one run: sizes take the largest, counts add up, averages and fractions are
-    weighted by each part's scored tokens (windows have equal length, so this is a weighting by windows).
+    same time); the per-sequence state summary combines as in one run: sizes take the largest, counts add up,
+    averages and fractions are weighted by each part's scored tokens (windows have equal length, so this is a
+    weighting by windows).
     """
     weights = [part.tokens for part in parts]
     return PerplexityResult(

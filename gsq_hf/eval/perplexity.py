@@ -50,6 +50,7 @@ __all__ = [
     "PositionBuckets",
     "ReferenceTopK",
     "bucket_labels",
+    "reference_options",
     "decode_faithful_perplexity",
     "full_sequence_perplexity",
     "log_position_buckets",
@@ -147,6 +148,19 @@ def _top_k_divergence(ref_logits: torch.Tensor, ref_indices: torch.Tensor, ref_l
     tail_q = (-torch.expm1(torch.logsumexp(log_q, dim=-1))).clamp_min(torch.finfo(torch.float64).tiny)
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1) + torch.xlogy(tail_p, tail_p) - torch.xlogy(tail_p, tail_q)
     return kl, chosen[:, 0] >= logits.amax(dim=-1)
+
+
+def reference_options(model: torch.nn.Module, first: bool, reference: ReferenceTopK | None,
+                      top_k: int) -> dict[str, Any]:
+    """`decode_faithful_perplexity` options for one config of a sweep scored against the sweep's first config:
+    the ``first`` keeps its top-k logits (k past the model's vocabulary keeps all of it: the exact KL), every
+    later one is scored against the kept ``reference``. None for ``top_k`` 0, or when the first run kept
+    nothing (it failed)."""
+    if top_k <= 0 or (reference is None and not first):
+        return {}
+    if first:
+        return {"keep_reference": min(top_k, getattr(model.config, "vocab_size", None) or top_k)}
+    return {"reference": reference}
 
 
 def _check_reference(reference: ReferenceTopK, windows: TokenWindows) -> None:

@@ -231,3 +231,15 @@ def test_reference_errors(tokenizer, text):
     for bad in (0, VOCAB + 1, 2.5):
         with pytest.raises(ValueError, match=f"keep_reference= is the number of top logits kept per token, 1..{VOCAB}"):
             decode_faithful_perplexity(model, windows, "fp32", keep_reference=bad, progress=False)
+
+
+def test_reference_options_of_a_sweep():
+    """The first config keeps (k clamped to the vocabulary), later ones score; nothing when off or the first failed."""
+    from gsq_hf.eval.perplexity import reference_options
+
+    model, kept = tiny_mamba(), object()
+    assert reference_options(model, True, None, 8) == {"keep_reference": 8}
+    assert reference_options(model, True, None, 10_000) == {"keep_reference": VOCAB}
+    assert reference_options(model, False, kept, 8) == {"reference": kept}
+    assert reference_options(model, False, None, 8) == {}  # the first run failed: nothing to score against
+    assert reference_options(model, True, None, 0) == reference_options(model, False, kept, 0) == {}
