@@ -58,7 +58,11 @@ def test_device_map_with_disk_offload_is_lossless(family, tmp_path):
     mixer = model.backbone.layers[1].mixer
     assert mixer.A_log.device.type == "meta" and hasattr(mixer, "_hf_hook")  # really offloaded
     ids = _ids()
-    reference = plain(ids).logits
+    # the unpatched offloaded model is the reference: the plain model's weights are allocated, the loaded ones
+    # memory-mapped at other alignments, and oneDNN's sums can differ in the last bits between the two
+    reference = model(ids).logits
+    torch.testing.assert_close(reference, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     hooked_forward, inner = mixer.forward, mixer._old_forward
     gsq_hf.patch(model, "fp32")
     assert mixer.forward == hooked_forward and mixer._old_forward is not inner  # the hook stays, runs our step
@@ -67,7 +71,6 @@ def test_device_map_with_disk_offload_is_lossless(family, tmp_path):
     for layer_idx, layer in enumerate(out.cache.gsq_layers):  # each layer's state where its layer runs
         device = _execution_device(model.backbone.layers[layer_idx].mixer)
         assert layer.storage.low.data.device == device and layer.storage.conv.data.device == device
-    expected = plain.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), expected)
     gsq_hf.unpatch(model)
     assert mixer._old_forward == inner and mixer.A_log.device.type == "meta"
@@ -92,7 +95,11 @@ def test_decode_faithful_eval_of_an_offloaded_model(tmp_path):
                            torch.ones(3, dtype=torch.int64), torch.ones(3, dtype=torch.int64))
     offloaded = decode_faithful_perplexity(model, windows, "int8", batch_size=2, progress=False)
     expected = decode_faithful_perplexity(plain, windows, "int8", batch_size=2, progress=False)
-    assert offloaded.nll_sum == expected.nll_sum and offloaded.state == expected.state
+    # Not bit-for-bit: the loaded weights are memory-mapped (safetensors, offload files) at other alignments
+    # than the plain model's allocated ones, and oneDNN takes other vectorized paths on them, so the NLL sum
+    # differs in its last bits on some CPUs (rel 2e-8 seen). The bound leaves room for an int8 code that
+    # flips on a rounding boundary; the state accounting is exact.
+    assert offloaded.nll_sum == pytest.approx(expected.nll_sum, rel=1e-6) and offloaded.state == expected.state
 
 
 def test_shards_merge_to_the_whole_run():

@@ -9,13 +9,21 @@ rounding (the kernel rounds with a reciprocal scale and sums in another order; s
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-import gsq_hf
-import gsq_hf.kernels.state_update as kernel_module
-from gsq_hf import GSQCache, GSQConfig
-from gsq_hf.errors import GSQConfigError
+pytest.importorskip("triton", reason="the fused kernel needs triton: pip install 'gsq_hf[triton]'",
+                    exc_type=ImportError)
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA device: run with TRITON_INTERPRET=1 to test the kernel dispatch on CPU",
+                allow_module_level=True)
+
+import gsq_hf  # noqa: E402
+import gsq_hf.kernels.state_update as kernel_module  # noqa: E402
+from gsq_hf import GSQCache, GSQConfig  # noqa: E402
+from gsq_hf.errors import GSQConfigError  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROMPT = torch.tensor([[5, 9, 3, 17, 2, 8], [4, 4, 11, 30, 7, 1]], device=DEVICE)
