@@ -4,8 +4,9 @@
   * replaces ``forward`` on each Mamba-family mixer *instance* with its adapter's step (the original
     bound method is kept; nothing in transformers is monkeypatched, other models are untouched);
   * registers a forward pre-hook on the model that gives every cached forward a `GSQCache` (also the
-    one ``generate`` starts), and a forward hook on the LM head that records the next-token signal
-    for entropy policies;
+    one ``generate`` starts) and a forward without one (``use_cache=False``, train mode) a scratch cache
+    dropped after it, so every forward of a patched model stores its states per the config; and a forward
+    hook on the LM head that records the next-token signal for entropy policies;
   * stores the config in ``model.config.gsq_config`` so that ``save_pretrained`` saves it.
 """
 
@@ -41,6 +42,7 @@ class _PatchState:
     mixers: list[tuple[nn.Module, str, Any]] = field(default_factory=list)  # (mixer, attr, previous value)
     handles: list[Any] = field(default_factory=list)
     active_cache: GSQCache | None = None
+    scratch_cache: GSQCache | None = None  # this forward's states when the caller keeps none (use_cache=False)
     takes_position_ids: bool = False
     had_gsq_config: bool = False
     previous_gsq_config: Any = None
@@ -88,12 +90,16 @@ def _validate(config: GSQConfig, model: nn.Module, mixers: list[tuple[nn.Module,
         )
 
 
-def _make_forward(adapter: MixerAdapter, mixer: nn.Module, original):
+def _make_forward(adapter: MixerAdapter, mixer: nn.Module, original, state: _PatchState):
     def forward(hidden_states: torch.Tensor, *args, attention_mask: torch.Tensor | None = None, **kwargs):
         cache = _compat.pop_cache_kwarg(kwargs)
         if cache is None and args:
             cache, args = args[0], args[1:]
-        if cache is None:  # no state kept across calls: exactly the original forward
+        if state.scratch_cache is not None and not isinstance(cache, GSQCache):
+            # use_cache=False or train mode: the caller keeps no state (a hybrid may still build its own KV
+            # cache); the SSM states still go through the config, into a cache dropped after this forward
+            cache = state.scratch_cache
+        if cache is None:  # the mixer called on its own, outside the patched model's forward
             return original(hidden_states, *args, attention_mask=attention_mask, **kwargs)
         if kwargs.get("seq_idx") is not None:
             raise ValueError(
@@ -140,8 +146,13 @@ def _pre_forward_hook(model: nn.Module, args: tuple, kwargs: dict):
         input_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
         cache.begin_forward(input_ids)
         _continue_positions(model, cache, input_ids, kwargs)
-    state.active_cache = cache
+    state.scratch_cache = GSQCache(model, state.config) if cache is None else None
+    state.active_cache = cache if cache is not None else state.scratch_cache
     return args, kwargs
+
+
+def _post_forward_hook(model: nn.Module, args: tuple, output: Any) -> None:
+    model._gsq_patch.scratch_cache = None  # a forward without a cache keeps no state past its own end
 
 
 def _continue_positions(model: nn.Module, cache: GSQCache, input_ids: torch.Tensor | None, kwargs: dict) -> None:
@@ -194,9 +205,10 @@ def patch(model: nn.Module, config: GSQConfig | str | Path | dict | None = None)
         # accelerate's hooks wrap `forward` and call `_old_forward`: replace the inner call, keep the hook.
         attr = "_old_forward" if hasattr(mixer, "_hf_hook") and hasattr(mixer, "_old_forward") else "forward"
         previous = mixer.__dict__.get(attr, inspect.Parameter.empty)
-        setattr(mixer, attr, _make_forward(adapter, mixer, getattr(mixer, attr)))
+        setattr(mixer, attr, _make_forward(adapter, mixer, getattr(mixer, attr), state))
         state.mixers.append((mixer, attr, previous))
     state.handles.append(model.register_forward_pre_hook(_pre_forward_hook, with_kwargs=True))
+    state.handles.append(model.register_forward_hook(_post_forward_hook))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:
         state.handles.append(head.register_forward_hook(_lm_head_hook(model)))

@@ -69,11 +69,23 @@ def test_cache_filled_by_unpatched_model_is_refused(model):
     assert isinstance(model(ids, cache=DynamicCache(config=model.config)).cache, gsq_hf.GSQCache)  # fresh: replaced
 
 
-def test_use_cache_false_is_the_original_forward(model):
+def test_every_forward_of_a_patched_model_is_quantized(model):
+    """use_cache=False and train mode keep no state, but still store it per the config after every token:
+    never a silent full-precision forward under a quantized label."""
     ids = torch.randint(0, 64, (2, 6))
-    reference = model(ids, use_cache=False).logits
+    unpatched = model(ids, use_cache=False).logits
     gsq_hf.patch(model, "int4")
-    assert torch.equal(model(ids, use_cache=False).logits, reference)
+    cached = model(ids, use_cache=True)
+    assert isinstance(cached.cache, gsq_hf.GSQCache)
+    assert not torch.equal(cached.logits, unpatched)  # int4 moves these logits
+    no_cache = model(ids, use_cache=False)
+    assert torch.equal(no_cache.logits, cached.logits) and no_cache.cache is None
+    model.train()  # transformers turns the cache off in train mode
+    assert torch.equal(model(ids).logits, cached.logits)
+    model.eval()
+    assert model._gsq_patch.scratch_cache is None  # nothing kept past the forward
+    gsq_hf.unpatch(model)
+    assert torch.equal(model(ids, use_cache=False).logits, unpatched)
 
 
 def test_config_saved_with_model_and_restored(model, tmp_path):

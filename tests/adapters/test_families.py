@@ -152,6 +152,16 @@ def test_quantized_state_moves_the_logits(model):
     assert relative_error(model(ids).logits, reference) > 30 * RTOL
 
 
+def test_forward_without_a_cache_is_quantized_too(model):
+    """use_cache=False / train mode: the states still go through the config (no silent full precision)."""
+    ids = ids_(2, 12, seed=1)
+    gsq_hf.patch(model, "int4")
+    cached = model(ids, use_cache=True).logits
+    assert torch.equal(model(ids, use_cache=False).logits, cached)
+    model.train()
+    assert torch.equal(model(ids).logits, cached)
+
+
 def test_greedy_generate_same_tokens_with_left_padding(model):
     ids = ids_(3, 8, seed=2)
     mask = torch.ones_like(ids)
