@@ -1,9 +1,18 @@
-"""Decode-faithful perplexity: every window is fed one token at a time through the patched model.
+"""Decode-faithful perplexity: every state write goes through the config, as in generation.
 
-A quantized state changes what the model sees only through the states it *stores*. A full-sequence
-forward keeps the state in registers for the whole window, so it measures nothing; generation stores (and
-re-reads) the state after every token. `decode_faithful_perplexity` therefore steps each window token by
-token with a fresh `GSQCache` per batch, exactly as ``generate`` would, and scores the next-token logits.
+A quantized state changes what the model sees only through the states it *stores*; generation stores (and
+re-reads) the state after every token. `decode_faithful_perplexity` gives each batch of windows a fresh
+`GSQCache` and scores the next-token logits in one of two modes (``result.state["evaluation"]``):
+
+* ``"chunked"`` (default where it is faithful): multi-token forwards over the window. With the default
+  ``write_mode="every_step"`` the patched scan stores (and re-reads) the state after every token inside a
+  forward, exactly as stepping does, at the cost of one forward per chunk instead of one per token. Faithful
+  for every policy whose signal exists inside a forward (static, gate, budget); the numbers equal stepping's
+  up to float rounding, which can flip a code that sits on a rounding boundary (the chunked scan and the
+  one-token step sum in other orders).
+* ``"stepped"``: one token at a time. Needed where the signal is the next-token distribution (entropy
+  policies: inside one forward there is none) and with ``write_mode="end_of_forward"``; ``stepped=True``
+  asks for it anywhere.
 
 Scoring: token 0 of each window is read but not scored (nothing inside the window predicts it; windows
 are independent, so no context leaks across them); tokens ``1..context-1`` are scored. Sums are kept like
@@ -286,8 +295,9 @@ def decode_faithful_perplexity(
     position_buckets: Sequence[int] | None = None,
     keep_reference: int | None = None,
     reference: ReferenceTopK | None = None,
+    stepped: bool | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` with its states stored per ``config``, stepping every window token by token.
+    """Perplexity of ``model`` with its states stored per ``config`` after every token of every window.
 
     ``windows_or_tokenizer`` is a `TokenWindows` (share one across configs), or a tokenizer with ``text=``
     and ``context=`` (and optionally ``max_tokens=``). An unpatched model is patched with ``config`` for
@@ -298,9 +308,12 @@ def decode_faithful_perplexity(
     (increasing bucket starts from 0, e.g. `log_position_buckets`) also fills ``result.positions``.
     ``keep_reference=k`` keeps this run's top-k next-token logits in ``result.reference``; another config run
     with ``reference=`` that (same windows) gets ``kl_divergence`` and ``top1_agreement`` (`ReferenceTopK`).
+    ``stepped``: None steps token by token only where a chunked forward would not be faithful (see the module
+    docstring), True always, False never (refused where it would not be faithful).
     """
     windows = _windows(windows_or_tokenizer, text, context, max_tokens)
     cfg = resolve_config(config)
+    stepped = _stepping(cfg, stepped)
     vocab = getattr(model.config, "vocab_size", None)
     if keep_reference is not None and not (isinstance(keep_reference, int) and keep_reference > 0
                                            and (vocab is None or keep_reference <= vocab)):
@@ -336,18 +349,23 @@ def decode_faithful_perplexity(
                 ref = [part[first : first + rows].to(device).transpose(0, 1)
                        for part in (reference.logits, reference.indices, reference.logsumexp)]
                 step_kl = torch.empty(steps, rows, dtype=torch.float64, device=device)
-            for t in range(steps):
-                logits = model(input_ids=batch[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1].float()
-                step_nll[t] = F.cross_entropy(logits, batch[:, t + 1], reduction="none")
+            for t, logits in _next_token_logits(model, batch, cache, stepped):
+                n = logits.shape[0]  # steps t .. t+n-1, each scoring the token after it
+                logits = logits.flatten(0, 1)  # (n * rows, vocab), step-major
+                step_nll[t : t + n] = F.cross_entropy(logits, batch[:, t + 1 : t + 1 + n].T.flatten(),
+                                                      reduction="none").view(n, rows)
                 if keep_reference is not None or reference is not None:
                     lse = torch.logsumexp(logits.double(), dim=-1)
                 if keep_reference is not None:
-                    torch.topk(logits, keep_reference, dim=-1, out=(kept_logits[t], kept_indices[t]))
-                    kept_lse[t] = lse
+                    top = torch.topk(logits, keep_reference, dim=-1)
+                    kept_logits[t : t + n] = top.values.view(n, rows, -1)
+                    kept_indices[t : t + n] = top.indices.view(n, rows, -1)
+                    kept_lse[t : t + n] = lse.view(n, rows)
                 if reference is not None:
-                    step_kl[t], agree = _top_k_divergence(ref[0][t], ref[1][t], ref[2][t], logits, lse)
+                    kl, agree = _top_k_divergence(*(part[t : t + n].flatten(0, 1) for part in ref), logits, lse)
+                    step_kl[t : t + n] = kl.view(n, rows)
                     top1 += agree.sum()
-                bar.update(rows)
+                bar.update(rows * n)
             nll = step_nll.sum(dim=0)
             _check_finite(nll, first, cfg.name)
             nll_sum += nll.sum()
@@ -380,9 +398,40 @@ def decode_faithful_perplexity(
         kept_reference = ReferenceTopK(windows.ids, logits, indices, lse)
     return PerplexityResult(cfg.name, total, windows.scored_tokens, int(windows.words.sum()),
                             int(windows.bytes.sum()), time.perf_counter() - start,
-                            {"policy": cfg.policy, **_state_summary(reports)}, kept_trace, positions,
+                            {"policy": cfg.policy, "evaluation": "stepped" if stepped else "chunked",
+                             **_state_summary(reports)}, kept_trace, positions,
                             tuple(torch.cat(window_kl).tolist()) if reference is not None else None,
                             int(top1) if reference is not None else None, kept_reference)
+
+
+# A chunk's logits stay under this many values (float32: 256 MiB), however large the batch or the vocabulary.
+CHUNK_LOGITS = 2**26
+
+
+def _stepping(cfg: GSQConfig, stepped: bool | None) -> bool:
+    """Whether a run must feed one token per forward: where a multi-token forward would store the states
+    differently from generation (no next-token signal inside it, or states written only at its end)."""
+    reason = ("its policy reads the next-token distribution, which a multi-token forward does not have"
+              if cfg.policy == "entropy" else
+              "write_mode='end_of_forward' stores the state only at the end of a forward"
+              if cfg.write_mode != "every_step" else None)
+    if stepped is False and reason is not None:
+        raise ValueError(f"config {cfg.name!r} cannot be evaluated by chunked forwards: {reason}; "
+                         "use stepped=None or True")
+    return bool(stepped) or reason is not None
+
+
+def _next_token_logits(model: torch.nn.Module, batch: torch.Tensor, cache: GSQCache, stepped: bool):
+    """``(t, logits)`` per forward over ``batch`` (rows, context): the float32 next-token logits of steps
+    ``t .. t+n-1`` as (n, rows, vocab), one token per forward when ``stepped``, else chunks of at most
+    `CHUNK_LOGITS` values, each continuing from the cache."""
+    rows, steps = batch.shape[0], batch.shape[1] - 1
+    vocab = getattr(model.config, "vocab_size", None) or 1
+    chunk = 1 if stepped else max(1, min(steps, CHUNK_LOGITS // (rows * vocab)))
+    for t in range(0, steps, chunk):
+        n = min(chunk, steps - t)
+        logits = model(input_ids=batch[:, t : t + n], cache=cache, use_cache=True).logits
+        yield t, logits.float().transpose(0, 1)
 
 
 def _state_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -418,7 +467,8 @@ def full_sequence_perplexity(
     """The reference: one ordinary forward per batch of windows, no cache, the model's own kernels.
 
     Scores exactly the tokens `decode_faithful_perplexity` scores; with the ``fp32`` config the two agree
-    to float rounding. A patched model runs its original mixers here (no cache, nothing stored).
+    to float rounding. Pass the unpatched model: a patched one stores its states per its config inside the
+    forward too (every forward of a patched model does).
     """
     windows = _windows(windows_or_tokenizer, text, context, max_tokens)
     device = _device(model)

@@ -162,6 +162,12 @@ def test_forward_without_a_cache_is_quantized_too(model):
     assert torch.equal(model(ids).logits, cached)
 
 
+def test_chunked_evaluation_equals_stepping(model):
+    from eval.test_perplexity import check_chunked_equals_stepped
+
+    check_chunked_equals_stepped(model)
+
+
 def test_greedy_generate_same_tokens_with_left_padding(model):
     ids = ids_(3, 8, seed=2)
     mask = torch.ones_like(ids)
