@@ -8,7 +8,7 @@
 """
 
 from .cache import GSQCache
-from .config import GSQConfig, list_presets
+from .config import GSQConfig, list_presets, resolve_config
 from .errors import GSQConfigError, NotPatchedError, UnsupportedModelError, UnsupportedVersionError
 from .formats import FORMATS, get_format
 from .patch import from_pretrained, is_patched, patch, patched, unpatch
@@ -30,6 +30,7 @@ __all__ = [
     "list_presets",
     "patch",
     "patched",
+    "resolve_config",
     "speculative_generate",
     "unpatch",
 ]
