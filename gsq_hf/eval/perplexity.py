@@ -52,6 +52,7 @@ from ..cache import GSQCache
 from ..config import GSQConfig, resolve_config
 from ..patch import is_patched, patched
 from .data import TokenWindows, make_windows
+from .stepping import needs_stepping, next_token_logits
 
 __all__ = [
     "NonFiniteLogitsError",
@@ -313,7 +314,7 @@ def decode_faithful_perplexity(
     """
     windows = _windows(windows_or_tokenizer, text, context, max_tokens)
     cfg = resolve_config(config)
-    stepped = _stepping(cfg, stepped)
+    stepped = needs_stepping(cfg, stepped)
     vocab = getattr(model.config, "vocab_size", None)
     if keep_reference is not None and not (isinstance(keep_reference, int) and keep_reference > 0
                                            and (vocab is None or keep_reference <= vocab)):
@@ -349,7 +350,7 @@ def decode_faithful_perplexity(
                 ref = [part[first : first + rows].to(device).transpose(0, 1)
                        for part in (reference.logits, reference.indices, reference.logsumexp)]
                 step_kl = torch.empty(steps, rows, dtype=torch.float64, device=device)
-            for t, logits in _next_token_logits(model, batch, cache, stepped):
+            for t, logits in next_token_logits(model, batch, cache, stepped):
                 n = logits.shape[0]  # steps t .. t+n-1, each scoring the token after it
                 logits = logits.flatten(0, 1)  # (n * rows, vocab), step-major
                 step_nll[t : t + n] = F.cross_entropy(logits, batch[:, t + 1 : t + 1 + n].T.flatten(),
@@ -402,36 +403,6 @@ def decode_faithful_perplexity(
                              **_state_summary(reports)}, kept_trace, positions,
                             tuple(torch.cat(window_kl).tolist()) if reference is not None else None,
                             int(top1) if reference is not None else None, kept_reference)
-
-
-# A chunk's logits stay under this many values (float32: 256 MiB), however large the batch or the vocabulary.
-CHUNK_LOGITS = 2**26
-
-
-def _stepping(cfg: GSQConfig, stepped: bool | None) -> bool:
-    """Whether a run must feed one token per forward: where a multi-token forward would store the states
-    differently from generation (no next-token signal inside it, or states written only at its end)."""
-    reason = ("its policy reads the next-token distribution, which a multi-token forward does not have"
-              if cfg.policy == "entropy" else
-              "write_mode='end_of_forward' stores the state only at the end of a forward"
-              if cfg.write_mode != "every_step" else None)
-    if stepped is False and reason is not None:
-        raise ValueError(f"config {cfg.name!r} cannot be evaluated by chunked forwards: {reason}; "
-                         "use stepped=None or True")
-    return bool(stepped) or reason is not None
-
-
-def _next_token_logits(model: torch.nn.Module, batch: torch.Tensor, cache: GSQCache, stepped: bool):
-    """``(t, logits)`` per forward over ``batch`` (rows, context): the float32 next-token logits of steps
-    ``t .. t+n-1`` as (n, rows, vocab), one token per forward when ``stepped``, else chunks of at most
-    `CHUNK_LOGITS` values, each continuing from the cache."""
-    rows, steps = batch.shape[0], batch.shape[1] - 1
-    vocab = getattr(model.config, "vocab_size", None) or 1
-    chunk = 1 if stepped else max(1, min(steps, CHUNK_LOGITS // (rows * vocab)))
-    for t in range(0, steps, chunk):
-        n = min(chunk, steps - t)
-        logits = model(input_ids=batch[:, t : t + n], cache=cache, use_cache=True).logits
-        yield t, logits.float().transpose(0, 1)
 
 
 def _state_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from ..cache import GSQCache
 from ..config import GSQConfig, resolve_config
 from ..patch import is_patched, patched
 from .data import EvalInputError
+from .stepping import needs_stepping, next_token_logits
 
 __all__ = ["RECALL_INFO_FILE", "MQARBatch", "MQARSpec", "RecallInputError", "check_recall_task", "check_vocabulary",
            "generate_mqar", "load_recall_spec", "read_recall_info", "recall_accuracy", "recall_sweep",
@@ -127,8 +128,10 @@ def recall_accuracy(
     batch_size: int = 64,
     progress: bool = False,
     desc: str | None = None,
+    stepped: bool | None = None,
 ) -> dict:
-    """Fraction of queries answered correctly, stepping every sequence token by token (decode-faithful).
+    """Fraction of queries answered correctly, with every state stored as in generation (decode-faithful;
+    chunked forwards or token by token as `gsq_hf.eval.stepping` chooses, ``stepped=True`` forces stepping).
 
     An unpatched model is patched with ``config`` for the run; a patched one keeps its patch and gets a
     ``config`` cache. Returns accuracy, correct/total counts, the average stored bits over every batch's
@@ -136,6 +139,7 @@ def recall_accuracy(
     """
     check_vocabulary(model, batch.spec)
     cfg = resolve_config(config)
+    stepped = needs_stepping(cfg, stepped)
     device = next(p for p in model.parameters() if p.device.type != "meta").device
     correct = total = writes = 0
     bits = state = full = 0.0
@@ -147,8 +151,8 @@ def recall_accuracy(
             ids, mask = ids.to(device), mask.to(device)
             cache = GSQCache(model, cfg)
             predictions = torch.empty(ids.shape[0], steps, dtype=torch.long, device=device)
-            for t in range(steps):
-                predictions[:, t] = model(input_ids=ids[:, t : t + 1], cache=cache).logits[:, -1].argmax(-1)
+            for t, logits in next_token_logits(model, ids, cache, stepped):
+                predictions[:, t : t + logits.shape[0]] = logits.argmax(-1).T
             hits = (predictions == ids[:, 1:]) & mask[:, :-1]
             correct += int(hits.sum())
             total += int(mask[:, :-1].sum())
@@ -159,7 +163,8 @@ def recall_accuracy(
             state = max(state, report.get("state_bytes", 0) / rows)
             full = max(full, report.get("full_precision_state_bytes", 0) / rows)
     seconds = time.perf_counter() - start
-    return {"config": cfg.name, "accuracy": correct / total, "correct": correct, "queries": total,
+    return {"config": cfg.name, "evaluation": "stepped" if stepped else "chunked",
+            "accuracy": correct / total, "correct": correct, "queries": total,
             "avg_state_bits": bits / writes, "state_bytes": state, "full_precision_state_bytes": full,
             "writes": writes, "seconds": seconds}
 

@@ -274,7 +274,7 @@ def test_chunks_are_bounded_and_entropy_is_stepped(monkeypatch, tokenizer, text)
     model = tiny_mamba()
     windows = make_windows(tokenizer, text, context=24, max_tokens=96)
     whole = decode_faithful_perplexity(model, windows, "int4", batch_size=2, progress=False)
-    monkeypatch.setattr("gsq_hf.eval.perplexity.CHUNK_LOGITS", 2 * VOCAB * 5)  # chunks of 5 steps
+    monkeypatch.setattr("gsq_hf.eval.stepping.CHUNK_LOGITS", 2 * VOCAB * 5)  # chunks of 5 steps
     assert decode_faithful_perplexity(model, windows, "int4", batch_size=2,
                                       progress=False).nll_sum == pytest.approx(whole.nll_sum, rel=MODES_RTOL)
     for config in ("gsq-entropy", {"policy": "static", "format": "int8", "write_mode": "end_of_forward"}):
