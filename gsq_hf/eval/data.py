@@ -71,9 +71,9 @@ def load_text(source: str | None, split: str = "test") -> str:
         return _builtin_text(split)
     path = Path(source).expanduser()
     if path.is_dir():
-        return DOCUMENT_SEPARATOR.join(_read_file(f) for f in _directory_files(path, split))
+        return _not_blank(DOCUMENT_SEPARATOR.join(_read_file(f) for f in _directory_files(path, split)), path)
     if path.is_file():
-        return _read_file(path)
+        return _not_blank(_read_file(path), path)
     if not _HUB_ID.match(source.split(":", 1)[0]) or path.suffix in (*TEXT_SUFFIXES, ".jsonl", ".json"):
         raise DatasetNotFoundError(f"dataset path {source!r} does not exist; accepted: {ACCEPTED_DATASETS}")
     return _hub_text(source, split)
@@ -88,11 +88,31 @@ def _builtin_text(split: str) -> str:
         raise DatasetNotFoundError(f"the built-in dataset has no split {split!r}: {error}") from None
 
 
+def _not_blank(text: str, path: Path) -> str:
+    """``text``, unless it is blank: say which file or directory was empty, not only that the text is."""
+    if not text.strip():
+        raise EvalInputError(f"the evaluation text is empty: dataset {str(path)!r} holds only whitespace; "
+                             "give a file or directory with some text in it")
+    return text
+
+
+def _read_utf8(path: Path) -> str:
+    """The text of a dataset file; a binary file (weights, an image) is named, not a UnicodeDecodeError."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise EvalInputError(f"dataset file {str(path)!r} is not UTF-8 text (byte 0x{error.object[error.start]:02x} "
+                             f"at offset {error.start}); accepted: {ACCEPTED_DATASETS}") from None
+    except OSError as error:
+        raise EvalInputError(f"dataset file {str(path)!r} cannot be read ({error.strerror}); "
+                             f"accepted: {ACCEPTED_DATASETS}") from None
+
+
 def _read_file(path: Path) -> str:
     if path.suffix != ".jsonl":
-        return path.read_text(encoding="utf-8")
+        return _read_utf8(path)
     documents = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
