@@ -6,9 +6,16 @@ check is the whole contract: exit 2, exactly one non-empty stderr line, the path
 
 from __future__ import annotations
 
-import pytest
+import shutil
 
+import pytest
+from models import tiny_mamba
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import gsq_hf
 from gsq_hf.cli import main
+from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR
+from gsq_hf.eval.data import EvalInputError, ModelNotFoundError, load_model, load_tokenizer
 
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xf0\x9f"
 
@@ -60,3 +67,57 @@ def test_dataset_directory(tmp_path, capsys):
     assert f"directory {str(tmp_path)!r} holds no .txt or .raw file" in _error_line(capsys, "--dataset", str(tmp_path))
     (tmp_path / "a.txt").write_bytes(PNG)
     assert f"{str(tmp_path / 'a.txt')!r} is not UTF-8 text" in _error_line(capsys, "--dataset", str(tmp_path))
+
+
+# -- models ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gpt2_without_tokenizer(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(directory)
+    return str(directory)
+
+
+def test_directory_without_config_json(tmp_path, capsys):
+    shutil.copy(BUILTIN_MODEL_DIR / "tokenizer.json", tmp_path)  # a tokenizer alone is not a model
+    line = _error_line(capsys, "--model", str(tmp_path))
+    assert f"{str(tmp_path)!r}: the directory has no config.json, so it is not a transformers model" in line, line
+
+
+def test_unsupported_model_is_refused_from_its_config(gpt2_without_tokenizer, capsys, monkeypatch):
+    import transformers
+
+    def no_tokenizer(*args, **kwargs):
+        raise AssertionError("the tokenizer is read before the model is checked")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_tokenizer)
+    line = _error_line(capsys, "--model", gpt2_without_tokenizer)
+    assert f"model {gpt2_without_tokenizer!r}: GPT2LMHeadModel (model_type='gpt2') has no Mamba-family mixer" in line
+    for load in (load_tokenizer, load_model):
+        with pytest.raises(gsq_hf.UnsupportedModelError, match="supported families: mamba"):
+            load(gpt2_without_tokenizer)
+
+
+def test_mamba_without_tokenizer(tmp_path, capsys):
+    tiny_mamba().save_pretrained(tmp_path)
+    capsys.readouterr()  # the save's progress bar
+    line = _error_line(capsys, "--model", str(tmp_path))
+    assert f"model {str(tmp_path)!r} has no tokenizer" in line and "tokenizer.save_pretrained(DIR)" in line, line
+    with pytest.raises(EvalInputError, match="has no tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("path", ["./no-such-model", "~/no-such-gsq-model", "no/such/model", "no-such-model/", "{tmp}"])
+def test_missing_local_model_path(tmp_path, capsys, path):
+    path = path.format(tmp=tmp_path / "nope")
+    line = _error_line(capsys, "--model", path)
+    assert f"model {path!r}: no such directory, and not a valid Hub id" in line, line
+    assert "'state-spaces/mamba-130m-hf'" in line
+    with pytest.raises(ModelNotFoundError, match="no such directory"):
+        load_model(path)
+
+
+def test_file_as_model(tmp_path, capsys):
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 8)
+    line = _error_line(capsys, "--model", str(tmp_path / "model.safetensors"))
+    assert "model.safetensors' is a file, not a model directory; accepted:" in line, line
+
