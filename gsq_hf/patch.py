@@ -248,8 +248,17 @@ def patched(model: nn.Module, config: GSQConfig | str | Path | dict | None = Non
 
 
 def from_pretrained(path: str | Path, config: GSQConfig | str | Path | dict | None = None, **kwargs) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` patched with its saved (or the given) config."""
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` patched with its saved (or the given) config.
+
+    A ``path`` that is neither a saved model directory (with config.json) nor a possible Hub id is a
+    `FileNotFoundError` saying what is accepted, before transformers' Hub-id validator calls it a bad repo id.
+    """
     from transformers import AutoModelForCausalLM
 
+    from .eval.data import ACCEPTED_MODELS, model_path_problem
+
+    problem = None if kwargs.get("subfolder") else model_path_problem(path)  # a subfolder: transformers checks
+    if problem is not None:
+        raise FileNotFoundError(f"{problem}; accepted: {ACCEPTED_MODELS}")
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return patch(model, config)

@@ -121,3 +121,12 @@ def test_file_as_model(tmp_path, capsys):
     line = _error_line(capsys, "--model", str(tmp_path / "model.safetensors"))
     assert "model.safetensors' is a file, not a model directory; accepted:" in line, line
 
+
+@pytest.mark.parametrize("path", ["./no-such-model", "no/such/model", "{tmp}"])
+def test_from_pretrained_missing_path(tmp_path, path):
+    path = path.format(tmp=tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"no such directory, and not a valid Hub id.*accepted: a local "
+                                                r"directory saved by save_pretrained.*'state-spaces/mamba-130m-hf'"):
+        gsq_hf.from_pretrained(path)
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        gsq_hf.from_pretrained(tmp_path)
