@@ -105,7 +105,7 @@ class GSQConfig:
         if not isinstance(data, dict):
             raise GSQConfigError(f"a GSQConfig is built from a mapping, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))  # YAML keys may be numbers
         if unknown:
             raise GSQConfigError(f"unknown GSQConfig field(s) {unknown}; accepted: {', '.join(sorted(known))}")
         return cls(**data)
@@ -118,15 +118,13 @@ class GSQConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> GSQConfig:
-        """Load from a ``.yaml``/``.yml`` or ``.json`` file."""
+        """Load from a ``.yaml``/``.yml`` or ``.json`` file; every error names the file."""
         path = Path(path)
-        if not path.is_file():
-            raise GSQConfigError(f"config file {str(path)!r} does not exist")
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        data = dict(data or {})
-        data.setdefault("name", path.stem)
-        return cls.from_dict(data)
+        data = {"name": path.stem, **_read_fields(path)}
+        try:
+            return cls.from_dict(data)
+        except GSQConfigError as error:
+            raise GSQConfigError(f"config file {str(path)!r}: {error}") from None
 
     @classmethod
     def from_preset(cls, name: str) -> GSQConfig:
@@ -145,6 +143,54 @@ class GSQConfig:
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> GSQConfig:
         return cls.from_file(Path(directory) / CONFIG_FILENAME)
+
+
+_ACCEPTED = {"YAML": "a YAML mapping of GSQConfig fields, one per line, such as 'policy: static'",
+             "JSON": 'a JSON object of GSQConfig fields, such as {"policy": "static"}'}
+_KINDS = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _read_fields(path: Path) -> dict[str, Any]:
+    """The mapping of fields in a config file, parsed safely (plain YAML/JSON only).
+
+    Every way the file can be unusable (missing, not text, bad syntax, a Python tag, a list instead of a
+    mapping) is one `GSQConfigError` line naming the file, not a parser traceback. An empty file is ``{}``.
+    """
+    where = f"config file {str(path)!r}"
+    if not path.is_file():
+        raise GSQConfigError(f"{where} does not exist")
+    language = "JSON" if path.suffix == ".json" else "YAML"
+    accepted = _ACCEPTED[language]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise GSQConfigError(f"{where} is not UTF-8 text; accepted: {accepted}") from None
+    except OSError as error:
+        raise GSQConfigError(f"{where} cannot be read ({error.strerror}); accepted: {accepted}") from None
+    try:
+        data = json.loads(text) if language == "JSON" else yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        raise GSQConfigError(f"{where} is not valid JSON: line {error.lineno}, column {error.colno}: {error.msg}; "
+                             f"accepted: {accepted}") from None
+    except yaml.YAMLError as error:
+        raise GSQConfigError(f"{where} {_yaml_problem(error)}; accepted: {accepted}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        kind = _KINDS.get(type(data), type(data).__name__)
+        raise GSQConfigError(f"{where} holds a {language} {kind}, not a mapping of fields; accepted: {accepted}")
+    return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line for a yaml error: where (line, column, 1-based) and what, without yaml's multi-line excerpt."""
+    mark = getattr(error, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if isinstance(error, yaml.constructor.ConstructorError):  # a tag such as !!python/object
+        return f"is not plain YAML{at} ({problem}); only plain YAML is accepted (yaml.safe_load: no !!python tags)"
+    context = getattr(error, "context", None)
+    return f"is not valid YAML{at}: {problem}" + (f" ({context})" if context else "")
 
 
 def _presets_dir() -> Path:

@@ -68,6 +68,23 @@ def _refuse_non_mamba_states(model: nn.Module) -> None:
         )
 
 
+def patchable_mixers(model: nn.Module) -> list[tuple[nn.Module, MixerAdapter]]:
+    """The mixers `patch` takes over, with their adapters; `UnsupportedModelError` when the model has none.
+
+    Reads module types only, so it also runs on a model built on the ``meta`` device from its config: the
+    CLI refuses an unsupported model before reading its tokenizer or weights.
+    """
+    _refuse_non_mamba_states(model)
+    mixers = [(module, adapter) for module in model.modules() if (adapter := find_adapter(module)) is not None]
+    if not mixers:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type={model_type!r}) has no Mamba-family mixer gsq_hf can patch; "
+            f"supported families: {_supported_families()}"
+        )
+    return mixers
+
+
 def _validate(config: GSQConfig, model: nn.Module, mixers: list[tuple[nn.Module, MixerAdapter]]) -> None:
     for mixer, adapter in mixers:
         n = adapter.d_state(mixer)
@@ -189,14 +206,7 @@ def patch(model: nn.Module, config: GSQConfig | str | Path | dict | None = None)
         raise RuntimeError("this model is already patched by gsq_hf; call gsq_hf.unpatch(model) before patching again")
     saved = getattr(getattr(model, "config", None), "gsq_config", None)
     config = resolve_config(config if config is not None else (saved or DEFAULT_PRESET))
-    _refuse_non_mamba_states(model)
-    mixers = [(module, adapter) for module in model.modules() if (adapter := find_adapter(module)) is not None]
-    if not mixers:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        raise UnsupportedModelError(
-            f"{type(model).__name__} (model_type={model_type!r}) has no Mamba-family mixer gsq_hf can patch; "
-            f"supported families: {_supported_families()}"
-        )
+    mixers = patchable_mixers(model)
     _validate(config, model, mixers)
 
     state = _PatchState(config=config,
@@ -250,8 +260,17 @@ def patched(model: nn.Module, config: GSQConfig | str | Path | dict | None = Non
 
 
 def from_pretrained(path: str | Path, config: GSQConfig | str | Path | dict | None = None, **kwargs) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` patched with its saved (or the given) config."""
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` patched with its saved (or the given) config.
+
+    A ``path`` that is neither a saved model directory (with config.json) nor a possible Hub id is a
+    `FileNotFoundError` saying what is accepted, before transformers' Hub-id validator calls it a bad repo id.
+    """
     from transformers import AutoModelForCausalLM
 
+    from .eval.data import ACCEPTED_MODELS, model_path_problem
+
+    problem = None if kwargs.get("subfolder") else model_path_problem(path)  # a subfolder: transformers checks
+    if problem is not None:
+        raise FileNotFoundError(f"{problem}; accepted: {ACCEPTED_MODELS}")
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return patch(model, config)

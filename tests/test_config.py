@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 import gsq_hf
 from gsq_hf import GSQConfig, GSQConfigError
@@ -66,3 +67,33 @@ def test_resolve_every_form(tmp_path):
     with pytest.raises(GSQConfigError, match="got int"):
         resolve_config(3)
     assert json.loads(GSQConfig().to_json())["policy"] == "static"
+
+
+@pytest.mark.parametrize(
+    "file, content, message",
+    [
+        ("list.yaml", "- a\n- b\n", "holds a YAML list, not a mapping of fields; accepted: a YAML mapping"),
+        ("word.yaml", "int8\n", "holds a YAML string, not a mapping"),
+        ("syntax.yaml", "policy: [static\n", r"is not valid YAML at line 2, column 1: expected ',' or '\]'"),
+        ("tag.yaml", "policy: !!python/object:os.system {}\n",
+         r"is not plain YAML at line 1, column 9 .*only plain YAML is accepted"),
+        ("bad.json", '{"policy": ', "is not valid JSON: line 1, column 12: Expecting value; accepted: a JSON object"),
+        ("list.json", '[{"policy": "static"}]', "holds a JSON list, not a mapping"),
+        ("binary.yaml", b"\x89PNG\r\n\x1a\n\xff", "is not UTF-8 text"),
+        ("field.yaml", "polcy: static\n", r"unknown GSQConfig field\(s\) \['polcy'\]; accepted: budget_fraction"),
+        ("value.json", '{"format": "int9"}', "GSQConfig.format='int9' is not accepted"),
+    ],
+)
+def test_bad_config_file_is_one_line_naming_the_file(tmp_path, file, content, message):
+    """Every way a config file can be wrong is a GSQConfigError naming the file, from each entry point."""
+    path = tmp_path / file
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    for load in (GSQConfig.from_file, resolve_config, lambda p: gsq_hf.patch(torch.nn.Linear(1, 1), p)):
+        with pytest.raises(GSQConfigError, match=message) as caught:
+            load(str(path))
+        assert str(caught.value).startswith(f"config file {str(path)!r}") and "\n" not in str(caught.value)
+
+
+def test_empty_config_file_is_the_defaults(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing set\n")
+    assert GSQConfig.from_file(tmp_path / "empty.yaml") == GSQConfig(name="empty")

@@ -31,10 +31,12 @@ __all__ = [
     "QUANTIZATIONS",
     "TokenWindows",
     "bnb_config",
+    "check_model_source",
     "load_model",
     "load_text",
     "load_tokenizer",
     "make_windows",
+    "model_path_problem",
 ]
 
 BUILTIN_DATASET = "builtin"
@@ -71,9 +73,9 @@ def load_text(source: str | None, split: str = "test") -> str:
         return _builtin_text(split)
     path = Path(source).expanduser()
     if path.is_dir():
-        return DOCUMENT_SEPARATOR.join(_read_file(f) for f in _directory_files(path, split))
+        return _not_blank(DOCUMENT_SEPARATOR.join(_read_file(f) for f in _directory_files(path, split)), path)
     if path.is_file():
-        return _read_file(path)
+        return _not_blank(_read_file(path), path)
     if not _HUB_ID.match(source.split(":", 1)[0]) or path.suffix in (*TEXT_SUFFIXES, ".jsonl", ".json"):
         raise DatasetNotFoundError(f"dataset path {source!r} does not exist; accepted: {ACCEPTED_DATASETS}")
     return _hub_text(source, split)
@@ -88,11 +90,31 @@ def _builtin_text(split: str) -> str:
         raise DatasetNotFoundError(f"the built-in dataset has no split {split!r}: {error}") from None
 
 
+def _not_blank(text: str, path: Path) -> str:
+    """``text``, unless it is blank: say which file or directory was empty, not only that the text is."""
+    if not text.strip():
+        raise EvalInputError(f"the evaluation text is empty: dataset {str(path)!r} holds only whitespace; "
+                             "give a file or directory with some text in it")
+    return text
+
+
+def _read_utf8(path: Path) -> str:
+    """The text of a dataset file; a binary file (weights, an image) is named, not a UnicodeDecodeError."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise EvalInputError(f"dataset file {str(path)!r} is not UTF-8 text (byte 0x{error.object[error.start]:02x} "
+                             f"at offset {error.start}); accepted: {ACCEPTED_DATASETS}") from None
+    except OSError as error:
+        raise EvalInputError(f"dataset file {str(path)!r} cannot be read ({error.strerror}); "
+                             f"accepted: {ACCEPTED_DATASETS}") from None
+
+
 def _read_file(path: Path) -> str:
     if path.suffix != ".jsonl":
-        return path.read_text(encoding="utf-8")
+        return _read_utf8(path)
     documents = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -222,18 +244,39 @@ def _tokenize(tokenizer, text: str, max_tokens: int | None) -> list[int]:
 
 # -- model --------------------------------------------------------------------------------------------
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ACCEPTED_MODELS = "a local directory saved by save_pretrained (config.json, weights, tokenizer) or a Hub model id"
+ACCEPTED_MODELS = ("a local directory saved by save_pretrained (config.json, weights, tokenizer) or a Hub model id "
+                   "like 'state-spaces/mamba-130m-hf'")
+_PROBE = "hello world"  # any real tokenizer turns this into some tokens (if only unknown-token ids)
 
 
-def _model_location(source: str | Path) -> str:
-    """A local directory, or a string that can be a Hub id; a path that exists but is no directory is not."""
+def model_path_problem(source: str | Path) -> str | None:
+    """Why ``source`` can be neither a saved model directory nor a Hub id, or None when it can be one.
+
+    File-system checks only, made before transformers reads anything: transformers reports a missing local
+    path through the Hub id validator ("Repo id must be in the form ...") and a directory without config.json
+    through whichever tokenizer it falls back to.
+    """
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir():
-        return str(path)
-    if path.exists() or not _HUB_ID.match(text):
-        raise ModelNotFoundError(f"model {text!r} is not a model directory; accepted: {ACCEPTED_MODELS}")
-    return text
+        if (path / "config.json").is_file():
+            return None
+        return (f"could not load model {text!r}: the directory has no config.json, so it is not a transformers "
+                "model saved with save_pretrained")
+    if path.exists():
+        return f"model {text!r} is a file, not a model directory"
+    if not _HUB_ID.match(text):  # ./x, /x, ~/x, a/b/c, x/ cannot be Hub ids
+        return f"model {text!r}: no such directory, and not a valid Hub id, so it is not a model directory"
+    return None
+
+
+def _model_location(source: str | Path) -> str:
+    """A local model directory, or a string that can be a Hub id."""
+    problem = model_path_problem(source)
+    if problem is not None:
+        raise ModelNotFoundError(f"{problem}; accepted: {ACCEPTED_MODELS}")
+    path = Path(str(source)).expanduser()
+    return str(path) if path.is_dir() else str(source)
 
 
 def _loading(source: str | Path, load):
@@ -248,11 +291,39 @@ def _loading(source: str | Path, load):
                                  f"accepted: {ACCEPTED_MODELS}") from error
 
 
+def check_model_source(source: str | Path) -> str:
+    """The location of a model gsq_hf can patch (a local directory or a Hub id), judged from config.json alone.
+
+    `load_tokenizer` and `load_model` run it first, so that a model of another architecture is refused with
+    `UnsupportedModelError` before its tokenizer or weights are read: the model is built on the ``meta``
+    device (no memory, no weights) and checked as `gsq_hf.patch` would check it.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..errors import UnsupportedModelError
+    from ..patch import patchable_mixers
+
+    config = _loading(source, AutoConfig.from_pretrained)
+    with torch.device("meta"):
+        skeleton = _loading(source, lambda _: AutoModelForCausalLM.from_config(config))
+    try:
+        patchable_mixers(skeleton)
+    except UnsupportedModelError as error:  # name the --model value, not only its class
+        raise UnsupportedModelError(f"model {str(source)!r}: {error}") from None
+    return _model_location(source)
+
+
 def load_tokenizer(source: str | Path):
     """The tokenizer saved with the model at ``source`` (a local directory or a Hub id)."""
     from transformers import AutoTokenizer
 
-    return _loading(source, AutoTokenizer.from_pretrained)
+    check_model_source(source)
+    tokenizer = _loading(source, AutoTokenizer.from_pretrained)
+    if not tokenizer.encode(_PROBE, add_special_tokens=False):  # no tokenizer files: an empty vocabulary
+        raise EvalInputError(f"model {str(source)!r} has no tokenizer (no tokenizer files are saved with it, so "
+                             "text encodes to no tokens); accepted: a model directory with its tokenizer saved in "
+                             "it (tokenizer.save_pretrained(DIR)), or a Hub model id that has one")
+    return tokenizer
 
 
 QUANTIZATIONS = ("8bit", "4bit")
@@ -298,6 +369,7 @@ def load_model(source: str | Path, dtype: str = "fp32", device: str | torch.devi
         options["device_map"] = {"": str(device)}
     if device_map is not None:
         options["device_map"] = device_map
+    check_model_source(source)
     model = _loading(source, lambda location: AutoModelForCausalLM.from_pretrained(location, **options))
     if quantization == "4bit":
         _check_bnb_cpu_4bit(model)
