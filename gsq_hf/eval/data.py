@@ -174,8 +174,9 @@ class TokenWindows:
     """Non-overlapping windows of ``context`` tokens, with the size of the text each window scores.
 
     ``ids`` is ``(windows, context)``. Token 0 of a window is only read (nothing predicts it from inside the
-    window); tokens ``1..context-1`` are scored. ``words``/``bytes`` (``(windows,)``) count whitespace-
-    separated words and UTF-8 bytes of the decoded scored tokens, the denominators of word/byte perplexity.
+    window); tokens ``1..context-1`` are scored. ``words``/``bytes`` (``(windows,)``) count words (as
+    lm-eval does, see `from_ids`) and UTF-8 bytes of the decoded scored tokens, the denominators of word/byte
+    perplexity.
     """
 
     ids: torch.Tensor
@@ -192,12 +193,18 @@ class TokenWindows:
 
     @classmethod
     def from_ids(cls, ids: torch.Tensor, tokenizer) -> TokenWindows:
-        """Windows from an ``(windows, context)`` id tensor; ``tokenizer`` decodes the scored tokens."""
+        r"""Windows from an ``(windows, context)`` id tensor; ``tokenizer`` decodes the scored tokens.
+
+        Words are counted as lm-evaluation-harness counts them (``Task.count_words``), so that word
+        perplexities compare: ``len(re.split(r"\s+", text))``, which also counts the empty piece before
+        leading and after trailing whitespace (``" a b "`` is 4 words, ``""`` is 1). lm-eval counts each
+        document; here each window's scored text is counted on its own.
+        """
         if ids.dim() != 2 or ids.shape[1] < 2:
             raise EvalInputError(f"token windows must be (windows, context >= 2), got shape {tuple(ids.shape)}")
         texts = tokenizer.batch_decode(ids[:, 1:].tolist(), skip_special_tokens=False,
                                        clean_up_tokenization_spaces=False)
-        words = torch.tensor([len(t.split()) for t in texts], dtype=torch.int64)
+        words = torch.tensor([len(re.split(r"\s+", t)) for t in texts], dtype=torch.int64)
         nbytes = torch.tensor([len(t.encode("utf-8")) for t in texts], dtype=torch.int64)
         return cls(ids.to(torch.int64), words, nbytes)
 
