@@ -12,18 +12,9 @@ from lm_eval.models.huggingface import HFLM
 from ..cache import GSQCache
 from ..config import GSQConfig
 from ..patch import is_patched, patch
+from .stepping import needs_stepping
 
-__all__ = ["GSQLM", "needs_stepping"]
-
-
-def needs_stepping(config: GSQConfig) -> bool:
-    """Whether a multi-token forward would store other states than decoding does.
-
-    The entropy policy reads the next-token distribution, which exists only between forwards (inside one,
-    every state is stored high); ``end_of_forward`` stores the state once per forward. Static, gate and
-    budget configs with ``every_step`` store after every token inside a forward already.
-    """
-    return config.policy == "entropy" or config.write_mode != "every_step"
+__all__ = ["GSQLM"]
 
 
 @register_model("gsq")
@@ -46,7 +37,7 @@ class GSQLM(HFLM):
         if gsq_config is not None or not is_patched(self.model):
             patch(self.model, gsq_config)
         self.gsq_config: GSQConfig = self.model._gsq_patch.config
-        self.gsq_mode = "stepped" if needs_stepping(self.gsq_config) else "forward"
+        self.gsq_mode = "stepped" if needs_stepping(self.gsq_config, None) else "forward"
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         """Logits ``(batch, seq, vocab)`` of ``inps``; stepped configs feed one token per forward.

@@ -21,13 +21,13 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
-__all__ = ["GSQLM", "HAS_LM_EVAL", "INSTALL_HINT", "cli_main", "needs_stepping"]
+__all__ = ["GSQLM", "HAS_LM_EVAL", "INSTALL_HINT", "cli_main"]
 
 INSTALL_HINT = "lm-evaluation-harness is not installed: pip install 'gsq_hf[lmeval]'"
 
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 if HAS_LM_EVAL:  # registers "gsq"; without lm-eval this module still imports, and cli_main says what to install
-    from ._harness import GSQLM, needs_stepping
+    from ._harness import GSQLM
 
 
 def cli_main(argv: Sequence[str] | None = None) -> int:
