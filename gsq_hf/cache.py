@@ -182,8 +182,11 @@ class _GSQStateMixin:
                     batch, capacity, *state.shape[2:])
                 high = policy.high.quantize(state.gather(1, index), group, rounding, generator)
         fallback = fallback_mask = None
-        # the low format's per-group scales are NaN/Inf exactly when a group is; unscaled formats need a sum
-        probe = low.scale if low.scale is not None else state.sum()
+        # the low format's float scales are NaN/Inf exactly when a group is (e4m3's row scale when any group of
+        # the row is); unscaled formats and e8m0 exponents need a sum
+        probe = next((t for t in (low.row_scale, low.scale) if t is not None and t.is_floating_point()
+                      and t.dtype.itemsize >= 2), None)
+        probe = state.sum() if probe is None else probe
         if not bool(torch.isfinite(probe).all()):  # the per-unit check runs only if this fails
             nonfinite = ~torch.isfinite(state).flatten(2).all(dim=-1)  # (batch, units)
             if bool(nonfinite.any()):  # else only the sum overflowed: every unit is finite
@@ -243,9 +246,11 @@ class _GSQStateMixin:
         if policy.high is not None:
             counts[policy.high.name] = n_high
         per_unit_bytes = {f.name: f.nbytes(unit_elems, group) for f in policy.formats} | {FALLBACK: 4 * unit_elems}
-        bits = sum(counts[name] * per_unit_bytes[name] * 8 for name in counts)
+        # once per batch row and stored tensor: e4m3 scales' second-level scale (StateFormat.row_bytes)
+        row_bytes = batch * (policy.low.row_bytes + (policy.high.row_bytes if high_valid is not None else 0))
+        written = sum(counts[name] * per_unit_bytes[name] for name in counts) + row_bytes
+        bits = written * 8
         previous_bytes = self._last_unit_bytes if self.ssm_shape == shape else 0
-        written = sum(counts[name] * per_unit_bytes[name] for name in counts)
         for name, count in counts.items():
             self.unit_writes[name] = self.unit_writes[name] + count
         self.stored_bits = self.stored_bits + bits

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from .errors import GSQConfigError
-from .formats import FORMATS, ROUNDING_MODES, get_format
+from .formats import ROUNDING_MODES, get_format
 from .policies import POLICIES, PrecisionPolicy
 
 __all__ = ["GSQConfig", "list_presets", "resolve_config"]
@@ -42,7 +42,9 @@ class GSQConfig:
 
     name: str = field(default="custom", metadata={"help": "label used in reports"})
     policy: str = field(default="static", metadata={"help": "static | gate | entropy | budget"})
-    format: str = field(default="fp32", metadata={"help": "state format of the static policy"})
+    format: str = field(default="fp32", metadata={
+        "help": "state format of the static policy: <codes>[-<scale>][-hadamard] (gsq_hf.formats), or a mapping "
+                "{codes, scale, rotation}"})
     low_format: str = field(default="int8", metadata={"help": "format of units the policy leaves low"})
     high_format: str = field(default="fp16", metadata={"help": "format of units the policy marks high"})
     threshold: float = field(default=0.3, metadata={"help": "gate or entropy threshold, in [0, 1]"})
@@ -60,9 +62,15 @@ class GSQConfig:
 
     def __post_init__(self) -> None:
         _choice("policy", self.policy, tuple(POLICIES))
-        for name in ("format", "low_format", "high_format"):
-            _choice(name, getattr(self, name), tuple(FORMATS))
-        _choice("conv_format", self.conv_format, ("auto", *FORMATS))
+        for name in ("format", "low_format", "high_format", "conv_format"):
+            value = getattr(self, name)
+            if name == "conv_format" and value == "auto":
+                continue
+            try:  # a name, or a mapping of parts (codes, scale, rotation), stored by its canonical name
+                object.__setattr__(self, name, get_format(value).name)
+            except GSQConfigError as error:
+                auto = "'auto' (the model dtype) or " if name == "conv_format" else ""
+                raise GSQConfigError(f"GSQConfig.{name}={value!r} is not accepted; {auto}{error}") from None
         _choice("rounding", self.rounding, ROUNDING_MODES)
         _choice("write_mode", self.write_mode, WRITE_MODES)
         _choice("high_when", self.high_when, HIGH_WHEN)
@@ -130,7 +138,8 @@ class GSQConfig:
     def from_preset(cls, name: str) -> GSQConfig:
         presets = list_presets()
         if name not in presets:
-            raise GSQConfigError(f"unknown preset {name!r}; known presets: {', '.join(presets)}")
+            raise GSQConfigError(f"unknown preset {name!r}; known presets: {', '.join(presets)} (or a state format "
+                                 "name such as int4-e4m3-hadamard, or a YAML/JSON path)")
         return cls.from_dict(yaml.safe_load((_presets_dir() / f"{name}.yaml").read_text()))
 
     def save_pretrained(self, save_directory: str | Path) -> Path:
@@ -205,7 +214,8 @@ def list_presets() -> list[str]:
 
 
 def resolve_config(config: GSQConfig | str | Path | dict | None) -> GSQConfig:
-    """Accept a `GSQConfig`, a preset name, a YAML/JSON path or a dict."""
+    """Accept a `GSQConfig`, a preset name, a state format name (one format everywhere, e.g.
+    ``"int4-e4m3-hadamard"``), a YAML/JSON path or a dict."""
     if isinstance(config, GSQConfig):
         return config
     if isinstance(config, dict):
@@ -214,7 +224,13 @@ def resolve_config(config: GSQConfig | str | Path | dict | None) -> GSQConfig:
         text = str(config)
         if text.endswith((".yaml", ".yml", ".json")) or Path(text).is_file():
             return GSQConfig.from_file(text)
+        if text not in list_presets():
+            try:
+                return GSQConfig(name=text, policy="static", format=get_format(text).name)
+            except GSQConfigError:
+                pass  # neither: the preset lookup says what is accepted
         return GSQConfig.from_preset(text)
     raise GSQConfigError(
-        f"config must be a GSQConfig, a preset name, a YAML/JSON path or a dict; got {type(config).__name__}"
+        f"config must be a GSQConfig, a preset name, a state format name, a YAML/JSON path or a dict; got "
+        f"{type(config).__name__}"
     )

@@ -1,20 +1,33 @@
 """Storage formats for a recurrent state: what one element costs and how it is rounded.
 
-A state tensor is quantized in groups along its last dimension (the SSM state dimension ``d_state``):
-each group of ``group_size`` values shares one fp32 scale (absmax / largest code). Formats:
+A format is three composable parts, named ``<codes>[-<scale>][-hadamard]`` (``get_format`` parses any
+combination; YAML may spell them ``{codes: midrise3, scale: e4m3, rotation: hadamard}``):
 
-==========  ============================  =============================  ======================
-name        stored as                     scale                          payload bits / value
-==========  ============================  =============================  ======================
-``fp32``    float32                       none                           32
-``bf16``    bfloat16                      none                           16
-``fp16``    float16 (saturating)          none                           16
-``fp8``     float8_e4m3fn                 fp32 per group, absmax / 448   8
-``int8``    int8 in [-127, 127]           fp32 per group, absmax / 127   8
-``int4``    uint8, two codes per byte     fp32 per group, absmax / 7     4
-==========  ============================  =============================  ======================
+* **codes**: the grid of one element.
 
-int4 packing (one byte holds elements ``2i`` and ``2i + 1`` of a group, codes offset by 8)::
+  ==============  =====================================================  ==========================
+  codes           levels (in units of the group scale)                   stored as
+  ==============  =====================================================  ==========================
+  ``fp32``        float32 (lossless)                                     float32
+  ``bf16/fp16``   bfloat16 / float16 (saturating), unscaled              bfloat16 / float16
+  ``fp8``         float8 e4m3, scaled so the group absmax is 448         float8_e4m3fn
+  ``intB``        B = 2..8: symmetric, 0, ±1 … ±(2**(B-1) − 1)            B bits, packed
+  ``midriseB``    B = 2..8: mid-rise, ±0.5, ±1.5 … ±(2**(B-1) − 0.5):    B bits, packed
+                  no zero level, so B bits give 2**B levels, not 2**B − 1
+  ==============  =====================================================  ==========================
+
+* **scale** (scaled codes only): one per group of ``group_size`` values along ``d_state``, the group's absmax
+  over the largest level, stored as ``fp32`` (default, 32 bits), ``fp16`` (16), ``e4m3`` (8 bits: float8
+  e4m3 of the scale over a second-level fp32 scale per batch row, the row's largest scale / 448, as NVFP4
+  does) or ``e8m0`` (8 bits: the power of two at or above the scale, as the OCP microscaling formats do).
+  Codes are computed against the stored (rounded) scale and clamped to the grid.
+* **rotation** (``-hadamard``): an orthogonal randomized Hadamard transform along ``d_state`` (a power of
+  two; fixed signs from seed 0, so a config names it completely) applied before rounding and undone after
+  reading: it spreads a row's outliers over all its values, so absmax wastes less of the grid.
+
+Bit layout of packed codes (``B`` bits, code offset by ``2**(B-1)`` to unsigned): code ``i`` of a block at
+bit ``i * B``, little-endian over the fewest bytes that hold whole codes (int4: 2 codes in 1 byte, int3: 8 in
+3 bytes, int2: 4 in 1 byte), so ``d_state`` must be a multiple of the block; e.g. int4::
 
     bit  7 6 5 4 | 3 2 1 0
          q[2i+1]+8 | q[2i]+8
@@ -24,13 +37,15 @@ distance from the lower neighbour, so the rounding error is zero in expectation:
 at every step then does not drift). Stochastic rounding draws from a caller-supplied ``torch.Generator``
 so that runs are reproducible.
 
-This module imports torch only.
+Stored bits per element, exactly: payload ``B`` + scale bits / ``group_size`` (+ 32 bits per batch row and
+tensor for e4m3's second-level scale: `StateFormat.row_bytes`). This module imports torch only.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -39,13 +54,19 @@ from .errors import GSQConfigError
 __all__ = [
     "FORMATS",
     "QuantizedTensor",
+    "ROTATIONS",
     "ROUNDING_MODES",
+    "SCALE_DTYPES",
     "StateFormat",
+    "format_name",
     "get_format",
 ]
 
 ROUNDING_MODES = ("nearest", "stochastic")
+SCALE_DTYPES = {"fp32": 32, "fp16": 16, "e4m3": 8, "e8m0": 8}  # bits of one stored group scale
+ROTATIONS = ("hadamard",)
 _TINY = torch.finfo(torch.float32).tiny
+_E4M3_MAX = 448.0
 
 
 @dataclass(frozen=True)
@@ -56,11 +77,12 @@ class QuantizedTensor:
     scale: torch.Tensor | None
     fmt: StateFormat
     group_size: int
+    row_scale: torch.Tensor | None = None  # (batch,) fp32 second-level scale of e4m3 group scales
 
     @property
     def nbytes(self) -> int:
-        """Bytes actually allocated for this tensor (payload + scales)."""
-        return self.data.nbytes + (self.scale.nbytes if self.scale is not None else 0)
+        """Bytes actually allocated for this tensor (payload + scales + second-level scales)."""
+        return sum(t.nbytes for t in (self.data, self.scale, self.row_scale) if t is not None)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 tensor this storage represents."""
@@ -74,7 +96,8 @@ class QuantizedTensor:
     def map(self, fn) -> QuantizedTensor:
         """Apply ``fn`` to every stored tensor (device moves, batch indexing along dim 0)."""
         scale = fn(self.scale) if self.scale is not None else None
-        return QuantizedTensor(fn(self.data), scale, self.fmt, self.group_size)
+        row_scale = fn(self.row_scale) if self.row_scale is not None else None
+        return QuantizedTensor(fn(self.data), scale, self.fmt, self.group_size, row_scale)
 
 
 def _float_stochastic_round(x: torch.Tensor, mantissa_bits: int, min_exponent: int, generator) -> torch.Tensor:
@@ -100,9 +123,12 @@ class StateFormat:
     bits: int
     storage_dtype: torch.dtype
     scaled: bool
-    max_code: float  # largest representable magnitude after scaling (float: dtype max; int: 2**(bits-1) - 1)
+    max_code: float  # the largest level's magnitude (float: dtype max; int: 2**(bits-1) - 1, mid-rise - 0.5)
     mantissa_bits: int = 0
     min_exponent: int = 0
+    midrise: bool = False  # int codes: levels at ±0.5, ±1.5, ... (no zero) instead of 0, ±1, ...
+    scale_dtype: str = "fp32"  # how a group scale is stored (SCALE_DTYPES); scaled formats only
+    rotation: str | None = None  # "hadamard": rotated along d_state before rounding, back after reading
 
     @property
     def lossless(self) -> bool:
@@ -111,16 +137,26 @@ class StateFormat:
 
     def represents(self, dtype: torch.dtype) -> bool:
         """True when every value of ``dtype`` is stored exactly (fp32 holds bf16/fp16; a dtype holds itself)."""
-        return self.name == "fp32" or (not self.scaled and self.storage_dtype == dtype)
+        return self.name == "fp32" or (not self.scaled and self.rotation is None and self.storage_dtype == dtype)
+
+    @property
+    def scale_bits(self) -> int:
+        return SCALE_DTYPES[self.scale_dtype] if self.scaled else 0
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes stored once per batch row of a tensor: e4m3's fp32 second-level scale."""
+        return 4 if self.scaled and self.scale_dtype == "e4m3" else 0
 
     def bits_per_element(self, group_size: int) -> float:
-        """Stored bits per state element, scale overhead included."""
-        return self.bits + (32.0 / group_size if self.scaled else 0.0)
+        """Stored bits per state element: payload + group scales (not the per-row `row_bytes`)."""
+        return self.bits + self.scale_bits / group_size
 
     def nbytes(self, num_elements: int, group_size: int) -> int:
-        """Bytes that ``num_elements`` values take in this format (payload + fp32 scales)."""
+        """Bytes that ``num_elements`` values take in this format: payload + group scales (whole bytes each;
+        `row_bytes` come on top, once per batch row)."""
         payload = math.ceil(num_elements * self.bits / 8)
-        return payload + (4 * (num_elements // group_size) if self.scaled else 0)
+        return payload + self.scale_bits // 8 * (num_elements // group_size)
 
     # -- quantize / dequantize -------------------------------------------------------------------------
     def quantize(
@@ -132,31 +168,71 @@ class StateFormat:
     ) -> QuantizedTensor:
         """Store ``x`` (any float dtype; last dim divisible by ``group_size``) in this format."""
         x = x.float()
+        if self.rotation is not None:
+            x = x @ _hadamard(x.shape[-1], x.device)
         if self.name == "fp32":
             return QuantizedTensor(x.clone(), None, self, group_size)
-        scale = None
+        scale = stored_scale = row_scale = None
         if self.scaled:
             groups = x.unflatten(-1, (x.shape[-1] // group_size, group_size))
             scale = groups.abs().amax(dim=-1) / self.max_code  # (..., n_groups); NaN/Inf if the group has one
+            scale, stored_scale, row_scale = self._store_scale(scale)
             x = (groups / scale.clamp_min(_TINY).unsqueeze(-1)).flatten(-2)  # all-zero groups stay zero
         if self.kind == "int":
-            if rounding == "nearest":  # |x| <= max_code already: the scale comes from the group's absmax
-                codes = x.round_().to(torch.int8)
-            else:  # floor(x + u) can reach max_code + 1
-                codes = torch.floor(x + self._noise(x, generator)).clamp_(-self.max_code, self.max_code).to(torch.int8)
-            return QuantizedTensor(self._pack(codes), scale, self, group_size)
+            return QuantizedTensor(self._pack(self._codes(x, rounding, generator)), stored_scale, self, group_size,
+                                   row_scale)
         x = x.clamp(-self.max_code, self.max_code)
         if rounding == "stochastic":
             x = _float_stochastic_round(x, self.mantissa_bits, self.min_exponent, generator)
-        return QuantizedTensor(x.to(self.storage_dtype), scale, self, group_size)
+        return QuantizedTensor(x.to(self.storage_dtype), stored_scale, self, group_size, row_scale)
+
+    def _codes(self, x: torch.Tensor, rounding: str, generator: torch.Generator | None) -> torch.Tensor:
+        """int8 codes of ``x`` (in units of the scale): the nearest level, or a stochastic neighbour."""
+        if self.midrise:  # level k + 0.5 is code k: the nearest level is floor(x)
+            top = 2 ** (self.bits - 1)
+            codes = torch.floor(x if rounding == "nearest" else x - 0.5 + self._noise(x, generator))
+            return codes.clamp_(-top, top - 1).to(torch.int8)
+        if rounding == "nearest":
+            codes = x.round_()
+            if self.scale_dtype != "fp32":  # a rounded stored scale can put |x| past the grid; an fp32 one cannot
+                codes = codes.clamp_(-self.max_code, self.max_code)
+            return codes.to(torch.int8)
+        return torch.floor(x + self._noise(x, generator)).clamp_(-self.max_code, self.max_code).to(torch.int8)
+
+    def _store_scale(self, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(the fp32 scale the codes use, the scale as stored, the e4m3 second-level row scale or None)."""
+        if self.scale_dtype == "fp32":
+            return scale, scale, None
+        if self.scale_dtype == "fp16":
+            stored = scale.clamp(max=torch.finfo(torch.float16).max).to(torch.float16)
+            return stored.float(), stored, None
+        if self.scale_dtype == "e8m0":
+            mantissa, exponent = torch.frexp(scale)  # scale = m * 2**e, 0.5 <= m < 1: 2**e >= scale
+            exponent = (exponent - (mantissa == 0.5).to(exponent.dtype)).clamp_(-127, 127).to(torch.int8)
+            return torch.ldexp(torch.ones_like(scale), exponent.to(torch.int32)), exponent, None
+        row = scale.flatten(1).amax(dim=1) / _E4M3_MAX  # e4m3: the row's largest scale maps to e4m3's largest
+        row_view = row.view(-1, *([1] * (scale.dim() - 1)))
+        stored = (scale / row_view.clamp_min(_TINY)).to(torch.float8_e4m3fn)
+        return stored.float() * row_view, stored, row
+
+    def _load_scale(self, q: QuantizedTensor) -> torch.Tensor:
+        if self.scale_dtype == "e8m0":
+            return torch.ldexp(torch.ones(q.scale.shape, device=q.scale.device), q.scale.to(torch.int32))
+        if self.scale_dtype == "e4m3":
+            return q.scale.float() * q.row_scale.view(-1, *([1] * (q.scale.dim() - 1)))
+        return q.scale if self.scale_dtype == "fp32" else q.scale.float()
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         """fp32 values of ``q``."""
         values = self._unpack(q.data) if self.kind == "int" else q.data.float()  # int8 × fp32 promotes below
-        if q.scale is None:
-            return values
-        groups = values.unflatten(-1, (values.shape[-1] // q.group_size, q.group_size))
-        return (groups * q.scale.unsqueeze(-1)).flatten(-2)
+        if self.midrise:
+            values = values + 0.5
+        if q.scale is not None:
+            groups = values.unflatten(-1, (values.shape[-1] // q.group_size, q.group_size))
+            values = (groups * self._load_scale(q).unsqueeze(-1)).flatten(-2)
+        if self.rotation is not None:
+            values = values.float() @ _hadamard(values.shape[-1], values.device).T
+        return values
 
     def roundtrip(self, x: torch.Tensor, group_size: int, rounding: str = "nearest", generator=None) -> torch.Tensor:
         """``dequantize(quantize(x))``: the value a reader of the stored state sees."""
@@ -245,17 +321,74 @@ FORMATS: dict[str, StateFormat] = {
         StateFormat("int4", "int", 4, torch.uint8, True, 7.0),
         StateFormat("int3", "int", 3, torch.uint8, True, 3.0),  # 8 codes in 3 bytes; d_state % 8 == 0
         StateFormat("int2", "int", 2, torch.uint8, True, 1.0),  # ternary codes -1, 0, 1; 4 in a byte
+        *(StateFormat(f"midrise{b}", "int", b, torch.int8 if b == 8 else torch.uint8, True, 2 ** (b - 1) - 0.5,
+                      midrise=True) for b in range(8, 1, -1)),
     )
 }
+"""The code grids with an fp32 scale (where scaled) and no rotation; `get_format` composes the rest."""
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_ACCEPTED = ("<codes>[-<scale>][-hadamard] with codes one of " + ", ".join(FORMATS) + "; scale one of "
+             + ", ".join(SCALE_DTYPES) + " (scaled codes only: fp8, int*, midrise*)")
 
 
-def get_format(name: str | torch.dtype) -> StateFormat:
-    """Look a format up by name (``"int8"``) or by torch float dtype; unknown names list the accepted ones."""
+def format_name(codes: str, scale: str = "fp32", rotation: str | None = None) -> str:
+    """The canonical name of a combination of parts (``int4``, ``midrise3-e4m3-hadamard``)."""
+    return "-".join([codes, *([scale] if scale != "fp32" else []), *([rotation] if rotation else [])])
+
+
+def get_format(name: str | torch.dtype | dict) -> StateFormat:
+    """A format by name (``"int8"``, ``"midrise3-e4m3-hadamard"``), by torch float dtype, or by parts
+    (``{"codes": "int4", "scale": "e4m3", "rotation": "hadamard"}``); bad names list what is accepted."""
     if isinstance(name, torch.dtype):
         name = _DTYPE_NAMES.get(name, str(name))
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise GSQConfigError(f"unknown state format {name!r}; accepted: {', '.join(FORMATS)}") from None
+    if isinstance(name, dict):
+        name = _name_of_parts(name)
+    if not isinstance(name, str):
+        raise GSQConfigError(f"a state format is a name or a mapping of parts, got {type(name).__name__}")
+    return _composed(name)
+
+
+def _name_of_parts(parts: dict) -> str:
+    unknown = sorted(map(str, set(parts) - {"codes", "scale", "rotation"}))
+    if unknown or "codes" not in parts:
+        raise GSQConfigError(f"a state format given by parts takes 'codes' (required), 'scale', 'rotation'; got "
+                             f"{sorted(map(str, parts))} (the group size is GSQConfig.group_size)")
+    return format_name(str(parts["codes"]), str(parts.get("scale") or "fp32"), parts.get("rotation"))
+
+
+@functools.cache
+def _composed(name: str) -> StateFormat:
+    codes, *rest = name.split("-")
+    base = FORMATS.get(codes)
+    rotation = rest.pop() if rest and rest[-1] in ROTATIONS else None
+    scale = rest.pop() if rest and rest[-1] in SCALE_DTYPES else "fp32"
+    if base is None or rest or (scale != "fp32" and not base.scaled):
+        raise GSQConfigError(f"unknown state format {name!r}; accepted: {_ACCEPTED}")
+    fmt = replace(base, name=format_name(codes, scale, rotation), scale_dtype=scale, rotation=rotation)
+    if fmt.name != name:  # parts out of order, or fp32 spelled out: one name per format
+        raise GSQConfigError(f"state format {name!r} is spelled {fmt.name!r}; accepted: {_ACCEPTED}")
+    return fmt
+
+
+@functools.cache
+def _hadamard_cpu(n: int) -> torch.Tensor:
+    """The orthogonal ``diag(signs) · H_n / sqrt(n)`` (Sylvester's H_n; signs from seed 0), float32."""
+    if n < 2 or n & (n - 1):
+        raise GSQConfigError(f"the hadamard rotation needs d_state (the rotated dimension) to be a power of two, "
+                             f"got {n}; use a format without -hadamard")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(0)).float() * 2 - 1
+    return (signs[:, None] * h / math.sqrt(n)).contiguous()
+
+
+_HADAMARD: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _hadamard(n: int, device: torch.device) -> torch.Tensor:
+    key = (n, device)
+    if key not in _HADAMARD:
+        _HADAMARD[key] = _hadamard_cpu(n).to(device)
+    return _HADAMARD[key]

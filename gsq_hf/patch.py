@@ -92,6 +92,9 @@ def _validate(config: GSQConfig, model: nn.Module, mixers: list[tuple[nn.Module,
         if n % group:
             raise GSQConfigError(f"GSQConfig.group_size={group} does not divide d_state={n}; use a divisor of {n}")
         for fmt in config.build_policy().formats:
+            if fmt.rotation is not None and (n < 2 or n & (n - 1)):
+                raise GSQConfigError(f"{fmt.name} rotates along d_state, which must be a power of two; d_state={n}: "
+                                     "use a format without -hadamard")
             if n % fmt.codes_per_block:
                 raise GSQConfigError(f"{fmt.name} packs {fmt.codes_per_block} codes per block along d_state: "
                                      f"d_state={n} is not a multiple; use a format of 4 or 8 bits")

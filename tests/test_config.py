@@ -42,7 +42,7 @@ def test_round_trip_yaml_json_dict(name, tmp_path):
         ("threshold", 1.5, r"threshold=1.5 must be a number in \[0, 1\]"),
         ("budget_fraction", -0.1, "budget_fraction"),
         ("group_size", 1, "group_size=1"),
-        ("conv_format", "int9", "auto, fp32"),
+        ("conv_format", "int9", "'auto' \\(the model dtype\\) or unknown state format 'int9'; accepted: .*fp32"),
         ("high_when", "sometimes", "open, closed"),
     ],
 )
@@ -58,8 +58,10 @@ def test_resolve_every_form(tmp_path):
     assert resolve_config(str(path)).name == "mine"
     assert resolve_config({"policy": "static", "format": "bf16"}).format == "bf16"
     assert resolve_config("int8").format == "int8"
-    with pytest.raises(GSQConfigError, match="unknown preset 'int7'; known presets: bf16, fp16"):
-        resolve_config("int7")
+    assert resolve_config("int7") == GSQConfig(name="int7", policy="static", format="int7")  # a format name
+    assert resolve_config("midrise3-e4m3-hadamard").format == "midrise3-e4m3-hadamard"
+    with pytest.raises(GSQConfigError, match="unknown preset 'int9'; known presets: bf16, fp16.*or a state format"):
+        resolve_config("int9")
     with pytest.raises(GSQConfigError, match="unknown GSQConfig field"):
         resolve_config({"polcy": "static"})
     with pytest.raises(GSQConfigError, match="does not exist"):

@@ -109,7 +109,92 @@ def test_zero_and_fp16_saturation():
 
 
 def test_unknown_format_lists_known():
-    accepted = "accepted: fp32, bf16, fp16, fp8, int8, int7, int6, int5, int4, int3, int2"
-    with pytest.raises(GSQConfigError, match=accepted):
-        get_format("int9")
+    accepted = "accepted: <codes>.* with codes one of fp32, bf16, fp16, fp8, int8, int7, int6, int5, int4, int3, int2, "
+    for bad in ("int9", "int4-e5m2", "bf16-e4m3", "int4-hadamard-e4m3"):
+        with pytest.raises(GSQConfigError, match=accepted):
+            get_format(bad)
+    with pytest.raises(GSQConfigError, match="'int4-fp32' is spelled 'int4'"):
+        get_format("int4-fp32")
     assert get_format(torch.bfloat16).name == "bf16"
+
+
+# -- composed formats: mid-rise codes, stored scales, rotation -------------------------------------------------
+COMPOSED = [f"{codes}{scale}{rotation}" for codes in ("int8", "int4", "int3", "midrise4", "midrise3", "midrise2")
+            for scale in ("", "-fp16", "-e4m3", "-e8m0") for rotation in ("", "-hadamard")]
+
+
+def _scale_error(fmt, scale: torch.Tensor) -> torch.Tensor:
+    """Largest |stored − exact| of a group scale: fp16 and e4m3 round to nearest (e4m3 against the row's largest
+    scale / 448, subnormals included), e8m0 rounds up to a power of two (below 2x)."""
+    if fmt.scale_dtype == "fp32":
+        return torch.zeros_like(scale)
+    if fmt.scale_dtype == "fp16":
+        return scale * 2.0**-11 + 2.0**-25
+    if fmt.scale_dtype == "e8m0":
+        return scale
+    row = scale.flatten(1).amax(1).view(-1, *[1] * (scale.dim() - 1)) / 448
+    return torch.maximum(scale * 2.0**-4, row * 2.0**-10)
+
+
+@settings(max_examples=80, deadline=None)
+@given(x=arrays, name=st.sampled_from(COMPOSED), stochastic=st.booleans())
+def test_composed_roundtrip_error_within_bound(x, name, stochastic):
+    """Per element, in the (rotated) coordinates that are rounded: the nearest level (or a stochastic neighbour)
+    of the stored scale's grid, plus what clamping to the grid costs when the stored scale is smaller; the
+    rotation is orthogonal, so the error's norm per row is the same in both coordinates."""
+    fmt = get_format(name)
+    y = fmt.roundtrip(x, 16, "stochastic" if stochastic else "nearest", torch.Generator().manual_seed(1))
+    rotated = x @ _rotation(fmt, 16)
+    scale = rotated.abs().amax(-1, keepdim=True) / fmt.max_code
+    delta = _scale_error(fmt, scale)
+    per_element = (1.0 if stochastic else 0.5) * (scale + delta) + fmt.max_code * delta
+    if fmt.rotation:  # every element of the row at its bound
+        assert torch.all((y - x).norm(dim=-1) <= (per_element.square().sum(-1) * 16).sqrt() * 1.001 + 1e-30)
+    else:
+        assert torch.all((y - x).abs() <= per_element * 1.001 + 1e-30)
+
+
+def _rotation(fmt, n: int) -> torch.Tensor:
+    from gsq_hf.formats import _hadamard
+
+    return _hadamard(n, torch.device("cpu")) if fmt.rotation else torch.eye(n)
+
+
+@pytest.mark.parametrize("n", [2, 4, 16, 64, 128])
+def test_hadamard_rotation_is_orthogonal_and_spreads_outliers(n):
+    m = _rotation(get_format("fp32-hadamard"), n)
+    torch.testing.assert_close(m @ m.T, torch.eye(n), atol=1e-6, rtol=0)
+    spike = torch.zeros(1, n)
+    spike[0, n - 1] = 1.0
+    assert torch.allclose((spike @ m).abs(), torch.full((1, n), n**-0.5))  # one outlier spread over the row
+    x = torch.randn(5, 7, n, dtype=torch.float64).float()
+    torch.testing.assert_close(get_format("fp32-hadamard").roundtrip(x, n), x, atol=1e-5, rtol=1e-5)
+
+
+def test_midrise_has_two_to_the_bits_levels_and_no_zero():
+    fmt = get_format("midrise3")
+    x = torch.linspace(-1, 1, 801).view(-1, 1).expand(-1, 8).contiguous()
+    x[:, 0] = 1.0  # every row's scale: 1 / 3.5
+    levels = torch.unique(fmt.roundtrip(x, 8)[:, 1:] * 3.5)
+    assert levels.tolist() == pytest.approx([-3.5, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5])
+    assert fmt.bits_per_element(8) == 3 + 32 / 8 and get_format("int3").max_code == 3  # int3: 7 levels
+
+
+@pytest.mark.parametrize(("name", "bits"), [("int4-e4m3", 4.5), ("midrise3-e4m3-hadamard", 3.5), ("int4-e8m0", 4.5),
+                                            ("int4-fp16", 5.0), ("int8", 10.0), ("midrise2-e8m0", 2.5)])
+def test_exact_bit_accounting(name, bits):
+    """Bits per element at d_state 16: payload + scale bits / 16; e4m3 adds one fp32 per batch row, counted
+    where it is allocated (QuantizedTensor.nbytes) and per write (the cache's memory report)."""
+    fmt = get_format(name)
+    x = torch.randn(3, 24, 16)
+    q = fmt.quantize(x, 16)
+    assert fmt.bits_per_element(16) == bits
+    assert q.nbytes == fmt.nbytes(x.numel(), 16) + 3 * fmt.row_bytes == x.numel() * bits / 8 + 3 * fmt.row_bytes
+    assert (q.row_scale is not None) == (fmt.row_bytes == 4) and q.data.dtype == fmt.storage_dtype
+
+
+def test_format_by_parts_is_the_canonical_name():
+    assert get_format({"codes": "midrise3", "scale": "e4m3", "rotation": "hadamard"}).name == "midrise3-e4m3-hadamard"
+    assert get_format({"codes": "int4"}) is get_format("int4")
+    with pytest.raises(GSQConfigError, match="GSQConfig.group_size"):
+        get_format({"codes": "int4", "group": 16})

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -115,3 +117,25 @@ def test_patch_is_scoped_to_the_instance():
     gsq_hf.patch(a, "int4")
     assert torch.equal(b(ids).logits, expected)
     assert type(b(ids).cache) is DynamicCache
+
+
+def test_composed_formats_patch_account_and_save(model, tmp_path):
+    """Formats given by parts run on every family; the report counts every stored bit (payload, e4m3 scales and
+    their per-row fp32 second-level scale); fp32 codes with the rotation give the plain logits within float
+    rounding (an orthogonal transform and back)."""
+    ids = torch.randint(2, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    reference = model(ids, use_cache=False).logits
+    with gsq_hf.patched(model, "fp32-hadamard"):
+        torch.testing.assert_close(model(ids, use_cache=True).logits, reference, rtol=1e-5, atol=1e-5)
+    config = gsq_hf.GSQConfig(policy="static", format={"codes": "midrise3", "scale": "e4m3", "rotation": "hadamard"})
+    assert config.format == "midrise3-e4m3-hadamard"
+    gsq_hf.patch(model, config)
+    out = model(ids, use_cache=True)
+    assert not torch.equal(out.logits, reference)
+    report = out.cache.memory_report()
+    layer = out.cache.gsq_layers[0]
+    batch, elements = 2, math.prod(layer.storage.low.shape[1:])  # one row: every unit's d_state values
+    assert report["avg_state_bits"] == pytest.approx(3 + 8 / 8 + 32 / elements)  # payload, e4m3 per 8, fp32 per row
+    assert layer.storage.low.nbytes == batch * (elements * (3 + 8 / 8) / 8 + 4)  # allocated: packed, e4m3, fp32
+    model.save_pretrained(tmp_path)
+    assert gsq_hf.from_pretrained(tmp_path)._gsq_patch.config == config
