@@ -27,7 +27,9 @@ __all__ = ["main"]
 DEFAULT_CONFIGS = ("fp32", "int8", "int4", "gsq-gate", "gsq-entropy", "gsq-budget")
 EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 # Below this many parameters a model's per-token ops (a few small matmuls per layer) are too small to share
-# between threads: on the built-in model one thread ran gsq-hf eval 1x-7x faster than two (docs in --help).
+# between threads. Measured on a 2-core CPU shared with other jobs (load 1.3-3.4): `gsq-hf eval --config int8
+# --max-tokens 2048` on the built-in model took 7-14 s with 1 thread, 7-51 s with 2; the default eval 75 s vs
+# 116 s; decode-faithful int8 on a random 129M Mamba 5.9-6.8 s vs 15-19 s.
 SMALL_MODEL_PARAMETERS = 200_000_000
 THREADS_HELP = ("intra-op CPU threads (torch.set_num_threads; default: 1 for models under 200M parameters, whose "
                 "per-token ops are too small to share and slow down many-fold when other jobs use the cores; else "
