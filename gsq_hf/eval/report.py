@@ -127,9 +127,10 @@ def eval_table(records: list[dict[str, Any]], kl_top_k: int | None = None) -> st
     """One row per config, then a legend of the columns (Δ, KL and top-1 are vs the first row).
 
     Bits moved per element and bytes allocated per sequence are separate columns because threshold policies
-    save the first but not the second (``*`` marks such rows). No speed column: one untimed-warm pass on a
-    shared machine measures load, not the config; seconds stay in the JSON, and scripts/bench_eval_speed.py
-    and scripts/bench_generate.py time configs properly (best of repeats).
+    save the first but not the second (``*`` marks such rows). No speed column: one pass per config on a
+    possibly shared machine times its load and first-call costs, not the config (7.8-67 tok/s between rows of
+    one run were seen); seconds stay in the JSON, and scripts/bench_eval_speed.py and bench_generate.py time
+    configs properly (best of repeats).
     """
     headers = ["config", "ppl", "word ppl", "byte ppl", "bits/byte", "Δ ppl vs first", "KL vs first", "top-1",
                "bits moved/elem", "alloc bits/elem", "alloc B/seq", "alloc vs full", "tokens"]
