@@ -4,7 +4,8 @@
 Exit codes: 0 success; 2 bad input (unknown model, dataset or config, empty text, a context longer than
 the text): one line on stderr naming what was wrong and what is accepted, no traceback unless
 ``--debug``; 1 any other failure, including a config whose logits went non-finite (its row says FAILED,
-the other configs still run).
+the other configs still run); 130 interrupted (Ctrl-C): the table of the configs that finished, the ``--json``
+file with them (``"status": "interrupted"``), one line on stderr.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -23,7 +25,15 @@ from .errors import GSQConfigError, UnsupportedModelError
 __all__ = ["main"]
 
 DEFAULT_CONFIGS = ("fp32", "int8", "int4", "gsq-gate", "gsq-entropy", "gsq-budget")
-EXIT_FAILURE, EXIT_BAD_INPUT = 1, 2
+EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+# Below this many parameters a model's per-token ops (a few small matmuls per layer) are too small to share
+# between threads. Measured on a 2-core CPU shared with other jobs (load 1.3-3.4): `gsq-hf eval --config int8
+# --max-tokens 2048` on the built-in model took 7-14 s with 1 thread, 7-51 s with 2; the default eval 75 s vs
+# 116 s; decode-faithful int8 on a random 129M Mamba 5.9-6.8 s vs 15-19 s.
+SMALL_MODEL_PARAMETERS = 200_000_000
+THREADS_HELP = ("intra-op CPU threads (torch.set_num_threads; default: 1 for models under 200M parameters, whose "
+                "per-token ops are too small to share and slow down many-fold when other jobs use the cores; else "
+                "min(available cores, 4))")
 
 
 class BadInput(Exception):
@@ -63,9 +73,22 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              "what does not fit to the CPU)")
     parser.add_argument("--seed", type=int, help="seed of torch and, when given, of every config's stochastic "
                                                  "rounding (default: torch seed 0, configs keep their own)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
+    parser.add_argument("--threads", type=_positive, metavar="N", help=THREADS_HELP)
+    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON, after every config "
+                                                      "(a crash or Ctrl-C keeps the finished ones)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or run information, only the table")
     parser.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gsq_hf")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from . import __version__
+
+        return __version__
 
 
 def _positive(text: str) -> int:
@@ -77,6 +100,7 @@ def _positive(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gsq-hf", description="Gated state quantization for Mamba-family models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{eval,memory,recall}",
                                      parser_class=_Parser)
     evaluate = commands.add_parser(
@@ -134,7 +158,9 @@ def _recall_parser(commands) -> None:
                         help="model weights and activations dtype (default: fp32)")
     recall.add_argument("--seed", type=int, help="seed of the sequences (default: 0, the set train_recall.py "
                                                  "reports) and, when given, of every config's stochastic rounding")
-    recall.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON")
+    recall.add_argument("--threads", type=_positive, metavar="N", help=THREADS_HELP)
+    recall.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON, after every config "
+                                                      "(a crash or Ctrl-C keeps the finished ones)")
     recall.add_argument("--quiet", action="store_true", help="no progress bars or run information, only the table")
     recall.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
 
@@ -199,9 +225,57 @@ def _check_configs(model, configs: list[GSQConfig], ids) -> None:
                 model(input_ids=ids[:1, t : t + 1].to(input_device(model)), cache=cache, use_cache=True)
 
 
+def default_threads(model) -> int:
+    """Intra-op threads for ``model`` when ``--threads`` is not given (the rule in ``THREADS_HELP``)."""
+    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, 4)
+
+
+def _set_threads(args: argparse.Namespace, model) -> int:
+    import torch
+
+    threads = args.threads or default_threads(model)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _info(args: argparse.Namespace, message: str) -> None:
     if not args.quiet:
         print(message, file=sys.stderr)
+
+
+def _sweep(args: argparse.Namespace, configs: list[GSQConfig], run, payload: dict[str, Any], write: bool) -> bool:
+    """``run(i, config)`` for each config in turn, saying which on stderr ("config 3 of 6: int4") and, with
+    ``--json``, writing ``payload`` after each (``"status": "partial"`` until the caller finishes it), so a
+    crash or Ctrl-C keeps the finished configs. False when Ctrl-C stopped it (the payload then says so)."""
+    from .eval.report import write_json
+
+    payload["status"] = "partial"
+    try:
+        for i, cfg in enumerate(configs):
+            _info(args, f"config {i + 1} of {len(configs)}: {cfg.name}")
+            run(i, cfg)
+            if write and args.json:
+                write_json(args.json, payload)
+    except KeyboardInterrupt:
+        payload["status"] = "interrupted"
+        return False
+    return True
+
+
+def _interrupted(args: argparse.Namespace, payload: dict[str, Any], table: str) -> int:
+    """Ctrl-C during a sweep: the table and the JSON of what finished, one line on stderr, exit 130."""
+    from .eval.report import write_json
+
+    print(table)
+    if args.json:
+        write_json(args.json, payload)
+    done, total = len(payload["results"]), len(payload["configs"])
+    print(f"gsq-hf {args.command}: interrupted after {done} of {total} configs"
+          + (f"; {args.json} holds the finished ones" if args.json else ""), file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _header(args: argparse.Namespace, model: str) -> dict[str, Any]:
@@ -241,11 +315,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     text = load_text(args.dataset, args.split)
     windows = make_windows(load_tokenizer(source), text, args.context, args.max_tokens)
     model = load_model(source, args.dtype, device, quantization=args.quantization, device_map=args.device_map)
+    threads = _set_threads(args, model)
     _check_configs(model, configs, windows.ids)
     shard = processes.shard(windows, args.batch_size)  # whole batches of windows, contiguous
-    _info(args, f"model {source} ({args.dtype}, {device}); dataset {args.dataset or 'builtin'}:{args.split}; "
-                f"{windows.ids.shape[0]} windows x {windows.context} tokens, {windows.scored_tokens} scored"
-                + (f"; {processes.count} processes" if processes.count > 1 else ""))
+    _info(args, f"model {source} ({args.dtype}, {device}, {threads} thread{'s' * (threads > 1)}); dataset "
+                f"{args.dataset or 'builtin'}:{args.split}; {windows.ids.shape[0]} windows x {windows.context} "
+                f"tokens, {windows.scored_tokens} scored" + (f"; {processes.count} processes" if processes.count > 1
+                                                            else ""))
     progress = not args.quiet
 
     traces: dict[str, dict[str, Any]] = {}
@@ -268,24 +344,32 @@ def _run_eval(args: argparse.Namespace) -> int:
             kept["reference"] = result.reference
         return result.to_dict()
 
-    records = [attempt(cfg.name, decode_faithful_perplexity, cfg,
-                       **reference_options(model, i == 0, kept.get("reference"), args.kl_top_k),
-                       **({"trace": True} if args.plot and cfg.policy != "static" else {}))
-               for i, cfg in enumerate(configs)]
-    add_deltas(records)
     weights = weight_bytes(model)
-    for record in records:  # what one batch needs in all: the weights plus batch-size sequences of state
-        state = record.get("state_bytes")
-        record["weight_bytes"] = weights
-        record["weights_plus_batch_state_bytes"] = None if state is None else weights + args.batch_size * state
-    if main:
-        print(eval_table(records))
+    records: list[dict[str, Any]] = []
     payload = {**_header(args, source), "context": windows.context, "windows": windows.ids.shape[0],
                "batch_size": args.batch_size, "max_tokens": args.max_tokens, "device": device, "dtype": args.dtype,
                "quantization": args.quantization, "device_map": args.device_map, "processes": processes.count,
-               "weight_bytes": weights,
+               "threads": threads, "weight_bytes": weights, "kl_top_k": args.kl_top_k,
                "scoring": "non-overlapping windows; token 0 of each window read, tokens 1..context-1 scored",
-               "results": records}
+               "configs": [cfg.name for cfg in configs], "results": records}
+
+    def run(i: int, cfg: GSQConfig) -> None:
+        record = attempt(cfg.name, decode_faithful_perplexity, cfg,
+                         **reference_options(model, i == 0, kept.get("reference"), args.kl_top_k),
+                         **({"trace": True} if args.plot and cfg.policy != "static" else {}))
+        state = record.get("state_bytes")  # what one batch needs in all: the weights plus its sequences' state
+        record["weight_bytes"] = weights
+        record["weights_plus_batch_state_bytes"] = None if state is None else weights + args.batch_size * state
+        records.append(record)
+        add_deltas(records)
+
+    finished = _sweep(args, configs, run, payload, write=main)
+    table = eval_table(records, args.kl_top_k or None)
+    if not finished:
+        processes.close()
+        return _interrupted(args, payload, table) if main else EXIT_INTERRUPTED
+    if main:
+        print(table)
     if not args.no_reference:
         try:
             reference = attempt("reference", full_sequence_perplexity)
@@ -304,6 +388,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     processes.close()
     if not main:
         return EXIT_FAILURE if any(r.get("error") for r in records) else 0
+    payload["status"] = "complete"
     if args.json:
         write_json(args.json, payload)
         _info(args, f"wrote {args.json}")
@@ -345,7 +430,7 @@ def _save_plots(directory: str, payload: dict[str, Any], traces: dict[str, dict[
 def _run_memory(args: argparse.Namespace) -> int:
     from .eval.data import load_text, load_tokenizer, make_windows
     from .eval.memory import measure_configs
-    from .eval.report import memory_table, write_json
+    from .eval.report import memory_table, peak_resolution, write_json
 
     configs = _configs(args.config, args.seed)
     device = _device(args.device)
@@ -353,11 +438,11 @@ def _run_memory(args: argparse.Namespace) -> int:
     text = load_text(args.dataset, args.split)
     prompt = make_windows(load_tokenizer(source), text, args.prompt_tokens, args.prompt_tokens).ids[0].tolist()
     _info(args, f"model {source} ({args.dtype}, {device}); batch {args.batch_size}, {args.prompt_tokens} prompt + "
-                f"{args.new_tokens} new tokens; one process per config")
+                f"{args.new_tokens} new tokens; one process per config, and the unpatched one again last")
     records = measure_configs(source, configs, prompt, batch_size=args.batch_size, new_tokens=args.new_tokens,
                               device=device, dtype=args.dtype, seed=0 if args.seed is None else args.seed,
-                              quantization=args.quantization, device_map=args.device_map)
-    print(memory_table(records))
+                              quantization=args.quantization, device_map=args.device_map, threads=args.threads)
+    print(memory_table(records, args.batch_size))
     # transformers' own Mamba-1 forward multiplies by dt_proj.weight directly, which fails on a bitsandbytes
     # weight: with --load-in-*bit the unpatched baseline row may fail while every patched row runs.
     baseline_may_fail = args.quantization is not None
@@ -367,10 +452,13 @@ def _run_memory(args: argparse.Namespace) -> int:
     if args.json:
         payload = {**_header(args, source), "batch_size": args.batch_size, "prompt_tokens": args.prompt_tokens,
                    "new_tokens": args.new_tokens, "device": device, "dtype": args.dtype,
-                   "quantization": args.quantization, "device_map": args.device_map, "results": records}
+                   "quantization": args.quantization, "device_map": args.device_map, "threads": args.threads,
+                   "resolution_bytes": {key: peak_resolution(records, key)
+                                        for key in ("peak_rss_bytes", "peak_cuda_bytes")},
+                   "results": records}
         write_json(args.json, payload)
         _info(args, f"wrote {args.json}")
-    checked = records[1:] if baseline_may_fail else records
+    checked = [r for r in records[1:] if not r.get("repeat")] if baseline_may_fail else records
     return EXIT_FAILURE if any(r.get("error") for r in checked) else 0
 
 
@@ -391,22 +479,39 @@ def _run_recall(args: argparse.Namespace) -> int:
     spec = load_recall_spec(args.model, pairs=args.pairs, queries=args.queries)
     gaps = args.gap or [spec.gap, 4 * spec.gap]
     model = load_model(args.model, args.dtype, device)
+    threads = _set_threads(args, model)
     seed = 0 if args.seed is None else args.seed
-    _info(args, f"model {args.model} ({args.dtype}, {device}); {spec.pairs} pairs, {spec.queries} queries, "
-                f"{spec.keys} keys, {spec.values} values; gaps {','.join(map(str, gaps))}; {args.num} sequences "
-                f"per gap (seed {seed})")
+    _info(args, f"model {args.model} ({args.dtype}, {device}, {threads} thread{'s' * (threads > 1)}); "
+                f"{spec.pairs} pairs, {spec.queries} queries, {spec.keys} keys, {spec.values} values; gaps "
+                f"{','.join(map(str, gaps))}; {args.num} sequences per gap (seed {seed})")
     check_recall_task(model, spec, gaps, args.num)  # before any config runs
     _check_configs(model, configs, generate_mqar(spec, 1, seed=seed).input_ids)
-    result = recall_sweep(model, spec, configs, gaps, args.num, seed=seed, batch_size=args.batch_size,
-                          progress=not args.quiet)
-    print(recall_table(result["results"]))
+    trained = read_recall_info(args.model)
+    records: list[dict[str, Any]] = []
+    payload = {"model": args.model, "device": device, "dtype": args.dtype, "batch_size": args.batch_size,
+               "threads": threads, "versions": versions(),
+               "trained": {key: trained.get(key) for key in ("family", "parameters", "recall_fp32", "command")},
+               "scoring": "every sequence fed one token at a time through the patched model; a query counts "
+                          "when the argmax next token is its value; the same seed at every gap",
+               "configs": [cfg.name for cfg in configs], "results": records}
+
+    def run(i: int, cfg: GSQConfig) -> None:
+        sweep = recall_sweep(model, spec, [cfg], gaps, args.num, seed=seed, batch_size=args.batch_size,
+                             progress=not args.quiet)
+        record = sweep.pop("results")[0]
+        if records:  # one config per sweep: its deltas are against the run's first config
+            first = records[0]
+            record["delta_vs_first"] = record["recall"] - first["recall"]
+            record["delta_by_gap"] = {gap: value - first["recall_by_gap"][gap]
+                                      for gap, value in record["recall_by_gap"].items()}
+        payload.update(sweep)  # task, gaps, num, seed
+        records.append(record)
+
+    if not _sweep(args, configs, run, payload, write=True):
+        return _interrupted(args, payload, recall_table(records))
+    print(recall_table(records))
+    payload["status"] = "complete"
     if args.json:
-        trained = read_recall_info(args.model)
-        payload = {"model": args.model, **result, "device": device, "dtype": args.dtype,
-                   "batch_size": args.batch_size, "versions": versions(),
-                   "trained": {key: trained.get(key) for key in ("family", "parameters", "recall_fp32", "command")},
-                   "scoring": "every sequence fed one token at a time through the patched model; a query counts "
-                              "when the argmax next token is its value; the same seed at every gap"}
         write_json(args.json, payload)
         _info(args, f"wrote {args.json}")
     return 0
@@ -442,6 +547,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = {"eval": _run_eval, "memory": _run_memory, "recall": _run_recall}[args.command]
     try:
         return run(args)
+    except KeyboardInterrupt:  # outside a sweep (loading, the reference, plots); a sweep keeps its results
+        print(f"gsq-hf {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (BadInput, EvalInputError, GSQConfigError, UnsupportedModelError) as error:
         if args.debug:
             traceback.print_exc()

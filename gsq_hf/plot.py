@@ -168,8 +168,9 @@ def is_uniform(record: Mapping[str, Any]) -> bool:
         return False
 
 
-_X = {"bits": ("avg_state_bits", "average stored bits per SSM state element (scales included)"),
-      "bytes": ("state_bytes", "state bytes per sequence (SSM + conv)")}
+_X = {"bits": ("avg_state_bits", "average stored bits per SSM state element (bytes moved per step; scales "
+                                 "included)"),
+      "bytes": ("state_bytes", "state bytes allocated per sequence (SSM + conv: the memory held)")}
 
 
 def _same_x(points: list) -> list[tuple[float, list]]:
@@ -197,6 +198,11 @@ def pareto(
     """Perplexity (or its change) against the state each config stores: uniform formats as a line, dynamic
     policies as labelled points.
 
+    Stored bits are what a decode step moves, not what the cache holds: a config that allocates clearly more
+    (threshold policies keep a high-format slot for every unit) also gets a hollow marker at its allocated
+    bits per element, joined by a dotted line (x = bits; `gsq_hf.eval.report.allocated_bits`, from records
+    with the SSM byte counts). ``x="bytes"`` plots the allocation itself.
+
     ``results``: the records of ``gsq-hf eval --json`` (the whole payload, or its ``results`` list), or
     `PerplexityResult` objects; failed records are left out. ``x``: ``"bits"`` (average stored bits per state
     element) or ``"bytes"`` (state bytes per sequence). ``y``: ``"perplexity"`` or ``"delta"`` (relative change
@@ -204,6 +210,8 @@ def pareto(
     line (taken from the payload when there is one; y = perplexity only). ``logy``: log-scale perplexity
     (default: when the values span more than a factor 3).
     """
+    from .eval.report import allocated_bits, over_allocated
+
     if x not in _X:
         raise ValueError(f"x must be one of {', '.join(_X)}, got {x!r}")
     if y not in ("perplexity", "delta"):
@@ -237,12 +245,21 @@ def pareto(
         for px, group in _same_x(uniform):  # e.g. bf16 and fp16 both store 16 bits: one label
             ax.annotate(" / ".join(r["config"] for r, _, _ in group), (px, min(py for _, _, py in group)),
                         xytext=(0, -14), textcoords="offset points", ha="center", fontsize="small", color="tab:blue")
+    allocated = []  # (x, y) of the allocated bits per element, where they clearly exceed the stored bits
     for i, (record, px, py) in enumerate(dynamic):
         marker, color = _DYNAMIC_STYLES[i % len(_DYNAMIC_STYLES)]
         ax.scatter([px], [py], marker=marker, s=60, color=color, edgecolors="black", linewidths=0.5,
                    label=record["config"], zorder=3)
         ax.annotate(record["config"], (px, py), xytext=(6, 5), textcoords="offset points", fontsize="small",
                     color=color)
+        if x == "bits" and over_allocated(record):
+            allocated.append((allocated_bits(record), py))
+            ax.plot([px, allocated[-1][0]], [py, py], ":", color=color, linewidth=1, zorder=2)
+            ax.scatter([allocated[-1][0]], [py], marker=marker, s=60, facecolors="none", edgecolors=color,
+                       linewidths=1.2, label="_allocated", zorder=3)
+    if allocated:  # one legend entry for all hollow markers
+        ax.scatter([], [], marker="o", s=60, facecolors="none", edgecolors="0.3",
+                   label="hollow: bits allocated per element (memory held)")
 
     ref_ppl = reference.get("perplexity") if isinstance(reference, Mapping) else reference
     if y == "perplexity" and _finite(ref_ppl):
@@ -258,8 +275,9 @@ def pareto(
         ax.set_yscale("log")
     if x == "bits" and points:
         ax.set_xscale("log", base=2)
-        ticks = sorted({2 ** k for k in range(0, 7) if min(p[1] for p in points) / 1.5 <= 2 ** k <= 1.5 * max(
-            p[1] for p in points)} | {round(p[1], 1) for p in uniform})
+        xs = [p[1] for p in points] + [a[0] for a in allocated]
+        ticks = sorted({2 ** k for k in range(0, 7) if min(xs) / 1.5 <= 2 ** k <= 1.5 * max(xs)}
+                       | {round(p[1], 1) for p in uniform})
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
     if x == "bytes":

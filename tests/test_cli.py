@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from models import tiny_mamba
+from tables import parse_table
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from gsq_hf.cli import DEFAULT_CONFIGS, main
+from gsq_hf.cli import DEFAULT_CONFIGS, EXIT_INTERRUPTED, main
 
 WORDS = [f"w{i}" for i in range(60)]
 STATE_BYTES = 2 * (64 * 8 * 4 + 64 * 4 * 4)  # per sequence, fp32: 2 layers x (SSM 64x8 + conv 64x4)
@@ -76,9 +79,18 @@ def test_eval_json_contract(model_dir, text_file, tmp_path, capsys):
     assert "kl_divergence" not in results[0]  # the first config is the KL reference
     for record in results[1:]:
         assert record["kl_divergence"] >= 0 and 0 <= record["top1_agreement"] <= 1 and record["kl_stderr"] >= 0
-    table = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in table[2:5]] == ["fp32", "int8", "gsq-entropy"]
-    assert table[5].startswith("reference (unpatched model")
+    assert data["status"] == "complete" and data["configs"] == ["fp32", "int8", "gsq-entropy"]
+    out = capsys.readouterr().out
+    rows = parse_table(out)
+    assert [row["config"].rstrip(" *") for row in rows] == ["fp32", "int8", "gsq-entropy"]
+    for row, record in zip(rows, results, strict=True):  # the table shows the records' numbers
+        assert row["ppl"] == f"{record['perplexity']:.4f}" and row["alloc B/seq"] == f"{record['state_bytes']:,.0f}"
+        assert row["bits moved/elem"] == f"{record['avg_state_bits']:.2f}"
+        assert row["alloc bits/elem"] == f"{32 * record['ssm_state_bytes'] / 4096:.2f}"  # fp32 SSM: 4096 B
+    assert [row["KL vs first"] for row in rows[1:]] == [f"{r['kl_divergence']:.2e}" for r in results[1:]]
+    assert rows[2]["config"] == "gsq-entropy *"  # a slot for every unit: allocates more than it moves
+    assert "\ncolumns (Δ, KL and top-1 compare each row with the first, fp32):\n" in out and "top-64" in out
+    assert "\nreference (unpatched model, one full-sequence forward per window): ppl" in out
 
 
 def test_eval_kl_is_the_library_kl_and_can_be_switched_off(model_dir, text_file, tmp_path):
@@ -137,14 +149,24 @@ def test_memory_command(model_dir, text_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the worker processes, as tests/conftest.py does here
     out = tmp_path / "memory.json"
     code = main(["memory", "--model", model_dir, "--dataset", text_file, "--config", "int8", "--batch-size", "2",
-                 "--new-tokens", "4", "--prompt-tokens", "8", "--json", str(out), "--quiet"])
-    assert code == 0, capsys.readouterr()
+                 "--new-tokens", "4", "--prompt-tokens", "8", "--json", str(out), "--quiet", "--threads", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured
     data = json.loads(out.read_text())
-    unpatched, int8 = data["results"]
-    assert (unpatched["config"], int8["config"]) == ("unpatched", "int8")
-    assert unpatched["state_bytes"] == STATE_BYTES and int8["state_bytes"] < STATE_BYTES
+    unpatched, int8, again = data["results"]
+    assert (unpatched["config"], int8["config"], again["config"], again["repeat"]) == (
+        "unpatched", "int8", "unpatched", True)  # the baseline measured again last: the run-to-run spread
+    assert unpatched["state_bytes"] == again["state_bytes"] == STATE_BYTES and int8["state_bytes"] < STATE_BYTES
     assert unpatched["generated_tokens"] == int8["generated_tokens"] == 2 * 4
     assert all(r["peak_rss_bytes"] > 0 for r in data["results"])
+    assert [r["threads"] for r in data["results"]] == [2, 2, 2]  # --threads reaches every process
+    spread = max(abs(unpatched["peak_rss_bytes"] - again["peak_rss_bytes"]), 4096)
+    assert data["resolution_bytes"] == {"peak_rss_bytes": spread, "peak_cuda_bytes": None}
+    rows = {row["config"]: row for row in parse_table(captured.out)}
+    assert rows["int8"]["state B/seq"] == f"{int8['state_bytes']:,.0f}"
+    assert rows["int8"]["Δ state x2 KiB"] == f"{2 * (int8['state_bytes'] - STATE_BYTES) / 1024:+,.1f}"
+    assert rows["int8"]["resolved"] == ("yes" if 2 * (STATE_BYTES - int8["state_bytes"]) > spread else "no")
+    assert f"resolution: {spread / 1024:,.1f} KiB of peak RSS" in captured.out
 
 
 # -- bad input: exit code 2, one line on stderr, no traceback --------------------------------------------
@@ -217,3 +239,96 @@ def test_console_script_exit_code(tmp_path):
                           text=True, check=False)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "is not a model directory" in done.stderr
+
+
+# -- long runs: progress, results kept as configs finish, Ctrl-C, threads, --version ----------------------
+def test_eval_says_which_config_runs_and_keeps_finished_configs_on_ctrl_c(model_dir, text_file, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Ctrl-C in the 2nd config: the JSON already held the 1st; the table and the JSON keep it, exit 130."""
+    import gsq_hf.eval.perplexity as perplexity
+
+    out = tmp_path / "results.json"
+    seen = []
+    evaluate = perplexity.decode_faithful_perplexity
+
+    def interrupt_second(model, windows, config, **options):
+        seen.append(json.loads(out.read_text()) if seen else None)  # the file as the 2nd config starts
+        if seen[1:]:
+            raise KeyboardInterrupt
+        return evaluate(model, windows, config, **options)
+
+    monkeypatch.setattr(perplexity, "decode_faithful_perplexity", interrupt_second)
+    code = main(["eval", "--model", model_dir, "--dataset", text_file, "--context", "16", "--max-tokens", "64",
+                 "--config", "fp32", "int8", "int4", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert code == EXIT_INTERRUPTED == 130
+    assert [r["config"] for r in seen[1]["results"]] == ["fp32"] and seen[1]["status"] == "partial"
+    data = json.loads(out.read_text())
+    assert data["status"] == "interrupted" and [r["config"] for r in data["results"]] == ["fp32"]
+    assert data["results"][0]["perplexity"] == seen[1]["results"][0]["perplexity"] > 0
+    assert data["configs"] == ["fp32", "int8", "int4"]
+    assert [row["config"] for row in parse_table(captured.out)] == ["fp32"]
+    assert "config 1 of 3: fp32" in captured.err and "config 2 of 3: int8" in captured.err
+    assert "config 3 of 3" not in captured.err and "Traceback" not in captured.err
+    assert captured.err.strip().splitlines()[-1] == (f"gsq-hf eval: interrupted after 1 of 3 configs; {out} holds "
+                                                     "the finished ones")
+
+
+def test_quiet_hides_the_config_counter(model_dir, text_file, capsys):
+    assert main(["eval", "--model", model_dir, "--dataset", text_file, "--context", "16", "--max-tokens", "32",
+                 "--config", "fp32", "--no-reference", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_recall_counter_and_ctrl_c(tmp_path, capsys, monkeypatch):
+    """Configs run one at a time, each delta still against the first config (the trained recall model: int2
+    loses recall); Ctrl-C in the 2nd keeps the 1st."""
+    import gsq_hf
+    import gsq_hf.eval.recall as recall
+
+    out = tmp_path / "recall.json"
+    args = ["recall", "--model", str(Path(gsq_hf.__file__).parent / "assets" / "recall-mamba"), "--config", "fp32",
+            "int2", "--gap", "32", "--num", "8", "--json", str(out)]
+    assert main(args) == 0
+    fp32, int2 = json.loads(out.read_text())["results"]
+    assert int2["recall"] < fp32["recall"] and int2["delta_vs_first"] == pytest.approx(int2["recall"] - fp32["recall"])
+    assert int2["delta_by_gap"]["32"] == pytest.approx(int2["recall_by_gap"]["32"] - fp32["recall_by_gap"]["32"])
+    assert "config 2 of 2: int2" in capsys.readouterr().err
+    accuracy = recall.recall_accuracy
+
+    def interrupt_int2(model, batch, cfg, **options):
+        if cfg.name == "int2":
+            raise KeyboardInterrupt
+        return accuracy(model, batch, cfg, **options)
+
+    monkeypatch.setattr(recall, "recall_accuracy", interrupt_int2)
+    assert main(args) == EXIT_INTERRUPTED
+    data = json.loads(out.read_text())
+    assert data["status"] == "interrupted" and [(r["config"], r["correct"]) for r in data["results"]] == [
+        ("fp32", fp32["correct"])]
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("gsq-hf recall: interrupted after 1 of 2")
+
+
+def test_threads(model_dir, text_file, tmp_path, monkeypatch):
+    """--threads N sets torch's intra-op threads; the default is 1 for a small model, else up to 4 cores."""
+    from gsq_hf.cli import default_threads
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)  # this test process keeps its threads
+    for extra, threads in ([], 1), (["--threads", "3"], 3):
+        out = tmp_path / "threads.json"
+        assert main(["eval", "--model", model_dir, "--dataset", text_file, "--context", "16", "--max-tokens", "32",
+                     "--config", "fp32", "--no-reference", "--quiet", "--json", str(out), *extra]) == 0
+        assert calls[-1] == threads and json.loads(out.read_text())["threads"] == threads
+    model = tiny_mamba()
+    assert default_threads(model) == 1
+    monkeypatch.setattr("gsq_hf.cli.SMALL_MODEL_PARAMETERS", sum(p.numel() for p in model.parameters()))
+    assert default_threads(model) == min(len(os.sched_getaffinity(0)), 4)
+    assert main(["eval", "--threads", "0"]) == 2
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"gsq-hf {version('gsq_hf')}\n"

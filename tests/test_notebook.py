@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from tables import parse_table
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "notebooks" / "quickstart.ipynb"
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "docs" / "notebooks" / "quickstart.ipynb"
 KERNEL = "gsq-hf-test"
 
 
@@ -30,6 +33,8 @@ def kernel(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the notebook must not need the network
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    # the kernel imports gsq_hf from this checkout, not from wherever the package is installed
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return KERNEL
 
 
@@ -46,3 +51,10 @@ def test_quickstart_notebook_executes(kernel, tmp_path):
     assert len(images) == 3  # the precision trace of a generate, the Pareto plot, the gate trace of the eval
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stdout")
     assert "state_bytes" in text and "gsq-budget" in text and "reference (unpatched" in text
+    lines = text.splitlines()  # the eval table: every preset after fp32 scored against it
+    table = "\n".join(lines[next(i for i, line in enumerate(lines) if line.startswith("config") and " ppl " in line):])
+    rows = parse_table(table)
+    assert len(rows) == 8 and rows[0]["config"] == "fp32" and rows[0]["KL vs first"] == "-"
+    for row in rows[1:]:
+        assert float(row["KL vs first"]) >= 0 and 0 < float(row["top-1"].rstrip("%")) <= 100, row
+    assert "\ncolumns (Δ, KL and top-1 compare each row with the first, fp32):" in table

@@ -70,6 +70,22 @@ def test_pareto_delta_against_state_bytes_from_a_list():
     assert not any(line.get_label().startswith("unpatched") for line in ax.lines)  # no reference in a list
 
 
+def test_pareto_marks_what_threshold_policies_allocate():
+    """Bits moved on x; a config allocating clearly more per element also gets a hollow marker there."""
+    results = [record("fp32", "static", 32.0, 10.0, ssm_state_bytes=65536, full_precision_ssm_state_bytes=65536),
+               record("gsq-gate", "gate", 11.63, 10.05, ssm_state_bytes=54272, full_precision_ssm_state_bytes=65536),
+               record("gsq-tight", "budget", 8.5, 10.2, ssm_state_bytes=17408, full_precision_ssm_state_bytes=65536)]
+    (ax,) = plot.pareto(results).axes
+    assert "bytes moved per step" in ax.get_xlabel()
+    gate = [c for c in ax.collections if c.get_label() in ("gsq-gate", "_allocated")]
+    assert [tuple(c.get_offsets()[0]) for c in gate] == [(11.63, 10.05), (26.5, 10.05)]  # 32 x 54272 / 65536
+    assert len([c for c in ax.collections if c.get_label() == "_allocated"]) == 1  # 8.5 bits in 8.5: no mark
+    assert "hollow: bits allocated per element (memory held)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert max(ax.get_xticks()) >= 26.5  # the hollow marker is inside the ticks
+    (ax,) = plot.pareto(results, x="bytes").axes  # the allocation itself on x: nothing to mark
+    assert "_allocated" not in [c.get_label() for c in ax.collections] and "allocated" in ax.get_xlabel()
+
+
 def test_pareto_old_records_and_log_scale():
     """Records without ``policy`` (older JSON) are classified by their format fractions."""
     old = [{k: v for k, v in r.items() if k != "policy"} for r in PAYLOAD["results"][:5]]
@@ -134,7 +150,8 @@ def test_cli_plot_writes_pareto_and_traces(tmp_path, capsys):
     for png in out.iterdir():
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (ax,) = plot.pareto(json.loads((tmp_path / "r.json").read_text())).axes  # what pareto.png shows
-    assert len(ax.lines[0].get_xdata()) == 2 and [c.get_label() for c in ax.collections] == ["gsq-gate"]
+    assert len(ax.lines[0].get_xdata()) == 2
+    assert [c.get_label() for c in ax.collections][:2] == ["gsq-gate", "_allocated"]  # gate allocates more
 
 
 def test_pareto_one_label_for_formats_of_equal_bits():

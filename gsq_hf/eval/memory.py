@@ -16,7 +16,8 @@ grows, the allocator keeps freed pages of earlier configs, and ``tracemalloc`` d
 (torch allocates outside Python's allocator). ``state_bytes`` (per sequence) is exact and noise-free: the
 `GSQCache` report for patched configs, the tensors of transformers' own cache for ``unpatched``. RSS of a
 tiny model is dominated by the Python/torch runtime, so RSS differences there are noise; on real models
-and batch sizes the state shows.
+and batch sizes the state shows. To tell which, the unpatched run is measured twice (first and last): the
+difference of its two peaks is the resolution below which a peak difference says nothing about the state.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ..config import GSQConfig
 from ..patch import patch
 from .data import load_model
 
-__all__ = ["UNPATCHED", "measure_generate", "measure_configs"]
+__all__ = ["UNPATCHED", "measure_configs", "measure_generate"]
 
 UNPATCHED = "unpatched"
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -125,13 +126,16 @@ def measure_generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: i
 
 
 def _worker(job: dict[str, Any]) -> dict[str, Any]:
+    from ..cli import default_threads
+
     torch.manual_seed(job["seed"])
     model = load_model(job["model"], job["dtype"], job["device"], quantization=job.get("quantization"),
                        device_map=job.get("device_map"))
+    torch.set_num_threads(job.get("threads") or default_threads(model))
     if job["config"] is not None:
         patch(model, GSQConfig.from_dict(job["config"]))
     prompt = torch.tensor(job["prompt"], device=job["device"]).repeat(job["batch_size"], 1)
-    return measure_generate(model, prompt, job["new_tokens"], job["label"])
+    return {**measure_generate(model, prompt, job["new_tokens"], job["label"]), "threads": torch.get_num_threads()}
 
 
 def measure_configs(
@@ -146,17 +150,22 @@ def measure_configs(
     seed: int,
     quantization: str | None = None,
     device_map: str | None = None,
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per config, ``unpatched`` first, each measured in its own fresh process.
+    """One record per config, ``unpatched`` first, each measured in its own fresh process, and a last
+    ``unpatched`` record (``"repeat": True``) measured again after them all.
 
-    A config whose process fails gets ``{"config", "error"}`` (the last line the process wrote to stderr).
+    The two unpatched runs differ only by noise (allocator, page cache, drift of the machine): their
+    difference is the resolution of a peak (`gsq_hf.eval.report.peak_resolution`). ``threads``: intra-op
+    threads of each process (None: `gsq_hf.cli.default_threads` of the model). A config whose process fails gets
+    ``{"config", "error"}`` (the last line the process wrote to stderr).
     """
     records = []
-    jobs = [(UNPATCHED, None), *((cfg.name, cfg.to_dict()) for cfg in configs)]
+    jobs = [(UNPATCHED, None), *((cfg.name, cfg.to_dict()) for cfg in configs), (UNPATCHED, None)]
     for label, config in jobs:
         job = {"model": str(model), "config": config, "label": label, "prompt": prompt, "batch_size": batch_size,
                "new_tokens": new_tokens, "device": device, "dtype": dtype, "seed": seed,
-               "quantization": quantization, "device_map": device_map}
+               "quantization": quantization, "device_map": device_map, "threads": threads}
         done = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(job), capture_output=True,
                               text=True, check=False)
         if done.returncode == 0:
@@ -164,6 +173,7 @@ def measure_configs(
         else:
             lines = done.stderr.strip().splitlines() or [f"worker exited with code {done.returncode}"]
             records.append({"config": label, "error": lines[-1]})
+    records[-1]["repeat"] = True
     return records
 
 

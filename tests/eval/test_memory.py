@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from models import tiny_mamba, tiny_mamba2
@@ -32,3 +34,19 @@ def test_unpatched_mamba2_state_bytes():
     record = measure_generate(tiny_mamba2(), torch.ones(2, 4, dtype=torch.long), new_tokens=2, label="unpatched")
     # 2 layers x (SSM 8 heads x 8 x 8 + conv (64 + 2 groups x 2 x 8) x 4), fp32
     assert record["state_bytes"] == 2 * (8 * 8 * 8 + (64 + 32) * 4) * 4
+
+
+def test_worker_threads(tmp_path, monkeypatch):
+    """A worker process takes the --threads it is given, else `default_threads` of its model."""
+    from gsq_hf.eval.memory import _worker
+
+    model_dir = tmp_path / "model"
+    tiny_mamba().save_pretrained(model_dir)
+    monkeypatch.setattr("gsq_hf.cli.SMALL_MODEL_PARAMETERS", 1)  # every model is "large": the default is the cores
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)  # this test process keeps its threads
+    job = {"model": str(model_dir), "config": None, "label": "unpatched", "prompt": [1, 2, 3], "batch_size": 1,
+           "new_tokens": 1, "device": "cpu", "dtype": "fp32", "seed": 0}
+    for threads in (3, None):
+        _worker({**job, "threads": threads})
+    assert calls == [3, min(len(os.sched_getaffinity(0)), 4)]
