@@ -101,18 +101,22 @@ def _positive(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gsq-hf", description="Gated state quantization for Mamba-family models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{eval,memory,recall}",
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{eval,memory,recall,lm-eval}",
                                      parser_class=_Parser)
     evaluate = commands.add_parser(
         "eval", help="decode-faithful perplexity of each state config",
-        description="Perplexity with the model's states stored per each config, every window fed one token at "
-                    "a time (as generate stores them). Windows of --context tokens do not overlap; the first "
-                    "token of each is read, the others scored.")
+        description="Perplexity with the model's states stored per each config after every token, as generate "
+                    "stores them: static, gate and budget configs through multi-token forwards whose scan stores "
+                    "after every token, entropy configs (and --stepped) one token per forward. Windows of "
+                    "--context tokens do not overlap; the first token of each is read, the others scored.")
     _common(evaluate)
     evaluate.add_argument("--context", type=_positive, default=512, help="tokens per window (default: 512)")
     evaluate.add_argument("--max-tokens", type=_positive, help="evaluate only the first N tokens (default: all)")
     evaluate.add_argument("--no-reference", action="store_true",
                           help="skip the unpatched full-sequence reference perplexity")
+    evaluate.add_argument("--stepped", action="store_true",
+                          help="feed every config one token per forward (default: only where a multi-token "
+                               "forward would store other states: entropy policies, end_of_forward)")
     evaluate.add_argument("--kl-top-k", type=int, default=64, metavar="K",
                           help="score every config after the first by KL(first ‖ config) per token and top-1 "
                                "agreement, over the first config's top K next-token logits and one bin for the "
@@ -130,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     memory.add_argument("--prompt-tokens", type=_positive, default=32,
                         help="prompt length, taken from the start of the dataset text (default: 32)")
     _recall_parser(commands)
+    commands.add_parser("lm-eval", help="lm-evaluation-harness's command line with model 'gsq' registered "
+                                        "(--model gsq --model_args pretrained=PATH,gsq_config=int4 ...)",
+                        add_help=False)  # its arguments are lm-eval's: main() hands them over before parsing
     return parser
 
 
@@ -354,7 +361,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                "configs": [cfg.name for cfg in configs], "results": records}
 
     def run(i: int, cfg: GSQConfig) -> None:
-        record = attempt(cfg.name, decode_faithful_perplexity, cfg,
+        record = attempt(cfg.name, decode_faithful_perplexity, cfg, stepped=True if args.stepped else None,
                          **reference_options(model, i == 0, kept.get("reference"), args.kl_top_k),
                          **({"trace": True} if args.plot and cfg.policy != "static" else {}))
         state = record.get("state_bytes")  # what one batch needs in all: the weights plus its sequences' state
@@ -538,6 +545,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``gsq-hf``; returns the exit code."""
     from .eval.data import EvalInputError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval's own command line and exit codes
+        from .eval.lm_eval import cli_main
+
+        return cli_main(argv[1:])
     try:
         args = _parser().parse_args(argv)
     except SystemExit as done:  # --help, or a usage error already printed as one line

@@ -180,14 +180,15 @@ def test_window_words_are_counted_as_lm_eval_counts_them(tokenizer, text, words)
 
 
 def test_cli_runs_the_yaml_task(runs, tmp_path, monkeypatch):
-    """``gsq-hf lm-eval`` is lm-eval's CLI with ``gsq`` registered; the YAML run as a user runs it."""
+    """``gsq-hf lm-eval`` is lm-eval's CLI with ``gsq`` registered; the YAML task run as a user runs it."""
     monkeypatch.chdir(REPO)
     # lm-eval's CLI always indexes its bundled tasks too (10-20 s); this task needs none of them
     monkeypatch.setattr(TaskManager, "__init__", partialmethod(TaskManager.__init__, include_defaults=False))
     model_args = f"pretrained={BUILTIN_MODEL_DIR},max_length={MAX_LENGTH},gsq_config=int8"  # the CLI sets device
-    code = gsq_lm_eval.cli_main(["run", "--model", "gsq", "--model_args", model_args, "--device", "cpu",
-                                 "--include_path", str(DATA), "--tasks", TASK, "--batch_size", "1",
-                                 "--output_path", str(tmp_path)])
+    from gsq_hf.cli import main
+
+    code = main(["lm-eval", "run", "--model", "gsq", "--model_args", model_args, "--device", "cpu",
+                 "--include_path", str(DATA), "--tasks", TASK, "--batch_size", "1", "--output_path", str(tmp_path)])
     assert code == 0
     (path,) = tmp_path.rglob("results_*.json")
     results = json.loads(path.read_text())
