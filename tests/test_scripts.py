@@ -46,3 +46,24 @@ def test_kl_bound_measures_the_top_k_share_of_the_exact_kl(tmp_path):
     assert record["kl_exact"] > 0 and 0 < shares[0] <= shares[1] <= 1 + 1e-9
     assert shares[2] == 1.0  # k beyond the vocabulary: the exact KL
     assert "| tiny-mamba-pydoc | int4 |" in (tmp_path / "kl-bound.md").read_text()
+
+
+def test_format_front_scores_formats_against_fp32(tmp_path):
+    """Language and recall models through the front script: bits counted as stored, KL against fp32 on the
+    same windows (int8's far below a 3-bit format's), recall per gap."""
+    from script_loader import load_script
+
+    from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR
+
+    front = load_script("format_front")
+    recall_model = ROOT / "gsq_hf" / "assets" / "recall-mamba2"
+    front.main(["--model", str(BUILTIN_MODEL_DIR), "--dataset", "builtin", "--context", "32", "--max-tokens", "256",
+                "--recall", str(recall_model), "--recall-num", "8",
+                "--only", "int8", "midrise3-e4m3-hadamard", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "front.json").read_text())["records"]
+    lm = {r["config"]: r for r in records if r["dataset"] == "builtin"}
+    assert lm["int8"]["bits"] == 10.0 and 3.5 < lm["midrise3-e4m3-hadamard"]["bits"] < 3.6  # + a row scale
+    assert 0 < lm["int8"]["kl"] < lm["midrise3-e4m3-hadamard"]["kl"]
+    recall = [r for r in records if r["dataset"] == "recall"]
+    assert [r["config"] for r in recall] == ["int8", "midrise3-e4m3-hadamard"] and set(recall[0]["recall_by_gap"])
+    assert (tmp_path / "front.md").read_text().count("```") == 4 and list(tmp_path.glob("front-*.png"))

@@ -1,0 +1,163 @@
+"""Which state formats move the Pareto front: stored bits vs fidelity to fp32, per model and dataset.
+
+    python scripts/format_front.py --model /work/runs/ref-mamba-cpu-bpe --dataset wiki.valid --out results/front
+    python scripts/format_front.py --recall gsq_hf/assets/recall-mamba --out results/front
+
+For a language model, every candidate format runs decode-faithfully (`decode_faithful_perplexity`: the state
+stored after every token) on the same windows as fp32, which keeps its top ``--kl-top-k`` logits per token:
+KL(fp32 ‖ config) per token (a lower bound of the full KL, ± its standard error over windows), top-1
+agreement and Δ perplexity. For a recall model (``--recall``, a directory from scripts/train_recall.py),
+decode-faithful recall at the training gap and 4x it. Stored bits are the memory report's average bits per
+state element, every stored bit counted (payload, scales, second-level scales).
+
+Candidates: the uniform baselines (int8 … int3 with fp32 scales: today's front), then the composed formats at
+≤ 4.5 and ≤ 3.5 stored bits per element at d_state 16 (an e4m3/e8m0 scale costs 8 bits per group instead of
+32), with and without the Hadamard rotation, mid-rise codes, stochastic rounding. `--only` picks some.
+
+Datasets: ``wiki.valid``, ``wiki.test``, ``ptb.test`` (../shared/data), ``builtin`` (the package's text), or
+a path. Presets are chosen on one split and checked on the others (say which chose them): a number counts
+when it comes from a model or split the choice did not see.
+
+Writes ``front.json`` (every record), ``front.md`` (one table per model × dataset, sorted by bits) and one
+``front-<model>-<dataset>.png`` (bits vs KL, log scale) per model × dataset into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from gsq_hf.eval import decode_faithful_perplexity, make_windows
+from gsq_hf.eval.data import load_model, load_text, load_tokenizer
+from gsq_hf.eval.recall import load_recall_spec, recall_sweep
+from gsq_hf.eval.report import format_table, versions, write_json
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATASETS = {"wiki.valid": SHARED / "wikitext-2-raw" / "wiki.valid.raw",
+            "wiki.test": SHARED / "wikitext-2-raw" / "wiki.test.raw",
+            "ptb.test": SHARED / "ptb" / "ptb.test.txt"}
+SR = {"rounding": "stochastic"}
+BASELINES = ["int8", "int6", "int5", "int4", "int3"]
+CANDIDATES = {  # label -> config (a format name is a static config)
+    **{name: name for name in BASELINES},
+    **{f"{codes}-{scale}{rot}{sr_label}": {"name": f"{codes}-{scale}{rot}{sr_label}", "policy": "static",
+                                           "format": f"{codes}-{scale}{rot}", **sr}
+       for codes in ("int4", "midrise4", "int3", "midrise3", "midrise2")
+       for scale in ("e4m3", "e8m0")
+       for rot in ("", "-hadamard")
+       for sr_label, sr in (("", {}), ("+sr", SR))},
+}
+
+
+def lm_front(model_dir: str, dataset: str, labels: list[str], args) -> list[dict]:
+    """Records of every candidate on one model and dataset, scored against fp32 on the same windows."""
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    text = load_text(str(DATASETS.get(dataset, dataset)))
+    windows = make_windows(tokenizer, text, args.context, args.max_tokens)
+    fp32 = decode_faithful_perplexity(model, windows, "fp32", batch_size=args.batch_size, progress=False,
+                                      keep_reference=min(args.kl_top_k, model.config.vocab_size))
+    records = []
+    for i, label in enumerate(labels, 1):
+        result = decode_faithful_perplexity(model, windows, CANDIDATES[label], batch_size=args.batch_size,
+                                            progress=False, reference=fp32.reference)
+        records.append({"model": Path(model_dir).name, "dataset": dataset, "config": label,
+                        "bits": result.state["avg_state_bits"], "kl": result.kl_divergence,
+                        "kl_stderr": result.kl_stderr, "top1": result.top1_agreement,
+                        "perplexity": result.perplexity, "fp32_perplexity": fp32.perplexity,
+                        "delta_ppl": result.perplexity / fp32.perplexity - 1, "tokens": result.tokens,
+                        "evaluation": result.state["evaluation"]})
+        print(f"  [{i}/{len(labels)}] {label}: {records[-1]['bits']:.2f} bits, KL {result.kl_divergence:.3e}, "
+              f"Δppl {100 * records[-1]['delta_ppl']:+.3f}%", flush=True)
+    return records
+
+
+def recall_front(model_dir: str, labels: list[str], args) -> list[dict]:
+    model, spec = load_model(model_dir), load_recall_spec(model_dir)
+    gaps = [spec.gap, 4 * spec.gap]
+    sweep = recall_sweep(model, spec, ["fp32", *(CANDIDATES[label] for label in labels)], gaps, args.recall_num,
+                         batch_size=args.batch_size * 16)
+    fp32, *rest = sweep["results"]
+    return [{"model": Path(model_dir).name, "dataset": "recall", "config": label, "bits": r["avg_state_bits"],
+             "recall": r["recall"], "recall_by_gap": r["recall_by_gap"], "fp32_recall_by_gap": fp32["recall_by_gap"],
+             "delta_by_gap": r["delta_by_gap"], "queries": r["queries"]} for label, r in zip(labels, rest, strict=True)]
+
+
+def table(records: list[dict]) -> str:
+    if records[0]["dataset"] == "recall":
+        gaps = list(records[0]["recall_by_gap"])
+        return format_table(["config", "bits", *[f"recall gap {g} %" for g in gaps], *[f"Δ gap {g}" for g in gaps]],
+                            [[r["config"], f"{r['bits']:.2f}", *[f"{100 * r['recall_by_gap'][g]:.2f}" for g in gaps],
+                              *[f"{100 * r['delta_by_gap'][g]:+.2f}" for g in gaps]]
+                             for r in sorted(records, key=lambda r: -r["bits"])])
+    return format_table(["config", "bits", "KL vs fp32", "± SE", "KL / int4's", "top-1", "Δ ppl"],
+                        [[r["config"], f"{r['bits']:.2f}", f"{r['kl']:.3e}", f"{r['kl_stderr']:.1e}",
+                          f"{r['kl'] / _int4_kl(records):.2f}" if _int4_kl(records) else "-",
+                          f"{100 * r['top1']:.2f}%", f"{100 * r['delta_ppl']:+.3f}%"]
+                         for r in sorted(records, key=lambda r: -r["bits"])])
+
+
+def _int4_kl(records: list[dict]) -> float | None:
+    return next((r["kl"] for r in records if r["config"] == "int4"), None)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    from gsq_hf import plot as gsq_plot
+
+    fig = gsq_plot._figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    base = sorted((r for r in records if r["config"] in BASELINES), key=lambda r: r["bits"])
+    ax.plot([r["bits"] for r in base], [r["kl"] for r in base], "o-", color="gray", label="uniform (fp32 scales)")
+    for r in records:
+        if r["config"] not in BASELINES:
+            ax.plot(r["bits"], r["kl"], "o" if "hadamard" in r["config"] else "s", ms=4,
+                    color="C0" if "e4m3" in r["config"] else "C1")
+            ax.annotate(r["config"], (r["bits"], r["kl"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("average stored bits per state element (scales included)")
+    ax.set_ylabel("KL(fp32 ‖ config) per token, nats (top-k bound)")
+    ax.set_title(f"{records[0]['model']} on {records[0]['dataset']}: circles rotated, blue e4m3, orange e8m0")
+    ax.legend(loc="upper right")
+    gsq_plot.save(fig, path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", default=[], help="a language model directory (repeatable)")
+    parser.add_argument("--recall", action="append", default=[], help="a recall model directory (repeatable)")
+    parser.add_argument("--dataset", action="append", help="wiki.valid, wiki.test, ptb.test, builtin or a path "
+                                                           "(repeatable; default: wiki.valid)")
+    parser.add_argument("--only", nargs="+", choices=list(CANDIDATES), help="these candidates only")
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--kl-top-k", type=int, default=1024)
+    parser.add_argument("--recall-num", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    labels = args.only or list(CANDIDATES)
+    groups = [lm_front(m, d, labels, args) for m in args.model for d in (args.dataset or ["wiki.valid"])]
+    groups += [recall_front(m, labels, args) for m in args.recall]
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = ["# Format front", "", f"Command: `python scripts/format_front.py {' '.join(argv)}`", ""]
+    for records in groups:
+        md += [f"## {records[0]['model']} — {records[0]['dataset']}", "", "```", table(records), "```", ""]
+        if records[0]["dataset"] != "recall" and any(math.isfinite(r["kl"]) and r["kl"] > 0 for r in records):
+            plot(records, args.out / f"front-{records[0]['model']}-{Path(records[0]['dataset']).stem}.png")
+    (args.out / "front.md").write_text("\n".join(md))
+    write_json(args.out / "front.json", {"versions": versions(), "context": args.context,
+                                         "max_tokens": args.max_tokens, "kl_top_k": args.kl_top_k,
+                                         "records": [r for records in groups for r in records]})
+    print("\n".join(md))
+    print(json.dumps({"wrote": str(args.out)}))
+
+
+if __name__ == "__main__":
+    main()
