@@ -186,8 +186,10 @@ class _GSQStateMixin:
         # the row is); unscaled formats and e8m0 exponents need a sum
         probe = next((t for t in (low.row_scale, low.scale) if t is not None and t.is_floating_point()
                       and t.dtype.itemsize >= 2), None)
-        probe = state.sum() if probe is None else probe
-        if not bool(torch.isfinite(probe).all()):  # the per-unit check runs only if this fails
+        # one sum, one host sync: non-finite if any scale is (or if the sum overflows: the per-unit check then
+        # finds every unit finite), cheaper on the per-token path than an elementwise isfinite
+        probe = (state if probe is None else probe).sum(dtype=torch.float32)
+        if not bool(torch.isfinite(probe)):  # the per-unit check runs only if this fails
             nonfinite = ~torch.isfinite(state).flatten(2).all(dim=-1)  # (batch, units)
             if bool(nonfinite.any()):  # else only the sum overflowed: every unit is finite
                 fallback, fallback_mask = state.clone(), nonfinite
