@@ -73,6 +73,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              "what does not fit to the CPU)")
     parser.add_argument("--seed", type=int, help="seed of torch and, when given, of every config's stochastic "
                                                  "rounding (default: torch seed 0, configs keep their own)")
+    _run_options(parser)
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    """Threads, JSON output, verbosity: the same for every command."""
     parser.add_argument("--threads", type=_positive, metavar="N", help=THREADS_HELP)
     parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON, after every config "
                                                       "(a crash or Ctrl-C keeps the finished ones)")
@@ -165,11 +170,7 @@ def _recall_parser(commands) -> None:
                         help="model weights and activations dtype (default: fp32)")
     recall.add_argument("--seed", type=int, help="seed of the sequences (default: 0, the set train_recall.py "
                                                  "reports) and, when given, of every config's stochastic rounding")
-    recall.add_argument("--threads", type=_positive, metavar="N", help=THREADS_HELP)
-    recall.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON, after every config "
-                                                      "(a crash or Ctrl-C keeps the finished ones)")
-    recall.add_argument("--quiet", action="store_true", help="no progress bars or run information, only the table")
-    recall.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
+    _run_options(recall)
 
 
 def _int_list(text: str) -> list[int]:
