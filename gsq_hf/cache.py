@@ -395,7 +395,8 @@ class GSQCache(DynamicCache):
         model = model_or_config if isinstance(model_or_config, torch.nn.Module) else None
         super().__init__(config=model.config if model is not None else model_or_config, **kwargs)
         self._model = weakref.ref(model) if model is not None else None  # weights for memory_report; no cycle
-        self.config = resolve_config(gsq_config)
+        self.config = resolve_config(gsq_config).for_model_type(getattr(self.config_of(model_or_config),
+                                                                        "model_type", None))
         self.policy = self.config.build_policy()
         self.recording = False
         self.row_signal: torch.Tensor | None = None  # (batch,) normalized entropy/surprisal of the next write
@@ -406,6 +407,11 @@ class GSQCache(DynamicCache):
                 self.layers[index] = _GSQ_LAYER_FOR[type(layer)](self)
         if trace:
             self.start_trace(units=trace == "units")
+
+    @staticmethod
+    def config_of(model_or_config):
+        """The transformers config of a model, or the config itself."""
+        return model_or_config.config if isinstance(model_or_config, torch.nn.Module) else model_or_config
 
     # -- used by the adapters --------------------------------------------------------------------------
     def gsq_layer(self, layer_idx: int) -> _GSQStateMixin:

@@ -56,6 +56,9 @@ class GSQConfig:
     rounding: str = field(default="nearest", metadata={"help": "nearest | stochastic"})
     seed: int = field(default=0, metadata={"help": "seed of stochastic rounding"})
     write_mode: str = field(default="every_step", metadata={"help": "every_step | end_of_forward"})
+    family_overrides: dict[str, dict[str, Any]] | None = field(default=None, metadata={
+        "help": "fields that differ for some model types, e.g. {mamba: {rounding: stochastic}}: applied where a "
+                "cache meets a model (`for_model_type`), so one preset can hold what each family measured best"})
     kernel: str = field(default="auto", metadata={
         "help": "decode-step state update: 'auto' = the fused Triton kernel on CUDA, torch elsewhere; "
                 "'triton' = the kernel wherever it runs (CPU only under TRITON_INTERPRET=1); 'torch' = never"})
@@ -86,6 +89,29 @@ class GSQConfig:
             )
         if not isinstance(self.seed, int):
             raise GSQConfigError(f"GSQConfig.seed={self.seed!r} must be an integer")
+        if self.family_overrides is not None:
+            self._check_overrides()
+
+    def _check_overrides(self) -> None:
+        overrides = self.family_overrides
+        if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+            raise GSQConfigError(f"GSQConfig.family_overrides={overrides!r} must map model types to mappings of "
+                                 "fields, e.g. {'mamba': {'rounding': 'stochastic'}}")
+        for model_type, fields_ in overrides.items():
+            if "name" in fields_ or "family_overrides" in fields_:
+                raise GSQConfigError(f"GSQConfig.family_overrides[{model_type!r}] cannot set name or family_overrides")
+            try:
+                self.for_model_type(model_type)
+            except GSQConfigError as error:
+                raise GSQConfigError(f"GSQConfig.family_overrides[{model_type!r}]: {error}") from None
+
+    def for_model_type(self, model_type: str | None) -> GSQConfig:
+        """This config as it applies to a model of ``model_type`` (``model.config.model_type``): its
+        ``family_overrides`` entry applied, the overrides themselves dropped; unchanged for other types."""
+        if not self.family_overrides:
+            return self
+        return GSQConfig.from_dict({**self.to_dict(), **self.family_overrides.get(model_type, {}),
+                                    "family_overrides": None})
 
     # -- policy -----------------------------------------------------------------------------------------
     def build_policy(self) -> PrecisionPolicy:

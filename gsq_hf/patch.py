@@ -210,7 +210,7 @@ def patch(model: nn.Module, config: GSQConfig | str | Path | dict | None = None)
     saved = getattr(getattr(model, "config", None), "gsq_config", None)
     config = resolve_config(config if config is not None else (saved or DEFAULT_PRESET))
     mixers = patchable_mixers(model)
-    _validate(config, model, mixers)
+    _validate(config.for_model_type(getattr(model.config, "model_type", None)), model, mixers)
 
     state = _PatchState(config=config,
                         takes_position_ids="position_ids" in inspect.signature(model.forward).parameters)

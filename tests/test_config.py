@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 import gsq_hf
 from gsq_hf import GSQConfig, GSQConfigError
@@ -99,3 +100,23 @@ def test_bad_config_file_is_one_line_naming_the_file(tmp_path, file, content, me
 def test_empty_config_file_is_the_defaults(tmp_path):
     (tmp_path / "empty.yaml").write_text("# nothing set\n")
     assert GSQConfig.from_file(tmp_path / "empty.yaml") == GSQConfig(name="empty")
+
+
+def test_family_overrides_apply_where_a_cache_meets_a_model(tmp_path):
+    from models import tiny_mamba, tiny_mamba2
+
+    config = GSQConfig(name="mixed", policy="static", format="int4-e4m3",
+                       family_overrides={"mamba": {"rounding": "stochastic", "format": "midrise4-e4m3"}})
+    assert resolve_config(config.to_dict()) == config == GSQConfig.from_dict(yaml.safe_load(config.to_yaml()))
+    mamba, mamba2 = gsq_hf.GSQCache(tiny_mamba(), config).config, gsq_hf.GSQCache(tiny_mamba2().config, config).config
+    assert (mamba.rounding, mamba.format, mamba.name, mamba.family_overrides) == ("stochastic", "midrise4-e4m3",
+                                                                                   "mixed", None)
+    assert (mamba2.rounding, mamba2.format) == ("nearest", "int4-e4m3")
+    model = gsq_hf.patch(tiny_mamba(), config)
+    assert model(torch.randint(0, 64, (1, 4))).cache.config.rounding == "stochastic"
+    model.save_pretrained(tmp_path)
+    assert gsq_hf.from_pretrained(tmp_path)._gsq_patch.config == config  # saved with its overrides
+    with pytest.raises(GSQConfigError, match=r"family_overrides\['mamba'\]: GSQConfig.rounding='up'"):
+        GSQConfig(family_overrides={"mamba": {"rounding": "up"}})
+    with pytest.raises(GSQConfigError, match="must map model types to mappings"):
+        GSQConfig(family_overrides={"mamba": "stochastic"})
