@@ -555,6 +555,8 @@ def main(argv=None) -> None:
                               "from an empty state, first token context only), fp32, sequential scan",
                     "token_perplexity": round(result.perplexity, 2),
                     "word_perplexity": round(result.word_perplexity, 2),
+                    # per byte of the scored text: compares models with different tokenizers
+                    "scored_bytes": result.bytes, "bits_per_byte": round(result.bits_per_byte, 4),
                     "published_mamba_130m_wikitext2": PUBLISHED_MAMBA_130M_WIKITEXT2}
 
     recent = losses[-50:]
@@ -587,7 +589,8 @@ def main(argv=None) -> None:
               f"{history[-1]['heldout_loss']} (step {history[-1]['step']})")
     if wikitext:
         print(f"WikiText-2 raw test ({wikitext['scored_tokens']} tokens, context {wikitext['context']}): "
-              f"token perplexity {wikitext['token_perplexity']}, word perplexity {wikitext['word_perplexity']}; "
+              f"token perplexity {wikitext['token_perplexity']}, word perplexity {wikitext['word_perplexity']}, "
+              f"{wikitext['bits_per_byte']} bits/byte; "
               f"published mamba-130m WikiText-2: {PUBLISHED_MAMBA_130M_WIKITEXT2}")
 
 

@@ -75,6 +75,7 @@ def test_train_resume_reload(family, tmp_path):
     wikitext = info["wikitext2_test"]
     assert wikitext["scored_tokens"] == 4 * 63
     assert 1 < wikitext["token_perplexity"] < wikitext["word_perplexity"]
+    assert wikitext["scored_bytes"] > wikitext["scored_tokens"] and 0 < wikitext["bits_per_byte"] < 30
     assert wikitext["published_mamba_130m_wikitext2"]
 
     model = AutoModelForCausalLM.from_pretrained(out)
