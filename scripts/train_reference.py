@@ -2,10 +2,26 @@
 
 The model is a transformers ``MambaForCausalLM`` (``--family mamba``) or ``Mamba2ForCausalLM``
 (``--family mamba2``) built from a config, trained from scratch on ``../shared/data/train-corpus/``
-(English Wikipedia, WikiExtractor format; the ``<doc …>``/``</doc>`` lines are dropped) with the
-GPT-NeoX-20B tokenizer (eos ``<|endoftext|>`` = 0, pad ``<|padding|>`` = 1, ``vocab_size`` padded to 50280
-as the state-spaces/mamba-*-hf configs do). The output directory holds a ``save_pretrained`` model and
-tokenizer that ``AutoModelForCausalLM.from_pretrained(dir)`` and ``gsq-hf eval --model dir`` load.
+(English Wikipedia, WikiExtractor format; the ``<doc …>``/``</doc>`` lines are dropped) with one of two
+tokenizers (``--tokenizer``; eos ``<|endoftext|>`` = 0 and pad ``<|padding|>`` = 1 in both):
+
+* ``bpe8k`` (the cpu preset): an 8192-token byte-level BPE trained here with the ``tokenizers`` library on the
+  training articles of the corpus slice (never the held-out articles, nor any evaluation text): GPT-2's
+  byte-level pre-tokenizer (no prefix space) and decoder, no normalizer, all 256 bytes in the initial alphabet,
+  ``min_frequency`` 2 (``BPE_SETTINGS``). Any text (WikiText, PTB, LAMBADA) encodes without unknown tokens and
+  decodes back byte for byte. Deterministic: the same slice and settings give a byte-identical
+  ``tokenizer.json`` (the two runs below trained the same one). About 11 s for the whole corpus, cached as
+  ``tokenizer-bpe8k-<key>.json`` beside ``tokens-*.pt`` (key: a hash of the corpus files, the slice and the
+  settings); the token cache stores the tokenizer too, so ``--tokens`` alone is enough elsewhere. ``vocab_size``
+  is the tokenizer's size rounded up to a multiple of 8 (8192). WikiText-2 test is 347k tokens with it (3.72
+  bytes a token) against 287k with GPT-NeoX (4.49): per-token perplexities of the two do not compare, bits per
+  byte do (``training_info.json`` has both).
+* ``gpt-neox`` (the gpu preset): the GPT-NeoX-20B tokenizer, ``vocab_size`` padded to 50280 as the
+  state-spaces/mamba-*-hf configs do.
+
+The output directory holds a ``save_pretrained`` model and its tokenizer (a ``PreTrainedTokenizerFast``) that
+``AutoModelForCausalLM.from_pretrained(dir)``, ``AutoTokenizer.from_pretrained(dir)`` and ``gsq-hf eval --model
+dir`` load.
 
 Usage, from the repository root with the package importable (``pip install -e .`` or ``PYTHONPATH=.``)::
 
@@ -15,12 +31,26 @@ Usage, from the repository root with the package importable (``pip install -e .`
 
 Presets (every value can be overridden by its flag):
 
-* ``cpu``: hidden 256, 4 layers, d_state 16, batch 8 x 256 tokens, 35 minutes (14.6M parameters, 12.9M of
-  them the tied 50280 x 256 embedding); fits <= 45 minutes on 2 cores with tokenization (~30 s for the whole
-  corpus) and evaluation. The 50k-vocabulary LM head dominates a step. Measured with ``--threads 1`` and the
-  other core busy: Mamba 3.3 s a step with the sequential scan (643 steps, 1.32M tokens, held-out loss 6.36;
-  with ``mambapy`` it was 7.9 s: 268 steps, loss 7.04), Mamba2 3.5 s (595 steps, 1.22M tokens, held-out loss
-  6.40): far from converged, near a unigram model.
+* ``cpu``: bpe8k, hidden 256, 4 layers, d_state 16, batch 8 x 256 tokens, lr 3e-3, 35 minutes: Mamba 3.85M
+  parameters, Mamba2 3.73M, 54% / 56% of them the tied 8192 x 256 embedding (with GPT-NeoX's 50k vocabulary it
+  was 14.6M, 88% embedding, and the LM head dominated a step). Fits <= 45 minutes on 2 cores with the tokenizer
+  (11-40 s), tokenization (20-60 s) and evaluation. Step times (forward, backward, AdamW; 1 thread, the other
+  core busy; 3 steps), Mamba / Mamba2, 8k vocabulary: hidden 256 x 4 layers 1.50 / 1.37 s, 384 x 4 2.23 / 2.08
+  s, 256 x 8 2.65 / 2.34 s, 384 x 6 3.34 / 2.89 s, 512 x 4 3.62 / 2.83 s; the old 50k 256 x 4 4.68 / 4.50 s at
+  the same moment (Mamba alone: ``python scripts/training_scan.py --hidden 256 --layers 4 --d-state 16 --batch
+  8 --length 256 --vocab 8192 --steps 3``, 1.85 s; 384 x 6: 3.45 s). The shape stays 256 x 4: in a 10-minute
+  head-to-head (Mamba, both at once on a machine shared with two other jobs) 256 x 4 ran 173 steps to held-out
+  loss 6.69 and 384 x 6 84 steps to 7.32 (it was behind per step too); at this budget the models are bound by
+  tokens seen, so the smaller vocabulary buys steps rather than layers. Outcome (35 min, ``--threads 1``, both
+  families side by side; the machine was shared, so a step took 1.82 s / 1.56 s on average): Mamba 1157 steps,
+  2.37M tokens, held-out loss 5.247 (2.03 bits/byte), WikiText-2 token perplexity 499.3, word 5113, 2.396
+  bits/byte; Mamba2 1352 steps, 2.77M tokens, held-out 5.105 (1.98 bits/byte), WikiText-2 478.0, word 4816,
+  2.379 bits/byte. The GPT-NeoX cpu preset before it (``--tokenizer gpt-neox``; Mamba 3.3 s a step: 643 steps,
+  1.32M tokens, held-out 6.36 = 2.06 bits/byte, WikiText-2 1845 per token = 2.436 bits/byte; Mamba2 3.5 s: 595
+  steps, 1.22M tokens, 6.40 = 2.07, 1889 = 2.443 bits/byte; its bits per byte derived from those losses and the
+  bytes its tokens cover): per byte the 8k models are 1.5-4.6% better, with twice the tokens seen, and still far
+  from converged (NLL on WikiText-2 falls only from ~6.4 at window positions 1-4 to ~6.2 after 64). Wall time
+  37 minutes a run.
 * ``gpu``: hidden 256, 6 layers (d_state 16 for Mamba, 64 for Mamba2), batch 32 x 512, bf16 autocast,
   4.5 minutes: 15.5M parameters (29.6 MiB in bf16) each, so that both families come back from one device call
   (<= 64 MiB in <= 8 files of <= 16 MiB; one model alone could be hidden 384 x 8 = 27.0M, 51.5 MiB).
@@ -34,17 +64,18 @@ Presets (every value can be overridden by its flag):
           --tokens gpu_data/tokens.pt --checkpoint-dir /tmp/ckpt && tar -C run -cf - m | split -b 15m - $OUT/m.tar.part-
       cat m.tar.part-* | tar -xf -          # back on this machine: run/m again, loadable as saved
 
-Mamba trains with ``scripts/training_scan.py``'s sequential scan on CPU (``--scan auto``; 4.46 s a cpu-preset
-step against 8.98 s with the ``mambapy`` parallel scan, 1 thread on a loaded machine: ``python
-scripts/training_scan.py --hidden 256 --layers 4 --d-state 16 --batch 8 --length 256 --vocab 50280 --steps 3``)
+Mamba trains with ``scripts/training_scan.py``'s sequential scan on CPU (``--scan auto``; 4.46 s a step of the
+old 50k-vocabulary cpu preset against 8.98 s with the ``mambapy`` parallel scan, 1 thread on a loaded machine:
+``python scripts/training_scan.py --hidden 256 --layers 4 --d-state 16 --batch 8 --length 256 --vocab 50280
+--steps 3``; with ``--vocab 8192`` 1.85 s against 5.53 s)
 and with ``mambapy`` on a GPU; Mamba2 with transformers' chunked torch path. The saved config has
 ``use_mambapy=False``. The tokenized corpus is cached (``tokens-*.pt``) in
 ``--cache-dir`` (default: the output directory). A checkpoint (model, optimizer, scheduler, step, RNG states)
 is written every ``--checkpoint-every`` steps and at the end to ``<output>/checkpoint/``; ``--resume``
 continues from it up to ``--steps`` / ``--minutes`` in total. Training stops at whichever of ``--steps`` and
 ``--minutes`` comes first; the warmup + cosine schedule follows whichever is further along.
-At the end the saved model is reloaded and scored on WikiText-2 raw test (token and word perplexity, a short
-token budget) with ``gsq_hf.eval.make_windows`` + ``full_sequence_perplexity``.
+At the end the saved model is reloaded and scored on WikiText-2 raw test (token and word perplexity, bits per
+byte; a short token budget) with ``gsq_hf.eval.make_windows`` + ``full_sequence_perplexity``.
 """
 
 from __future__ import annotations
