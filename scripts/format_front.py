@@ -43,8 +43,9 @@ DATASETS = {"wiki.valid": SHARED / "wikitext-2-raw" / "wiki.valid.raw",
             "ptb.test": SHARED / "ptb" / "ptb.test.txt"}
 SR = {"rounding": "stochastic"}
 BASELINES = ["int8", "int6", "int5", "int4", "int3"]
-CANDIDATES = {  # label -> config (a format name is a static config)
-    **{name: name for name in BASELINES},
+PRESETS = ["gsq-4bit", "gsq-3bit"]
+CANDIDATES = {  # label -> config (a format or preset name is a config)
+    **{name: name for name in BASELINES + PRESETS},
     **{f"{codes}-{scale}{rot}{sr_label}": {"name": f"{codes}-{scale}{rot}{sr_label}", "policy": "static",
                                            "format": f"{codes}-{scale}{rot}", **sr}
        for codes in ("int4", "midrise4", "int3", "midrise3", "midrise2")
