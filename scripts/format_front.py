@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -113,15 +114,23 @@ def plot(records: list[dict], path: Path) -> None:
     ax = fig.add_subplot()
     base = sorted((r for r in records if r["config"] in BASELINES), key=lambda r: r["bits"])
     ax.plot([r["bits"] for r in base], [r["kl"] for r in base], "o-", color="gray", label="uniform (fp32 scales)")
-    for r in records:
-        if r["config"] not in BASELINES:
-            ax.plot(r["bits"], r["kl"], "o" if "hadamard" in r["config"] else "s", ms=4,
-                    color="C0" if "e4m3" in r["config"] else "C1")
-            ax.annotate(r["config"], (r["bits"], r["kl"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    others = [r for r in records if r["config"] not in BASELINES]
+    best = {}  # the lowest KL at each budget, and the presets, get a label; the rest are dots
+    for r in others:
+        key = round(r["bits"], 1)
+        best[key] = min(best.get(key, r), r, key=lambda record: record["kl"])
+    for r in others:
+        preset = r["config"] in PRESETS
+        ax.plot(r["bits"], r["kl"], "*" if preset else "o" if "hadamard" in r["config"] else "s", ms=9 if preset else 4,
+                color="C3" if preset else "C0" if "e4m3" in r["config"] else "C1")
+        if preset or r is best[round(r["bits"], 1)]:
+            ax.annotate(r["config"], (r["bits"], r["kl"]), fontsize=7, xytext=(4, -9 if preset else 3),
+                        textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel("average stored bits per state element (scales included)")
     ax.set_ylabel("KL(fp32 ‖ config) per token, nats (top-k bound)")
-    ax.set_title(f"{records[0]['model']} on {records[0]['dataset']}: circles rotated, blue e4m3, orange e8m0")
+    ax.set_title(f"{records[0]['model']} on {records[0]['dataset']}: circles rotated, blue e4m3, orange e8m0, "
+                 "stars presets; labelled: the lowest KL at its bits", fontsize=9)
     ax.legend(loc="upper right")
     gsq_plot.save(fig, path)
 
@@ -151,7 +160,8 @@ def main(argv=None) -> None:
     for records in groups:
         md += [f"## {records[0]['model']} — {records[0]['dataset']}", "", "```", table(records), "```", ""]
         if records[0]["dataset"] != "recall" and any(math.isfinite(r["kl"]) and r["kl"] > 0 for r in records):
-            plot(records, args.out / f"front-{records[0]['model']}-{Path(records[0]['dataset']).stem}.png")
+            dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(records[0]["dataset"]).name)
+            plot(records, args.out / f"front-{records[0]['model']}-{dataset}.png")
     (args.out / "front.md").write_text("\n".join(md))
     write_json(args.out / "front.json", {"versions": versions(), "context": args.context,
                                          "max_tokens": args.max_tokens, "kl_top_k": args.kl_top_k,
