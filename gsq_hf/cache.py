@@ -182,14 +182,12 @@ class _GSQStateMixin:
                     batch, capacity, *state.shape[2:])
                 high = policy.high.quantize(state.gather(1, index), group, rounding, generator)
         fallback = fallback_mask = None
-        # the low format's float scales are NaN/Inf exactly when a group is (e4m3's row scale when any group of
-        # the row is); unscaled formats and e8m0 exponents need a sum
-        probe = next((t for t in (low.row_scale, low.scale) if t is not None and t.is_floating_point()
-                      and t.dtype.itemsize >= 2), None)
-        # one sum, one host sync: non-finite if any scale is (or if the sum overflows: the per-unit check then
-        # finds every unit finite), cheaper on the per-token path than an elementwise isfinite
-        probe = (state if probe is None else probe).sum(dtype=torch.float32)
-        if not bool(torch.isfinite(probe)):  # the per-unit check runs only if this fails
+        # fp32 group scales are NaN/Inf exactly when a group is; unscaled formats, and scales stored in fewer bits
+        # (fp16 saturates, e4m3 has no Inf, e8m0 is an exponent), need the state. One sum, one host sync:
+        # non-finite if any value is (or if the sum overflows: the per-unit check then finds every unit finite),
+        # cheaper on the per-token path than an elementwise isfinite
+        probe = low.scale if low.scale is not None and low.scale.dtype == torch.float32 else state
+        if not bool(torch.isfinite(probe.sum(dtype=torch.float32))):  # the per-unit check runs only if this fails
             nonfinite = ~torch.isfinite(state).flatten(2).all(dim=-1)  # (batch, units)
             if bool(nonfinite.any()):  # else only the sum overflowed: every unit is finite
                 fallback, fallback_mask = state.clone(), nonfinite

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -26,11 +25,6 @@ __all__ = ["main"]
 
 DEFAULT_CONFIGS = ("fp32", "int8", "int4", "gsq-gate", "gsq-entropy", "gsq-budget")
 EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
-# Below this many parameters a model's per-token ops (a few small matmuls per layer) are too small to share
-# between threads. Measured on a 2-core CPU shared with other jobs (load 1.3-3.4): `gsq-hf eval --config int8
-# --max-tokens 2048` on the built-in model took 7-14 s with 1 thread, 7-51 s with 2; the default eval 75 s vs
-# 116 s; decode-faithful int8 on a random 129M Mamba 5.9-6.8 s vs 15-19 s.
-SMALL_MODEL_PARAMETERS = 200_000_000
 THREADS_HELP = ("intra-op CPU threads (torch.set_num_threads; default: 1 for models under 200M parameters, whose "
                 "per-token ops are too small to share and slow down many-fold when other jobs use the cores; else "
                 "min(available cores, 4))")
@@ -149,9 +143,10 @@ def _recall_parser(commands) -> None:
     recall = commands.add_parser(
         "recall", help="decode-faithful associative recall (MQAR) of each state config",
         description="Multi-query associative recall with the model's states stored per each config: every "
-                    "sequence (key-value pairs, GAP filler tokens, queries) is fed one token at a time, and a "
-                    "query counts when the argmax next token is its value. The task is read from the model "
-                    "directory's recall_model.json (scripts/train_recall.py writes it).")
+                    "sequence (key-value pairs, GAP filler tokens, queries) runs with its states stored after "
+                    "every token, as generate stores them, and a query counts when the argmax next token is its "
+                    "value. The task is read from the model directory's recall_model.json (scripts/"
+                    "train_recall.py writes it).")
     recall.add_argument("--model", required=True, help="directory of a recall model (save_pretrained + "
                                                        "recall_model.json, from scripts/train_recall.py)")
     recall.add_argument("--config", action="extend", nargs="+", metavar="CONFIG",
@@ -233,16 +228,10 @@ def _check_configs(model, configs: list[GSQConfig], ids) -> None:
                 model(input_ids=ids[:1, t : t + 1].to(input_device(model)), cache=cache, use_cache=True)
 
 
-def default_threads(model) -> int:
-    """Intra-op threads for ``model`` when ``--threads`` is not given (the rule in ``THREADS_HELP``)."""
-    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, 4)
-
-
 def _set_threads(args: argparse.Namespace, model) -> int:
     import torch
+
+    from .eval.data import default_threads
 
     threads = args.threads or default_threads(model)
     torch.set_num_threads(threads)
@@ -473,6 +462,7 @@ def _run_memory(args: argparse.Namespace) -> int:
 def _run_recall(args: argparse.Namespace) -> int:
     from .eval.data import load_model
     from .eval.recall import (
+        add_recall_deltas,
         check_recall_task,
         generate_mqar,
         load_recall_spec,
@@ -499,21 +489,17 @@ def _run_recall(args: argparse.Namespace) -> int:
     payload = {"model": args.model, "device": device, "dtype": args.dtype, "batch_size": args.batch_size,
                "threads": threads, "versions": versions(),
                "trained": {key: trained.get(key) for key in ("family", "parameters", "recall_fp32", "command")},
-               "scoring": "every sequence fed one token at a time through the patched model; a query counts "
-                          "when the argmax next token is its value; the same seed at every gap",
+               "scoring": "every sequence through the patched model with its states stored after every token "
+                          "(records' 'evaluation': chunked forwards or stepped); a query counts when the argmax "
+                          "next token is its value; the same seed at every gap",
                "configs": [cfg.name for cfg in configs], "results": records}
 
     def run(i: int, cfg: GSQConfig) -> None:
         sweep = recall_sweep(model, spec, [cfg], gaps, args.num, seed=seed, batch_size=args.batch_size,
                              progress=not args.quiet)
-        record = sweep.pop("results")[0]
-        if records:  # one config per sweep: its deltas are against the run's first config
-            first = records[0]
-            record["delta_vs_first"] = record["recall"] - first["recall"]
-            record["delta_by_gap"] = {gap: value - first["recall_by_gap"][gap]
-                                      for gap, value in record["recall_by_gap"].items()}
+        records.append(sweep.pop("results")[0])
+        add_recall_deltas(records)  # one config per sweep: deltas against the run's first config
         payload.update(sweep)  # task, gaps, num, seed
-        records.append(record)
 
     if not _sweep(args, configs, run, payload, write=True):
         return _interrupted(args, payload, recall_table(records))

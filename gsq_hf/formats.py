@@ -223,7 +223,9 @@ class StateFormat:
             mantissa, exponent = torch.frexp(scale)  # scale = m * 2**e, 0.5 <= m < 1: 2**e >= scale
             exponent = (exponent - (mantissa == 0.5).to(exponent.dtype)).clamp_(-127, 127).to(torch.int8)
             return torch.ldexp(torch.ones_like(scale), exponent.to(torch.int32)), exponent, None
-        row = scale.flatten(1).amax(dim=1) / _E4M3_MAX  # e4m3: the row's largest scale maps to e4m3's largest
+        # e4m3: the row's largest finite scale maps to e4m3's largest (a non-finite group, which the cache keeps
+        # in fp32, must not spoil the other groups of its row)
+        row = torch.nan_to_num(scale, nan=0.0, posinf=0.0).flatten(1).amax(dim=1) / _E4M3_MAX
         row_view = row.view(-1, *([1] * (scale.dim() - 1)))
         stored = (scale / row_view.clamp_min(_TINY)).to(torch.float8_e4m3fn)
         return stored.float() * row_view, stored, row

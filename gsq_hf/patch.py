@@ -270,7 +270,7 @@ def from_pretrained(path: str | Path, config: GSQConfig | str | Path | dict | No
     """
     from transformers import AutoModelForCausalLM
 
-    from .eval.data import ACCEPTED_MODELS, model_path_problem
+    from .locations import ACCEPTED_MODELS, model_path_problem
 
     problem = None if kwargs.get("subfolder") else model_path_problem(path)  # a subfolder: transformers checks
     if problem is not None:

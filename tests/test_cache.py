@@ -71,16 +71,19 @@ def test_stochastic_rounding_reproducible_by_seed(model):
     assert not torch.equal(logits[0], logits[2])
 
 
-def test_nonfinite_state_kept_in_fp32_and_counted(model):
-    gsq_hf.patch(model, "int8")
-    layer = GSQCache(model.config, "int8").gsq_layers[0]
+@pytest.mark.parametrize(("fmt", "bad"), [("int8", "nan"), ("int8", "inf"), ("bf16", "nan"), ("int4-fp16", "inf"),
+                                          ("int4-e8m0", "nan"), ("int4-e4m3", "inf"), ("int4-e4m3", "nan")])
+def test_nonfinite_state_kept_in_fp32_and_counted(model, fmt, bad):
+    """Whatever the format stores its scales in (an fp16 scale saturates, an e8m0 one is an exponent)."""
+    gsq_hf.patch(model, fmt)
+    layer = GSQCache(model.config, fmt).gsq_layers[0]
     units = 64 if hasattr(model.config, "intermediate_size") else 8
     inner = (8,) if units == 64 else (8, 8)
     state = torch.randn(2, units, *inner)
-    state[1, 3] = float("nan")
+    state[1, 3] = float(bad)
     with pytest.warns(RuntimeWarning, match="non-finite SSM state"):
         read = layer.write_ssm(state, torch.zeros(2, units))
-    assert torch.isnan(read[1, 3]).all() and torch.isfinite(read[0]).all() and torch.isfinite(read[1, 4:]).all()
+    assert (~torch.isfinite(read[1, 3])).all() and torch.isfinite(read[0]).all() and torch.isfinite(read[1, 4:]).all()
     report = layer.cache.memory_report()
     assert report["nonfinite_unit_writes"] == 1
     assert report["format_fractions"]["fp32_fallback"] == pytest.approx(1 / (2 * units))

@@ -311,7 +311,7 @@ def test_recall_counter_and_ctrl_c(tmp_path, capsys, monkeypatch):
 
 def test_threads(model_dir, text_file, tmp_path, monkeypatch):
     """--threads N sets torch's intra-op threads; the default is 1 for a small model, else up to 4 cores."""
-    from gsq_hf.cli import default_threads
+    from gsq_hf.eval.data import default_threads
 
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)  # this test process keeps its threads
@@ -322,7 +322,7 @@ def test_threads(model_dir, text_file, tmp_path, monkeypatch):
         assert calls[-1] == threads and json.loads(out.read_text())["threads"] == threads
     model = tiny_mamba()
     assert default_threads(model) == 1
-    monkeypatch.setattr("gsq_hf.cli.SMALL_MODEL_PARAMETERS", sum(p.numel() for p in model.parameters()))
+    monkeypatch.setattr("gsq_hf.eval.data.SMALL_MODEL_PARAMETERS", sum(p.numel() for p in model.parameters()))
     assert default_threads(model) == min(len(os.sched_getaffinity(0)), 4)
     assert main(["eval", "--threads", "0"]) == 2
 

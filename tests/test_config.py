@@ -8,7 +8,8 @@ import gsq_hf
 from gsq_hf import GSQConfig, GSQConfigError
 from gsq_hf.config import resolve_config
 
-PRESETS = ["bf16", "fp16", "fp32", "gsq-3bit", "gsq-4bit", "gsq-budget", "gsq-entropy", "gsq-gate", "int2", "int3", "int4", "int8"]
+PRESETS = ["bf16", "fp16", "fp32", "gsq-3bit", "gsq-4bit", "gsq-budget", "gsq-entropy", "gsq-gate", "int2", "int3",
+           "int4", "int8"]
 
 
 def test_presets_listed_and_load():

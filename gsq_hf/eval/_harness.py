@@ -37,7 +37,7 @@ class GSQLM(HFLM):
         if gsq_config is not None or not is_patched(self.model):
             patch(self.model, gsq_config)
         self.gsq_config: GSQConfig = self.model._gsq_patch.config
-        self.gsq_mode = "stepped" if needs_stepping(self.gsq_config, None) else "forward"
+        self.gsq_mode = "stepped" if needs_stepping(self.model, self.gsq_config, None) else "forward"
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         """Logits ``(batch, seq, vocab)`` of ``inps``; stepped configs feed one token per forward.

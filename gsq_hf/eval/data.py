@@ -16,12 +16,16 @@ what was wrong and what is accepted; the CLI turns it into a one-line error and 
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..locations import ACCEPTED_MODELS, HUB_ID, model_path_problem
 
 __all__ = [
     "BUILTIN_DATASET",
@@ -32,11 +36,11 @@ __all__ = [
     "TokenWindows",
     "bnb_config",
     "check_model_source",
+    "default_threads",
     "load_model",
     "load_text",
     "load_tokenizer",
     "make_windows",
-    "model_path_problem",
 ]
 
 BUILTIN_DATASET = "builtin"
@@ -47,7 +51,6 @@ DOCUMENT_SEPARATOR = "\n\n"
 # Tokens dropped before the end of a tokenized prefix: BPE/WordPiece segmentation only looks ahead within
 # the current pre-token, so tokens this far from the cut equal those of the whole text.
 _CUT_MARGIN = 64
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 ACCEPTED_DATASETS = (
     "'builtin' (the default), a local .txt/.raw file, a local .jsonl file with a 'text' field, "
     "a local directory of .txt/.raw files, or a HuggingFace Hub dataset id 'name' or 'name:config'"
@@ -76,7 +79,7 @@ def load_text(source: str | None, split: str = "test") -> str:
         return _not_blank(DOCUMENT_SEPARATOR.join(_read_file(f) for f in _directory_files(path, split)), path)
     if path.is_file():
         return _not_blank(_read_file(path), path)
-    if not _HUB_ID.match(source.split(":", 1)[0]) or path.suffix in (*TEXT_SUFFIXES, ".jsonl", ".json"):
+    if not HUB_ID.match(source.split(":", 1)[0]) or path.suffix in (*TEXT_SUFFIXES, ".jsonl", ".json"):
         raise DatasetNotFoundError(f"dataset path {source!r} does not exist; accepted: {ACCEPTED_DATASETS}")
     return _hub_text(source, split)
 
@@ -251,30 +254,7 @@ def _tokenize(tokenizer, text: str, max_tokens: int | None) -> list[int]:
 
 # -- model --------------------------------------------------------------------------------------------
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ACCEPTED_MODELS = ("a local directory saved by save_pretrained (config.json, weights, tokenizer) or a Hub model id "
-                   "like 'state-spaces/mamba-130m-hf'")
 _PROBE = "hello world"  # any real tokenizer turns this into some tokens (if only unknown-token ids)
-
-
-def model_path_problem(source: str | Path) -> str | None:
-    """Why ``source`` can be neither a saved model directory nor a Hub id, or None when it can be one.
-
-    File-system checks only, made before transformers reads anything: transformers reports a missing local
-    path through the Hub id validator ("Repo id must be in the form ...") and a directory without config.json
-    through whichever tokenizer it falls back to.
-    """
-    text = str(source)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            return None
-        return (f"could not load model {text!r}: the directory has no config.json, so it is not a transformers "
-                "model saved with save_pretrained")
-    if path.exists():
-        return f"model {text!r} is a file, not a model directory"
-    if not _HUB_ID.match(text):  # ./x, /x, ~/x, a/b/c, x/ cannot be Hub ids
-        return f"model {text!r}: no such directory, and not a valid Hub id, so it is not a model directory"
-    return None
 
 
 def _model_location(source: str | Path) -> str:
@@ -298,6 +278,7 @@ def _loading(source: str | Path, load):
                                  f"accepted: {ACCEPTED_MODELS}") from error
 
 
+@functools.lru_cache(maxsize=16)  # the CLI loads a model's tokenizer and weights: one check, not two
 def check_model_source(source: str | Path) -> str:
     """The location of a model gsq_hf can patch (a local directory or a Hub id), judged from config.json alone.
 
@@ -331,6 +312,22 @@ def load_tokenizer(source: str | Path):
                              "text encodes to no tokens); accepted: a model directory with its tokenizer saved in "
                              "it (tokenizer.save_pretrained(DIR)), or a Hub model id that has one")
     return tokenizer
+
+
+# Below this many parameters a model's per-token ops (a few small matmuls per layer) are too small to share
+# between threads. Measured on a 2-core CPU shared with other jobs (load 1.3-3.4): `gsq-hf eval --config int8
+# --max-tokens 2048` on the built-in model took 7-14 s with 1 thread, 7-51 s with 2; the default eval 75 s vs
+# 116 s; decode-faithful int8 on a random 129M Mamba 5.9-6.8 s vs 15-19 s.
+SMALL_MODEL_PARAMETERS = 200_000_000
+
+
+def default_threads(model: torch.nn.Module) -> int:
+    """Intra-op CPU threads for evaluating ``model``: 1 below `SMALL_MODEL_PARAMETERS` (tiny per-token ops only
+    contend, and slow down many-fold when other jobs share the cores), else min(available cores, 4)."""
+    if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, 4)
 
 
 QUANTIZATIONS = ("8bit", "4bit")

@@ -37,7 +37,7 @@ from .._compat import output_cache
 from ..cache import GSQCache, weight_bytes
 from ..config import GSQConfig
 from ..patch import patch
-from .data import load_model
+from .data import default_threads, load_model
 
 __all__ = ["UNPATCHED", "measure_configs", "measure_generate"]
 
@@ -126,8 +126,6 @@ def measure_generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: i
 
 
 def _worker(job: dict[str, Any]) -> dict[str, Any]:
-    from ..cli import default_threads
-
     torch.manual_seed(job["seed"])
     model = load_model(job["model"], job["dtype"], job["device"], quantization=job.get("quantization"),
                        device_map=job.get("device_map"))
@@ -157,7 +155,7 @@ def measure_configs(
 
     The two unpatched runs differ only by noise (allocator, page cache, drift of the machine): their
     difference is the resolution of a peak (`gsq_hf.eval.report.peak_resolution`). ``threads``: intra-op
-    threads of each process (None: `gsq_hf.cli.default_threads` of the model). A config whose process fails gets
+    threads of each process (None: `default_threads` of the model). A config whose process fails gets
     ``{"config", "error"}`` (the last line the process wrote to stderr).
     """
     records = []

@@ -314,7 +314,7 @@ def decode_faithful_perplexity(
     """
     windows = _windows(windows_or_tokenizer, text, context, max_tokens)
     cfg = resolve_config(config)
-    stepped = needs_stepping(cfg, stepped)
+    stepped = needs_stepping(model, cfg, stepped)
     vocab = getattr(model.config, "vocab_size", None)
     if keep_reference is not None and not (isinstance(keep_reference, int) and keep_reference > 0
                                            and (vocab is None or keep_reference <= vocab)):

@@ -50,9 +50,9 @@ from ..patch import is_patched, patched
 from .data import EvalInputError
 from .stepping import needs_stepping, next_token_logits
 
-__all__ = ["RECALL_INFO_FILE", "MQARBatch", "MQARSpec", "RecallInputError", "check_recall_task", "check_vocabulary",
-           "generate_mqar", "load_recall_spec", "read_recall_info", "recall_accuracy", "recall_sweep",
-           "recall_table"]
+__all__ = ["RECALL_INFO_FILE", "MQARBatch", "MQARSpec", "RecallInputError", "add_recall_deltas", "check_recall_task",
+           "check_vocabulary", "generate_mqar", "load_recall_spec", "read_recall_info", "recall_accuracy",
+           "recall_sweep", "recall_table"]
 
 RECALL_INFO_FILE = "recall_model.json"  # written next to a recall model by scripts/train_recall.py
 
@@ -139,7 +139,7 @@ def recall_accuracy(
     """
     check_vocabulary(model, batch.spec)
     cfg = resolve_config(config)
-    stepped = needs_stepping(cfg, stepped)
+    stepped = needs_stepping(model, cfg, stepped)
     device = next(p for p in model.parameters() if p.device.type != "meta").device
     correct = total = writes = 0
     bits = state = full = 0.0
@@ -256,7 +256,8 @@ def recall_sweep(
         correct, queries = sum(r["correct"] for r in runs), sum(r["queries"] for r in runs)
         writes, seconds = sum(r["writes"] for r in runs), sum(r["seconds"] for r in runs)
         records.append({
-            "config": cfg.name, "policy": cfg.policy, "recall": correct / queries,
+            "config": cfg.name, "policy": cfg.policy, "evaluation": runs[0]["evaluation"],
+            "recall": correct / queries,
             "recall_by_gap": {gap: r["accuracy"] for gap, r in by_gap.items()},
             "correct": correct, "queries": queries,
             "avg_state_bits": sum(r["avg_state_bits"] * r["writes"] for r in runs) / writes,
@@ -267,12 +268,18 @@ def recall_sweep(
                              "avg_state_bits": r["avg_state_bits"], "state_bytes": r["state_bytes"]}
                        for gap, r in by_gap.items()},
         })
-    first = records[0] if records else None
+    add_recall_deltas(records)
+    return {"task": asdict(spec), "gaps": gaps, "num": num, "seed": seed, "results": records}
+
+
+def add_recall_deltas(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Set each record's recall difference from the first record's, overall and per gap (in place)."""
     for record in records:
+        first = records[0]
         record["delta_vs_first"] = record["recall"] - first["recall"]
         record["delta_by_gap"] = {gap: value - first["recall_by_gap"][gap]
                                   for gap, value in record["recall_by_gap"].items()}
-    return {"task": asdict(spec), "gaps": gaps, "num": num, "seed": seed, "results": records}
+    return records
 
 
 def recall_table(records: Sequence[dict[str, Any]]) -> str:

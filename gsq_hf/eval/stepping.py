@@ -22,9 +22,11 @@ __all__ = ["CHUNK_LOGITS", "needs_stepping", "next_token_logits"]
 CHUNK_LOGITS = 2**26
 
 
-def needs_stepping(cfg: GSQConfig, stepped: bool | None) -> bool:
-    """Whether a run must feed one token per forward: where a multi-token forward would store the states
-    differently from generation (no next-token signal inside it, or states written only at its end)."""
+def needs_stepping(model: torch.nn.Module, cfg: GSQConfig, stepped: bool | None) -> bool:
+    """Whether a run of ``cfg`` on ``model`` must feed one token per forward: where a multi-token forward would
+    store the states differently from generation (no next-token signal inside it, or states written only at
+    its end). Judged on the config as it applies to the model (its ``family_overrides``)."""
+    cfg = cfg.for_model_type(getattr(model.config, "model_type", None))
     reason = ("its policy reads the next-token distribution, which a multi-token forward does not have"
               if cfg.policy == "entropy" else
               "write_mode='end_of_forward' stores the state only at the end of a forward"

@@ -42,7 +42,7 @@ def test_worker_threads(tmp_path, monkeypatch):
 
     model_dir = tmp_path / "model"
     tiny_mamba().save_pretrained(model_dir)
-    monkeypatch.setattr("gsq_hf.cli.SMALL_MODEL_PARAMETERS", 1)  # every model is "large": the default is the cores
+    monkeypatch.setattr("gsq_hf.eval.data.SMALL_MODEL_PARAMETERS", 1)  # every model is "large": default = the cores
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)  # this test process keeps its threads
     job = {"model": str(model_dir), "config": None, "label": "unpatched", "prompt": [1, 2, 3], "batch_size": 1,

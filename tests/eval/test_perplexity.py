@@ -277,7 +277,9 @@ def test_chunks_are_bounded_and_entropy_is_stepped(monkeypatch, tokenizer, text)
     monkeypatch.setattr("gsq_hf.eval.stepping.CHUNK_LOGITS", 2 * VOCAB * 5)  # chunks of 5 steps
     assert decode_faithful_perplexity(model, windows, "int4", batch_size=2,
                                       progress=False).nll_sum == pytest.approx(whole.nll_sum, rel=MODES_RTOL)
-    for config in ("gsq-entropy", {"policy": "static", "format": "int8", "write_mode": "end_of_forward"}):
+    entropy_on_mamba = {"policy": "static", "format": "int8", "family_overrides": {"mamba": {"policy": "entropy"}}}
+    for config in ("gsq-entropy", {"policy": "static", "format": "int8", "write_mode": "end_of_forward"},
+                   entropy_on_mamba):  # judged as the config applies to the model
         assert decode_faithful_perplexity(model, windows, config, progress=False).state["evaluation"] == "stepped"
         with pytest.raises(ValueError, match="cannot be evaluated by chunked forwards"):
             decode_faithful_perplexity(model, windows, config, progress=False, stepped=False)
