@@ -108,9 +108,11 @@ def _int4_kl(records: list[dict]) -> float | None:
 
 
 def plot(records: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
     from gsq_hf import plot as gsq_plot
 
-    fig = gsq_plot._figure(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
     base = sorted((r for r in records if r["config"] in BASELINES), key=lambda r: r["bits"])
     ax.plot([r["bits"] for r in base], [r["kl"] for r in base], "o-", color="gray", label="uniform (fp32 scales)")

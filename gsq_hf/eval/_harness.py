@@ -12,7 +12,7 @@ from lm_eval.models.huggingface import HFLM
 from ..cache import GSQCache
 from ..config import GSQConfig
 from ..patch import is_patched, patch
-from .stepping import needs_stepping
+from .stepping import needs_stepping, next_token_logits
 
 __all__ = ["GSQLM"]
 
@@ -50,8 +50,8 @@ class GSQLM(HFLM):
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
             cache = GSQCache(self.model, self.gsq_config)
-            return torch.cat([self.model(input_ids=inps[:, t : t + 1], cache=cache, use_cache=True).logits
-                              for t in range(inps.shape[1])], dim=1)
+            return torch.cat([logits for _, logits in next_token_logits(self.model, inps, cache, stepped=True)]
+                             ).transpose(0, 1)
 
     def get_model_info(self) -> dict:
         return {**super().get_model_info(), "gsq_config": self.gsq_config.to_dict(), "gsq_mode": self.gsq_mode}

@@ -350,7 +350,7 @@ def decode_faithful_perplexity(
                 ref = [part[first : first + rows].to(device).transpose(0, 1)
                        for part in (reference.logits, reference.indices, reference.logsumexp)]
                 step_kl = torch.empty(steps, rows, dtype=torch.float64, device=device)
-            for t, logits in next_token_logits(model, batch, cache, stepped):
+            for t, logits in next_token_logits(model, batch[:, :-1], cache, stepped):
                 n = logits.shape[0]  # steps t .. t+n-1, each scoring the token after it
                 logits = logits.flatten(0, 1)  # (n * rows, vocab), step-major
                 step_nll[t : t + n] = F.cross_entropy(logits, batch[:, t + 1 : t + 1 + n].T.flatten(),

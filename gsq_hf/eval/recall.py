@@ -151,7 +151,7 @@ def recall_accuracy(
             ids, mask = ids.to(device), mask.to(device)
             cache = GSQCache(model, cfg)
             predictions = torch.empty(ids.shape[0], steps, dtype=torch.long, device=device)
-            for t, logits in next_token_logits(model, ids, cache, stepped):
+            for t, logits in next_token_logits(model, ids[:, :-1], cache, stepped):
                 predictions[:, t : t + logits.shape[0]] = logits.argmax(-1).T
             hits = (predictions == ids[:, 1:]) & mask[:, :-1]
             correct += int(hits.sum())

@@ -37,14 +37,14 @@ def needs_stepping(model: torch.nn.Module, cfg: GSQConfig, stepped: bool | None)
     return bool(stepped) or reason is not None
 
 
-def next_token_logits(model: torch.nn.Module, batch: torch.Tensor, cache: GSQCache, stepped: bool):
-    """``(t, logits)`` per forward over ``batch`` (rows, context): the float32 next-token logits of steps
-    ``t .. t+n-1`` as (n, rows, vocab), one token per forward when ``stepped``, else chunks of at most
-    `CHUNK_LOGITS` values, each continuing from the cache."""
-    rows, steps = batch.shape[0], batch.shape[1] - 1
+def next_token_logits(model: torch.nn.Module, ids: torch.Tensor, cache: GSQCache, stepped: bool):
+    """``(t, logits)`` per forward over ``ids`` (rows, length), continuing from ``cache``: the float32 logits
+    after tokens ``t .. t+n-1`` (the next-token distributions there) as (n, rows, vocab); one token per
+    forward when ``stepped``, else chunks of at most `CHUNK_LOGITS` values."""
+    rows, length = ids.shape
     vocab = getattr(model.config, "vocab_size", None) or 1
-    chunk = 1 if stepped else max(1, min(steps, CHUNK_LOGITS // (rows * vocab)))
-    for t in range(0, steps, chunk):
-        n = min(chunk, steps - t)
-        logits = model(input_ids=batch[:, t : t + n], cache=cache, use_cache=True).logits
+    chunk = 1 if stepped else max(1, min(length, CHUNK_LOGITS // (rows * vocab)))
+    for t in range(0, length, chunk):
+        n = min(chunk, length - t)
+        logits = model(input_ids=ids[:, t : t + n], cache=cache, use_cache=True).logits
         yield t, logits.float().transpose(0, 1)
