@@ -263,7 +263,12 @@ def check_chunked_equals_stepped(model: torch.nn.Module) -> None:
         chunked = decode_faithful_perplexity(model, windows, config, batch_size=2, progress=False)
         assert (stepped.state.pop("evaluation"), chunked.state.pop("evaluation")) == ("stepped", "chunked")
         assert chunked.nll_sum == pytest.approx(stepped.nll_sum, rel=MODES_RTOL), config
-        assert chunked.state == stepped.state, config  # the same writes: formats, bits and bytes
+        if chunked.state["policy"] != "static":  # a gate on its threshold may flip with the summation order:
+            # format shares and bits within a few unit-writes (measured: equal on these models and this CPU)
+            fractions, bits = chunked.state.pop("format_fractions"), chunked.state.pop("avg_state_bits")
+            assert fractions == pytest.approx(stepped.state.pop("format_fractions"), abs=1e-3), config
+            assert bits == pytest.approx(stepped.state.pop("avg_state_bits"), abs=1e-2), config
+        assert chunked.state == stepped.state, config  # the same writes: sizes (and static formats) exactly
 
 
 def test_chunked_evaluation_equals_stepping(model):
