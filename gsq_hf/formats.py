@@ -101,16 +101,35 @@ class QuantizedTensor:
 
 
 def _absmax(groups: torch.Tensor) -> torch.Tensor:
-    """Largest |value| over the last dim (NaN if any is NaN). On CPU a reduction over a short innermost dim
-    (a group of 16) costs about ten elementwise passes; for power-of-two groups, halving with elementwise
-    maxima costs about four (`python scripts/bench_decode_overhead.py`)."""
+    """Largest |value| over the last dim (NaN if any is NaN).
+
+    On CPU a reduction over a short *innermost* dim (a group of 16 contiguous values) costs about ten
+    elementwise passes; halving with elementwise maxima costs about four. Over 32 or more contiguous values,
+    or along a dim that is not innermost (a state laid out state-dim-outer, see `gsq_hf.adapters.mamba`), the
+    plain reduction is faster (`python scripts/bench_decode_overhead.py`)."""
     values, n = groups.abs(), groups.shape[-1]
-    if groups.is_cuda or n & (n - 1):
+    if groups.is_cuda or n > 16 or n & (n - 1) or groups.stride(-1) != 1:
         return values.amax(dim=-1)
     while n > 1:
         n //= 2
         values = torch.maximum(values[..., :n], values[..., n:])
     return values[..., 0]
+
+
+def _last_dim_view(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x`` and the dim its logical last dim sits at, in an order where the innermost dim stays innermost:
+    ``(x, -1)``, or for a state stored last-dim-outer (stride(-1) > 1, see `gsq_hf.adapters.mamba`)
+    ``(x.transpose(-1, -2), -2)``. Packing and rotating in that order keep the memory layout, so every
+    elementwise pass of the decode step stays vectorized along the innermost dim."""
+    if x.dim() < 2 or x.stride(-1) == 1:
+        return x, -1
+    return x.transpose(-1, -2), -2
+
+
+def _rotate(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``x @ matrix`` along the last dim, in ``x``'s memory layout (`_last_dim_view`)."""
+    view, dim = _last_dim_view(x)
+    return x @ matrix if dim == -1 else (matrix.T @ view).transpose(-1, -2)
 
 
 def _float_stochastic_round(x: torch.Tensor, mantissa_bits: int, min_exponent: int, generator) -> torch.Tensor:
@@ -182,7 +201,7 @@ class StateFormat:
         """Store ``x`` (any float dtype; last dim divisible by ``group_size``) in this format."""
         x = x.float()
         if self.rotation is not None:
-            x = x @ _hadamard(x.shape[-1], x.device)
+            x = _rotate(x, _hadamard(x.shape[-1], x.device))
         if self.name == "fp32":
             return QuantizedTensor(x.clone(), None, self, group_size)
         scale = stored_scale = row_scale = None
@@ -246,7 +265,7 @@ class StateFormat:
             groups = values.unflatten(-1, (values.shape[-1] // q.group_size, q.group_size))
             values = (groups * self._load_scale(q).unsqueeze(-1)).flatten(-2)
         if self.rotation is not None:
-            values = values.float() @ _hadamard(values.shape[-1], values.device).T
+            values = _rotate(values.float(), _hadamard(values.shape[-1], values.device).T)
         return values
 
     def roundtrip(self, x: torch.Tensor, group_size: int, rounding: str = "nearest", generator=None) -> torch.Tensor:
@@ -292,34 +311,38 @@ class StateFormat:
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
         """Sub-byte codes, offset to unsigned, packed little-endian: code i of a block at bit ``i * bits``.
 
-        Built from strided slices (code i of every block at once), so no reduction runs on the per-token path.
+        Built from strided slices (code i of every block at once), so no reduction runs on the per-token path;
+        the packed tensor keeps the codes' memory layout (`_last_dim_view`).
         """
         if self.bits == 8:
             return codes
         per, nbytes = self._block
         work = torch.uint8 if nbytes == 1 else torch.int16  # one-byte blocks: bits past 8 simply drop
-        unsigned = (codes + (1 << (self.bits - 1))).to(work)
+        view, dim = _last_dim_view(codes)
+        blocks = (view + (1 << (self.bits - 1))).to(work).unflatten(dim, (-1, per))
         out: list = [None] * nbytes
         for i, k, shift in self._pieces(per, nbytes):
-            part = unsigned[..., i::per]
+            part = blocks.select(dim, i)
             part = part if shift == 0 else part << shift if shift > 0 else part >> -shift
             out[k] = part if out[k] is None else out[k] | part
-        if nbytes == 1:
-            return out[0]
-        return torch.stack([byte & 0xFF for byte in out], dim=-1).to(torch.uint8).flatten(-2)
+        packed = out[0] if nbytes == 1 else torch.stack([b & 0xFF for b in out], dim=dim).to(torch.uint8).flatten(
+            dim - 1, dim)
+        return packed if dim == -1 else packed.transpose(-1, -2)
 
     def _unpack(self, data: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
             return data
         per, nbytes = self._block
-        blocks = (data if nbytes == 1 else data.to(torch.int16)).unflatten(-1, (-1, nbytes))
+        view, dim = _last_dim_view(data)
+        blocks = (view if nbytes == 1 else view.to(torch.int16)).unflatten(dim, (-1, nbytes))
         codes: list = [None] * per
         for i, k, shift in self._pieces(per, nbytes):
-            part = blocks[..., k]
+            part = blocks.select(dim, k)
             part = part if shift == 0 else part >> shift if shift > 0 else part << -shift
             codes[i] = part if codes[i] is None else codes[i] | part
         mask, offset = (1 << self.bits) - 1, 1 << (self.bits - 1)
-        return torch.stack([(code & mask).to(torch.int8) - offset for code in codes], dim=-1).flatten(-2)
+        values = torch.stack([(code & mask).to(torch.int8) - offset for code in codes], dim=dim).flatten(dim - 1, dim)
+        return values if dim == -1 else values.transpose(-1, -2)
 
 
 FORMATS: dict[str, StateFormat] = {

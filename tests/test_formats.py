@@ -198,3 +198,20 @@ def test_format_by_parts_is_the_canonical_name():
     assert get_format({"codes": "int4"}) is get_format("int4")
     with pytest.raises(GSQConfigError, match="GSQConfig.group_size"):
         get_format({"codes": "int4", "group": 16})
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "int3", "midrise3-e4m3-hadamard", "midrise4-e4m3-hadamard", "fp8",
+                                  "int5-e8m0", "fp16"])
+def test_a_state_laid_out_state_dim_outer_is_stored_alike_and_keeps_its_layout(name):
+    """The CPU Mamba path hands states whose last dim (d_state) is not innermost: same codes, scales and values
+    as the contiguous state, and the stored and read-back tensors keep the channel dim innermost."""
+    fmt = get_format(name)
+    outer = torch.randn(3, 16, 24).transpose(1, 2)  # (batch, channels, d_state), channels innermost
+    stored, reference = fmt.quantize(outer, 8), fmt.quantize(outer.contiguous(), 8)
+    assert torch.equal(stored.data, reference.data)
+    assert (stored.scale is None) == (reference.scale is None)
+    if stored.scale is not None:
+        assert torch.equal(stored.scale, reference.scale)
+    assert torch.equal(stored.dequantize(), reference.dequantize())
+    assert stored.data.stride(1) == 1 and stored.dequantize().stride(1) == 1
+    assert stored.nbytes == reference.nbytes

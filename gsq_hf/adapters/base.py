@@ -133,7 +133,7 @@ class MixerAdapter(ABC):
         ``gate`` is (B, T, units): the policy's signal for the write after each step (None if unused).
         """
         stored = layer.read_ssm()
-        h = dBx.new_zeros(dBx.shape[:1] + dBx.shape[2:]) if stored is None else stored  # (B, *state)
+        h = torch.zeros_like(dBx[:, 0]) if stored is None else stored  # (B, *state), in dBx's memory layout
         if layer.cache.config.write_mode == "every_step":
 
             last = dBx.shape[1] - 1

@@ -17,7 +17,23 @@ from torch import nn
 from ..cache import GSQStateLayer
 from .base import MixerAdapter, apply_padding_mask, register_adapter
 
-__all__ = ["MambaAdapter"]
+__all__ = ["MambaAdapter", "discretize"]
+
+
+def discretize(dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ā = exp(Δ·A) and B̄x = Δ·B·x, (B, T, *S, N) each, with upstream's rounding (same products, same order).
+
+    On CPU they are laid out state-dim-outer (N before the channel dims in memory, D innermost), so the states
+    the scan makes, their per-group absmax over N and every elementwise pass of the step run along the long
+    contiguous channel dim: over a group of 16 innermost values the absmax is a slow short reduction
+    (`python scripts/bench_decode_overhead.py`). CUDA keeps the contiguous layout the fused kernel reads.
+    """
+    if dt.is_cuda:
+        return torch.exp(dt[..., None] * A), dt[..., None] * B.float() * x[..., None].float()
+    units = dt.dim() - 2  # the channel dims S
+    dA = torch.exp(dt[:, :, None] * A.movedim(-1, 0).contiguous())  # (B, T, N, *S), contiguous
+    dBx = (dt[:, :, None] * B.float().movedim(-1, 2) * x[:, :, None].float()).contiguous()  # (B, T, N, *S)
+    return dA.movedim(2, 2 + units), dBx.movedim(2, 2 + units)
 
 
 @register_adapter
@@ -65,8 +81,7 @@ class MambaAdapter(MixerAdapter):
             y = self.fused_step(layer, x[:, 0], dt[:, 0], A, B[:, 0, 0], C[:, 0], mixer.D, z[..., 0], conv_history)
             if y is not None:
                 return mixer.out_proj(y[:, None].to(dtype))
-        dA = torch.exp(dt[..., None] * A)  # (B, T, *S, N)
-        dBx = dt[..., None] * B.float() * x[..., None].float()  # (B, T, *S, N)
+        dA, dBx = discretize(dt, A, B, x)  # (B, T, *S, N) each
         gate = 1.0 - dA.flatten(3).mean(dim=-1) if layer.cache.policy.uses_gate else None  # (B, T, S[0])
         y = self.scan(layer, dA, dBx, C[..., None], gate, x.dtype, conv_history)  # (B, T, *S)
         y = (y + x * mixer.D.float()).flatten(2) * F.silu(z.transpose(1, 2))  # (B, T, D)

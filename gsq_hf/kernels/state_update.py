@@ -341,13 +341,11 @@ def _batch_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _storage_pointers(q: QuantizedTensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(data, scale) of a stored copy; ``fallback`` stands in for what the kernel never touches."""
+    """(data, scale) of a stored copy, contiguous (a state the CPU torch path stored state-dim-outer is copied
+    once; the kernel's own outputs are contiguous); ``fallback`` stands in for what the kernel never touches."""
     if q is None:
         return fallback, fallback
-    for t in (q.data, q.scale):
-        if t is not None and not t.is_contiguous():
-            raise ValueError("stored state tensors must be contiguous (as gsq_hf.formats makes them)")
-    return q.data, q.scale if q.scale is not None else fallback
+    return q.data.contiguous(), q.scale.contiguous() if q.scale is not None else fallback
 
 
 def default_block(length: int, d_state: int) -> int:
