@@ -27,6 +27,7 @@ One grid step: the scale for int8/int4 (one code); for fp8/bf16/fp16 the format'
 """
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device: run with TRITON_INTERPRET=1 to test the kernel on CPU (Triton's interpreter)",
                 allow_module_level=True)
 
-from gsq_hf.formats import QuantizedTensor, StateFormat, get_format  # noqa: E402
+from gsq_hf.formats import QuantizedTensor, StateFormat, _hadamard, get_format  # noqa: E402
 from gsq_hf.kernels import state_update_reference, unsupported_reason  # noqa: E402
 from gsq_hf.kernels.reference import KERNEL_FORMATS, read_state  # noqa: E402
 from gsq_hf.kernels.state_update import state_update  # noqa: E402
@@ -52,17 +53,31 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N = 16
 F = get_format
 
-# name -> (policy, group_size, row_signal)
-CASES = {f"static-{name}": (StaticPolicy(F(name)), None, None) for name in sorted(KERNEL_FORMATS)} | {
+# name -> (policy, group_size, row_signal): every code grid, packing, scale dtype and rotation the kernel
+# stores, alone and as the low or high copy of a threshold policy (mixed bases: one copy rotated, one not)
+STATIC = ["fp32", "bf16", "fp16", "fp8", "int8", "int6", "int5", "int4", "int3", "int2", "midrise8", "midrise4",
+          "midrise3", "int8-fp16", "int4-e4m3", "int8-e4m3", "fp8-e4m3", "fp32-hadamard", "bf16-hadamard",
+          "int4-hadamard", "int8-e4m3-hadamard", "int4-e4m3-hadamard", "midrise4-e4m3-hadamard",
+          "midrise3-e4m3-hadamard"]
+CASES = {f"static-{name}": (StaticPolicy(F(name)), None, None) for name in STATIC} | {
     "static-int8-g4": (StaticPolicy(F("int8")), 4, None),
     "static-int4-g4": (StaticPolicy(F("int4")), 4, None),
     "static-fp8-g4": (StaticPolicy(F("fp8")), 4, None),
+    "static-int4-e4m3-g4": (StaticPolicy(F("int4-e4m3")), 4, None),
+    "static-midrise3-e4m3-hadamard-g8": (StaticPolicy(F("midrise3-e4m3-hadamard")), 8, None),
     "gate-open-int8/fp16": (GateThresholdPolicy(F("int8"), F("fp16"), 0.3, "open"), None, None),
     "gate-closed-int4/int8": (GateThresholdPolicy(F("int4"), F("int8"), 0.3, "closed"), None, None),
     "gate-open-fp8/bf16-g8": (GateThresholdPolicy(F("fp8"), F("bf16"), 0.5, "open"), 8, None),
+    "gate-open-midrise3-e4m3-hadamard/int8-e4m3": (
+        GateThresholdPolicy(F("midrise3-e4m3-hadamard"), F("int8-e4m3"), 0.3, "open"), None, None),
+    "gate-closed-int4-e4m3/midrise4-e4m3-hadamard": (
+        GateThresholdPolicy(F("int4-e4m3"), F("midrise4-e4m3-hadamard"), 0.3, "closed"), None, None),
     "entropy-int4/fp32": (EntropyThresholdPolicy(F("int4"), F("fp32"), 0.5), None, [0.2, 0.8]),
     "entropy-first-int4/fp16": (EntropyThresholdPolicy(F("int4"), F("fp16"), 0.5), None, None),
+    "entropy-midrise4-e4m3-hadamard/fp16-hadamard": (
+        EntropyThresholdPolicy(F("midrise4-e4m3-hadamard"), F("fp16-hadamard"), 0.5), None, [0.2, 0.8]),
 }
+assert {f.name for policy, _, _ in CASES.values() for f in policy.formats} <= KERNEL_FORMATS
 
 
 def make_inputs(family: str, policy, group: int | None, row_signal, seed: int = 0, batch: int = 2, units: int = 6,
@@ -108,17 +123,39 @@ def fresh_state(inputs: dict) -> torch.Tensor:
     return state_update_reference(**args).low.data
 
 
-def grid_step(fmt: StateFormat, values: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
-    """One step of ``fmt``'s grid at each of ``values`` (dequantized units), using the scales of ``q``."""
-    if fmt.name == "fp32":
+def stored_values(q: QuantizedTensor) -> torch.Tensor:
+    """The values ``q`` stores, in its stored basis (a rotated format's, before the inverse rotation)."""
+    return replace(q, fmt=replace(q.fmt, rotation=None)).dequantize()
+
+
+def in_stored_basis(fmt: StateFormat, h: torch.Tensor) -> torch.Tensor:
+    return h @ _hadamard(h.shape[-1], h.device) if fmt.rotation is not None else h
+
+
+def value_scale(q: QuantizedTensor, values: torch.Tensor) -> torch.Tensor:
+    """The scale each value is stored against (for e4m3: the group's stored scale times the row scale)."""
+    if q.scale is None:
+        return torch.ones_like(values)
+    return q.fmt._load_scale(q).float().repeat_interleave(q.group_size, dim=-1)
+
+
+def grid_step(q: QuantizedTensor, values: torch.Tensor) -> torch.Tensor:
+    """One step of ``q.fmt``'s grid at each of ``values`` (stored basis), using the scales of ``q``."""
+    fmt = q.fmt
+    if fmt.kind == "float" and fmt.storage_dtype == torch.float32:
         return 1e-5 * values.abs() + 1e-6
-    scale = torch.ones_like(values)
-    if q.scale is not None:
-        scale = q.scale.repeat_interleave(q.group_size, dim=-1)
+    scale = value_scale(q, values)
     if fmt.kind == "int":
         return scale
     _, exponent = torch.frexp(values / scale)
     return torch.ldexp(torch.ones_like(values), (exponent - 1).clamp(min=fmt.min_exponent) - fmt.mantissa_bits) * scale
+
+
+def beyond_grid(q: QuantizedTensor, h: torch.Tensor) -> torch.Tensor:
+    """How far |h| lies past the largest level: a rounded (fp16 / e4m3) scale may leave values there, clamped."""
+    if not q.fmt.scaled:
+        return torch.zeros_like(h)
+    return (h.abs() - q.fmt.max_code * value_scale(q, h)).clamp(min=0)
 
 
 def codes(q: QuantizedTensor) -> torch.Tensor:
@@ -143,19 +180,31 @@ def check_common(kernel, ref, inputs: dict) -> torch.Tensor | None:
     return kernel.high_valid & ref.high_valid
 
 
-def check_nearest(kernel_q: QuantizedTensor, ref_q: QuantizedTensor, where: torch.Tensor) -> None:
-    k, r = kernel_q.dequantize(), ref_q.dequantize()
-    step = torch.maximum(grid_step(ref_q.fmt, r, ref_q), grid_step(ref_q.fmt, k, kernel_q))
+def check_scales(kernel_q: QuantizedTensor, ref_q: QuantizedTensor, units: torch.Tensor) -> None:
+    """Group scales as stored (fp32, fp16 or e4m3 ratios) and e4m3 row scales agree to float rounding."""
+    assert (kernel_q.scale is None) == (ref_q.scale is None) and kernel_q.scale.dtype == ref_q.scale.dtype
+    where = units_view(units, ref_q.scale)
+    torch.testing.assert_close(kernel_q.scale.float()[where], ref_q.scale.float()[where], rtol=1e-5, atol=0)
+    if ref_q.row_scale is not None:
+        torch.testing.assert_close(kernel_q.row_scale, ref_q.row_scale, rtol=1e-5, atol=0)
+
+
+def check_nearest(kernel_q: QuantizedTensor, ref_q: QuantizedTensor, units: torch.Tensor) -> None:
+    k, r = stored_values(kernel_q), stored_values(ref_q)
+    where = units_view(units, r)
+    step = torch.maximum(grid_step(ref_q, r), grid_step(kernel_q, k))
     assert ((k - r).abs() <= step * (1 + 1e-5) + 1e-5 * r.abs())[where].all()
-    if ref_q.fmt.name != "fp32":
+    if ref_q.scale is not None:
+        check_scales(kernel_q, ref_q, units)
+    if ref_q.fmt.storage_dtype != torch.float32:  # fp32 values (rotated or not) differ in the last bits
         differ = (codes(kernel_q).view(k.shape) != codes(ref_q).view(r.shape))[where]
         assert differ.sum() <= 0.01 * differ.numel()
 
 
-def check_one_step(q: QuantizedTensor, h: torch.Tensor, where: torch.Tensor) -> None:
-    k = q.dequantize()
-    step = torch.maximum(grid_step(q.fmt, h, q), grid_step(q.fmt, k, q))
-    assert ((k - h).abs() <= step * (1 + 1e-5) + 1e-5 * h.abs())[where].all()
+def check_one_step(q: QuantizedTensor, h: torch.Tensor, units: torch.Tensor) -> None:
+    k, h = stored_values(q), in_stored_basis(q.fmt, h)
+    step = torch.maximum(grid_step(q, h), grid_step(q, k))
+    assert ((k - h).abs() <= step * (1 + 1e-5) + 1e-5 * h.abs() + beyond_grid(q, h))[units_view(units, h)].all()
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
@@ -166,9 +215,9 @@ def test_nearest_matches_reference(family, case):
     both_high = check_common(kernel, ref, inputs)
     if ref.high_valid is not None and inputs["row_signal"] is not None or "gate" in case:
         assert 0 < ref.high_valid.sum() < ref.high_valid.numel()  # both formats are written
-    check_nearest(kernel.low, ref.low, torch.ones_like(ref.low.dequantize(), dtype=torch.bool))
+    check_nearest(kernel.low, ref.low, torch.ones_like(ref.gate, dtype=torch.bool))
     if both_high is not None:
-        check_nearest(kernel.high, ref.high, units_view(both_high, ref.low.dequantize()))
+        check_nearest(kernel.high, ref.high, both_high)
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
@@ -178,11 +227,13 @@ def test_stochastic_within_one_step(family, case):
     kernel, ref = state_update(**inputs), state_update_reference(**inputs)
     both_high = check_common(kernel, ref, inputs)
     h = fresh_state(inputs)
-    everywhere = torch.ones_like(h, dtype=torch.bool)
+    everywhere = torch.ones_like(ref.gate, dtype=torch.bool)
     check_one_step(kernel.low, h, everywhere)
     check_one_step(ref.low, h, everywhere)
+    if ref.low.scale is not None:
+        check_scales(kernel.low, ref.low, everywhere)  # scales do not depend on the rounding of the codes
     if both_high is not None:
-        check_one_step(kernel.high, h, units_view(both_high, h))
+        check_one_step(kernel.high, h, both_high)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "bf16", "fp8"])
