@@ -236,22 +236,27 @@ def test_stochastic_within_one_step(family, case):
         check_one_step(kernel.high, h, both_high)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "bf16", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "bf16", "fp8", "midrise4", "int4-e4m3-hadamard",
+                                 "midrise3-e4m3-hadamard"])
 def test_stochastic_rounding_is_unbiased(fmt):
-    """Each value rounds up with probability equal to its distance from the lower grid point (±4σ),
-    over all values and separately over those nearer the lower or the upper point (nearest would fail these)."""
+    """Each value (in the stored basis) rounds up with probability equal to its distance from the grid point
+    below (±4σ), over all values and separately over those nearer the lower or the upper point (nearest would
+    fail these). Values a rounded e4m3 scale leaves past the largest level are clamped, not rounded: left out."""
     policy = StaticPolicy(F(fmt))
     ups, fractions = [], []
     for step in range(4):
         inputs = make_inputs("mamba", policy, None, None, seed=11, batch=4, units=16) | dict(
             rounding="stochastic", seed=7, step=step)
         q = state_update(**inputs).low
-        h = fresh_state(inputs)
-        spacing = grid_step(q.fmt, h, q)
-        lower = torch.floor(h / spacing) * spacing
-        ups.append(q.dequantize() > lower + spacing / 2)
-        fractions.append((h - lower) / spacing)
-    up, fraction = torch.cat(ups).flatten().float(), torch.cat(fractions).flatten()
+        h = in_stored_basis(q.fmt, fresh_state(inputs))
+        spacing = grid_step(q, h)
+        offset = 0.5 if q.fmt.midrise else 0.0  # mid-rise levels sit at (k + 0.5) steps
+        lower = (torch.floor(h / spacing - offset) + offset) * spacing
+        inside = beyond_grid(q, h) == 0
+        ups.append((stored_values(q) > lower + spacing / 2)[inside])
+        fractions.append(((h - lower) / spacing)[inside])
+    up, fraction = torch.cat(ups).float(), torch.cat(fractions)
+    assert up.numel() > 0.9 * 4 * 4 * 16 * N
     for subset in (fraction >= 0, fraction < 0.5, fraction >= 0.5):
         excess = (up[subset] - fraction[subset]).sum()
         sigma = (fraction[subset] * (1 - fraction[subset])).sum().sqrt()
@@ -283,12 +288,14 @@ def test_low_and_high_copies_draw_independent_noise():
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
-def test_inplace_with_several_programs_per_unit_row(family):
-    """Tiles smaller than a row of channels / a head: several programs, same result, also written in place.
+@pytest.mark.parametrize("low, high", [("int8", "bf16"), ("midrise3-e4m3-hadamard", "int8-e4m3")])
+def test_inplace_with_several_programs_per_unit_row(family, low, high):
+    """Tiles smaller than a row of channels / a head: several programs, same result, also written in place
+    (e4m3: the row maximum gathers over the programs of a batch row, the row scale lands in the stored copy).
 
     Row flags (entropy policy) decide here, so that a reordered sum cannot move a gate across a threshold.
     """
-    policy = EntropyThresholdPolicy(F("int8"), F("bf16"), 0.5)
+    policy = EntropyThresholdPolicy(F(low), F(high), 0.5)
     inputs = make_inputs(family, policy, None, [0.2, 0.8])
     expected = state_update(**inputs)
     out = state_update(**inputs, inplace=True, block_rows=2)
@@ -298,6 +305,9 @@ def test_inplace_with_several_programs_per_unit_row(family):
     assert torch.equal(out.low.data, expected.low.data) and torch.equal(out.low.scale, expected.low.scale)
     high = units_view(expected.high_valid, expected.high.data)
     assert torch.equal(out.high.data[high], expected.high.data[high])
+    for mine, theirs in ((out.low, expected.low), (out.high, expected.high)):
+        assert (mine.row_scale is None) == (theirs.row_scale is None)
+        assert mine.row_scale is None or torch.equal(mine.row_scale, theirs.row_scale)
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
@@ -307,7 +317,7 @@ def test_model_dtype_inputs(family):
     kernel, ref = state_update(**inputs), state_update_reference(**inputs)
     assert kernel.y.dtype == torch.bfloat16
     torch.testing.assert_close(kernel.y.float(), ref.y.float(), rtol=2**-7, atol=1e-3)
-    check_nearest(kernel.low, ref.low, torch.ones_like(ref.low.dequantize(), dtype=torch.bool))
+    check_nearest(kernel.low, ref.low, torch.ones_like(ref.gate, dtype=torch.bool))
 
 
 def test_unsupported_cases_say_why():
@@ -319,5 +329,5 @@ def test_unsupported_cases_say_why():
     assert "z gate" in unsupported_reason(mamba2["policy"], mamba2["low"], None, mamba2["A"], mamba2["x"], None)
     low = F("int8").quantize(torch.zeros(1, 2, 12), 12)
     assert "powers of two" in unsupported_reason(StaticPolicy(F("int8")), low, None, torch.zeros(2, 12), None, None)
-    int3 = F("int3").quantize(torch.zeros(1, 2, 16), 16)
-    assert "int3" in unsupported_reason(StaticPolicy(F("int3")), int3, None, torch.zeros(2, 16), None, None)
+    e8m0 = F("int4-e8m0").quantize(torch.zeros(1, 2, 16), 16)
+    assert "int4-e8m0" in unsupported_reason(StaticPolicy(e8m0.fmt), e8m0, None, torch.zeros(2, 16), None, None)
