@@ -8,13 +8,31 @@ updates it in fp32 registers, computes the gate, picks each unit's format from t
 and stores the low copy (and the high copy + valid flag of the units marked high), and writes ``y``.
 
 Kernels (row = one (batch, unit[, p]) vector of ``N`` = d_state values; groups of ``group_size`` along N
-share an fp32 absmax scale, laid out as `gsq_hf.formats` stores them):
+share an absmax scale, laid out as `gsq_hf.formats` stores them):
 
 * `_mamba_kernel`: state (batch, D, N); grid (D / BLOCK, batch); ``exp(Δ·A)`` per (channel, n) as the
   model defines it; gate ``1 − mean_n exp(Δ·A_n)`` per channel; decisions per channel inside the tile.
+  A decay per n does not commute with a rotation along N: rotated copies are unrotated after loading
+  and rotated before storing (a log2(N)-stage butterfly per row each way).
 * `_mamba2_kernel`: state (batch, H, P, N); grid (P / BLOCK, H, batch); one ``exp(Δ·A)`` per program, i.e.
   per head, never per element (a per-element exp made an earlier int8 kernel compute-bound); gate
-  ``1 − exp(Δ·A)``; one decision per head.
+  ``1 − exp(Δ·A)``; one decision per head. One decay per head commutes with the rotation, so the update
+  runs in the low copy's basis: a rotated state is updated as stored and only B and C (N values per
+  program) are rotated; only a high copy stored in the other basis is converted.
+
+Every `gsq_hf.formats` code grid is handled (packed as formats packs it, `_triton_formats`), with fp32,
+fp16 or e4m3 group scales, rotated or not (`KERNEL_FORMATS`). **e4m3 scales** are stored relative to a
+second-level fp32 scale per batch row, the row's largest group scale / 448, so no group can be stored
+before the whole batch row (all units: D·N values, or H·P·N) has been updated, and a batch row spans many
+programs. A step with an e4m3 copy therefore launches the same kernel twice: a **pre-pass**
+(``ROW_MAX_PASS``) computes the fresh state and folds each tile's largest finite group absmax into a
+(batch, 2) buffer with ``atomic_max``, storing nothing; the main pass recomputes the state (the same jitted
+arithmetic) and derives each batch row's scale from that maximum. Chosen over one program per batch row
+(a loop over all units: parallelism = batch, hopeless at batch 1) and over a grid-wide barrier (Triton has
+none, and programs are not all resident): the pre-pass costs a launch and one more read of the stored
+state and the step's inputs (at 4.5 stored bits, state traffic of 13.5 bits per value instead of 9, against
+fp32's 64; not yet timed on a GPU). The new row scale goes to a fresh tensor (every program of the row reads the old one), copied into
+a copy updated in place after the launch.
 
 Formats are compile-time constants; rounding is round-half-even or stochastic (Philox keyed by ``seed``,
 counted by (element, ``step``, stream): steps differ, low and high copies draw independently). Float
@@ -28,7 +46,8 @@ when ``GSQConfig.kernel`` allows it (``auto``: CUDA tensors), the policy is a th
 (``inplace=False``: `LayerStorage` stays immutable, so checkpoints stay references), takes the write
 statistics from ``high_valid``, steps the noise with the layer's write counter, and redoes a step whose
 output is NaN/Inf on the torch path. Every other case — CPU, prefill (T > 1), budget policies, fallback
-units — keeps the torch path. Timings on an H200: ``docs/performance.md``.
+units, e8m0 scales — keeps the torch path. Timings on an H200: ``docs/performance.md`` (the composed
+formats have not been timed on a GPU yet: ``scripts/bench_state_update.py`` has their rows).
 """
 
 from __future__ import annotations
