@@ -31,8 +31,8 @@ arithmetic) and derives each batch row's scale from that maximum. Chosen over on
 (a loop over all units: parallelism = batch, hopeless at batch 1) and over a grid-wide barrier (Triton has
 none, and programs are not all resident): the pre-pass costs a launch and one more read of the stored
 state and the step's inputs (at 4.5 stored bits, state traffic of 13.5 bits per value instead of 9, against
-fp32's 64; not yet timed on a GPU). The new row scale goes to a fresh tensor (every program of the row reads the old one), copied into
-a copy updated in place after the launch.
+fp32's 64; not yet timed on a GPU). The new row scale goes to a fresh tensor (every program of the row
+reads the old one), copied into a copy updated in place after the launch.
 
 Formats are compile-time constants; rounding is round-half-even or stochastic (Philox keyed by ``seed``,
 counted by (element, ``step``, stream): steps differ, low and high copies draw independently). Float

@@ -96,7 +96,8 @@ def test_kernels_compile_for_sm90(monkeypatch, family, policy, options):
     for kernel, args, kwargs in captured:
         constants = {k: v for k, v in kwargs.items() if k != "num_warps"}
         names = kernel.arg_names
-        signature = {name: arg_type(value) for name, value in zip(names, args)} | {k: "constexpr" for k in constants}
+        signature = {name: arg_type(value) for name, value in zip(names[:len(args)], args, strict=True)}
+        signature |= {name: "constexpr" for name in constants}
         assert set(signature) == set(names)
         compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": kwargs["num_warps"]})

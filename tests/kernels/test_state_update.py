@@ -6,14 +6,22 @@ anything imports triton, and torch itself does, so a test cannot switch it on). 
 triton is not installed (``pip install "gsq_hf[triton]"``).
 
 Tolerances. The kernel and the reference compute the same fp32 state ``h`` up to a few ulps (their exp
-and sums differ in the last bits), so with round-to-nearest they store the same codes except where ``h``
-sits within those ulps of a rounding tie:
+and sums differ in the last bits; for a rotated Mamba2 state the kernel updates in the rotated basis and
+rotates B and C, the reference rotates the state), so with round-to-nearest they store the same codes
+except where ``h`` sits within those ulps of a rounding tie. Stored values are compared in the stored basis
+(a rotated format's values before the inverse rotation), where each one is rounded on its own:
 
 =========================  ==========================================  =================================
 what                       round-to-nearest: kernel vs reference       stochastic: kernel vs fp32 ``h``
 =========================  ==========================================  =================================
 codes (int) / values       ≤ 1% differ                                 not compared bit for bit
-stored state, dequantized  ≤ one grid step + 1e-5·|value|               ≤ one grid step + 1e-5·|value|
+stored state (stored       ≤ one grid step + 1e-5·|value|               ≤ one grid step + 1e-5·|value|
+basis)                                                                 (+ how far a value a rounded
+                                                                       scale left past the top level
+                                                                       lies beyond it: clamped)
+group scales as stored     ≤ 1e-5 relative (fp16 / e4m3: equal but     same, kernel vs reference
+(fp32 / fp16 / e4m3),      at a rounding tie)
+e4m3 row scales
 fp32 stored state          ≤ 2e-5·|value| + 1e-6                        same
 rounding statistics        —                                           P(round up) = fraction, ±4σ
 y (fp32 inputs)            ≤ 1e-4 relative + 1e-4                       same (y uses the fp32 state)
@@ -22,8 +30,9 @@ gate                       ≤ 1e-6                                       same
 high mask                  equal where |gate − threshold| > 1e-5        same
 =========================  ==========================================  =================================
 
-One grid step: the scale for int8/int4 (one code); for fp8/bf16/fp16 the format's spacing at the value
-(2**(max(floor(log2|v|), min_exp) − mantissa_bits), times the group scale for fp8).
+One grid step: the value's scale for int / mid-rise codes (one code; e4m3: the stored group scale times the
+row scale); for fp8/bf16/fp16 the format's spacing at the value (2**(max(floor(log2|v|), min_exp) −
+mantissa_bits), times the group scale for fp8).
 """
 
 import os
