@@ -90,7 +90,7 @@ assert {f.name for policy, _, _ in CASES.values() for f in policy.formats} <= KE
 
 
 def make_inputs(family: str, policy, group: int | None, row_signal, seed: int = 0, batch: int = 2, units: int = 6,
-                dtype=torch.float32) -> dict:
+                dtype=torch.float32, n: int = N) -> dict:
     """A stored state (high copies valid on about half the units) and one step's inputs, on DEVICE.
 
     Mamba: (batch, units, N) channels; Mamba2: (batch, units, 3, N) heads of 3 rows, 2 groups of B/C.
@@ -100,8 +100,8 @@ def make_inputs(family: str, policy, group: int | None, row_signal, seed: int = 
     def randn(*shape):
         return torch.randn(*shape, generator=g)
 
-    shape = (batch, units, N) if family == "mamba" else (batch, units, 3, N)
-    group = group or N
+    shape = (batch, units, n) if family == "mamba" else (batch, units, 3, n)
+    group = group or n
     low = policy.low.quantize(randn(*shape), group)
     high = valid = None
     if policy.high is not None:
@@ -109,11 +109,11 @@ def make_inputs(family: str, policy, group: int | None, row_signal, seed: int = 
         valid = torch.rand(batch, units, generator=g) < 0.5
     inputs = dict(low=low, high=high, high_valid=valid, dt_bias=0.5 * randn(units), dt_softplus=True, D=randn(units))
     if family == "mamba":
-        inputs |= dict(x=randn(batch, units), dt=2 * randn(batch, units) - 1, A=-torch.exp(randn(units, N)),
-                       B=randn(batch, N), C=randn(batch, N), z=randn(batch, units))
+        inputs |= dict(x=randn(batch, units), dt=2 * randn(batch, units) - 1, A=-torch.exp(randn(units, n)),
+                       B=randn(batch, n), C=randn(batch, n), z=randn(batch, units))
     else:
         inputs |= dict(x=randn(batch, units, 3), dt=2 * randn(batch, units) - 1, A=-torch.exp(randn(units)),
-                       B=randn(batch, 2, N), C=randn(batch, 2, N))
+                       B=randn(batch, 2, n), C=randn(batch, 2, n))
     for name in ("x", "B", "C", "z"):
         if name in inputs:
             inputs[name] = inputs[name].to(dtype)
@@ -127,7 +127,8 @@ def make_inputs(family: str, policy, group: int | None, row_signal, seed: int = 
 def fresh_state(inputs: dict) -> torch.Tensor:
     """The fp32 state after the step, before any rounding (the reference with an fp32 store)."""
     fp32 = StaticPolicy(F("fp32"))
-    stored = fp32.low.quantize(read_state(inputs["low"], inputs["high"], inputs["high_valid"]), N)
+    state = read_state(inputs["low"], inputs["high"], inputs["high_valid"])
+    stored = fp32.low.quantize(state, state.shape[-1])
     args = inputs | dict(low=stored, high=None, high_valid=None, policy=fp32, group_size=None, row_signal=None)
     return state_update_reference(**args).low.data
 
@@ -242,6 +243,28 @@ def test_stochastic_within_one_step(family, case):
     if ref.low.scale is not None:
         check_scales(kernel.low, ref.low, everywhere)  # scales do not depend on the rounding of the codes
     if both_high is not None:
+        check_one_step(kernel.high, h, both_high)
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+@pytest.mark.parametrize("n", [4, 8, 64, 128])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_other_d_states(family, n, rounding):
+    """d_state 4 … 128 (Mamba2's is 128): butterflies of 2 … 7 stages, packed blocks from 1 to 16 per row,
+    e4m3 groups of 4 inside rows, a rotated low copy next to an unrotated high one."""
+    fmt = "midrise3-e4m3-hadamard" if n % 8 == 0 else "int4-e4m3-hadamard"
+    policy = EntropyThresholdPolicy(F(fmt), F("int8-e4m3"), 0.5)
+    inputs = make_inputs(family, policy, 4, [0.2, 0.8], n=n) | dict(rounding=rounding, seed=5, step=2)
+    kernel, ref = state_update(**inputs), state_update_reference(**inputs)
+    both_high = check_common(kernel, ref, inputs)
+    everywhere = torch.ones_like(ref.gate, dtype=torch.bool)
+    check_scales(kernel.low, ref.low, everywhere)
+    if rounding == "nearest":
+        check_nearest(kernel.low, ref.low, everywhere)
+        check_nearest(kernel.high, ref.high, both_high)
+    else:
+        h = fresh_state(inputs)
+        check_one_step(kernel.low, h, everywhere)
         check_one_step(kernel.high, h, both_high)
 
 
