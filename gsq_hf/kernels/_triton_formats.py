@@ -5,7 +5,8 @@ constants (`format_constants` builds them from a `StateFormat`, under a prefix `
 
     CODES    "int" (packed integer codes), "fp32" (lossless) or "float" (bf16 / fp16 / fp8 values)
     BITS     int code bits (2..8); MIDRISE: levels k + 0.5 instead of k
-    SCALE    "" (unscaled), "fp32", "fp16" or "e4m3" (over an fp32 second-level scale per batch row)
+    SCALE    "" (unscaled), "fp32", "fp16", "e4m3" (over an fp32 second-level scale per batch row) or
+             "e8m0" (a power-of-two exponent)
     MAX      the largest level; MBITS / MIN_EXP: the float format's mantissa bits / smallest exponent
     ROTATED  stored in the randomized Hadamard basis (``x @ M``, ``M = diag(signs) · H_N / √N``)
 
@@ -81,6 +82,25 @@ def _round_to_float_grid(x, u, MBITS: tl.constexpr, MIN_EXP: tl.constexpr, STOCH
     else:
         rounded = _rne(scaled)
     return rounded * _pow2(-rest) * _pow2(-half)
+
+
+@triton.jit
+def _e8m0_exponent(scale):
+    """The int8 exponent of the power of two at or above ``scale`` (≥ 0), clamped to [-127, 127], as
+    `gsq_hf.formats` takes it from frexp: 0 for a zero scale, one less where the scale is a power of two."""
+    bits = scale.to(tl.int32, bitcast=True)
+    biased = (bits >> 23) & 0xFF
+    mantissa = bits & 0x7FFFFF
+    normal = biased - 126 - (mantissa == 0).to(tl.int32)
+    subnormal = tl.where(mantissa > 0x400000, -126, -127)  # below 2**-126: the power of two above is 2**-126 or less
+    exponent = tl.where(biased == 0, tl.where(mantissa == 0, 0, subnormal), normal)
+    return tl.minimum(tl.maximum(exponent, -127), 127)
+
+
+@triton.jit
+def _e8m0_value(exponent):
+    """2**exponent in fp32 for an int32 exponent in [-127, 127] (2**-127 is subnormal: half of 2**-126)."""
+    return _pow2(tl.maximum(exponent, -126)) * tl.where(exponent == -127, 0.5, 1.0)
 
 
 @triton.jit
@@ -198,7 +218,11 @@ def load_state(data_ptr, scale_ptr, row_scale_ptr, b, rows, mask, CODES: tl.cons
         values = tl.load(data_ptr + rows[:, None] * N + tl.arange(0, N)[None, :], mask=mask[:, None]).to(tl.float32)
     if SCALE != "":
         scale = tl.load(scale_ptr + rows[:, None] * (N // GROUP) + tl.arange(0, N // GROUP)[None, :],
-                        mask=mask[:, None], other=0.0).to(tl.float32)  # (ROWS, N / GROUP)
+                        mask=mask[:, None])  # (ROWS, N / GROUP); masked-off rows are never stored
+        if SCALE == "e8m0":
+            scale = _e8m0_value(scale.to(tl.int32))
+        else:
+            scale = scale.to(tl.float32)
         if SCALE == "e4m3":
             scale *= tl.load(row_scale_ptr + b)
         values = tl.reshape(tl.reshape(values, (ROWS, N // GROUP, GROUP)) * scale[:, :, None], (ROWS, N))
@@ -213,11 +237,11 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, STREA
     """Quantize fp32 ``h`` (ROWS, N, already in the copy's basis) and store the ``rows`` where ``mask``.
 
     As `StateFormat.quantize`: scale = absmax / MAX per group, stored as the scale dtype rounds it (e4m3: of
-    scale / ``row_scale``, the batch row's second-level scale), values over max(stored scale, tiny), int codes
-    rounded (stochastic: floor(v + u); mid-rise: floor(v), floor(v − 0.5 + u)) and clamped to the grid, floats
-    clamped to ±MAX and rounded onto the format's grid. One difference, for speed: values are multiplied by
-    the group's reciprocal scale (one IEEE division per group, not per element), which moves a code only
-    where a value is within an ulp of a tie.
+    scale / ``row_scale``, the batch row's second-level scale; e8m0: the power of two at or above), values
+    over max(stored scale, tiny), int codes rounded (stochastic: floor(v + u); mid-rise: floor(v),
+    floor(v − 0.5 + u)) and clamped to the grid, floats clamped to ±MAX and rounded onto the format's grid.
+    One difference, for speed: values are multiplied by the group's reciprocal scale (one IEEE division per
+    group, not per element), which moves a code only where a value is within an ulp of a tie.
     """
     u = uniform(seed, step, STREAM, rows, ROWS, N) if STOCHASTIC else 0.0
     v = h
@@ -231,6 +255,9 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, STREA
         elif SCALE == "fp16":
             stored = _round_to_float_grid(tl.minimum(scale, _FP16_MAX), 0.0, 10, -14, False)
             scale = stored
+        elif SCALE == "e8m0":
+            stored = _e8m0_exponent(scale)
+            scale = _e8m0_value(stored)
         else:
             stored = scale
         tl.store(scale_ptr + rows[:, None] * (N // GROUP) + tl.arange(0, N // GROUP)[None, :],

@@ -26,18 +26,19 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..formats import FORMATS, ROTATIONS, QuantizedTensor, StateFormat, format_name
+from ..formats import FORMATS, ROTATIONS, SCALE_DTYPES, QuantizedTensor, StateFormat, format_name
 from ..policies import EntropyThresholdPolicy, GateThresholdPolicy, PrecisionPolicy, Signals, StaticPolicy
 
 __all__ = ["KERNEL_FORMATS", "StateUpdate", "delta", "state_update_reference", "unsupported_reason"]
 
-KERNEL_SCALES = ("fp32", "fp16", "e4m3")  # e8m0 group scales: torch path only
+KERNEL_CODES = ("fp32", "bf16", "fp16", "fp8", *(f"{grid}{bits}" for grid in ("int", "midrise")
+                                                 for bits in range(2, 9)))
 KERNEL_FORMATS = frozenset(
     format_name(codes, scale, rotation)
-    for codes, base in FORMATS.items()
-    for scale in (KERNEL_SCALES if base.scaled else ("fp32",))
+    for codes in KERNEL_CODES
+    for scale in (SCALE_DTYPES if FORMATS[codes].scaled else ("fp32",))
     for rotation in (None, *ROTATIONS)
-)  # every code grid, with fp32 / fp16 / e4m3 group scales, rotated or not
+)  # every code grid above, with any group scale (fp32, fp16, e4m3, e8m0), rotated or not
 _SCALE_STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "e4m3": torch.float8_e4m3fn, "e8m0": torch.int8}
 
 
@@ -73,8 +74,8 @@ def unsupported_reason(
         return "stored formats differ from the policy's (re-store through the cache first)"
     formats = {low.fmt.name} | ({high.fmt.name} if high is not None else set()) | {f.name for f in policy.formats}
     if not formats <= KERNEL_FORMATS:
-        return (f"formats {sorted(formats - KERNEL_FORMATS)}: the kernel stores every code grid with "
-                f"{', '.join(KERNEL_SCALES)} group scales, rotated or not")
+        return (f"formats {sorted(formats - KERNEL_FORMATS)}: the kernel stores the codes {', '.join(KERNEL_CODES)} "
+                f"with any group scale, rotated or not")
     n = low.shape[-1]
     group = group_size or n
     if {3: 2, 4: 1}.get(low.data.dim()) != A.dim():

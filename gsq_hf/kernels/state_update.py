@@ -20,8 +20,8 @@ share an absmax scale, laid out as `gsq_hf.formats` stores them):
   runs in the low copy's basis: a rotated state is updated as stored and only B and C (N values per
   program) are rotated; only a high copy stored in the other basis is converted.
 
-Every `gsq_hf.formats` code grid is handled (packed as formats packs it, `_triton_formats`), with fp32,
-fp16 or e4m3 group scales, rotated or not (`KERNEL_FORMATS`). **e4m3 scales** are stored relative to a
+Every `gsq_hf.formats` code grid is handled (packed as formats packs it, `_triton_formats`), with any
+group scale (fp32, fp16, e4m3, e8m0), rotated or not (`KERNEL_FORMATS`). **e4m3 scales** are stored relative to a
 second-level fp32 scale per batch row, the row's largest group scale / 448, so no group can be stored
 before the whole batch row (all units: D·N values, or H·P·N) has been updated, and a batch row spans many
 programs. A step with an e4m3 copy therefore launches the same kernel twice: a **pre-pass**
@@ -46,7 +46,7 @@ when ``GSQConfig.kernel`` allows it (``auto``: CUDA tensors), the policy is a th
 (``inplace=False``: `LayerStorage` stays immutable, so checkpoints stay references), takes the write
 statistics from ``high_valid``, steps the noise with the layer's write counter, and redoes a step whose
 output is NaN/Inf on the torch path. Every other case — CPU, prefill (T > 1), budget policies, fallback
-units, e8m0 scales — keeps the torch path. Timings on an H200: ``docs/performance.md`` (the composed
+units — keeps the torch path. Timings on an H200: ``docs/performance.md`` (the composed
 formats have not been timed on a GPU yet: ``scripts/bench_state_update.py`` has their rows).
 """
 

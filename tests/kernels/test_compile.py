@@ -87,8 +87,8 @@ def launches(monkeypatch, family: str, policy, **options) -> list:
     ("mamba", StaticPolicy(F("midrise4-e4m3-hadamard")), dict(rounding="stochastic")),
     ("mamba2", GateThresholdPolicy(F("midrise3-e4m3-hadamard"), F("int8-e4m3"), 0.3), dict(
         rounding="stochastic", step=torch.zeros(1, dtype=torch.int64))),
-    ("mamba", EntropyThresholdPolicy(F("int5"), F("fp16-hadamard"), 0.5), dict()),
-], ids=["mamba-gsq-4bit-sr", "mamba2-gate-gsq-3bit/int8-e4m3", "mamba-entropy-int5/fp16-hadamard"])
+    ("mamba", EntropyThresholdPolicy(F("int5-e8m0"), F("fp16-hadamard"), 0.5), dict()),
+], ids=["mamba-gsq-4bit-sr", "mamba2-gate-gsq-3bit/int8-e4m3", "mamba-entropy-int5-e8m0/fp16-hadamard"])
 def test_kernels_compile_for_sm90(monkeypatch, family, policy, options):
     captured = launches(monkeypatch, family, policy, **options)
     assert [kwargs["ROW_MAX_PASS"] for _, _, kwargs in captured] == (
