@@ -13,7 +13,8 @@ constants (`format_constants` builds them from a `StateFormat`, under a prefix `
 Integer codes are packed as `gsq_hf.formats` packs them: code i of a block of ``PER = 8 / gcd(BITS, 8)``
 codes sits at bit ``i · BITS`` of the block's little-endian word of ``PER · BITS / 8`` bytes, offset by
 ``2**(BITS − 1)`` to unsigned (8-bit codes: one signed byte each). The word is assembled from one strided
-byte load per byte of the block (3 for int3), so every packing is handled by the same code.
+byte load per byte of the block (3 for int3) and split into codes by log2(PER) halvings (join / split of
+neighbours, no reductions), so every packing is handled by the same code.
 
 The Hadamard rotation is a fast Walsh–Hadamard transform in log2(N) butterfly stages on the tile (Pease's
 constant-geometry form: each stage pairs neighbours and writes sums to the first half, differences to the
@@ -182,9 +183,10 @@ def _load_codes(data_ptr, rows, mask, BITS: tl.constexpr, N: tl.constexpr, ROWS:
         for k in tl.static_range(NBYTES):
             byte = tl.load(data_ptr + block + k, mask=mask[:, None], other=0)
             word |= byte.to(WORD) << (8 * k)
-        shifts = (tl.arange(0, PER) * BITS).to(WORD)
-        unsigned = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # (ROWS, N/PER, PER)
-        return tl.reshape(unsigned, (ROWS, N)).to(tl.float32) - (1 << (BITS - 1))
+        for level in tl.static_range(PER.bit_length() - 1):  # halve the bits: (…, 2) pairs, low half first
+            half = (BITS * PER) >> (level + 1)
+            word = tl.join(word & ((1 << half) - 1), word >> half)
+        return tl.reshape(word, (ROWS, N)).to(tl.float32) - (1 << (BITS - 1))
 
 
 @triton.jit
@@ -196,9 +198,10 @@ def _store_codes(codes, data_ptr, rows, mask, BITS: tl.constexpr, N: tl.constexp
         PER: tl.constexpr = 8 // (BITS & -BITS)
         NBYTES: tl.constexpr = PER * BITS // 8
         WORD: tl.constexpr = tl.int64 if PER * BITS > 32 else tl.int32
-        unsigned = tl.reshape((codes + (1 << (BITS - 1))).to(WORD), (ROWS, N // PER, PER))
-        shifts = (tl.arange(0, PER) * BITS).to(WORD)
-        word = tl.sum(unsigned << shifts[None, None, :], axis=2)  # the codes' bits do not overlap: sum = or
+        word = (codes + (1 << (BITS - 1))).to(WORD)  # (ROWS, N) unsigned codes
+        for level in tl.static_range(PER.bit_length() - 1):  # merge neighbours: code i lands at bit i * BITS
+            low, high = tl.split(tl.reshape(word, (ROWS, N >> (level + 1), 2)))
+            word = low | (high << (BITS << level))
         block = rows[:, None] * (N // PER * NBYTES) + tl.arange(0, N // PER)[None, :] * NBYTES
         for k in tl.static_range(NBYTES):
             tl.store(data_ptr + block + k, ((word >> (8 * k)) & 0xFF).to(tl.uint8), mask=mask[:, None])
@@ -270,7 +273,8 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, STREA
             codes = tl.minimum(tl.maximum(codes, -MAX - 0.5), MAX - 0.5)
         else:
             codes = tl.floor(v + u) if STOCHASTIC else _rne(v)
-            codes = tl.minimum(tl.maximum(codes, -MAX), MAX)
+            if STOCHASTIC or SCALE != "fp32":  # |v| <= MAX against an exact fp32 scale: nearest stays on the grid
+                codes = tl.minimum(tl.maximum(codes, -MAX), MAX)
         _store_codes(codes, data_ptr, rows, mask, BITS, N, ROWS)
     else:
         if CODES == "float":
