@@ -253,6 +253,8 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, STREA
         scale = tl.div_rn(group_absmax(h, ROWS, N, GROUP), MAX)  # (ROWS, N / GROUP)
         if SCALE == "e4m3":
             ratio = tl.div_rn(scale, tl.maximum(row_scale, _TINY))
+            # ≤ 448 but for an ulp (as in formats); the clamp also covers a pre-pass maximum an ulp below this
+            # pass's, should the GPU compiler contract the two passes' arithmetic differently
             stored = _round_to_float_grid(tl.minimum(ratio, _E4M3_MAX), 0.0, 3, -6, False)
             scale = stored * row_scale
         elif SCALE == "fp16":
