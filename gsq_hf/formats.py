@@ -202,7 +202,7 @@ class StateFormat:
         x = x.float()
         if self.rotation is not None:
             x = _rotate(x, _hadamard(x.shape[-1], x.device))
-        if self.name == "fp32":
+        if self.storage_dtype == torch.float32:  # fp32, rotated or not: nothing to round
             return QuantizedTensor(x.clone(), None, self, group_size)
         scale = stored_scale = row_scale = None
         if self.scaled:

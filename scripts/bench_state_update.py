@@ -15,11 +15,17 @@ Each method is timed plainly (``triton.testing.do_bench``: launches from Python 
 graph (``do_bench_cudagraph``: the kernel alone), except the torch path, whose NaN probe syncs with the host
 and cannot be captured. Columns: median µs; bytes one step must move (stored state read + written in its
 formats, scales, flags and the step's inputs/outputs); achieved GB/s and its fraction of a measured
-device-to-device copy (read + write counted); speed-up over ``kernel-fp32`` in the same mode. For
+device-to-device copy (read + write counted); speed-up over ``kernel-fp32`` in the same mode. Variants with
+e4m3 group scales (``*-e4m3*``, the ``gsq-4bit`` / ``gsq-3bit`` presets, resolved per family) launch a
+row-max pre-pass that reads the stored state once more; their bytes count the one read the format needs. For
 ``kernel-fp32`` the ratio to ``mamba_ssm`` (same mode) is checked against 1.10; without ``mamba_ssm`` the
 plain numbers are set against those recorded on an H200 (``../shared/MEASUREMENTS.md``). Kernel launch
 configurations (rows per program, warps) are tuned per shape on the largest batch for ``--tune`` variants.
 Results go to ``--json`` after every batch size, so a run cut short keeps what it measured.
+
+Without a GPU, ``TRITON_INTERPRET=1 python scripts/bench_state_update.py --dry-run`` runs every variant's
+kernel once on small versions of the shapes through Triton's interpreter and checks y against the torch
+twin (no timings).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -35,6 +42,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from gsq_hf.config import GSQConfig, resolve_config
 
 SHAPES = {
     "mamba-2.8b": dict(family="mamba", dim=5120, d_state=16),
@@ -53,6 +62,15 @@ VARIANTS = {  # name -> GSQConfig fields; --variants also takes preset names and
     "gate-closed-int4/int8": dict(policy="gate", low_format="int4", high_format="int8", threshold=0.3,
                                   high_when="closed"),
     "entropy-int4/fp16": dict(policy="entropy", low_format="int4", high_format="fp16", threshold=0.5),
+    "int8-e4m3": dict(policy="static", format="int8-e4m3"),
+    "int4-e4m3": dict(policy="static", format="int4-e4m3"),
+    "int8-e4m3-hadamard": dict(policy="static", format="int8-e4m3-hadamard"),
+    "int4-e4m3-hadamard": dict(policy="static", format="int4-e4m3-hadamard"),
+}
+PRESETS = ("gsq-4bit", "gsq-3bit")  # midrise4/3-e4m3-hadamard, rounding per family (configs/*.yaml)
+DRY_RUN_SHAPES = {  # --dry-run: the shapes' d_state, fewer channels / heads (the interpreter is slow)
+    "mamba-2.8b": dict(family="mamba", dim=64, d_state=16),
+    "mamba2-2.7b": dict(family="mamba2", heads=4, head_dim=8, d_state=128, groups=1),
 }
 # mamba_ssm's selective_state_update, fp32 state, H200, plain do_bench (its ~100 µs Python wrapper included)
 RECORDED_MAMBA_SSM_US = {("mamba-2.8b", 1): 105, ("mamba-2.8b", 64): 95, ("mamba-2.8b", 256): 101,
@@ -64,8 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 16, 64, 256, 512])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                        help=f"state configs: {', '.join(VARIANTS)}, or a preset name / YAML path")
+    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, *PRESETS],
+                        help=f"state configs: {', '.join(VARIANTS)}, or a preset name ({', '.join(PRESETS)}, ...) "
+                             "/ YAML path; presets resolve per family (family_overrides)")
     parser.add_argument("--tune", nargs="*", default=["fp32", "int8", "int4"],
                         help="variants whose kernel launch is tuned (others use the tuned int8 launch, else the "
                              "default); give none to use the defaults everywhere")
@@ -76,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup-ms", type=float, default=10.0)
     parser.add_argument("--rep-ms", type=float, default=50.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no timings: run every variant's kernel once on small shapes (CPU under "
+                             "TRITON_INTERPRET=1, or CUDA), check y against the torch twin, print bytes and bits")
     return parser.parse_args(argv)
 
 
@@ -216,12 +238,13 @@ def state_bytes(policy, inputs: dict, valid_in: torch.Tensor | None, valid_out: 
     units = state.shape[0] * state.shape[1]
     unit_elems = math.prod(state.shape[2:])
     low_b = policy.low.nbytes(unit_elems, group)
+    row_b = 2 * state.shape[0] * (policy.low.row_bytes + (policy.high.row_bytes if valid_in is not None else 0))
     if valid_in is None:
-        return 2 * units * low_b
+        return 2 * units * low_b + row_b
     high_b = policy.high.nbytes(unit_elems, group)
     high_in, high_out = int(valid_in.sum()), int(valid_out.sum())
     read = high_in * high_b + (units - high_in) * low_b
-    return read + units * low_b + high_out * high_b + 2 * units  # + the valid flags read and written
+    return read + units * low_b + high_out * high_b + 2 * units + row_b  # + valid flags, e4m3 row scales
 
 
 # -- timing --------------------------------------------------------------------------------------------
@@ -260,21 +283,59 @@ def tune_launch(config, inputs: dict, family: str, args) -> dict:
     return {"block_rows": best[1], "num_warps": best[2]}
 
 
+# -- the dry run ---------------------------------------------------------------------------------------
+def dry_run(args, configs: dict) -> None:
+    """One fused step per shape and variant on small shapes, set against `state_update_reference`: the setup,
+    the launch and the byte accounting of a timed run, without a GPU (TRITON_INTERPRET=1) and without timings."""
+    from gsq_hf.kernels import state_update_reference
+    from gsq_hf.kernels.state_update import state_update
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("--dry-run without a CUDA device runs the kernel through Triton's interpreter: "
+                 "TRITON_INTERPRET=1 python scripts/bench_state_update.py --dry-run")
+    act_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.act_dtype]
+    print(f"{'shape':12s} {'batch':>5s} {'method':28s} {'bits/elem':>9s} {'KB/step':>8s} {'|Δy|/|y|':>9s}  note")
+    for shape in args.shapes:
+        spec = DRY_RUN_SHAPES[shape]
+        for batch in sorted(set(min(b, 4) for b in args.batch_sizes)):
+            inputs = make_inputs(spec, batch, act_dtype, device)
+            for name, config in configs.items():
+                config = config.for_model_type(spec["family"])
+                reason = kernel_unsupported(config, spec, inputs)
+                if reason is not None:
+                    print(f"{shape:12s} {batch:5d} kernel-{name:21s} {'—':>9s}  torch path only: {reason}")
+                    continue
+                policy, kwargs, call_args, first = kernel_setup(config, inputs)
+                ours = state_update(first.low, first.high, first.high_valid, *call_args, **kwargs)
+                twin = state_update_reference(first.low, first.high, first.high_valid, *call_args, **kwargs)
+                error = float((ours.y.float() - twin.y.float()).abs().max() / twin.y.float().abs().max())
+                group = config.group_size or spec["d_state"]
+                nbytes = state_bytes(policy, inputs, first.high_valid, ours.high_valid, group) + io_bytes(inputs)
+                bits = policy.low.bits_per_element(group)
+                high = "" if ours.high_valid is None else f"high {float(ours.high_valid.float().mean()):.2f}"
+                print(f"{shape:12s} {batch:5d} kernel-{name:21s} {bits:9.2f} {nbytes / 1e3:8.1f} {error:9.1e}  "
+                      f"{config.rounding} {high}", flush=True)
+                if not error <= 0.05:
+                    sys.exit(f"kernel-{name} on {shape}: y differs from the torch twin by {error:.3g} of its scale")
+
+
 # -- the run -------------------------------------------------------------------------------------------
 def main(argv=None) -> None:
     args = parse_args(argv)
+    configs = {name: GSQConfig(name=name, **VARIANTS[name]) if name in VARIANTS else resolve_config(name)
+               for name in args.variants}
+    if args.dry_run:
+        return dry_run(args, configs)
     if not torch.cuda.is_available():
         sys.exit("bench_state_update.py times GPU kernels and needs a CUDA device; none was found. "
                  "For correctness on CPU run: TRITON_INTERPRET=1 python -m pytest -q tests/kernels")
     import triton
 
     import gsq_hf
-    from gsq_hf.config import GSQConfig, resolve_config
     from gsq_hf.kernels.state_update import state_update
 
     act_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.act_dtype]
-    configs = {name: GSQConfig(name=name, **VARIANTS[name]) if name in VARIANTS else resolve_config(name)
-               for name in args.variants}
     bandwidth = copy_bandwidth(args)
     mamba_ssm = mamba_ssm_update()
     result = {"benchmark": "state_update", "device": torch.cuda.get_device_name(),
@@ -313,12 +374,13 @@ def main(argv=None) -> None:
     for shape in args.shapes:
         spec = SHAPES[shape]
         family = spec["family"]
+        family_configs = {name: config.for_model_type(family) for name, config in configs.items()}
         largest = make_inputs(spec, max(args.batch_sizes), act_dtype, "cuda")
         launches = {}
         for name in args.tune:
-            if name in configs and kernel_unsupported(configs[name], spec, largest) is None:
+            if name in family_configs and kernel_unsupported(family_configs[name], spec, largest) is None:
                 start = time.perf_counter()
-                launches[name] = tune_launch(configs[name], largest, family, args)
+                launches[name] = tune_launch(family_configs[name], largest, family, args)
                 print(f"{shape}: tuned {name}: {launches[name]} ({time.perf_counter() - start:.0f} s)", flush=True)
         result["launch"][shape] = launches
         del largest
@@ -331,7 +393,7 @@ def main(argv=None) -> None:
                     fp32_bytes)
             if mamba_ssm is not None:
                 measure(shape, batch, "mamba_ssm-fp32", fp32_call(mamba_ssm, family, inputs, state), fp32_bytes)
-            for name, config in configs.items():
+            for name, config in family_configs.items():
                 reason = kernel_unsupported(config, spec, inputs)
                 if reason is not None:
                     record(shape, batch, f"kernel-{name}", "plain", None, 0, note=f"torch path only: {reason}")

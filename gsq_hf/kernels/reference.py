@@ -26,12 +26,20 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..formats import QuantizedTensor, StateFormat
+from ..formats import FORMATS, ROTATIONS, SCALE_DTYPES, QuantizedTensor, StateFormat, format_name
 from ..policies import EntropyThresholdPolicy, GateThresholdPolicy, PrecisionPolicy, Signals, StaticPolicy
 
 __all__ = ["KERNEL_FORMATS", "StateUpdate", "delta", "state_update_reference", "unsupported_reason"]
 
-KERNEL_FORMATS = frozenset({"fp32", "bf16", "fp16", "fp8", "int8", "int4"})  # int7 … int5, int3, int2: torch path only
+KERNEL_CODES = ("fp32", "bf16", "fp16", "fp8", *(f"{grid}{bits}" for grid in ("int", "midrise")
+                                                 for bits in range(2, 9)))
+KERNEL_FORMATS = frozenset(
+    format_name(codes, scale, rotation)
+    for codes in KERNEL_CODES
+    for scale in (SCALE_DTYPES if FORMATS[codes].scaled else ("fp32",))
+    for rotation in (None, *ROTATIONS)
+)  # every code grid above, with any group scale (fp32, fp16, e4m3, e8m0), rotated or not
+_SCALE_STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "e4m3": torch.float8_e4m3fn, "e8m0": torch.int8}
 
 
 class StateUpdate(NamedTuple):
@@ -66,7 +74,8 @@ def unsupported_reason(
         return "stored formats differ from the policy's (re-store through the cache first)"
     formats = {low.fmt.name} | ({high.fmt.name} if high is not None else set()) | {f.name for f in policy.formats}
     if not formats <= KERNEL_FORMATS:
-        return f"formats {sorted(formats - KERNEL_FORMATS)}: the kernel stores {', '.join(sorted(KERNEL_FORMATS))}"
+        return (f"formats {sorted(formats - KERNEL_FORMATS)}: the kernel stores the codes {', '.join(KERNEL_CODES)} "
+                f"with any group scale, rotated or not")
     n = low.shape[-1]
     group = group_size or n
     if {3: 2, 4: 1}.get(low.data.dim()) != A.dim():
@@ -177,13 +186,19 @@ def state_update_reference(
 
 def _copy_into(target: QuantizedTensor, source: QuantizedTensor) -> QuantizedTensor:
     target.data.copy_(source.data)
-    if target.scale is not None:
-        target.scale.copy_(source.scale)
+    for mine, theirs in ((target.scale, source.scale), (target.row_scale, source.row_scale)):
+        if mine is not None:
+            mine.copy_(theirs)
     return target
 
 
 def empty_storage(fmt: StateFormat, shape: tuple[int, ...], group_size: int, device) -> QuantizedTensor:
     """Uninitialized storage for an fp32 state of ``shape`` in ``fmt`` (what the kernel writes into)."""
     data_shape = (*shape[:-1], fmt.stored_last_dim(shape[-1]))
-    scale = torch.empty(*shape[:-1], shape[-1] // group_size, device=device) if fmt.scaled else None
-    return QuantizedTensor(torch.empty(data_shape, dtype=fmt.storage_dtype, device=device), scale, fmt, group_size)
+    scale = row_scale = None
+    if fmt.scaled:
+        scale = torch.empty(*shape[:-1], shape[-1] // group_size, dtype=_SCALE_STORAGE[fmt.scale_dtype], device=device)
+    if fmt.row_bytes:
+        row_scale = torch.empty(shape[0], device=device)
+    data = torch.empty(data_shape, dtype=fmt.storage_dtype, device=device)
+    return QuantizedTensor(data, scale, fmt, group_size, row_scale)

@@ -8,13 +8,31 @@ updates it in fp32 registers, computes the gate, picks each unit's format from t
 and stores the low copy (and the high copy + valid flag of the units marked high), and writes ``y``.
 
 Kernels (row = one (batch, unit[, p]) vector of ``N`` = d_state values; groups of ``group_size`` along N
-share an fp32 absmax scale, laid out as `gsq_hf.formats` stores them):
+share an absmax scale, laid out as `gsq_hf.formats` stores them):
 
 * `_mamba_kernel`: state (batch, D, N); grid (D / BLOCK, batch); ``exp(Δ·A)`` per (channel, n) as the
   model defines it; gate ``1 − mean_n exp(Δ·A_n)`` per channel; decisions per channel inside the tile.
+  A decay per n does not commute with a rotation along N: rotated copies are unrotated after loading
+  and rotated before storing (a log2(N)-stage butterfly per row each way).
 * `_mamba2_kernel`: state (batch, H, P, N); grid (P / BLOCK, H, batch); one ``exp(Δ·A)`` per program, i.e.
   per head, never per element (a per-element exp made an earlier int8 kernel compute-bound); gate
-  ``1 − exp(Δ·A)``; one decision per head.
+  ``1 − exp(Δ·A)``; one decision per head. One decay per head commutes with the rotation, so the update
+  runs in the low copy's basis: a rotated state is updated as stored and only B and C (N values per
+  program) are rotated; only a high copy stored in the other basis is converted.
+
+Every `gsq_hf.formats` code grid is handled (packed as formats packs it, `_triton_formats`), with any
+group scale (fp32, fp16, e4m3, e8m0), rotated or not (`KERNEL_FORMATS`). **e4m3 scales** are stored relative to a
+second-level fp32 scale per batch row, the row's largest group scale / 448, so no group can be stored
+before the whole batch row (all units: D·N values, or H·P·N) has been updated, and a batch row spans many
+programs. A step with an e4m3 copy therefore launches the same kernel twice: a **pre-pass**
+(``ROW_MAX_PASS``) computes the fresh state and folds each tile's largest finite group absmax into a
+(batch, 2) buffer with ``atomic_max``, storing nothing; the main pass recomputes the state (the same jitted
+arithmetic) and derives each batch row's scale from that maximum. Chosen over one program per batch row
+(a loop over all units: parallelism = batch, hopeless at batch 1) and over a grid-wide barrier (Triton has
+none, and programs are not all resident): the pre-pass costs a launch and one more read of the stored
+state and the step's inputs (at 4.5 stored bits, state traffic of 13.5 bits per value instead of 9, against
+fp32's 64; not yet timed on a GPU). The new row scale goes to a fresh tensor (every program of the row
+reads the old one), copied into a copy updated in place after the launch.
 
 Formats are compile-time constants; rounding is round-half-even or stochastic (Philox keyed by ``seed``,
 counted by (element, ``step``, stream): steps differ, low and high copies draw independently). Float
@@ -28,11 +46,13 @@ when ``GSQConfig.kernel`` allows it (``auto``: CUDA tensors), the policy is a th
 (``inplace=False``: `LayerStorage` stays immutable, so checkpoints stay references), takes the write
 statistics from ``high_valid``, steps the noise with the layer's write counter, and redoes a step whose
 output is NaN/Inf on the torch path. Every other case — CPU, prefill (T > 1), budget policies, fallback
-units — keeps the torch path. Timings on an H200: ``docs/performance.md``.
+units — keeps the torch path. Timings on an H200: ``docs/performance.md`` (the composed
+formats have not been timed on a GPU yet: ``scripts/bench_state_update.py`` has their rows).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -40,123 +60,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import QuantizedTensor, StateFormat
+from ..formats import QuantizedTensor, _hadamard
 from ..policies import EntropyThresholdPolicy, GateThresholdPolicy, PrecisionPolicy
+from ._triton_formats import add_row_max, format_constants, load_state, to_basis, write_copy
 from .reference import StateUpdate, empty_storage, unsupported_reason
 
 __all__ = ["state_update"]
 
-_TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # the floor of a group scale, as in gsq_hf.formats
-
-
-# -- rounding and storage helpers ----------------------------------------------------------------------
-@triton.jit
-def _rne(v):
-    """Round half to even, exact for |v| < 2**22: adding 1.5 * 2**23 leaves no fraction bits to keep.
-
-    libdevice's rint would do, but the interpreter has no libdevice.
-    """
-    return (v + 12582912.0) - 12582912.0
-
-
-@triton.jit
-def _pow2(e):
-    """2**e in fp32 for int32 ``e`` in [-126, 127], built from the exponent bits (exact)."""
-    return ((e + 127) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _round_to_float_grid(x, u, MBITS: tl.constexpr, MIN_EXP: tl.constexpr, STOCHASTIC: tl.constexpr):
-    """Round fp32 ``x`` onto the grid of a float format with MBITS mantissa bits and smallest exponent MIN_EXP.
-
-    The spacing at x is 2**(max(floor(log2|x|), MIN_EXP) − MBITS) (subnormals share the smallest binade's
-    spacing), as in `gsq_hf.formats`. x / spacing = x · 2**p is formed with two in-range powers of two
-    (p reaches 133 for bf16), so scaling and unscaling are exact; the result is representable in the format.
-    """
-    exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2|x|); −127 for 0 and subnormals
-    p = MBITS - tl.maximum(exponent, MIN_EXP)
-    half = p >> 1
-    rest = p - half
-    scaled = x * _pow2(half) * _pow2(rest)  # |scaled| < 2**(MBITS + 1)
-    if STOCHASTIC:
-        lower = tl.floor(scaled)
-        rounded = lower + (u < scaled - lower).to(tl.float32)
-    else:
-        rounded = _rne(scaled)
-    return rounded * _pow2(-rest) * _pow2(-half)
-
-
-@triton.jit
-def _uniform(seed, step, STREAM: tl.constexpr, rows, ROWS: tl.constexpr, N: tl.constexpr):
-    """Uniform [0, 1) noise (ROWS, N) for stochastic rounding: one Philox call per four elements.
-
-    Counter = (element quad, step, stream): independent across elements, steps and the low/high copies.
-    """
-    quad = rows[:, None] * (N // 4) + tl.arange(0, N // 4)[None, :]  # (ROWS, N/4) int64
-    zero = quad.to(tl.uint32) * 0
-    r0, r1, r2, r3 = tl.philox(seed, quad.to(tl.uint32), (quad >> 32).to(tl.uint32), (zero + step).to(tl.uint32),
-                               zero + STREAM)
-    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (ROWS, N))
-    return tl.uint_to_uniform_float(bits)
-
-
-@triton.jit
-def _load_state(data_ptr, scale_ptr, rows, mask, FMT: tl.constexpr, SCALED: tl.constexpr,
-                N: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr):
-    """The fp32 values (ROWS, N) of stored ``rows``; masked-off rows move no bytes (their values are never stored)."""
-    if FMT == "int4":  # byte i holds elements 2i (low nibble) and 2i + 1, offset by 8
-        packed = tl.load(data_ptr + rows[:, None] * (N // 2) + tl.arange(0, N // 2)[None, :], mask=mask[:, None],
-                         other=0)
-        even = (packed & 0xF).to(tl.float32) - 8.0
-        odd = (packed >> 4).to(tl.float32) - 8.0
-        values = tl.reshape(tl.join(even, odd), (ROWS, N))
-    else:
-        values = tl.load(data_ptr + rows[:, None] * N + tl.arange(0, N)[None, :], mask=mask[:, None]).to(tl.float32)
-    if SCALED:
-        scale = tl.load(scale_ptr + rows[:, None] * (N // GROUP) + tl.arange(0, N // GROUP)[None, :],
-                        mask=mask[:, None], other=0.0)  # (ROWS, N / GROUP)
-        values = tl.reshape(tl.reshape(values, (ROWS, N // GROUP, GROUP)) * scale[:, :, None], (ROWS, N))
-    return values
-
-
-@triton.jit
-def _store_state(h, data_ptr, scale_ptr, rows, mask, seed, step, STREAM: tl.constexpr, FMT: tl.constexpr,
-                 SCALED: tl.constexpr, MAX_CODE: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr,
-                 STOCHASTIC: tl.constexpr, N: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr):
-    """Quantize fp32 ``h`` (ROWS, N) into ``FMT`` and store the ``rows`` where ``mask``.
-
-    As `StateFormat.quantize`: scale = absmax / MAX_CODE per group, values over max(scale, tiny), int codes
-    rounded (floor(v + u) clamped when stochastic), floats clamped to ±MAX_CODE and rounded onto the format's
-    grid. One difference, for speed: values are multiplied by the group's reciprocal scale (one IEEE
-    division per group, not per element), which moves a code only where a value is within an ulp of a tie.
-    """
-    u = _uniform(seed, step, STREAM, rows, ROWS, N) if STOCHASTIC else 0.0
-    v = h
-    if SCALED:
-        groups = tl.reshape(h, (ROWS, N // GROUP, GROUP))
-        scale = tl.div_rn(tl.max(tl.abs(groups), axis=2), MAX_CODE)  # (ROWS, N / GROUP)
-        tl.store(scale_ptr + rows[:, None] * (N // GROUP) + tl.arange(0, N // GROUP)[None, :], scale,
-                 mask=mask[:, None])
-        inverse = tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), tl.maximum(scale, _TINY))  # (ROWS, N / GROUP)
-        v = tl.reshape(groups * inverse[:, :, None], (ROWS, N))
-    if FMT == "int8" or FMT == "int4":
-        if STOCHASTIC:
-            codes = tl.minimum(tl.maximum(tl.floor(v + u), -MAX_CODE), MAX_CODE)
-        else:
-            codes = _rne(v)
-        if FMT == "int4":
-            even, odd = tl.split(tl.reshape(codes.to(tl.int32) + 8, (ROWS, N // 2, 2)))
-            tl.store(data_ptr + rows[:, None] * (N // 2) + tl.arange(0, N // 2)[None, :],
-                     (even | (odd << 4)).to(tl.uint8), mask=mask[:, None])
-        else:
-            tl.store(data_ptr + rows[:, None] * N + tl.arange(0, N)[None, :], codes.to(tl.int8), mask=mask[:, None])
-    else:
-        if FMT != "fp32":
-            v = _round_to_float_grid(tl.minimum(tl.maximum(v, -MAX_CODE), MAX_CODE), u, MBITS, MIN_EXP, STOCHASTIC)
-        tl.store(data_ptr + rows[:, None] * N + tl.arange(0, N)[None, :], v.to(data_ptr.dtype.element_ty),
-                 mask=mask[:, None])
-
-
+# -- step helpers --------------------------------------------------------------------------------------
 @triton.jit
 def _softplus(v):
     """torch's softplus (identity above 20) with log1p by Goldberg's trick (no libdevice in the interpreter)."""
@@ -179,20 +90,29 @@ def _delta(dt_ptr, dt_bias_ptr, index, bias_index, mask, dt_min, dt_max,
 
 
 @triton.jit
-def _read(low_ptr, low_scale_ptr, high_ptr, high_scale_ptr, valid_ptr, units, rows, mask,
-          LOW: tl.constexpr, LOW_SCALED: tl.constexpr, HIGH: tl.constexpr, HIGH_SCALED: tl.constexpr,
-          READ_HIGH: tl.constexpr, N: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr):
-    """The state a reader sees (ROWS, N): a row loads only its high copy (where its unit's flag is set) or its low.
+def _read(low_ptr, low_scale_ptr, low_row_ptr, high_ptr, high_scale_ptr, high_row_ptr, valid_ptr, signs_ptr, b, units,
+          rows, mask, LOW: tl.constexpr, LOW_BITS: tl.constexpr, LOW_MIDRISE: tl.constexpr, LOW_SCALE: tl.constexpr,
+          LOW_ROTATED: tl.constexpr, HIGH: tl.constexpr, HIGH_BITS: tl.constexpr, HIGH_MIDRISE: tl.constexpr,
+          HIGH_SCALE: tl.constexpr, HIGH_ROTATED: tl.constexpr, READ_HIGH: tl.constexpr, BASIS_ROTATED: tl.constexpr,
+          N: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr):
+    """The state a reader sees (ROWS, N), in the kernel's basis: a row loads only its high copy (where its unit's
+    flag is set) or its low copy.
 
     ``units`` (ROWS,) is the policy unit of each row (the row itself for Mamba, its head for Mamba2).
     """
+    low_mask = mask
     if READ_HIGH:
         valid = tl.load(valid_ptr + units, mask=mask, other=0) != 0  # (ROWS,)
-        from_high = _load_state(high_ptr, high_scale_ptr, rows, mask & valid, HIGH, HIGH_SCALED, N, GROUP, ROWS)
-        from_low = _load_state(low_ptr, low_scale_ptr, rows, mask & ~valid, LOW, LOW_SCALED, N, GROUP, ROWS)
-        return tl.where(valid[:, None], from_high, from_low)
+        low_mask = mask & ~valid
+    low = load_state(low_ptr, low_scale_ptr, low_row_ptr, b, rows, low_mask, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE,
+                     N, GROUP, ROWS)
+    low = to_basis(low, signs_ptr, LOW_ROTATED, BASIS_ROTATED, ROWS, N)
+    if READ_HIGH:
+        high = load_state(high_ptr, high_scale_ptr, high_row_ptr, b, rows, mask & valid, HIGH, HIGH_BITS,
+                          HIGH_MIDRISE, HIGH_SCALE, N, GROUP, ROWS)
+        return tl.where(valid[:, None], to_basis(high, signs_ptr, HIGH_ROTATED, BASIS_ROTATED, ROWS, N), low)
     else:
-        return _load_state(low_ptr, low_scale_ptr, rows, mask, LOW, LOW_SCALED, N, GROUP, ROWS)
+        return low
 
 
 @triton.jit
@@ -209,21 +129,26 @@ def _choose(gate, row_high_ptr, b, threshold, POLICY: tl.constexpr):
 # -- the kernels ---------------------------------------------------------------------------------------
 @triton.jit
 def _mamba_kernel(
-    low_ptr, low_scale_ptr, high_ptr, high_scale_ptr, valid_ptr,  # stored state, read
-    out_low_ptr, out_low_scale_ptr, out_high_ptr, out_high_scale_ptr, out_valid_ptr,  # stored state, written
+    low_ptr, low_scale_ptr, low_row_ptr, high_ptr, high_scale_ptr, high_row_ptr, valid_ptr,  # stored state, read
+    out_low_ptr, out_low_scale_ptr, out_low_row_ptr, out_high_ptr, out_high_scale_ptr, out_high_row_ptr,
+    out_valid_ptr,  # stored state, written
+    row_max_ptr, signs_ptr,  # (batch, 2) e4m3 row maxima (low, high) of the pre-pass; the rotation's signs
     x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, gate_ptr, row_high_ptr,
     dim, stride_x, stride_dt, stride_B, stride_C, stride_z, stride_y,  # batch strides; inner dims contiguous
     dt_min, dt_max, threshold, seed, step,
     N: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
-    LOW: tl.constexpr, LOW_SCALED: tl.constexpr, LOW_MAX: tl.constexpr, LOW_MBITS: tl.constexpr,
-    LOW_MIN_EXP: tl.constexpr,
-    HIGH: tl.constexpr, HIGH_SCALED: tl.constexpr, HIGH_MAX: tl.constexpr, HIGH_MBITS: tl.constexpr,
-    HIGH_MIN_EXP: tl.constexpr,
-    POLICY: tl.constexpr, READ_HIGH: tl.constexpr, STOCHASTIC: tl.constexpr, STEP_IN_MEMORY: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    WRITE_GATE: tl.constexpr,
+    LOW: tl.constexpr, LOW_BITS: tl.constexpr, LOW_MIDRISE: tl.constexpr, LOW_SCALE: tl.constexpr,
+    LOW_MAX: tl.constexpr, LOW_MBITS: tl.constexpr, LOW_MIN_EXP: tl.constexpr, LOW_ROTATED: tl.constexpr,
+    HIGH: tl.constexpr, HIGH_BITS: tl.constexpr, HIGH_MIDRISE: tl.constexpr, HIGH_SCALE: tl.constexpr,
+    HIGH_MAX: tl.constexpr, HIGH_MBITS: tl.constexpr, HIGH_MIN_EXP: tl.constexpr, HIGH_ROTATED: tl.constexpr,
+    POLICY: tl.constexpr, READ_HIGH: tl.constexpr, ROW_MAX_PASS: tl.constexpr, STOCHASTIC: tl.constexpr,
+    STEP_IN_MEMORY: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr, WRITE_GATE: tl.constexpr,
 ):
-    """Mamba: state (batch, D, N); one program = BLOCK channels (= units = rows) of one batch row."""
+    """Mamba: state (batch, D, N); one program = BLOCK channels (= units = rows) of one batch row.
+
+    The update runs in the unrotated basis (the decay differs per n): rotated copies are unrotated after
+    loading and rotated before storing."""
     b = tl.program_id(1)
     d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
     mask = d < dim
@@ -236,49 +161,64 @@ def _mamba_kernel(
     dt = _delta(dt_ptr, dt_bias_ptr, b * stride_dt + d, d, mask, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS)
     A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask[:, None], other=0.0).to(tl.float32)  # (BLOCK, N)
     B = tl.load(B_ptr + b * stride_B + n).to(tl.float32)  # (N,)
-    C = tl.load(C_ptr + b * stride_C + n).to(tl.float32)  # (N,)
     dA = tl.exp(dt[:, None] * A)  # (BLOCK, N): A differs per (channel, n)
 
-    state = _read(low_ptr, low_scale_ptr, high_ptr, high_scale_ptr, valid_ptr, rows, rows, mask, LOW, LOW_SCALED,
-                  HIGH, HIGH_SCALED, READ_HIGH, N, GROUP, BLOCK)
+    state = _read(low_ptr, low_scale_ptr, low_row_ptr, high_ptr, high_scale_ptr, high_row_ptr, valid_ptr, signs_ptr,
+                  b, rows, rows, mask, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_ROTATED, HIGH, HIGH_BITS,
+                  HIGH_MIDRISE, HIGH_SCALE, HIGH_ROTATED, READ_HIGH, False, N, GROUP, BLOCK)
     h = dA * state + (dt[:, None] * B[None, :]) * x[:, None]  # (BLOCK, N)
 
-    y = tl.sum(h * C[None, :], axis=1)  # (BLOCK,)
-    if HAS_D:
-        y += x * tl.load(D_ptr + d, mask=mask, other=0.0).to(tl.float32)
-    if HAS_Z:
-        z = tl.load(z_ptr + b * stride_z + d, mask=mask, other=0.0).to(tl.float32)
-        y *= z / (1.0 + tl.exp(-z))  # silu
-    tl.store(y_ptr + b * stride_y + d, y, mask=mask)
+    if ROW_MAX_PASS:
+        add_row_max(h, row_max_ptr, signs_ptr, b, mask, 0, LOW_SCALE, LOW_ROTATED, False, N, GROUP, BLOCK)
+        if POLICY != "static":
+            add_row_max(h, row_max_ptr, signs_ptr, b, mask, 1, HIGH_SCALE, HIGH_ROTATED, False, N, GROUP, BLOCK)
+    else:
+        C = tl.load(C_ptr + b * stride_C + n).to(tl.float32)  # (N,)
+        y = tl.sum(h * C[None, :], axis=1)  # (BLOCK,)
+        if HAS_D:
+            y += x * tl.load(D_ptr + d, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + b * stride_z + d, mask=mask, other=0.0).to(tl.float32)
+            y *= z / (1.0 + tl.exp(-z))  # silu
+        tl.store(y_ptr + b * stride_y + d, y, mask=mask)
 
-    _store_state(h, out_low_ptr, out_low_scale_ptr, rows, mask, seed, step, 0, LOW, LOW_SCALED, LOW_MAX, LOW_MBITS,
-                 LOW_MIN_EXP, STOCHASTIC, N, GROUP, BLOCK)
-    gate = 1.0 - tl.sum(dA, axis=1) / N  # (BLOCK,)
-    if POLICY != "static":
-        high = _choose(gate, row_high_ptr, b, threshold, POLICY)  # (BLOCK,)
-        _store_state(h, out_high_ptr, out_high_scale_ptr, rows, mask & high, seed, step, 1, HIGH, HIGH_SCALED,
-                     HIGH_MAX, HIGH_MBITS, HIGH_MIN_EXP, STOCHASTIC, N, GROUP, BLOCK)
-        tl.store(out_valid_ptr + rows, high, mask=mask)
-    if WRITE_GATE:
-        tl.store(gate_ptr + rows, gate, mask=mask)
+        first = tl.program_id(0) == 0  # writes the batch row's e4m3 row scales
+        write_copy(h, out_low_ptr, out_low_scale_ptr, out_low_row_ptr, row_max_ptr, signs_ptr, b, rows, mask, first,
+                   seed, step, 0, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_MAX, LOW_MBITS, LOW_MIN_EXP,
+                   LOW_ROTATED, False, STOCHASTIC, N, GROUP, BLOCK)
+        gate = 1.0 - tl.sum(dA, axis=1) / N  # (BLOCK,)
+        if POLICY != "static":
+            high = _choose(gate, row_high_ptr, b, threshold, POLICY)  # (BLOCK,)
+            write_copy(h, out_high_ptr, out_high_scale_ptr, out_high_row_ptr, row_max_ptr, signs_ptr, b, rows,
+                       mask & high, first, seed, step, 1, HIGH, HIGH_BITS, HIGH_MIDRISE, HIGH_SCALE, HIGH_MAX,
+                       HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, False, STOCHASTIC, N, GROUP, BLOCK)
+            tl.store(out_valid_ptr + rows, high, mask=mask)
+        if WRITE_GATE:
+            tl.store(gate_ptr + rows, gate, mask=mask)
 
 
 @triton.jit
 def _mamba2_kernel(
-    low_ptr, low_scale_ptr, high_ptr, high_scale_ptr, valid_ptr,  # stored state, read
-    out_low_ptr, out_low_scale_ptr, out_high_ptr, out_high_scale_ptr, out_valid_ptr,  # stored state, written
+    low_ptr, low_scale_ptr, low_row_ptr, high_ptr, high_scale_ptr, high_row_ptr, valid_ptr,  # stored state, read
+    out_low_ptr, out_low_scale_ptr, out_low_row_ptr, out_high_ptr, out_high_scale_ptr, out_high_row_ptr,
+    out_valid_ptr,  # stored state, written
+    row_max_ptr, signs_ptr,  # (batch, 2) e4m3 row maxima (low, high) of the pre-pass; the rotation's signs
     x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, gate_ptr, row_high_ptr,
     head_dim, heads_per_group, stride_x, stride_dt, stride_B, stride_C, stride_y,  # batch strides
     dt_min, dt_max, threshold, seed, step,
     N: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
-    LOW: tl.constexpr, LOW_SCALED: tl.constexpr, LOW_MAX: tl.constexpr, LOW_MBITS: tl.constexpr,
-    LOW_MIN_EXP: tl.constexpr,
-    HIGH: tl.constexpr, HIGH_SCALED: tl.constexpr, HIGH_MAX: tl.constexpr, HIGH_MBITS: tl.constexpr,
-    HIGH_MIN_EXP: tl.constexpr,
-    POLICY: tl.constexpr, READ_HIGH: tl.constexpr, STOCHASTIC: tl.constexpr, STEP_IN_MEMORY: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, WRITE_GATE: tl.constexpr,
+    LOW: tl.constexpr, LOW_BITS: tl.constexpr, LOW_MIDRISE: tl.constexpr, LOW_SCALE: tl.constexpr,
+    LOW_MAX: tl.constexpr, LOW_MBITS: tl.constexpr, LOW_MIN_EXP: tl.constexpr, LOW_ROTATED: tl.constexpr,
+    HIGH: tl.constexpr, HIGH_BITS: tl.constexpr, HIGH_MIDRISE: tl.constexpr, HIGH_SCALE: tl.constexpr,
+    HIGH_MAX: tl.constexpr, HIGH_MBITS: tl.constexpr, HIGH_MIN_EXP: tl.constexpr, HIGH_ROTATED: tl.constexpr,
+    POLICY: tl.constexpr, READ_HIGH: tl.constexpr, ROW_MAX_PASS: tl.constexpr, STOCHASTIC: tl.constexpr,
+    STEP_IN_MEMORY: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
+    WRITE_GATE: tl.constexpr,
 ):
-    """Mamba2: state (batch, H, P, N); one program = BLOCK rows p of one head (= unit) of one batch row."""
+    """Mamba2: state (batch, H, P, N); one program = BLOCK rows p of one head (= unit) of one batch row.
+
+    The update runs in the low copy's basis: one decay per head commutes with a rotation along N, so a
+    rotated state is updated as stored and the program rotates B and C (N values) instead of its tile."""
     b = tl.program_id(2)
     head = tl.program_id(1)
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
@@ -294,29 +234,41 @@ def _mamba2_kernel(
     dt = _delta(dt_ptr, dt_bias_ptr, b * stride_dt + head, head, True, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS)
     dA = tl.exp(dt * tl.load(A_ptr + head).to(tl.float32))  # scalar: one exp per head
     x = tl.load(x_ptr + b * stride_x + head * head_dim + p, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
-    B = tl.load(B_ptr + b * stride_B + group * N + n).to(tl.float32)  # (N,)
-    C = tl.load(C_ptr + b * stride_C + group * N + n).to(tl.float32)  # (N,)
+    B = tl.load(B_ptr + b * stride_B + group * N + n).to(tl.float32)[None, :]  # (1, N)
+    B = to_basis(B, signs_ptr, False, LOW_ROTATED, 1, N)
 
-    state = _read(low_ptr, low_scale_ptr, high_ptr, high_scale_ptr, valid_ptr, units, rows, mask, LOW, LOW_SCALED,
-                  HIGH, HIGH_SCALED, READ_HIGH, N, GROUP, BLOCK)
-    h = dA * state + (dt * x)[:, None] * B[None, :]  # (BLOCK, N)
+    state = _read(low_ptr, low_scale_ptr, low_row_ptr, high_ptr, high_scale_ptr, high_row_ptr, valid_ptr, signs_ptr,
+                  b, units, rows, mask, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_ROTATED, HIGH, HIGH_BITS,
+                  HIGH_MIDRISE, HIGH_SCALE, HIGH_ROTATED, READ_HIGH, LOW_ROTATED, N, GROUP, BLOCK)
+    h = dA * state + (dt * x)[:, None] * B  # (BLOCK, N)
 
-    y = tl.sum(h * C[None, :], axis=1)  # (BLOCK,)
-    if HAS_D:
-        y += x * tl.load(D_ptr + head).to(tl.float32)
-    tl.store(y_ptr + b * stride_y + head * head_dim + p, y, mask=mask)
+    if ROW_MAX_PASS:
+        add_row_max(h, row_max_ptr, signs_ptr, b, mask, 0, LOW_SCALE, LOW_ROTATED, LOW_ROTATED, N, GROUP, BLOCK)
+        if POLICY != "static":
+            add_row_max(h, row_max_ptr, signs_ptr, b, mask, 1, HIGH_SCALE, HIGH_ROTATED, LOW_ROTATED, N, GROUP,
+                        BLOCK)
+    else:
+        C = tl.load(C_ptr + b * stride_C + group * N + n).to(tl.float32)[None, :]  # (1, N)
+        C = to_basis(C, signs_ptr, False, LOW_ROTATED, 1, N)  # h·C is the same in either basis
+        y = tl.sum(h * C, axis=1)  # (BLOCK,)
+        if HAS_D:
+            y += x * tl.load(D_ptr + head).to(tl.float32)
+        tl.store(y_ptr + b * stride_y + head * head_dim + p, y, mask=mask)
 
-    _store_state(h, out_low_ptr, out_low_scale_ptr, rows, mask, seed, step, 0, LOW, LOW_SCALED, LOW_MAX, LOW_MBITS,
-                 LOW_MIN_EXP, STOCHASTIC, N, GROUP, BLOCK)
-    gate = tl.full((BLOCK,), 1.0, tl.float32) - dA  # (BLOCK,), one value
-    first = mask & (p == 0)  # the per-head outputs are written once
-    if POLICY != "static":
-        high = _choose(gate, row_high_ptr, b, threshold, POLICY)  # (BLOCK,), one value
-        _store_state(h, out_high_ptr, out_high_scale_ptr, rows, mask & high, seed, step, 1, HIGH, HIGH_SCALED,
-                     HIGH_MAX, HIGH_MBITS, HIGH_MIN_EXP, STOCHASTIC, N, GROUP, BLOCK)
-        tl.store(out_valid_ptr + units, high, mask=first)
-    if WRITE_GATE:
-        tl.store(gate_ptr + units, gate, mask=first)
+        first = (tl.program_id(0) == 0) & (head == 0)  # writes the batch row's e4m3 row scales
+        write_copy(h, out_low_ptr, out_low_scale_ptr, out_low_row_ptr, row_max_ptr, signs_ptr, b, rows, mask, first,
+                   seed, step, 0, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_MAX, LOW_MBITS, LOW_MIN_EXP,
+                   LOW_ROTATED, LOW_ROTATED, STOCHASTIC, N, GROUP, BLOCK)
+        gate = tl.full((BLOCK,), 1.0, tl.float32) - dA  # (BLOCK,), one value
+        head_out = mask & (p == 0)  # the per-head outputs are written once
+        if POLICY != "static":
+            high = _choose(gate, row_high_ptr, b, threshold, POLICY)  # (BLOCK,), one value
+            write_copy(h, out_high_ptr, out_high_scale_ptr, out_high_row_ptr, row_max_ptr, signs_ptr, b, rows,
+                       mask & high, first, seed, step, 1, HIGH, HIGH_BITS, HIGH_MIDRISE, HIGH_SCALE, HIGH_MAX,
+                       HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, LOW_ROTATED, STOCHASTIC, N, GROUP, BLOCK)
+            tl.store(out_valid_ptr + units, high, mask=head_out)
+        if WRITE_GATE:
+            tl.store(gate_ptr + units, gate, mask=head_out)
 
 
 # -- the wrapper ---------------------------------------------------------------------------------------
@@ -328,11 +280,6 @@ def _policy_code(policy: PrecisionPolicy) -> str:
     return "static"
 
 
-def _format_constants(prefix: str, fmt: StateFormat) -> dict:
-    return {prefix: fmt.name, f"{prefix}_SCALED": fmt.scaled, f"{prefix}_MAX": float(fmt.max_code),
-            f"{prefix}_MBITS": fmt.mantissa_bits, f"{prefix}_MIN_EXP": fmt.min_exponent}
-
-
 def _batch_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``t`` with contiguous dims after the batch dim (copied only if not), and its batch stride."""
     if not t[0].is_contiguous():
@@ -340,12 +287,23 @@ def _batch_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t, t.stride(0)
 
 
-def _storage_pointers(q: QuantizedTensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(data, scale) of a stored copy, contiguous (a state the CPU torch path stored state-dim-outer is copied
-    once; the kernel's own outputs are contiguous); ``fallback`` stands in for what the kernel never touches."""
+def _storage_pointers(q: QuantizedTensor | None, fallback: torch.Tensor, written: bool = False) -> list[torch.Tensor]:
+    """[data, scale, row scale] of a stored copy; ``fallback`` stands in for what the kernel never touches.
+
+    A copy the kernel only reads is made contiguous (the CPU torch path stores Mamba-1 states state-dim-outer:
+    copied once, the kernel's own outputs are contiguous); one it writes in place must already be.
+    """
     if q is None:
-        return fallback, fallback
-    return q.data.contiguous(), q.scale.contiguous() if q.scale is not None else fallback
+        return [fallback] * 3
+    if written and not all(t.is_contiguous() for t in (q.data, q.scale) if t is not None):
+        raise ValueError("inplace=True needs contiguous stored state tensors; pass inplace=False (a new copy)")
+    return [t.contiguous() if t is not None else fallback for t in (q.data, q.scale, q.row_scale)]
+
+
+@functools.cache
+def _rotation_signs(n: int, device: torch.device) -> torch.Tensor:
+    """The first column of `gsq_hf.formats`' rotation matrix (its signs, ±1/√n), which the kernel expands."""
+    return _hadamard(n, device)[:, 0].contiguous()
 
 
 def default_block(length: int, d_state: int) -> int:
@@ -417,20 +375,33 @@ def state_update(
         row_high = (torch.ones(batch, dtype=torch.bool, device=device) if row_signal is None
                     else row_signal >= policy.threshold)
     read_high = high is not None and high_valid is not None
+    written = [f for f in (policy.low, policy.high if code != "static" else None) if f is not None]
 
     unused = y  # stands in for the pointers a specialization never dereferences
+    # e4m3 row scales: every program of a batch row reads the old one, so the new one goes to a fresh tensor,
+    # copied into the stored copy after the launch when that copy is updated in place
+    in_place_rows = [q for q in (out_low, out_high) if q is not None and q.row_scale is not None
+                     and (q is low or q is high)]
+    new_rows = {id(q): torch.empty_like(q.row_scale) for q in in_place_rows}
+    out_pointers = []
+    for q in (out_low, out_high):
+        data, scale, row = _storage_pointers(q, unused, written=True)
+        out_pointers += [data, scale, new_rows.get(id(q), row)]
+    row_max = torch.zeros(batch, 2, device=device) if any(f.row_bytes for f in written) else unused
+    rotated = any(f.rotation is not None for f in (*written, *(q.fmt for q in (low, high) if q is not None)))
+    signs = _rotation_signs(n, device) if rotated else unused
+
     x, stride_x = _batch_rows(x)
     dt, stride_dt = _batch_rows(dt)
     B, stride_B = _batch_rows(B)
     C, stride_C = _batch_rows(C)
     step_in_memory = isinstance(step, torch.Tensor)
     pointers = [*_storage_pointers(low, unused), *_storage_pointers(high if read_high else None, unused),
-                high_valid if read_high else unused,
-                *_storage_pointers(out_low, unused), *_storage_pointers(out_high, unused),
-                out_valid if out_valid is not None else unused,
+                high_valid if read_high else unused, *out_pointers,
+                out_valid if out_valid is not None else unused, row_max, signs,
                 x, dt, dt_bias if dt_bias is not None else unused, A.contiguous(), B, C,
                 D if D is not None else unused]
-    constants = dict(N=n, GROUP=group, **_format_constants("LOW", policy.low), **_format_constants("HIGH", high_fmt),
+    constants = dict(N=n, GROUP=group, **format_constants("LOW", policy.low), **format_constants("HIGH", high_fmt),
                      POLICY=code, READ_HIGH=read_high, STOCHASTIC=rounding == "stochastic",
                      STEP_IN_MEMORY=step_in_memory, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
                      HAS_D=D is not None, WRITE_GATE=return_gate, num_warps=num_warps)
@@ -440,12 +411,18 @@ def state_update(
         head_dim = shape[2]
         block = block_rows or default_block(head_dim, n)
         grid = (triton.cdiv(head_dim, block), units, batch)
-        _mamba2_kernel[grid](*pointers, *outputs, head_dim, units // B.shape[1], stride_x, stride_dt, stride_B,
-                             stride_C, y.stride(0), *scalars, BLOCK=block, **constants)
+        kernel, args = _mamba2_kernel, [*pointers, *outputs, head_dim, units // B.shape[1], stride_x, stride_dt,
+                                        stride_B, stride_C, y.stride(0), *scalars]
     else:
         z_rows, stride_z = _batch_rows(z) if z is not None else (unused, 0)
         block = block_rows or default_block(units, n)
         grid = (triton.cdiv(units, block), batch)
-        _mamba_kernel[grid](*pointers, z_rows, *outputs, units, stride_x, stride_dt, stride_B, stride_C, stride_z,
-                            y.stride(0), *scalars, BLOCK=block, HAS_Z=z is not None, **constants)
+        kernel, args = _mamba_kernel, [*pointers, z_rows, *outputs, units, stride_x, stride_dt, stride_B, stride_C,
+                                       stride_z, y.stride(0), *scalars]
+        constants["HAS_Z"] = z is not None
+    if row_max is not unused:  # the e4m3 pre-pass: each batch row's largest group absmax of the fresh state
+        kernel[grid](*args, BLOCK=block, ROW_MAX_PASS=True, **constants)
+    kernel[grid](*args, BLOCK=block, ROW_MAX_PASS=False, **constants)
+    for q in in_place_rows:
+        q.row_scale.copy_(new_rows[id(q)])
     return StateUpdate(y, out_low, out_high, out_valid, gate)

@@ -34,10 +34,13 @@ CONFIGS = {
     "gate-open": dict(policy="gate", low_format="int8", high_format="fp16", threshold=0.3, high_when="open"),
     "gate-closed": dict(policy="gate", low_format="int4", high_format="int8", threshold=0.3, high_when="closed"),
     "entropy": dict(policy="entropy", low_format="int4", high_format="fp16", threshold=0.9),
+    "gsq-4bit": dict(policy="static", format="midrise4-e4m3-hadamard"),  # the presets' formats, nearest rounding
+    "gsq-3bit": dict(policy="static", format="midrise3-e4m3-hadamard"),
 }
 # |kernel - torch| of the logits, relative to their scale: fp32 differs by summation order only; a quantized
 # state can move one code at a rounding tie (the reciprocal scale), i.e. about one quantization step.
-TOLERANCE = {"fp32": 1e-5, "int8": 2e-3, "int4": 2e-2, "gate-open": 2e-3, "gate-closed": 2e-2, "entropy": 2e-2}
+TOLERANCE = {"fp32": 1e-5, "int8": 2e-3, "int4": 2e-2, "gate-open": 2e-3, "gate-closed": 2e-2, "entropy": 2e-2,
+             "gsq-4bit": 2e-2, "gsq-3bit": 4e-2}
 
 
 @pytest.fixture
