@@ -10,8 +10,6 @@ from .common import EXIT_FAILURE, EXIT_INTERRUPTED, info, int_list, positive
 
 
 def add_sweep_parser(commands) -> None:
-    from ..eval.sweep import FAMILIES
-
     sweep = commands.add_parser(
         "sweep", help="the config grid over models and datasets (+ LAMBADA, long streams, recall) with verdicts",
         description="Every config of the grid (uniform formats, stochastic rounding, composed formats and their "
@@ -20,6 +18,17 @@ def add_sweep_parser(commands) -> None:
                     "streams scored per position bucket; recall on the recall models; whether each dynamic or "
                     "composed config beats the uniform front at equal bits. Writes all of it to --json; "
                     "scripts/results.py turns that into docs/results.md.")
+    sweep_arguments(sweep)
+    sweep.add_argument("--json", metavar="FILE", help="write the payload to FILE, after every config (a crash or "
+                                                     "Ctrl-C keeps the finished ones)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar or config counter, only the table")
+    sweep.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
+
+
+def sweep_arguments(sweep: argparse.ArgumentParser) -> None:
+    """The options that choose what a sweep runs (shared with scripts/results.py)."""
+    from ..eval.sweep import FAMILIES
+
     sweep.add_argument("--model", action="append", help="model dir or Hub id (repeatable; default: the built-in)")
     sweep.add_argument("--dataset", action="append",
                        help="'builtin' (default), a text file, a .jsonl (a lambada*.jsonl also gets LAMBADA "
@@ -55,10 +64,6 @@ def add_sweep_parser(commands) -> None:
     sweep.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="model weights dtype")
     sweep.add_argument("--threads", type=positive, metavar="N",
                        help="intra-op CPU threads (default: 1: per-token ops of small models only contend)")
-    sweep.add_argument("--json", metavar="FILE", help="write the payload to FILE, after every config (a crash or "
-                                                     "Ctrl-C keeps the finished ones)")
-    sweep.add_argument("--quiet", action="store_true", help="no progress bar or config counter, only the table")
-    sweep.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
 
 
 def _families(text: str) -> list[str]:
