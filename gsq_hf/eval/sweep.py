@@ -49,7 +49,8 @@ from .verdict import (
 )
 
 __all__ = ["COMPOSED", "CONFIGS", "FAMILIES", "LONG_STREAM", "SweepOptions", "UNIFORM", "UNIFORM_SR",
-           "default_recall_models", "long_stream_configs", "run_sweep", "select_configs", "sweep_size"]
+           "default_recall_models", "long_stream_configs", "recall_records", "run_sweep", "select_configs",
+           "sweep_size"]
 
 UNIFORM_SR = "uniform-sr"  # stochastic rounding: static, but its own line (not the verdicts' front)
 COMPOSED = "composed"  # composed formats (codes, cheaper scales, rotation) and their presets: the new front
@@ -349,6 +350,19 @@ def _long_streams(model, streams, name, options, configs, payload, each) -> None
                 buckets["kl_stderr"] = bucket_kl_stderr(buckets)
 
 
+def recall_records(sweep: dict[str, Any], families: list[str], model: str) -> list[dict[str, Any]]:
+    """`recall_sweep`'s records with their family, model and the binomial standard error of each recall
+    (overall and per gap)."""
+    records = []
+    for family, record in zip(families, sweep["results"], strict=True):
+        r = {"model": model, "family": family, **record, "recall_stderr": binomial_stderr(record["correct"],
+                                                                                           record["queries"])}
+        for g in r["by_gap"].values():
+            g["recall_stderr"] = binomial_stderr(g["correct"], g["queries"])
+        records.append(r)
+    return records
+
+
 def _recall_part(directory, spec, options, configs, payload, each) -> None:
     """Recall of every config on one recall model, with binomial standard errors and the verdicts per gap."""
     name = model_name(directory)
@@ -366,13 +380,9 @@ def _recall_part(directory, spec, options, configs, payload, each) -> None:
 
         sweep = each(f"{name} / recall / {cfg.name}", run)
         entry.update(task=sweep["task"], seed=sweep["seed"])
-        r = {"model": name, "family": family, **sweep["results"][0]}
-        r["recall_stderr"] = binomial_stderr(r["correct"], r["queries"])
-        for g in r["by_gap"].values():
-            g["recall_stderr"] = binomial_stderr(g["correct"], g["queries"])
-        records.append(r)
+        records += recall_records(sweep, [family], name)
         add_recall_deltas(records)
-        for x in records:
-            x["delta_vs_fp32"] = x["delta_vs_first"]
+        for r in records:
+            r["delta_vs_fp32"] = r["delta_vs_first"]
     entry["seconds"] = time.perf_counter() - start
     _verdicts(payload, {"model": name}, records, [("recall", lambda group, **o: recall_verdicts(group, gaps, **o))])
