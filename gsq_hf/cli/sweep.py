@@ -111,15 +111,19 @@ def run_sweep(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or 1)
     total = sweep_size(options)
     payload: dict[str, Any] = {"arguments": vars(args), "status": "partial", "threads": torch.get_num_threads()}
-    bar = tqdm(total=total, desc="sweep", unit="config", disable=args.quiet, file=sys.stderr)
     count = iter(range(1, total + 1))
+    bars: list = []  # made at the first config: inputs are checked (one-line errors) before
 
     def started(label: str) -> None:
-        if not args.quiet:
-            bar.write(f"config {next(count)} of {total}: {label}", file=sys.stderr)
+        if args.quiet:
+            return
+        if not bars:
+            bars.append(tqdm(total=total, desc="sweep", unit="config", file=sys.stderr))
+        bars[0].write(f"config {next(count)} of {total}: {label}", file=sys.stderr)
 
     def finished() -> None:
-        bar.update(1)
+        if bars:
+            bars[0].update(1)
         if args.json:
             write_json(args.json, payload)
 
@@ -129,7 +133,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         payload["status"] = "interrupted"
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     print(format_table(*summary_table(payload)))
     if args.json:
         write_json(args.json, payload)

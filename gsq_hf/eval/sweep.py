@@ -301,10 +301,11 @@ def _verdicts(payload: dict[str, Any], where: dict[str, Any], group: list[dict[s
     for metric, judge in metrics:
         fronts = [(UNIFORM, _dynamic_or_composed)] + [(COMPOSED, is_dynamic)] * any(r["family"] == COMPOSED
                                                                                      for r in group)
+        if metric == "kl" and not any("kl_divergence" in r for r in group):
+            continue  # no KL measured (kl_top_k 0)
         for front, judged in fronts:
-            verdicts = judge(group, front=front, judged=judged)
-            if verdicts or metric != "kl":  # no KL verdicts without KL (kl_top_k 0)
-                payload["verdicts"].append({"metric": metric, **where, "front": front, "verdicts": verdicts})
+            payload["verdicts"].append({"metric": metric, **where, "front": front,
+                                        "verdicts": judge(group, front=front, judged=judged)})
 
 
 @torch.inference_mode()
