@@ -5,8 +5,9 @@
 
 Measured on the committed recall models (``gsq_hf/assets/recall-*``): a state that loses a key-value binding
 fails a query, so recall separates state formats that perplexity on the CPU reference models (close to a
-unigram model) cannot. Every sequence is stepped token by token with every state write through the config
-(`recall_sweep`), ``--num`` sequences at the training gap and at 4x it.
+unigram model) cannot. Every sequence runs with every state write through the config (`recall_sweep`: chunked
+forwards where that is faithful, one token per forward for entropy policies), ``--num`` sequences at the
+training gap and at 4x it.
 
 Part 1, the signals (``--signal-num`` sequences at 4x the training gap, fp32 decode, every SSM write seen):
 the gate's distribution; each unit's round-trip error at int4/int3 (nearest rounding, one absmax scale per

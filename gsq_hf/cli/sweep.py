@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from .common import EXIT_FAILURE, EXIT_INTERRUPTED, info, int_list, positive
+from .common import EXIT_FAILURE, EXIT_INTERRUPTED, info, int_list, pick_device, positive
 
 
 def add_sweep_parser(commands) -> None:
@@ -104,6 +104,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     from ..eval.sweep import sweep_size
 
     options = sweep_options(args)
+    pick_device(options.device)  # a bad or absent device: one line before anything runs
     if args.recall_only and args.recall_num == 0:
         from ..eval.sweep import SweepInputError
 
