@@ -24,11 +24,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+from transformers import DynamicCache, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 from gsq_hf.eval.data import TokenWindows, load_model
 from gsq_hf.eval.perplexity import decode_faithful_perplexity, full_sequence_perplexity
 from gsq_hf.eval.report import format_table, versions, write_json
+from gsq_hf.eval.stepping import next_token_logits
 
 SIZES = {  # (hidden, layers, d_state, vocab)
     "tiny": (64, 2, 16, 1024),
@@ -54,11 +55,9 @@ def unpatched_stepping(model: torch.nn.Module, windows: TokenWindows, batch_size
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in windows.ids.split(batch_size):
-            batch, cache = batch.to(device), None
-            for t in range(windows.context - 1):
-                out = model(input_ids=batch[:, t : t + 1], cache=cache, use_cache=True)
-                cache = out.cache
-                total += F.cross_entropy(out.logits[:, -1].float(), batch[:, t + 1], reduction="none").sum()
+            batch = batch.to(device)
+            for t, logits in next_token_logits(model, batch[:, :-1], DynamicCache(config=model.config), stepped=True):
+                total += F.cross_entropy(logits[0], batch[:, t + 1], reduction="none").sum()
         nll = float(total)
     return nll, time.perf_counter() - start
 

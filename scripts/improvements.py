@@ -5,8 +5,9 @@
 
 Measured on the committed recall models (``gsq_hf/assets/recall-*``): a state that loses a key-value binding
 fails a query, so recall separates state formats that perplexity on the CPU reference models (close to a
-unigram model) cannot. Every sequence is stepped token by token with every state write through the config
-(`recall_sweep`), ``--num`` sequences at the training gap and at 4x it.
+unigram model) cannot. Every sequence runs with every state write through the config (`recall_sweep`: chunked
+forwards where that is faithful, one token per forward for entropy policies), ``--num`` sequences at the
+training gap and at 4x it.
 
 Part 1, the signals (``--signal-num`` sequences at 4x the training gap, fp32 decode, every SSM write seen):
 the gate's distribution; each unit's round-trip error at int4/int3 (nearest rounding, one absmax scale per
@@ -22,12 +23,12 @@ front that covers its bits:
 
 * stochastic rounding (``rounding: stochastic``) of the uniform formats (against round-to-nearest only);
 * the dynamic policies with stochastic rounding;
-* per-state-dimension scales: one scale per state dim n over the channels (Mamba) or a head's rows (Mamba2)
-  instead of one per row along d_state (a script-local variant of the formats, not a config option: it
-  loses, see docs/improvements.md);
-* finer groups along d_state (``group_size``);
-* keeping outlier units high: the budget policy with its gate replaced by a unit's round-trip error at the low
-  format (``error-budget``) or by its crest factor max|h| / rms(h) (``crest-budget``), script-local signals.
+* finer groups along d_state (``group_size``).
+
+Every config is a `GSQConfig`; the signals are read from the cache between one-token forwards (`read_ssm`,
+``last_gate``): nothing in the package is replaced. Dropped from the earlier run (docs/improvements.md records
+it): per-state-dimension scales (a scale axis the formats do not offer) and budget policies ranked by a unit's
+round-trip error or crest factor (a signal the policies cannot read yet); both lost to the uniform fronts.
 
 Not built, with the reason in docs/improvements.md: scale reuse while the gate stays closed and error feedback.
 
@@ -37,8 +38,8 @@ Writes ``improvements.md``, ``improvements.json`` and ``improvements-<model>.png
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
+import re
 import shlex
 import sys
 import time
@@ -49,97 +50,27 @@ from typing import Any
 import torch
 
 from gsq_hf import patched, plot
-from gsq_hf.cache import GSQCache, _GSQStateMixin
+from gsq_hf.cache import GSQCache
 from gsq_hf.config import resolve_config
 from gsq_hf.eval.data import EvalInputError, load_model
 from gsq_hf.eval.recall import generate_mqar, load_recall_spec, read_recall_info, recall_sweep
 from gsq_hf.eval.report import versions, write_json
+from gsq_hf.eval.stepping import next_token_logits
+from gsq_hf.eval.sweep import default_recall_models, model_name, recall_records
+from gsq_hf.eval.verdict import interpolate_front
 from gsq_hf.formats import StateFormat, get_format
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import (  # noqa: E402  (a sibling script: the recall records, curves and standard errors)
-    default_recall_models,
-    interpolate_uniform,
-    model_name,
-    recall_records,
-    slug,
-)
 
 NEAREST, SR = "uniform", "uniform-sr"
 N_SE = 2.0  # "better" = more than this many standard errors of the difference
 GATE_THRESHOLDS = (0.02, 0.1, 0.3)
 
 
-# -- script-local variants --------------------------------------------------------------------------------
-@contextlib.contextmanager
-def per_state_dim_scales():
-    """Every scaled format stores one scale per (…, state dim n) over the second-to-last dim instead of one per
-    row along the last (d_state): the state is quantized transposed. Yields a dict that records the rows one
-    scale covers (for the bits: ``bits + 32 / rows``)."""
-    quantize, dequantize = StateFormat.quantize, StateFormat.dequantize
-    seen: dict[str, int] = {}
-
-    def transposed_quantize(self, x, group_size, rounding="nearest", generator=None):
-        if not self.scaled:
-            return quantize(self, x, group_size, rounding, generator)
-        seen["rows"] = x.shape[-2]
-        q = quantize(self, x.transpose(-1, -2), x.shape[-2], rounding, generator)
-        return replace(q, group_size=-x.shape[-2])  # negative: marks a transposed tensor for dequantize
-
-    def transposed_dequantize(self, q):
-        if q.group_size > 0:
-            return dequantize(self, q)
-        return dequantize(self, replace(q, group_size=-q.group_size)).transpose(-1, -2)
-
-    StateFormat.quantize, StateFormat.dequantize = transposed_quantize, transposed_dequantize
-    try:
-        yield seen
-    finally:
-        StateFormat.quantize, StateFormat.dequantize = quantize, dequantize
-
-
+# -- part 1: the signals ----------------------------------------------------------------------------------
 def unit_error(state: torch.Tensor, fmt: StateFormat, group: int) -> torch.Tensor:
     """(batch, units): the L2 round-trip error of each unit's state at ``fmt`` (nearest rounding)."""
     return (fmt.roundtrip(state, group) - state).flatten(2).norm(dim=-1)
 
 
-def crest_factor(state: torch.Tensor) -> torch.Tensor:
-    """(batch, units): max over the unit's rows of max|h| / rms(h) along d_state (an outlier-heavy row)."""
-    crest = state.abs().amax(-1) / state.pow(2).mean(-1).sqrt().clamp_min(1e-30)  # (batch, units, *rows)
-    return crest.reshape(*state.shape[:2], -1).amax(-1)
-
-
-@contextlib.contextmanager
-def writes_through(wrapper):
-    """Route every SSM state write of every cache through ``wrapper(write, layer, state, gate, read_back)``,
-    where ``write`` is the original `write_ssm`."""
-    write = _GSQStateMixin.write_ssm
-
-    def write_ssm(layer, state, gate, read_back=True):
-        return wrapper(write, layer, state, gate, read_back)
-
-    _GSQStateMixin.write_ssm = write_ssm
-    try:
-        yield
-    finally:
-        _GSQStateMixin.write_ssm = write
-
-
-def budget_signal(name: str):
-    """The budget policy ranks units by ``name`` ("error": round-trip error at the low format; "crest": the
-    crest factor) instead of the gate: the same number of high units per row, chosen as outliers."""
-    def ranked(write, layer, state, gate, read_back):
-        if name == "error":
-            cache = layer.cache
-            gate = unit_error(state, cache.policy.low, cache.group_size(state.shape[-1]))
-        else:
-            gate = crest_factor(state)
-        return write(layer, state, gate, read_back)
-
-    return writes_through(ranked)
-
-
-# -- part 1: the signals ----------------------------------------------------------------------------------
 SIGNAL_FORMATS = ("int4", "int3")
 STILL = 0.01  # a change of less than this many quantization steps counts as none
 
@@ -179,14 +110,6 @@ class SignalObserver:
             self.band[name] += int(((change >= STILL) & (change < 0.5)).sum())
         self.elements += state.numel()
 
-    def watching(self):
-        """A context in which every SSM write is observed, then stored as usual."""
-        def observed(write, layer, state, gate, read_back):
-            self.observe(layer, state, gate)
-            return write(layer, state, gate, read_back)
-
-        return writes_through(observed)
-
     def summary(self) -> dict[str, Any]:
         gate = torch.cat(self.gates)
         stats = {"unit_writes": gate.numel(),
@@ -213,10 +136,11 @@ def signal_statistics(model, spec, gap: int, num: int) -> dict[str, Any]:
     batch = generate_mqar(replace(spec, gap=gap), num, seed=1)
     config = resolve_config({"name": "fp32-gate", "policy": "gate", "low_format": "fp32", "high_format": "fp32"})
     observer = SignalObserver()
-    with patched(model, config), observer.watching(), torch.no_grad():
+    with patched(model, config), torch.no_grad():
         cache = GSQCache(model, config)
-        for t in range(batch.input_ids.shape[1] - 1):
-            model(input_ids=batch.input_ids[:, t : t + 1], cache=cache)
+        for _ in next_token_logits(model, batch.input_ids[:, :-1], cache, stepped=True):  # one write per layer
+            for layer in cache.gsq_layers:  # fp32 storage: what was read back is the state written
+                observer.observe(layer, layer.read_ssm(), layer.last_gate)
     return {"gap": gap, "sequences": num, **observer.summary()}
 
 
@@ -232,36 +156,20 @@ def dynamic(name: str, policy: str, **extra) -> dict[str, Any]:
 UNIFORM_FORMATS = ("int8", "int6", "int5", "int4", "int3", "int2")
 SR_ARGS = {"rounding": "stochastic"}
 
-# (line, context, configs): uniform is the round-to-nearest front, uniform-sr the stochastic-rounding one;
-# every other line is compared with both (a line "moves the front" only by beating each that covers its bits)
-EXPERIMENTS: list[tuple[str, str | None, list[dict[str, Any]]]] = [
-    (NEAREST, None, [static("fp32", "fp32")] + [static(f, f) for f in UNIFORM_FORMATS]),
-    (SR, None, [static(f"{f}-sr", f, **SR_ARGS) for f in UNIFORM_FORMATS]),
-    ("per-state-dim scales", "per-state-dim", [static(f"{f}-dim", f) for f in ("int8", "int4", "int3")]),
-    ("finer groups", None, [static("int3-g16", "int3", group_size=16), static("int3-g8", "int3", group_size=8),
-                            static("int2-g8", "int2", group_size=8)]),
-    ("gate-closed int3/int8 sr", None, [dynamic(f"gate-closed-sr@{t}", "gate", threshold=t, high_when="closed",
-                                                **SR_ARGS) for t in GATE_THRESHOLDS]),
-    ("gate-open int3/int8 sr", None, [dynamic(f"gate-open-sr@{t}", "gate", threshold=t, high_when="open", **SR_ARGS)
-                                      for t in GATE_THRESHOLDS]),
-    ("entropy int3/int8 sr", None, [dynamic(f"entropy-sr@{t}", "entropy", threshold=t, **SR_ARGS)
-                                    for t in (0.25, 0.5)]),
-    ("error-budget int3/int8", "error", [dynamic(f"error-budget@{f}", "budget", budget_fraction=f)
-                                         for f in (0.1, 0.25)]),
-    ("crest-budget int3/int8", "crest", [dynamic(f"crest-budget@{f}", "budget", budget_fraction=f)
-                                         for f in (0.1, 0.25)]),
+# (line, configs): uniform is the round-to-nearest front, uniform-sr the stochastic-rounding one; every other
+# line is compared with both (a line "moves the front" only by beating each that covers its bits)
+EXPERIMENTS: list[tuple[str, list[dict[str, Any]]]] = [
+    (NEAREST, [static("fp32", "fp32")] + [static(f, f) for f in UNIFORM_FORMATS]),
+    (SR, [static(f"{f}-sr", f, **SR_ARGS) for f in UNIFORM_FORMATS]),
+    ("finer groups", [static("int3-g16", "int3", group_size=16), static("int3-g8", "int3", group_size=8),
+                      static("int2-g8", "int2", group_size=8)]),
+    ("gate-closed int3/int8 sr", [dynamic(f"gate-closed-sr@{t}", "gate", threshold=t, high_when="closed", **SR_ARGS)
+                                  for t in GATE_THRESHOLDS]),
+    ("gate-open int3/int8 sr", [dynamic(f"gate-open-sr@{t}", "gate", threshold=t, high_when="open", **SR_ARGS)
+                                for t in GATE_THRESHOLDS]),
+    ("entropy int3/int8 sr", [dynamic(f"entropy-sr@{t}", "entropy", threshold=t, **SR_ARGS) for t in (0.25, 0.5)]),
 ]
-
-
-def variant(context: str | None):
-    if context == "per-state-dim":
-        return per_state_dim_scales()
-    if context in ("error", "crest"):
-        return budget_signal(context)
-    return contextlib.nullcontext({})
-
-
-LINES = [line for line, _, _ in EXPERIMENTS]
+LINES = [line for line, _ in EXPERIMENTS]
 
 
 def select_lines(names: str | None) -> list[str]:
@@ -279,18 +187,10 @@ def run_experiments(model, spec, gaps: list[int], num: int, batch_size: int, nam
                     lines: list[str] | None = None) -> list[dict[str, Any]]:
     """The ``lines`` (default: all) of `EXPERIMENTS` on one model: recall records with ``family`` = the line."""
     records: list[dict[str, Any]] = []
-    for line, context, configs in EXPERIMENTS:
-        if lines is not None and line not in lines:
-            continue
-        with variant(context) as seen:
+    for line, configs in EXPERIMENTS:
+        if lines is None or line in lines:
             sweep = recall_sweep(model, spec, configs, gaps, num, batch_size=batch_size)
-        for r in recall_records(sweep, [line] * len(configs), name):
-            if context == "per-state-dim":  # the cache counted per-row scales; these cover `rows` values
-                fmt = get_format(next(c["format"] for c in configs if c["name"] == r["config"]))
-                r["avg_state_bits"] = fmt.bits + 32.0 / seen["rows"]
-                for g in r["by_gap"].values():
-                    g["avg_state_bits"] = r["avg_state_bits"]
-            records.append(r)
+            records += recall_records(sweep, [line] * len(configs), name)
     fp32 = records[0]
     for r in records:
         r["delta_vs_fp32"] = r["recall"] - fp32["recall"]
@@ -319,7 +219,7 @@ def compare(records: list[dict[str, Any]], gap: str | None) -> list[dict[str, An
         bits, value, se = point(r)
         versus = {}
         for line in references(r["family"]):
-            curve = interpolate_uniform(curves[line], bits)
+            curve = interpolate_front(curves[line], bits)
             if curve is not None:
                 gain, noise = value - curve[0], N_SE * math.hypot(se, curve[1])
                 versus[line] = {"reference": curve[0], "gain": gain, "noise": noise, "better": gain > noise}
@@ -430,6 +330,10 @@ NOT_BUILT = """Not built:
   stochastic rounding is its stateless counterpart (unbiased on average), measured above."""
 
 
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-") or "x"
+
+
 def gap_list(text: str) -> list[int]:
     """``--gaps``: positive integers, comma-separated."""
     try:
@@ -496,8 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "Recall is decode-faithful (every state write through the config) on the committed MQAR models; "
           "'vs its reference line' is the recall minus that line's, linearly interpolated at the same average "
           f"stored bits, in points; **better** = by more than {N_SE:g} binomial standard errors of the difference "
-          "(add-one estimate). Avg bits include the fp32 scales (per-state-dim scales: one per state dim over "
-          "the rows of a unit).", "",
+          "(add-one estimate). Avg bits include the fp32 scales.", "",
           "## What moves the front (all gaps pooled)", "", summary(payload["models"]), "",
           "## The signals", "",
           f"fp32 decode, `--signal-num {args.signal_num}` sequences at the larger gap, every SSM write after the "

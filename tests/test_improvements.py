@@ -1,5 +1,5 @@
-"""scripts/improvements.py: its script-local variants do what they say, its comparisons need more than noise,
-and the whole report runs end to end on a committed recall model with a small budget."""
+"""scripts/improvements.py: its signal statistics, its comparisons need more than noise, and the whole report
+runs end to end on a committed recall model with a small budget (the signals cover every state write)."""
 
 import json
 import math
@@ -7,11 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import tiny_mamba
 from script_loader import load_script
-
-from gsq_hf import GSQCache, GSQConfig
-from gsq_hf.formats import StateFormat, get_format
 
 ROOT = Path(__file__).resolve().parents[1]
 RECALL_MODEL = ROOT / "gsq_hf" / "assets" / "recall-mamba"
@@ -20,44 +16,6 @@ RECALL_MODEL = ROOT / "gsq_hf" / "assets" / "recall-mamba"
 @pytest.fixture(scope="module")
 def script():
     return load_script("improvements")
-
-
-def test_per_state_dim_scales_quantize_over_the_rows_and_are_undone(script):
-    x = torch.randn(2, 16, 8) * torch.logspace(-2, 1, 16)[:, None]  # rows of very different magnitude
-    int4 = get_format("int4")
-    per_row = int4.roundtrip(x, 8)
-    quantize = StateFormat.quantize
-    with script.per_state_dim_scales() as seen:
-        inside = int4.roundtrip(x, 8)
-        assert torch.equal(get_format("fp32").roundtrip(x, 8), x)  # unscaled formats are untouched
-    assert seen["rows"] == 16 and StateFormat.quantize is quantize
-    assert torch.equal(inside, int4.roundtrip(x.transpose(-1, -2), 16).transpose(-1, -2))
-    assert not torch.equal(inside, per_row)
-    assert torch.equal(int4.roundtrip(x, 8), per_row)  # restored
-
-
-def test_error_budget_keeps_the_units_with_the_largest_round_trip_error(script):
-    config = GSQConfig(policy="budget", low_format="int3", high_format="int8", budget_fraction=0.25)
-    cache = GSQCache(tiny_mamba(), config)
-    layer = cache.gsq_layer(0)
-    state = torch.randn(3, 16, 8)
-    state[:, 5] *= 50.0  # one unit far from the others: the largest absolute error in every row
-    gate = torch.rand(3, 16)
-    error = script.unit_error(state, get_format("int3"), 8)
-    with script.budget_signal("error"):
-        layer.write_ssm(state, gate, read_back=False)
-    chosen = layer.storage.slot_units.sort(dim=1).values
-    assert torch.equal(chosen, error.topk(4, dim=1).indices.sort(dim=1).values)
-    assert (chosen == 5).any(dim=1).all()
-    layer.write_ssm(state, gate, read_back=False)  # outside the context the gate ranks again
-    assert torch.equal(layer.storage.slot_units.sort(dim=1).values, gate.topk(4, dim=1).indices.sort(dim=1).values)
-
-
-def test_crest_factor_finds_the_outlier_row(script):
-    state = torch.ones(1, 3, 4, 8)  # Mamba2 layout: (batch, heads, rows, d_state)
-    state[0, 1, 2, 0] = 10.0  # one outlier in one row of head 1
-    crest = script.crest_factor(state)
-    assert crest.shape == (1, 3) and crest[0, 1] > 2.0 and torch.allclose(crest[0, [0, 2]], torch.ones(2))
 
 
 def test_signal_observer_separates_rescales_from_the_dead_band(script):
@@ -128,7 +86,7 @@ def test_lines_are_checked(script):
 
 @pytest.mark.slow
 def test_improvements_report_end_to_end(script, tmp_path):
-    lines = "per-state-dim scales,error-budget int3/int8,gate-closed int3/int8 sr,uniform-sr"
+    lines = "finer groups,gate-closed int3/int8 sr,uniform-sr"
     payload = script.main(["--model", str(RECALL_MODEL), "--num", "4", "--gaps", "32", "--signal-num", "2",
                            "--lines", lines, "--threads", "1", "--out", str(tmp_path)])
     markdown = (tmp_path / "improvements.md").read_text()
@@ -139,13 +97,17 @@ def test_improvements_report_end_to_end(script, tmp_path):
     records = model["records"]
     assert records[0]["config"] == "fp32" and records[0]["delta_vs_fp32"] == 0.0
     assert {r["family"] for r in records} == {script.NEAREST, *lines.split(",")}
-    rows = model["signals"]["unit_writes"]
-    assert rows > 0 and 0.0 <= model["signals"]["int4_dead_band_fraction"] <= 1.0
-    dims = {r["config"]: r["avg_state_bits"] for r in records if r["family"] == "per-state-dim scales"}
-    assert dims == {"int8-dim": 8.25, "int4-dim": 4.25, "int3-dim": 3.25}  # one fp32 scale per 128 channels
+    config = json.loads((RECALL_MODEL / "config.json").read_text())
+    spec = json.loads((RECALL_MODEL / "recall_model.json").read_text())["spec"]
+    steps = 2 * spec["pairs"] + 32 + 2 * spec["queries"] - 1  # one-token forwards over a sequence at gap 32
+    expected = 2 * config["num_hidden_layers"] * config["intermediate_size"] * (steps - 1)  # after each first write
+    assert model["signals"]["unit_writes"] == expected
+    assert 0.0 <= model["signals"]["int4_dead_band_fraction"] <= 1.0
+    groups = {r["config"]: r["avg_state_bits"] for r in records if r["family"] == "finer groups"}
+    assert groups == {"int3-g16": 5.0, "int3-g8": 7.0, "int2-g8": 6.0}  # one fp32 scale per 16 / 8 values
     for r in records:
         assert 0.0 <= r["recall"] <= 1.0 and math.isfinite(r["avg_state_bits"])
     assert "## What moves the front (all gaps pooled)" in markdown and "## The signals" in markdown
     assert "| signal | recall-mamba |" in markdown
-    assert "**recall-mamba, all gaps pooled:**" in markdown and "- per-state-dim scales:" in markdown
+    assert "**recall-mamba, all gaps pooled:**" in markdown and "- finer groups:" in markdown
     assert "Not built:" in markdown

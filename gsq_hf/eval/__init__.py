@@ -1,6 +1,7 @@
 """Evaluation of what a state config costs (perplexity, associative recall) and saves (memory).
 
-``gsq-hf eval`` / ``gsq-hf recall`` / ``gsq-hf memory``.
+``gsq-hf eval`` / ``gsq-hf recall`` / ``gsq-hf memory`` / ``gsq-hf sweep`` (`gsq_hf.eval.sweep`: the config grid
+over models, datasets, LAMBADA, long streams and recall, with the verdicts of `gsq_hf.eval.verdict`).
 
 ``memory`` is not imported here: it is also run as ``python -m gsq_hf.eval.memory`` (one process per config).
 """

@@ -12,6 +12,7 @@ every evaluation (perplexity, recall), in either of two modes.
 from __future__ import annotations
 
 import torch
+from transformers import Cache
 
 from ..cache import GSQCache
 from ..config import GSQConfig
@@ -37,10 +38,11 @@ def needs_stepping(model: torch.nn.Module, cfg: GSQConfig, stepped: bool | None)
     return bool(stepped) or reason is not None
 
 
-def next_token_logits(model: torch.nn.Module, ids: torch.Tensor, cache: GSQCache, stepped: bool):
+def next_token_logits(model: torch.nn.Module, ids: torch.Tensor, cache: GSQCache | Cache, stepped: bool):
     """``(t, logits)`` per forward over ``ids`` (rows, length), continuing from ``cache``: the float32 logits
     after tokens ``t .. t+n-1`` (the next-token distributions there) as (n, rows, vocab); one token per
-    forward when ``stepped``, else chunks of at most `CHUNK_LOGITS` values."""
+    forward when ``stepped``, else chunks of at most `CHUNK_LOGITS` values. ``cache`` is a `GSQCache`, or a
+    transformers cache (``DynamicCache(config=model.config)``) to step an unpatched model."""
     rows, length = ids.shape
     vocab = getattr(model.config, "vocab_size", None) or 1
     chunk = 1 if stepped else max(1, min(length, CHUNK_LOGITS // (rows * vocab)))

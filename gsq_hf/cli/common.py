@@ -1,0 +1,204 @@
+"""What every ``gsq-hf`` command shares: options, inputs checked into one-line errors, threads, and a run of
+configs that says which runs, writes the JSON after each and keeps the finished ones on Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from ..config import GSQConfig, list_presets, resolve_config
+
+DEFAULT_CONFIGS = ("fp32", "int8", "int4", "gsq-gate", "gsq-entropy", "gsq-budget")
+EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+THREADS_HELP = ("intra-op CPU threads (torch.set_num_threads; default: 1 for models under 200M parameters, whose "
+                "per-token ops are too small to share and slow down many-fold when other jobs use the cores; else "
+                "min(available cores, 4))")
+
+
+class BadInput(Exception):
+    """A command-line value that cannot work; the message is the whole error line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line too (same format and exit code 2 as every bad input)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model directory saved by save_pretrained, or a HuggingFace Hub model id "
+                                        "(default: the built-in tiny Mamba trained on the pydoc topics)")
+    parser.add_argument("--dataset", help="'builtin' (default: the stdlib's pydoc topics), a .txt/.raw file, a "
+                                          ".jsonl file with a 'text' field, a directory of .txt/.raw files, or a "
+                                          "Hub dataset 'name' or 'name:config' (loaded with datasets.load_dataset)")
+    parser.add_argument("--split", default="test", help="dataset split (default: test); for a directory, files "
+                                                        "whose name has the split as a part, e.g. wiki.test.raw")
+    parser.add_argument("--config", action="extend", nargs="+", metavar="CONFIG",
+                        help="state config: a preset (" + ", ".join(list_presets()) + ") or a YAML/JSON file; "
+                             "repeatable (default: " + " ".join(DEFAULT_CONFIGS) + ")")
+    parser.add_argument("--batch-size", type=positive, default=8, help="sequences run at once (default: 8)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, ... (default: cuda if available)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="model weights and activations dtype (default: fp32)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--load-in-8bit", dest="quantization", action="store_const", const="8bit",
+                         help="load the linear layers' weights in int8 with bitsandbytes (LLM.int8; the LM head "
+                              "stays unquantized); needs pip install 'gsq_hf[bnb]'")
+    weights.add_argument("--load-in-4bit", dest="quantization", action="store_const", const="4bit",
+                         help="load the linear layers' weights in 4-bit NF4 with bitsandbytes (computing in --dtype)")
+    parser.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                        help="let accelerate place the layers instead of --device (over several GPUs, offloading "
+                             "what does not fit to the CPU)")
+    parser.add_argument("--seed", type=int, help="seed of torch and, when given, of every config's stochastic "
+                                                 "rounding (default: torch seed 0, configs keep their own)")
+    run_options(parser)
+
+
+def run_options(parser: argparse.ArgumentParser) -> None:
+    """Threads, JSON output, verbosity: the same for every command."""
+    parser.add_argument("--threads", type=positive, metavar="N", help=THREADS_HELP)
+    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON, after every config "
+                                                      "(a crash or Ctrl-C keeps the finished ones)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or run information, only the table")
+    parser.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gsq_hf")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from .. import __version__
+
+        return __version__
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,128,512, got {text!r}") \
+            from None
+
+
+
+def resolve_configs(names: Sequence[str] | None, seed: int | None) -> list[GSQConfig]:
+    configs = [resolve_config(name) for name in (names or DEFAULT_CONFIGS)]
+    return configs if seed is None else [dataclasses.replace(cfg, seed=seed) for cfg in configs]
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BadInput(f"device {name!r} is not a torch device; accepted: auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"device {name!r} asked for CUDA, but torch sees no CUDA device; use --device cpu")
+    return name
+
+
+def model_source(model: str | None) -> str:
+    if model is not None:
+        return model
+    try:
+        from ..eval.builtin import BUILTIN_MODEL_DIR
+    except ImportError:
+        raise BadInput("no --model given and gsq_hf has no built-in model; pass --model DIR_OR_HUB_ID") from None
+    if not BUILTIN_MODEL_DIR.is_dir():
+        raise BadInput(f"no --model given and the built-in model is missing at {BUILTIN_MODEL_DIR}; "
+                       "pass --model DIR_OR_HUB_ID")
+    return str(BUILTIN_MODEL_DIR)
+
+
+def check_configs(model, configs: list[GSQConfig], ids) -> None:
+    """Patch, step two tokens of ``ids`` and unpatch, per config.
+
+    A config the model cannot take fails before any long run starts, and first-call costs (lazy kernel
+    setup, allocator growth) stay out of the timed runs.
+    """
+    import torch
+
+    from ..cache import GSQCache
+    from ..eval.perplexity import _device as input_device
+    from ..eval.stepping import next_token_logits
+    from ..patch import patched
+
+    for cfg in configs:
+        with patched(model, cfg), torch.inference_mode():
+            for _ in next_token_logits(model, ids[:1, :2].to(input_device(model)), GSQCache(model, cfg), stepped=True):
+                pass
+
+
+def set_threads(args: argparse.Namespace, model) -> int:
+    import torch
+
+    from ..eval.data import default_threads
+
+    threads = args.threads or default_threads(model)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def info(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+def run_configs(args: argparse.Namespace, configs: list[GSQConfig], run, payload: dict[str, Any], write: bool) -> bool:
+    """``run(i, config)`` for each config in turn, saying which on stderr ("config 3 of 6: int4") and, with
+    ``--json``, writing ``payload`` after each (``"status": "partial"`` until the caller finishes it), so a
+    crash or Ctrl-C keeps the finished configs. False when Ctrl-C stopped it (the payload then says so)."""
+    from ..eval.report import write_json
+
+    payload["status"] = "partial"
+    try:
+        for i, cfg in enumerate(configs):
+            info(args, f"config {i + 1} of {len(configs)}: {cfg.name}")
+            run(i, cfg)
+            if write and args.json:
+                write_json(args.json, payload)
+    except KeyboardInterrupt:
+        payload["status"] = "interrupted"
+        return False
+    return True
+
+
+def interrupted(args: argparse.Namespace, payload: dict[str, Any], table: str) -> int:
+    """Ctrl-C during a sweep: the table and the JSON of what finished, one line on stderr, exit 130."""
+    from ..eval.report import write_json
+
+    print(table)
+    if args.json:
+        write_json(args.json, payload)
+    done, total = len(payload["results"]), len(payload["configs"])
+    print(f"gsq-hf {args.command}: interrupted after {done} of {total} configs"
+          + (f"; {args.json} holds the finished ones" if args.json else ""), file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def header(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    from ..eval.report import versions
+
+    return {"model": model, "dataset": args.dataset or "builtin", "split": args.split, "versions": versions()}
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
