@@ -498,17 +498,43 @@ def report(payload: dict[str, Any], command: str, out: Path) -> str:
     return "\n".join(md + [f"Total time: {payload['seconds']:.1f} s."]) + "\n"
 
 
+PAYLOAD_LISTS = ("references", "records", "long_stream", "recall", "traces", "verdicts")
+
+
+def merge_payloads(payloads: list[dict[str, Any]]) -> dict[str, Any]:
+    """One payload from the parts of a run (same grid, other models or the recall part): their records side by
+    side, every command, the longest part's time (the parts ran at once); the first part's options and versions,
+    with the recall options of the part that ran recall."""
+    if len(payloads) == 1:
+        return payloads[0]
+    merged = {**payloads[0], "command": "\n".join(p["command"] for p in payloads),
+              "seconds": max(p.get("seconds", 0.0) for p in payloads)}
+    for key in PAYLOAD_LISTS:
+        merged[key] = [item for p in payloads for item in p.get(key, [])]
+    model_parts = [p for p in payloads if not p["options"]["recall_only"]]
+    options = {**(model_parts or payloads)[0]["options"], "recall_only": not model_parts,
+               "models": [m for p in model_parts for m in p["options"]["models"]]}
+    recall_part = next((p for p in payloads if p.get("recall")), None)
+    if recall_part is not None:
+        options |= {k: v for k, v in recall_part["options"].items() if k.startswith("recall") and k != "recall_only"}
+    return merged | {"options": options}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep_arguments(parser)
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="report directory (default: docs/)")
-    parser.add_argument("--from-json", type=Path, help="write the report of this results.json; run nothing")
+    parser.add_argument("--from-json", type=Path, action="append", help="write the report of this results.json; "
+                        "run nothing (repeatable: the parts of one run made by several processes, e.g. one per model "
+                        "and one --recall-only, are reported together)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_json:
-        payload = json.loads(args.from_json.read_text())
+        payload = merge_payloads([json.loads(path.read_text()) for path in args.from_json])
         command = payload["command"]
+        if len(args.from_json) > 1:
+            write_json(args.out / "results.json", payload)
     else:
         args.dataset = args.dataset or DEFAULT_DATASETS
         options = sweep_options(args)

@@ -92,6 +92,19 @@ def test_results_pipeline(tmp_path):
     again = tmp_path / "again"
     script.main(["--from-json", str(tmp_path / "results.json"), "--out", str(again)])  # the report alone
     assert (again / "results.md").read_text() == markdown
+    whole = json.loads((tmp_path / "results.json").read_text())  # the same run made in two processes, reported once
+    model_part = {**whole, "recall": [], "verdicts": [v for v in whole["verdicts"] if v["metric"] != "recall"]}
+    recall_part = {**whole, "options": {**whole["options"], "recall_only": True, "models": []}, "references": [],
+                   "records": [], "long_stream": [], "traces": [],
+                   "verdicts": [v for v in whole["verdicts"] if v["metric"] == "recall"]}
+    for name, part in (("models.json", model_part), ("recall.json", recall_part)):
+        (tmp_path / name).write_text(json.dumps(part))
+    merged = tmp_path / "merged"
+    script.main(["--from-json", str(tmp_path / "models.json"), "--from-json", str(tmp_path / "recall.json"),
+                 "--out", str(merged)])
+    command = whole["command"]
+    assert (merged / "results.md").read_text() == markdown.replace(command, f"{command}\n{command}")
+    assert json.loads((merged / "results.json").read_text())["records"] == whole["records"]
     if not with_lambada:
         pytest.skip(f"LAMBADA part skipped: {LAMBADA} is absent (the built-in part passed)")
 
