@@ -33,7 +33,8 @@ from transformers.cache_utils import (
 
 from .config import GSQConfig, resolve_config
 from .formats import QuantizedTensor, StateFormat, get_format
-from .policies import EntropyThresholdPolicy, Signals
+from .policies import Signals
+from .signals import ROW_SIGNALS
 
 __all__ = ["GSQCache", "GSQHybridStateLayer", "GSQStateLayer", "LayerStorage", "weight_bytes"]
 
@@ -167,7 +168,7 @@ class _GSQStateMixin:
         group = cache.group_size(state.shape[-1])
         generator = cache.generator(state.device)
         rounding = cache.config.rounding
-        high_mask = policy.choose(Signals((batch, units), state.device, gate, cache.row_signal_for(batch)))
+        high_mask = policy.choose(cache.signals((batch, units), state.device, gate))
 
         low = policy.low.quantize(state, group, rounding, generator)
         high = slot_units = high_valid = None
@@ -396,6 +397,7 @@ class GSQCache(DynamicCache):
         self.config = resolve_config(gsq_config).for_model_type(getattr(self.config_of(model_or_config),
                                                                         "model_type", None))
         self.policy = self.config.build_policy()
+        self._row_signal_name = next(iter(sorted(self.policy.signals & ROW_SIGNALS.keys())), None)
         self.recording = False
         self.row_signal: torch.Tensor | None = None  # (batch,) normalized entropy/surprisal of the next write
         self._prev_logprobs: torch.Tensor | None = None
@@ -440,30 +442,39 @@ class GSQCache(DynamicCache):
         signal = self.row_signal
         return signal if signal is not None and signal.shape[0] == batch else None
 
+    def signals(self, shape: tuple[int, int], device: torch.device, gate: torch.Tensor | None) -> Signals:
+        """What the policy reads at a write of ``shape`` (batch, units): the step's gate, the row signal."""
+        values = {} if gate is None else {"gate": gate}
+        row = self.row_signal_for(shape[0])
+        if row is not None:
+            values[self._row_signal_name] = row
+        return Signals(shape, device, values)
+
     @property
     def wants_logits(self) -> bool:
-        return isinstance(self.policy, EntropyThresholdPolicy)
+        """Whether the policy reads a signal from the model's next-token distribution (`gsq_hf.signals`)."""
+        return self._row_signal_name is not None
 
     def begin_forward(self, input_ids: torch.Tensor | None) -> None:
-        """Turn the previous step's log-probs into the surprisal of the tokens now absorbed."""
-        if self.config.entropy_signal != "surprisal" or self._prev_logprobs is None or input_ids is None:
+        """Turn the previous step's log-probs into the signal of the tokens now absorbed (surprisal)."""
+        if not self.wants_logits or not ROW_SIGNALS[self._row_signal_name].needs_token:
             return
         logprobs = self._prev_logprobs
-        if logprobs.shape[0] != input_ids.shape[0]:
+        if logprobs is None or input_ids is None or logprobs.shape[0] != input_ids.shape[0]:
             return
         token = input_ids[:, :1].to(logprobs.device)
-        self.row_signal = (-logprobs.gather(1, token)[:, 0] / math.log(logprobs.shape[-1])).clamp(0.0, 1.0)
+        self.row_signal = ROW_SIGNALS[self._row_signal_name].compute(logprobs, token)
 
     def observe_logits(self, logits: torch.Tensor) -> None:
         """Record the signal the next write will see from the last position's logits ``(batch, vocab)``."""
         if not self.wants_logits:
             return
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        if self.config.entropy_signal == "surprisal":
+        signal = ROW_SIGNALS[self._row_signal_name]
+        if signal.needs_token:
             self._prev_logprobs = logprobs
         else:
-            entropy = -(logprobs.exp() * logprobs).sum(-1)
-            self.row_signal = (entropy / math.log(logits.shape[-1])).clamp(0.0, 1.0)
+            self.row_signal = signal.compute(logprobs, None)
 
     # -- beam search, batching, reset ------------------------------------------------------------------
     def _map_rows(self, fn) -> None:
@@ -552,7 +563,7 @@ class GSQCache(DynamicCache):
             if state is None:
                 continue
             gate = None
-            if self.policy.uses_gate:  # the source's last signal, else our own, else "closed" (first sync)
+            if "gate" in self.policy.signals:  # the source's last signal, else our own, else "closed" (first sync)
                 gate = next((g for g in (theirs.last_gate, mine.last_gate) if g is not None), None)
                 gate = gate if gate is not None else state.new_zeros(state.shape[:2])
             mine.write_ssm(state, gate, read_back=False)
@@ -617,7 +628,7 @@ class GSQCache(DynamicCache):
             "format_ids": {0: low_name, 1: high_name, 2: FALLBACK},
             "layers": [index for index, _ in layers],
             "config": self.config.name,
-            "policy": self.config.policy,
+            "policy": self.config.policy.kind,
             "low_format": low_name,
             "high_format": high_name,
         }

@@ -161,7 +161,7 @@ def torch_path_call(config, spec: dict, inputs: dict):
     cache.row_signal = inputs["row_signal"]
     layer = cache.gsq_layer(0)
     state = inputs["state"]
-    uses_gate = cache.policy.uses_gate
+    uses_gate = "gate" in cache.policy.signals
     layer.write_ssm(state, state.new_zeros(state.shape[:2]) if uses_gate else None, read_back=False)
     x, A, D = inputs["x"], inputs["A"], inputs["D"]
 

@@ -185,7 +185,7 @@ class MixerAdapter(ABC):
             stored.low, stored.high, stored.high_valid, x, dt, A, B, C, D, z,
             policy=cache.policy, group_size=cache.config.group_size, rounding=cache.config.rounding,
             seed=cache.config.seed, step=layer.writes, row_signal=cache.row_signal_for(x.shape[0]),
-            return_gate=cache.policy.uses_gate,
+            return_gate="gate" in cache.policy.signals,
         )
         if not bool(torch.isfinite(update.y).all()):  # a non-finite state unit makes its row's output non-finite
             return None

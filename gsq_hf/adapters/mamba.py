@@ -67,7 +67,7 @@ class MambaAdapter(MixerAdapter):
                 return mixer.out_proj(y[:, None].to(dtype))
         dA = torch.exp(dt[..., None] * A)  # (B, T, *S, N)
         dBx = dt[..., None] * B.float() * x[..., None].float()  # (B, T, *S, N)
-        gate = 1.0 - dA.flatten(3).mean(dim=-1) if layer.cache.policy.uses_gate else None  # (B, T, S[0])
+        gate = 1.0 - dA.flatten(3).mean(dim=-1) if "gate" in layer.cache.policy.signals else None  # (B, T, S[0])
         y = self.scan(layer, dA, dBx, C[..., None], gate, x.dtype, conv_history)  # (B, T, *S)
         y = (y + x * mixer.D.float()).flatten(2) * F.silu(z.transpose(1, 2))  # (B, T, D)
         return mixer.out_proj(y.to(dtype))

@@ -60,7 +60,7 @@ class Mamba2Adapter(MixerAdapter):
         C = C.repeat_interleave(heads // groups, dim=2)
         dA = torch.exp(dt * A)  # (B, T, H)
         dBx = (dt[..., None] * x.float())[..., None] * B[:, :, :, None, :].float()  # (B, T, H, P, N)
-        gate = 1.0 - dA if layer.cache.policy.uses_gate else None  # (B, T, H)
+        gate = 1.0 - dA if "gate" in layer.cache.policy.signals else None  # (B, T, H)
         y = self.scan(layer, dA[..., None, None], dBx, C[..., None], gate, x.dtype, conv_history)
         y = y + x * mixer.D[:, None].to(y.dtype)
         y = self.gated_output(mixer, y.reshape(batch, seq_len, -1), z)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import QuantizedTensor, StateFormat
-from ..policies import EntropyThresholdPolicy, GateThresholdPolicy, PrecisionPolicy, Signals, StaticPolicy
+from ..policies import PrecisionPolicy, Signals
 
 __all__ = ["KERNEL_FORMATS", "StateUpdate", "delta", "state_update_reference", "unsupported_reason"]
 
@@ -58,8 +58,8 @@ def unsupported_reason(
     (Triton tiles are). Budget policies store high copies in K < units slots chosen by a per-row top-k:
     that stays on the torch path, as does Zamba's multi-head Mamba-1 (A per (head, p, n)).
     """
-    if not isinstance(policy, (StaticPolicy, GateThresholdPolicy, EntropyThresholdPolicy)):
-        return f"{type(policy).__name__}: only static, gate and entropy threshold policies are fused"
+    if policy.kernel_rule() is None:
+        return f"{type(policy).__name__} has no kernel rule: the kernel decides static, gate-threshold, per-row policies"
     if low is None:
         return "no stored state yet (the first write comes from a prefill, on the torch path)"
     if low.fmt != policy.low or (high is not None and high.fmt != policy.high):
@@ -165,7 +165,9 @@ def state_update_reference(
     batch, units = h.shape[:2]
     group = group_size or h.shape[-1]
     generator = rounding_generator(h.device, seed, step) if rounding == "stochastic" else None
-    mask = policy.choose(Signals((batch, units), h.device, gate, row_signal))
+    values = {"gate": gate} | ({name: row_signal for name in policy.signals if name != "gate"}
+                               if row_signal is not None else {})
+    mask = policy.choose(Signals((batch, units), h.device, values))
     new_low = policy.low.quantize(h, group, rounding, generator)
     new_high = policy.high.quantize(h, group, rounding, generator) if mask is not None else None
     if inplace:

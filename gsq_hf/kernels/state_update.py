@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..formats import QuantizedTensor, StateFormat
-from ..policies import EntropyThresholdPolicy, GateThresholdPolicy, PrecisionPolicy
+from ..policies import PrecisionPolicy, Signals
 from .reference import StateUpdate, empty_storage, unsupported_reason
 
 __all__ = ["state_update"]
@@ -320,14 +320,6 @@ def _mamba2_kernel(
 
 
 # -- the wrapper ---------------------------------------------------------------------------------------
-def _policy_code(policy: PrecisionPolicy) -> str:
-    if isinstance(policy, GateThresholdPolicy):
-        return policy.high_when  # "open" | "closed"
-    if isinstance(policy, EntropyThresholdPolicy):
-        return "row"
-    return "static"
-
-
 def _format_constants(prefix: str, fmt: StateFormat) -> dict:
     return {prefix: fmt.name, f"{prefix}_SCALED": fmt.scaled, f"{prefix}_MAX": float(fmt.max_code),
             f"{prefix}_MBITS": fmt.mantissa_bits, f"{prefix}_MIN_EXP": fmt.min_exponent}
@@ -404,7 +396,7 @@ def state_update(
     batch, units, n = shape[0], shape[1], shape[-1]
     group = group_size or n
     device = x.device
-    code = _policy_code(policy)
+    code, threshold = policy.kernel_rule()
     high_fmt = policy.high if policy.high is not None else policy.low
 
     y = torch.empty(x.shape, dtype=x.dtype, device=device)
@@ -416,8 +408,8 @@ def state_update(
     gate = torch.empty(batch, units, device=device) if return_gate else None
     row_high = None
     if code == "row":
-        row_high = (torch.ones(batch, dtype=torch.bool, device=device) if row_signal is None
-                    else row_signal >= policy.threshold)
+        rows = {} if row_signal is None else {name: row_signal for name in policy.signals}
+        row_high = policy.choose(Signals((batch, 1), device, rows))[:, 0].contiguous()
     read_high = high is not None and high_valid is not None
 
     unused = y  # stands in for the pointers a specialization never dereferences
@@ -436,7 +428,7 @@ def state_update(
                      POLICY=code, READ_HIGH=read_high, STOCHASTIC=rounding == "stochastic",
                      STEP_IN_MEMORY=step_in_memory, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
                      HAS_D=D is not None, WRITE_GATE=return_gate, num_warps=num_warps)
-    scalars = [dt_limit[0], dt_limit[1], float(getattr(policy, "threshold", 0.0)), seed, step]
+    scalars = [dt_limit[0], dt_limit[1], threshold, seed, step]
     outputs = [y, gate if gate is not None else unused, row_high if row_high is not None else unused]
     if mamba2:
         head_dim = shape[2]
