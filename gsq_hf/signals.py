@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from .errors import GSQConfigError
+from .policies.base import Signals
 
 __all__ = ["ROW_SIGNALS", "UNIT_SIGNALS", "RowSignal", "check_signals", "gate", "reads_logits",
-           "register_row_signal"]
+           "register_row_signal", "step_signals"]
 
 UNIT_SIGNALS = frozenset({"gate"})
 
@@ -60,6 +61,16 @@ def _surprisal(logprobs: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
 
 register_row_signal("entropy", _entropy)
 register_row_signal("surprisal", _surprisal, needs_token=True)
+
+
+def step_signals(policy, shape: tuple[int, int], device: torch.device, gate: torch.Tensor | None,
+                 row_signal: torch.Tensor | None) -> Signals:
+    """What ``policy`` reads at a write of ``shape`` (batch, units): the step's gate and the row signal it
+    declares, where they exist."""
+    values = {} if gate is None else {"gate": gate}
+    if row_signal is not None:
+        values |= {name: row_signal for name in policy.signals if name in ROW_SIGNALS}
+    return Signals(shape, device, values)
 
 
 def check_signals(policy) -> None:
