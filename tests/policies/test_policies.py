@@ -34,14 +34,16 @@ def test_entropy_per_row_and_missing_signal():
     surprisal = EntropyThresholdPolicy(INT4, FP16, threshold=0.5, signal="surprisal")
     assert surprisal.signals == {"surprisal"} and policy.signals == {"entropy"}
     assert surprisal.choose(signals(row_signal=torch.tensor([0.7, 0.2]))).all()  # reads its own signal only
-    assert surprisal.choose(signals(row_signal=torch.tensor([0.7, 0.2]), row_name="surprisal")).tolist() == mask.tolist()
+    rows = signals(row_signal=torch.tensor([0.7, 0.2]), row_name="surprisal")
+    assert surprisal.choose(rows).tolist() == mask.tolist()
 
 
 def test_policies_declare_their_signals_and_kernel_rule():
     assert StaticPolicy(INT8).signals == frozenset() and StaticPolicy(INT8).kernel_rule() == ("static", 0.0)
     gate = GateThresholdPolicy(INT8, FP16, 0.3, "closed")
     assert gate.signals == {"gate"} and gate.kernel_rule() == ("closed", 0.3)
-    assert GateBudgetPolicy(INT4, FP16, 0.5).signals == {"gate"} and GateBudgetPolicy(INT4, FP16, 0.5).kernel_rule() is None
+    budget = GateBudgetPolicy(INT4, FP16, 0.5)
+    assert budget.signals == {"gate"} and budget.kernel_rule() is None
     assert EntropyThresholdPolicy(INT4, FP16, 0.5).kernel_rule() == ("row", 0.0)
 
 
