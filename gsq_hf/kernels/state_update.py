@@ -22,13 +22,11 @@ formats are rounded onto their grid in fp32 arithmetic, so the final cast is exa
 Triton interpreter truncates fp32→bf16). The same arithmetic is what `state_update_reference` does with
 `gsq_hf.formats`; ``tests/kernels`` compares the two.
 
-Dispatch: `gsq_hf.adapters.base.MixerAdapter.fused_step` calls `state_update` for a decode step with T = 1
-when ``GSQConfig.kernel`` allows it (``auto``: CUDA tensors), the policy is a threshold or static one
-(`unsupported_reason` is None) and the layer holds no fp32 fallback units; it stores the returned copies
-(``inplace=False``: `LayerStorage` stays immutable, so checkpoints stay references), takes the write
-statistics from ``high_valid``, steps the noise with the layer's write counter, and redoes a step whose
-output is NaN/Inf on the torch path. Every other case — CPU, prefill (T > 1), budget policies, fallback
-units — keeps the torch path. Timings on an H200: ``docs/performance.md``.
+Dispatch: `gsq_hf.step.decode_step` calls `state_update` for a decode step where `gsq_hf.step.kernel_reason`
+is None (the rules: there and in docs/design.md); it stores the returned copies (``inplace=False``:
+`LayerStorage` stays immutable, so checkpoints stay references), takes the write statistics from
+``high_valid``, steps the noise with the layer's write counter, and redoes a step whose output is NaN/Inf on
+the torch path. Timings on an H200: ``docs/performance.md``.
 """
 
 from __future__ import annotations
