@@ -90,14 +90,14 @@ def kernel_reason(layer, x: torch.Tensor, A: torch.Tensor, z: torch.Tensor | Non
     on tensors not on CUDA; a layer with no state yet or holding fp32 fallback units; what the kernel cannot
     store or decide (`gsq_hf.kernels.unsupported_reason`: policy, formats, shapes); triton not importable.
     """
-    from .kernels.reference import unsupported_reason  # not at the top: the twin there is built from this module
-
     cache, stored = layer.cache, layer.storage
     mode = cache.config.kernel
     if mode == "torch":
         return "GSQConfig.kernel='torch'"
     if mode == "auto" and not x.is_cuda:
         return "tensors not on CUDA (kernel='auto' runs the kernel on CUDA only)"
+    from .kernels.reference import unsupported_reason  # not at the top: the twin there is built from this module
+
     if stored.fallback is not None:
         return "fp32 fallback units of a non-finite state (only the torch step reads them)"
     reason = unsupported_reason(cache.policy, stored.low, stored.high, A, z, cache.config.group_size)
