@@ -8,20 +8,25 @@
 """
 
 from .cache import GSQCache
-from .config import GSQConfig, list_presets, resolve_config
+from .config import BudgetConfig, EntropyConfig, GateConfig, GSQConfig, StaticConfig, list_presets, resolve_config
 from .errors import GSQConfigError, NotPatchedError, UnsupportedModelError, UnsupportedVersionError
 from .formats import FORMATS, get_format
 from .patch import from_pretrained, is_patched, patch, patched, unpatch
+from .policies import register_policy
 from .speculative import speculative_generate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FORMATS",
+    "BudgetConfig",
+    "EntropyConfig",
     "GSQCache",
     "GSQConfig",
     "GSQConfigError",
+    "GateConfig",
     "NotPatchedError",
+    "StaticConfig",
     "UnsupportedModelError",
     "UnsupportedVersionError",
     "from_pretrained",
@@ -30,6 +35,7 @@ __all__ = [
     "list_presets",
     "patch",
     "patched",
+    "register_policy",
     "resolve_config",
     "speculative_generate",
     "unpatch",

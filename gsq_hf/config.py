@@ -7,6 +7,7 @@ directly. It round-trips through YAML/JSON and is saved inside the model's ``con
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field, fields
@@ -17,13 +18,22 @@ import yaml
 
 from .errors import GSQConfigError
 from .formats import ROUNDING_MODES, get_format
-from .policies import POLICIES, PrecisionPolicy
+from .policies import (
+    POLICY_CONFIGS,
+    BudgetConfig,
+    EntropyConfig,
+    GateConfig,
+    PolicyConfig,
+    PrecisionPolicy,
+    StaticConfig,
+    policy_config,
+)
+from .signals import check_signals
 
-__all__ = ["GSQConfig", "list_presets", "resolve_config"]
+__all__ = ["BudgetConfig", "EntropyConfig", "GSQConfig", "GateConfig", "PolicyConfig", "StaticConfig", "list_presets",
+           "resolve_config"]
 
 WRITE_MODES = ("every_step", "end_of_forward")
-HIGH_WHEN = ("open", "closed")
-ENTROPY_SIGNALS = ("entropy", "surprisal")
 KERNELS = ("auto", "triton", "torch")
 CONFIG_FILENAME = "gsq_config.json"
 
@@ -33,24 +43,55 @@ def _choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
         raise GSQConfigError(f"GSQConfig.{name}={value!r} is not accepted; choose one of: {', '.join(accepted)}")
 
 
-@dataclass(frozen=True)
+def _flat_keys() -> dict[str, tuple[type[PolicyConfig], str]]:
+    """Each flat policy key of the old single-level configs (``threshold``, ``low_format`` …), with a policy
+    config class that has it (for its check) and the field it maps to there."""
+    keys: dict[str, tuple[type[PolicyConfig], str]] = {}
+    for cls in POLICY_CONFIGS.values():
+        for key, name in cls.flat_keys.items():
+            keys.setdefault(key, (cls, name))
+    return keys
+
+
+def _with_flat_keys(policy: Any, flat: dict[str, Any]) -> PolicyConfig:
+    """The policy config ``policy`` with the old flat keys ``flat`` applied (see docs/configuration.md).
+
+    Each key is checked as ``GSQConfig.<key>``. A key the policy kind does not have is ignored when the policy
+    is given by name (old configs carry every field, e.g. ``format`` beside ``policy: gate``) and refused when
+    it is given as a config or mapping (there it can only be a mistake).
+    """
+    config = policy_config(policy)
+    owners = _flat_keys()
+    params = {}
+    for key, value in flat.items():
+        cls, name = owners[key]
+        check = next(f for f in fields(cls) if f.name == name).metadata["check"]
+        value = check(f"GSQConfig.{key}", value)
+        if key in config.flat_keys:
+            params[config.flat_keys[key]] = value
+        elif not isinstance(policy, str):
+            raise GSQConfigError(f"GSQConfig.{key} does not apply to policy {config.kind!r} (its fields: "
+                                 f"{', '.join(f.name for f in fields(config))}); set the policy's own fields")
+    return dataclasses.replace(config, **params) if params else config
+
+
+@dataclass(frozen=True, init=False)
 class GSQConfig:
     """How a patched model stores its SSM and conv states.
 
-    Presets (``configs/*.yaml``): fp32, bf16, fp16, int8, int4, int3, int2, gsq-gate, gsq-entropy, gsq-budget.
+    ``policy`` is a `PolicyConfig` (`StaticConfig`, `GateConfig`, `EntropyConfig`, `BudgetConfig`, or any
+    registered with `gsq_hf.policies.register_policy`), a kind name (its defaults) or a mapping
+    ``{kind: ..., <fields>}``. The flat keys of earlier versions (``format``, ``low_format``, ``high_format``,
+    ``threshold``, ``high_when``, ``budget_fraction``, ``entropy_signal``) are still accepted as keyword
+    arguments and in files, mapped onto the policy's fields (docs/configuration.md).
+
+    Presets (``configs/*.yaml``): fp32, bf16, fp16, int8, int4, int3, int2, gsq-gate, gsq-entropy, gsq-budget, …
     """
 
     name: str = field(default="custom", metadata={"help": "label used in reports"})
-    policy: str = field(default="static", metadata={"help": "static | gate | entropy | budget"})
-    format: str = field(default="fp32", metadata={
-        "help": "state format of the static policy: <codes>[-<scale>][-hadamard] (gsq_hf.formats), or a mapping "
-                "{codes, scale, rotation}"})
-    low_format: str = field(default="int8", metadata={"help": "format of units the policy leaves low"})
-    high_format: str = field(default="fp16", metadata={"help": "format of units the policy marks high"})
-    threshold: float = field(default=0.3, metadata={"help": "gate or entropy threshold, in [0, 1]"})
-    high_when: str = field(default="open", metadata={"help": "gate/budget: 'open' or 'closed' units get high"})
-    budget_fraction: float = field(default=0.25, metadata={"help": "budget: fraction of units per row in high"})
-    entropy_signal: str = field(default="entropy", metadata={"help": "entropy: 'entropy' or 'surprisal'"})
+    policy: PolicyConfig = field(default=StaticConfig(), metadata={
+        "help": "which units get which format: a policy config, a kind (static | gate | entropy | budget) or a "
+                "mapping {kind, <fields>}"})
     conv_format: str = field(default="auto", metadata={"help": "conv state format; 'auto' = the model dtype"})
     group_size: int | None = field(default=None, metadata={"help": "values per scale along d_state; None = all"})
     rounding: str = field(default="nearest", metadata={"help": "nearest | stochastic"})
@@ -63,32 +104,37 @@ class GSQConfig:
         "help": "decode-step state update: 'auto' = the fused Triton kernel on CUDA, torch elsewhere; "
                 "'triton' = the kernel wherever it runs (CPU only under TRITON_INTERPRET=1); 'torch' = never"})
 
-    def __post_init__(self) -> None:
-        _choice("policy", self.policy, tuple(POLICIES))
-        for name in ("format", "low_format", "high_format", "conv_format"):
-            value = getattr(self, name)
-            if name == "conv_format" and value == "auto":
-                continue
-            try:  # a name, or a mapping of parts (codes, scale, rotation), stored by its canonical name
-                object.__setattr__(self, name, get_format(value).name)
+    def __init__(self, name: str = "custom", policy: PolicyConfig | str | dict = "static", conv_format: str = "auto",
+                 group_size: int | None = None, rounding: str = "nearest", seed: int = 0,
+                 write_mode: str = "every_step", family_overrides: dict[str, dict[str, Any]] | None = None,
+                 kernel: str = "auto", **flat_policy_keys: Any):
+        unknown = sorted(set(flat_policy_keys) - set(_flat_keys()))
+        if unknown:
+            raise GSQConfigError(f"unknown GSQConfig field(s) {unknown}; accepted: {', '.join(_accepted_keys())}")
+        values = dict(name=name, policy=_with_flat_keys(policy, flat_policy_keys), conv_format=conv_format,
+                      group_size=group_size, rounding=rounding, seed=seed, write_mode=write_mode,
+                      family_overrides=family_overrides, kernel=kernel)
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.conv_format != "auto":
+            try:
+                object.__setattr__(self, "conv_format", get_format(self.conv_format).name)
             except GSQConfigError as error:
-                auto = "'auto' (the model dtype) or " if name == "conv_format" else ""
-                raise GSQConfigError(f"GSQConfig.{name}={value!r} is not accepted; {auto}{error}") from None
+                raise GSQConfigError(f"GSQConfig.conv_format={self.conv_format!r} is not accepted; 'auto' (the "
+                                     f"model dtype) or {error}") from None
         _choice("rounding", self.rounding, ROUNDING_MODES)
         _choice("write_mode", self.write_mode, WRITE_MODES)
-        _choice("high_when", self.high_when, HIGH_WHEN)
-        _choice("entropy_signal", self.entropy_signal, ENTROPY_SIGNALS)
         _choice("kernel", self.kernel, KERNELS)
-        if not isinstance(self.threshold, (int, float)) or not 0.0 <= self.threshold <= 1.0:
-            raise GSQConfigError(f"GSQConfig.threshold={self.threshold!r} must be a number in [0, 1]")
-        if not isinstance(self.budget_fraction, (int, float)) or not 0.0 <= self.budget_fraction <= 1.0:
-            raise GSQConfigError(f"GSQConfig.budget_fraction={self.budget_fraction!r} must be a number in [0, 1]")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 2):
             raise GSQConfigError(
                 f"GSQConfig.group_size={self.group_size!r} must be an even integer >= 2 dividing d_state, or None"
             )
         if not isinstance(self.seed, int):
             raise GSQConfigError(f"GSQConfig.seed={self.seed!r} must be an integer")
+        check_signals(self.policy.build())
         if self.family_overrides is not None:
             self._check_overrides()
 
@@ -107,41 +153,37 @@ class GSQConfig:
 
     def for_model_type(self, model_type: str | None) -> GSQConfig:
         """This config as it applies to a model of ``model_type`` (``model.config.model_type``): its
-        ``family_overrides`` entry applied, the overrides themselves dropped; unchanged for other types."""
+        ``family_overrides`` entry applied (a ``policy`` replaces the policy, flat policy keys such as
+        ``format`` change its fields), the overrides themselves dropped; unchanged for other types."""
         if not self.family_overrides:
             return self
-        return GSQConfig.from_dict({**self.to_dict(), **self.family_overrides.get(model_type, {}),
-                                    "family_overrides": None})
+        override = self.family_overrides.get(model_type, {})
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return GSQConfig.from_dict({**data, **override, "family_overrides": None})
 
     # -- policy -----------------------------------------------------------------------------------------
     def build_policy(self) -> PrecisionPolicy:
         """The policy object this config describes."""
-        low, high = get_format(self.low_format), get_format(self.high_format)
-        if self.policy == "static":
-            return POLICIES["static"](get_format(self.format))
-        if self.policy == "gate":
-            return POLICIES["gate"](low, high, self.threshold, self.high_when)
-        if self.policy == "entropy":
-            return POLICIES["entropy"](low, high, self.threshold)
-        return POLICIES["budget"](low, high, self.budget_fraction, self.high_when)
+        return self.policy.build()
 
     @property
     def is_lossless(self) -> bool:
-        """True when every SSM state write is exact (static fp32)."""
-        return self.policy == "static" and self.format == "fp32"
+        """True when every SSM state write is exact (every format of the policy fp32)."""
+        return self.build_policy().is_lossless
 
     # -- (de)serialization ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field; ``policy`` as its mapping ``{kind, <fields>}``."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**data, "policy": self.policy.to_dict(), "family_overrides": copy.deepcopy(self.family_overrides)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GSQConfig:
         if not isinstance(data, dict):
             raise GSQConfigError(f"a GSQConfig is built from a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(map(str, set(data) - known))  # YAML keys may be numbers
+        unknown = sorted(map(str, set(data) - set(_accepted_keys())))  # YAML keys may be numbers
         if unknown:
-            raise GSQConfigError(f"unknown GSQConfig field(s) {unknown}; accepted: {', '.join(sorted(known))}")
+            raise GSQConfigError(f"unknown GSQConfig field(s) {unknown}; accepted: {', '.join(_accepted_keys())}")
         return cls(**data)
 
     def to_yaml(self) -> str:
@@ -178,6 +220,11 @@ class GSQConfig:
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> GSQConfig:
         return cls.from_file(Path(directory) / CONFIG_FILENAME)
+
+
+def _accepted_keys() -> list[str]:
+    """The keys of a config mapping: the fields, and the flat policy keys of earlier versions."""
+    return sorted({f.name for f in fields(GSQConfig)} | set(_flat_keys()))
 
 
 _ACCEPTED = {"YAML": "a YAML mapping of GSQConfig fields, one per line, such as 'policy: static'",
@@ -252,7 +299,7 @@ def resolve_config(config: GSQConfig | str | Path | dict | None) -> GSQConfig:
             return GSQConfig.from_file(text)
         if text not in list_presets():
             try:
-                return GSQConfig(name=text, policy="static", format=get_format(text).name)
+                return GSQConfig(name=text, policy=StaticConfig(format=get_format(text).name))
             except GSQConfigError:
                 pass  # neither: the preset lookup says what is accepted
         return GSQConfig.from_preset(text)

@@ -30,6 +30,7 @@ from .cache import GSQCache
 from .config import GSQConfig, resolve_config
 from .errors import GSQConfigError, NotPatchedError, UnsupportedModelError
 from .formats import get_format
+from .signals import reads_logits
 
 __all__ = ["from_pretrained", "is_patched", "patch", "patched", "unpatch"]
 
@@ -103,9 +104,10 @@ def _validate(config: GSQConfig, model: nn.Module, mixers: list[tuple[nn.Module,
             raise GSQConfigError(f"GSQConfig.conv_format={config.conv_format!r} packs "
                                  f"{get_format(config.conv_format).codes_per_block} codes per block; the conv "
                                  f"window of {width} values is not a multiple (use int8, int4, fp8, fp16 or fp32)")
-    if config.policy == "entropy" and model.get_output_embeddings() is None:
+    if reads_logits(config.build_policy()) and model.get_output_embeddings() is None:
         raise GSQConfigError(
-            f"the entropy policy reads the model's next-token logits, but {type(model).__name__} has no LM head; "
+            f"the {config.policy.kind} policy reads the model's next-token logits, but {type(model).__name__} has no "
+            "LM head; "
             "patch the *ForCausalLM model instead"
         )
 

@@ -163,7 +163,7 @@ def is_uniform(record: Mapping[str, Any]) -> bool:
     from .config import GSQConfigError, resolve_config
 
     try:
-        return resolve_config(record["config"]).policy == STATIC_POLICY
+        return resolve_config(record["config"]).policy.kind == STATIC_POLICY
     except (GSQConfigError, OSError, KeyError, TypeError):
         return False
 

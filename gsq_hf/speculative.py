@@ -30,6 +30,7 @@ from .cache import GSQCache
 from .config import GSQConfig, resolve_config
 from .errors import GSQConfigError
 from .patch import is_patched, patch, unpatch
+from .signals import reads_logits
 
 __all__ = ["SpeculativeOutput", "SpeculativeStats", "speculative_generate"]
 
@@ -91,10 +92,11 @@ def _check(model: nn.Module, input_ids: torch.Tensor, target: GSQConfig, draft: 
             f"the draft state ({draft.name}: lowest format {_min_bits(draft)} bits) must be lower precision than "
             f"the target's ({target.name}: {_min_bits(target)} bits); e.g. draft='int4' or 'int8' over an fp32 target"
         )
-    if target.write_mode != "every_step" or target.policy == "entropy":
+    if target.write_mode != "every_step" or reads_logits(target.build_policy()):
         raise GSQConfigError(
             "the target must write its state after every token with a signal known inside a forward "
-            "(write_mode='every_step', policy static/gate/budget) for verification to equal plain decoding"
+            "(write_mode='every_step', a policy that reads no next-token signal) for verification to equal plain "
+            "decoding"
         )
 
 

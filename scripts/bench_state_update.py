@@ -7,7 +7,7 @@ Shapes: the mamba-2.8b layer (d_inner 5120, d_state 16) and a Mamba2-2.7B layer 
 
   transformers-fp32  transformers' torch decode update (``mamba*_selective_state_update``), fp32 state
   mamba_ssm-fp32     ``mamba_ssm``'s Triton ``selective_state_update``, fp32 state (when importable)
-  torch-<variant>    gsq_hf's torch path: ``GSQStateLayer.read_ssm`` → the adapters' fp32 step → ``write_ssm``
+  torch-<variant>    gsq_hf's torch path: ``gsq_hf.step.decode_step`` (read_ssm → ssm_step → write_ssm)
   kernel-<variant>   ``gsq_hf.kernels.state_update.state_update`` in place; ``kernel-fp32`` is the fused fp32
                      baseline every quantized variant has to beat
 
@@ -166,11 +166,13 @@ def fp32_call(fn, family: str, inputs: dict, state: torch.Tensor):
 
 
 def torch_path_call(config, spec: dict, inputs: dict):
-    """gsq_hf's torch decode step: the adapters' math around ``MixerAdapter.scan`` on a real `GSQStateLayer`."""
+    """gsq_hf's torch decode step (`gsq_hf.step.decode_step` with ``kernel='torch'``) on a real `GSQStateLayer`."""
+    import dataclasses
+
     from transformers import Mamba2Config, MambaConfig
 
-    from gsq_hf.adapters.base import MixerAdapter
     from gsq_hf.cache import GSQCache
+    from gsq_hf.step import decode_step
 
     n = spec["d_state"]
     if spec["family"] == "mamba":
@@ -179,30 +181,18 @@ def torch_path_call(config, spec: dict, inputs: dict):
         model_config = Mamba2Config(num_hidden_layers=1, num_heads=spec["heads"], head_dim=spec["head_dim"],
                                     state_size=n, n_groups=spec["groups"],
                                     hidden_size=spec["heads"] * spec["head_dim"] // 2)
-    cache = GSQCache(model_config, config)
+    cache = GSQCache(model_config, dataclasses.replace(config, kernel="torch"))
     cache.row_signal = inputs["row_signal"]
     layer = cache.gsq_layer(0)
     state = inputs["state"]
-    uses_gate = cache.policy.uses_gate
+    uses_gate = "gate" in cache.policy.signals
     layer.write_ssm(state, state.new_zeros(state.shape[:2]) if uses_gate else None, read_back=False)
     x, A, D = inputs["x"], inputs["A"], inputs["D"]
+    z = inputs["z"] if spec["family"] == "mamba" else None
 
     def step():
         dt = F.softplus(inputs["dt"] + inputs["dt_bias"])
-        if spec["family"] == "mamba":
-            dA = torch.exp(dt[..., None] * A)  # (b, D, N)
-            dBx = dt[..., None] * inputs["B"].float()[:, None, :] * x.float()[..., None]
-            gate = (1.0 - dA.mean(-1))[:, None] if uses_gate else None
-            y = MixerAdapter.scan(layer, dA[:, None], dBx[:, None], inputs["C"][:, None, :, None], gate, x.dtype)
-            return (y[:, 0] + x * D) * F.silu(inputs["z"])
-        heads = x.shape[1]
-        dA = torch.exp(dt * A)  # (b, H)
-        Bh = inputs["B"].float().repeat_interleave(heads // inputs["B"].shape[1], dim=1)  # (b, H, N)
-        Ch = inputs["C"].repeat_interleave(heads // inputs["C"].shape[1], dim=1)
-        dBx = (dt[..., None] * x.float())[..., None] * Bh[:, :, None, :]  # (b, H, P, N)
-        gate = (1.0 - dA)[:, None] if uses_gate else None
-        y = MixerAdapter.scan(layer, dA[:, None, :, None, None], dBx[:, None], Ch[:, None, ..., None], gate, x.dtype)
-        return y[:, 0] + x * D[:, None]
+        return decode_step(layer, x, dt, A, inputs["B"], inputs["C"], D, z)
 
     return step
 

@@ -6,7 +6,7 @@ import yaml
 
 import gsq_hf
 from gsq_hf import GSQConfig, GSQConfigError
-from gsq_hf.config import resolve_config
+from gsq_hf.config import BudgetConfig, EntropyConfig, GateConfig, StaticConfig, resolve_config
 
 PRESETS = ["bf16", "fp16", "fp32", "gsq-3bit", "gsq-4bit", "gsq-budget", "gsq-entropy", "gsq-gate", "int2", "int3",
            "int4", "int8"]
@@ -18,7 +18,8 @@ def test_presets_listed_and_load():
         config = GSQConfig.from_preset(name)
         assert config.name == name
         config.build_policy()
-    assert GSQConfig.from_preset("gsq-gate").policy == "gate"
+    assert GSQConfig.from_preset("gsq-gate").policy == GateConfig(threshold=0.3, high_when="open", low="int8",
+                                                                  high="fp16")
     assert GSQConfig.from_preset("fp32").is_lossless
 
 
@@ -56,12 +57,12 @@ def test_bad_values_name_field_and_accepted(field, value, message):
 def test_resolve_every_form(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("policy: static\nformat: int4\n")
-    assert resolve_config(str(path)).format == "int4"
+    assert resolve_config(str(path)).policy == StaticConfig(format="int4")
     assert resolve_config(str(path)).name == "mine"
-    assert resolve_config({"policy": "static", "format": "bf16"}).format == "bf16"
-    assert resolve_config("int8").format == "int8"
+    assert resolve_config({"policy": "static", "format": "bf16"}).policy.format == "bf16"
+    assert resolve_config("int8").policy.format == "int8"
     assert resolve_config("int7") == GSQConfig(name="int7", policy="static", format="int7")  # a format name
-    assert resolve_config("midrise3-e4m3-hadamard").format == "midrise3-e4m3-hadamard"
+    assert resolve_config("midrise3-e4m3-hadamard").policy.format == "midrise3-e4m3-hadamard"
     with pytest.raises(GSQConfigError, match="unknown preset 'int9'; known presets: bf16, fp16.*or a state format"):
         resolve_config("int9")
     with pytest.raises(GSQConfigError, match="unknown GSQConfig field"):
@@ -70,7 +71,7 @@ def test_resolve_every_form(tmp_path):
         resolve_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(GSQConfigError, match="got int"):
         resolve_config(3)
-    assert json.loads(GSQConfig().to_json())["policy"] == "static"
+    assert json.loads(GSQConfig().to_json())["policy"] == {"kind": "static", "format": "fp32"}
 
 
 @pytest.mark.parametrize(
@@ -110,9 +111,9 @@ def test_family_overrides_apply_where_a_cache_meets_a_model(tmp_path):
                        family_overrides={"mamba": {"rounding": "stochastic", "format": "midrise4-e4m3"}})
     assert resolve_config(config.to_dict()) == config == GSQConfig.from_dict(yaml.safe_load(config.to_yaml()))
     mamba, mamba2 = gsq_hf.GSQCache(tiny_mamba(), config).config, gsq_hf.GSQCache(tiny_mamba2().config, config).config
-    assert (mamba.rounding, mamba.format, mamba.name, mamba.family_overrides) == ("stochastic", "midrise4-e4m3",
-                                                                                   "mixed", None)
-    assert (mamba2.rounding, mamba2.format) == ("nearest", "int4-e4m3")
+    assert (mamba.rounding, mamba.policy.format, mamba.name, mamba.family_overrides) == (
+        "stochastic", "midrise4-e4m3", "mixed", None)
+    assert (mamba2.rounding, mamba2.policy.format) == ("nearest", "int4-e4m3")
     model = gsq_hf.patch(tiny_mamba(), config)
     assert model(torch.randint(0, 64, (1, 4))).cache.config.rounding == "stochastic"
     model.save_pretrained(tmp_path)
@@ -121,3 +122,89 @@ def test_family_overrides_apply_where_a_cache_meets_a_model(tmp_path):
         GSQConfig(family_overrides={"mamba": {"rounding": "up"}})
     with pytest.raises(GSQConfigError, match="must map model types to mappings"):
         GSQConfig(family_overrides={"mamba": "stochastic"})
+
+
+# -- the nested form and the flat keys of earlier versions --------------------------------------------------
+# the whole of a gsq-gate config as saved in a model's config.json (key gsq_config) before policies were nested
+SAVED_FLAT_GATE = {"name": "gsq-gate", "policy": "gate", "format": "fp32", "low_format": "int8", "high_format": "fp16",
+                   "threshold": 0.3, "high_when": "open", "budget_fraction": 0.25, "entropy_signal": "entropy",
+                   "conv_format": "auto", "group_size": None, "rounding": "nearest", "seed": 0,
+                   "write_mode": "every_step", "family_overrides": None, "kernel": "auto"}
+
+
+@pytest.mark.parametrize("flat, nested", [
+    (dict(policy="static", format="int4"), StaticConfig(format="int4")),
+    (dict(format="int4"), StaticConfig(format="int4")),
+    (dict(policy="gate", threshold=0.5, high_when="closed", low_format="int4", high_format="int8"),
+     GateConfig(threshold=0.5, high_when="closed", low="int4", high="int8")),
+    (dict(policy="entropy", threshold=0.6, entropy_signal="surprisal", low_format="int4"),
+     EntropyConfig(threshold=0.6, signal="surprisal", low="int4")),
+    (dict(policy="budget", budget_fraction=0.5, high_when="closed", high_format="bf16"),
+     BudgetConfig(fraction=0.5, high_when="closed", high="bf16")),
+    (dict(policy="gate", format="int4", budget_fraction=0.9, entropy_signal="surprisal"), GateConfig()),  # ignored
+])
+def test_flat_keys_map_onto_the_policy_config(flat, nested):
+    """docs/configuration.md's mapping: flat keywords, flat dicts and flat files give the nested config."""
+    assert GSQConfig(**flat).policy == nested
+    assert GSQConfig.from_dict(flat) == GSQConfig(policy=nested) == GSQConfig.from_dict({"policy": nested.to_dict()})
+    assert GSQConfig(policy=nested.kind, **{k: v for k, v in flat.items() if k != "policy"}).policy == nested
+
+
+def test_config_saved_flat_in_config_json_loads_to_the_same_behaviour(tmp_path):
+    from models import tiny_mamba
+
+    assert GSQConfig.from_dict(SAVED_FLAT_GATE) == GSQConfig.from_preset("gsq-gate")
+    model = tiny_mamba()
+    model.config.gsq_config = dict(SAVED_FLAT_GATE)  # as an earlier version saved it
+    model.save_pretrained(tmp_path)
+    reloaded = gsq_hf.from_pretrained(tmp_path)
+    assert reloaded._gsq_patch.config == GSQConfig.from_preset("gsq-gate")
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    report = reloaded(ids).cache.memory_report()
+    assert set(report["format_fractions"]) == {"int8", "fp16", "fp32_fallback"}
+
+
+def test_nested_form_round_trips_and_is_what_is_saved(tmp_path):
+    config = GSQConfig(name="mine", policy=GateConfig(threshold=0.4, low="int4-e4m3", high="fp16"),
+                       rounding="stochastic", write_mode="end_of_forward", kernel="torch")
+    data = config.to_dict()
+    assert data["policy"] == {"kind": "gate", "threshold": 0.4, "high_when": "open", "low": "int4-e4m3",
+                              "high": "fp16"}
+    assert GSQConfig.from_dict(data) == config == GSQConfig.from_dict(json.loads(config.to_json()))
+    assert GSQConfig.from_dict(yaml.safe_load(config.to_yaml())) == config
+    config.save_pretrained(tmp_path)
+    assert GSQConfig.from_pretrained(tmp_path) == config
+    (tmp_path / "nested.yaml").write_text("policy:\n  kind: entropy\n  threshold: 0.7\n  low: int4\n")
+    assert resolve_config(str(tmp_path / "nested.yaml")).policy == EntropyConfig(threshold=0.7, low="int4")
+    assert GSQConfig(policy={"kind": "budget"}).policy == BudgetConfig()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(policy={"kind": "magic"}), "GSQConfig.policy='magic' is not accepted; choose one of: static, gate"),
+    (dict(policy={"kind": "gate", "thresh": 1}), r"unknown GateConfig field\(s\) \['thresh'\]; accepted: kind, "
+                                                 "threshold, high_when, low, high"),
+    (dict(policy={"threshold": 0.3}), "GSQConfig.policy=None is not accepted; choose one of"),
+    (dict(policy=GateConfig(), format="int4"), "GSQConfig.format does not apply to policy 'gate'"),
+    (dict(policy="gate", threshold="high"), r"GSQConfig.threshold='high' must be a number in \[0, 1\]"),
+    (dict(policy="budget", high_when="sometimes"), "GSQConfig.high_when='sometimes' is not accepted; choose one of: "
+                                                   "open, closed"),
+    (dict(policy="entropy", entropy_signal="perplexity"), "entropy_signal='perplexity'.*entropy, surprisal"),
+])
+def test_bad_policy_values_are_one_line(kwargs, message):
+    with pytest.raises(GSQConfigError, match=message) as caught:
+        GSQConfig(**kwargs)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: GateConfig(threshold=2), r"GateConfig.threshold=2 must be a number in \[0, 1\]"),
+    (lambda: BudgetConfig(fraction=-1), r"BudgetConfig.fraction=-1 must be"),
+    (lambda: EntropyConfig(low="int9"), "EntropyConfig.low='int9' is not accepted; unknown state format 'int9'"),
+    (lambda: StaticConfig(format={"codes": "int4", "scale": "e4m3"}), None),  # parts: stored by name
+])
+def test_policy_configs_validate_on_construction(make, message):
+    if message is None:
+        assert make().format == "int4-e4m3"
+        return
+    with pytest.raises(GSQConfigError, match=message):
+        make()

@@ -128,7 +128,7 @@ def test_composed_formats_patch_account_and_save(model, tmp_path):
     with gsq_hf.patched(model, "fp32-hadamard"):
         torch.testing.assert_close(model(ids, use_cache=True).logits, reference, rtol=1e-5, atol=1e-5)
     config = gsq_hf.GSQConfig(policy="static", format={"codes": "midrise3", "scale": "e4m3", "rotation": "hadamard"})
-    assert config.format == "midrise3-e4m3-hadamard"
+    assert config.policy.format == "midrise3-e4m3-hadamard"
     gsq_hf.patch(model, config)
     out = model(ids, use_cache=True)
     assert not torch.equal(out.logits, reference)
@@ -149,6 +149,6 @@ def test_low_bit_presets_resolve_per_family(model, preset, codes_bits):
     cache = model(torch.randint(2, 64, (2, 5))).cache
     family = model.config.model_type
     expected = "stochastic" if family == "mamba" else "nearest"
-    assert cache.config.rounding == expected and cache.config.format.endswith("-e4m3-hadamard")
+    assert cache.config.rounding == expected and cache.config.policy.format.endswith("-e4m3-hadamard")
     elements = math.prod(cache.gsq_layers[0].storage.low.shape[1:])
     assert cache.memory_report()["avg_state_bits"] == pytest.approx(codes_bits + 8 / 8 + 32 / elements)

@@ -27,6 +27,7 @@ import yaml
 from gsq_hf.cli import DEFAULT_CONFIGS, _parser
 from gsq_hf.config import list_presets, resolve_config
 from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR
+from gsq_hf.policies import POLICY_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -57,7 +58,10 @@ def scratch(tmp_path, monkeypatch):
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE"):
         monkeypatch.setenv(name, "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    return tmp_path
+    registered = dict(POLICY_CONFIGS)  # a snippet may register a policy kind: leave the registry as found
+    yield tmp_path
+    POLICY_CONFIGS.clear()
+    POLICY_CONFIGS.update(registered)
 
 
 @pytest.mark.parametrize("page", list(PAGES))
@@ -155,7 +159,7 @@ def test_paths_the_readme_mentions_exist():
 
 def test_example_config_loads_and_is_not_a_preset():
     config = resolve_config(str(EXAMPLE_CONFIG))
-    assert (config.name, config.policy) == ("my-config", "gate")
+    assert (config.name, config.policy.kind) == ("my-config", "gate")
     assert "my-config" not in list_presets()
     shown = [yaml.safe_load(source) for _, source in blocks("README.md", "yaml")]
     assert shown == [yaml.safe_load(EXAMPLE_CONFIG.read_text())]  # the README shows the file as shipped

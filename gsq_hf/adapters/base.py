@@ -3,15 +3,14 @@
 Upstream decode steps write the state in place into the tensor the cache returned, so a cache subclass
 never sees a write or Δ. The adapter therefore recomputes the mixer's forward from the mixer's own
 sub-modules (always calling ``mixer.dt_proj(...)``, never ``mixer.dt_proj.weight @ ...``, so quantized
-weights work), hands each new state and its gate to the `GSQStateLayer`, and continues from the stored
-value. Shared math lives in ``gsq_hf.scan``; a new family is one small subclass registered here.
+weights work) up to the SSM inputs ``x, Δ, A, B, C, D, z``; a single token then goes to `gsq_hf.step.decode_step`
+(the fused kernel or its torch twin), several to `scan_forward` (``gsq_hf.scan``), both writing the
+`GSQStateLayer` the same way. A new family is one small subclass registered here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import ClassVar
@@ -20,9 +19,8 @@ import torch
 from torch import nn
 
 from ..cache import GSQStateLayer
-from ..errors import GSQConfigError
-from ..kernels import unsupported_reason
 from ..scan import causal_conv, causal_conv_stepwise, selective_scan
+from ..step import discretize, ssm_output, unit_gate
 
 __all__ = ["ADAPTERS", "MixerAdapter", "apply_padding_mask", "find_adapter", "loaded_weights", "register_adapter"]
 
@@ -119,6 +117,17 @@ class MixerAdapter(ABC):
         return out, history
 
     @staticmethod
+    def scan_forward(layer: GSQStateLayer, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     C: torch.Tensor, D: torch.Tensor, z: torch.Tensor | None,
+                     conv_history: list | None = None) -> torch.Tensor:
+        """A multi-token forward (B, T, …; `gsq_hf.step`'s shapes): the output (B, T, *S), the state stored per
+        the write mode with the same write, gate and output functions as a decode step."""
+        dA, dBx, C = discretize(x, dt, A, B, C)
+        gate = unit_gate(dA, A) if "gate" in layer.cache.policy.signals else None  # (B, T, units)
+        y = MixerAdapter.scan(layer, dA, dBx, C, gate, x.dtype, conv_history)
+        return ssm_output(y, x, D, z, A)
+
+    @staticmethod
     def scan(
         layer: GSQStateLayer,
         dA: torch.Tensor,
@@ -149,64 +158,3 @@ class MixerAdapter(ABC):
             outputs, h = selective_scan(h, dA, dBx, C, None, out_dtype)
             layer.write_ssm(h, None if gate is None else gate[:, -1], read_back=False)
         return outputs
-
-    @staticmethod
-    def fused_step(
-        layer: GSQStateLayer,
-        x: torch.Tensor,
-        dt: torch.Tensor,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        C: torch.Tensor,
-        D: torch.Tensor | None,
-        z: torch.Tensor | None,
-        conv_history: list | None = None,
-    ) -> torch.Tensor | None:
-        """One decode step through the fused Triton kernel, or None where the torch path must run instead.
-
-        Taken for single-token steps when ``GSQConfig.kernel`` allows it (``auto``: CUDA tensors) and the
-        kernel supports the policy and the stored state (static / gate / entropy threshold policies, no fp32
-        fallback units, d_state a power of two). Same formats and policy decisions as the torch path; a step
-        whose output is NaN/Inf is dropped and redone on the torch path, which keeps such units in fp32.
-        Shapes as in `gsq_hf.kernels.reference` (one token, no T dim); Δ is final (softplus, limits applied).
-        """
-        cache, stored = layer.cache, layer.storage
-        mode = cache.config.kernel
-        if mode == "torch" or (mode == "auto" and not x.is_cuda) or stored.low is None:
-            return None
-        if stored.fallback is not None:  # fp32 copies of non-finite units: only the torch path reads them
-            return None
-        if unsupported_reason(cache.policy, stored.low, stored.high, A, z, cache.config.group_size) is not None:
-            return None
-        state_update = _fused_kernel(mode, x.is_cuda)
-        if state_update is None:
-            return None
-        update = state_update(
-            stored.low, stored.high, stored.high_valid, x, dt, A, B, C, D, z,
-            policy=cache.policy, group_size=cache.config.group_size, rounding=cache.config.rounding,
-            seed=cache.config.seed, step=layer.writes, row_signal=cache.row_signal_for(x.shape[0]),
-            return_gate=cache.policy.uses_gate,
-        )
-        if not bool(torch.isfinite(update.y).all()):  # a non-finite state unit makes its row's output non-finite
-            return None
-        layer.store_update(update.low, update.high, update.high_valid, update.gate)
-        if conv_history is not None:
-            layer.record_position(conv_history[0])
-        return update.y
-
-
-def _fused_kernel(mode: str, on_cuda: bool):
-    """``gsq_hf.kernels.state_update.state_update``, or None (with a warning) where ``auto`` cannot use it."""
-    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise GSQConfigError("GSQConfig.kernel='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment "
-                             "(set before triton is imported); use kernel='auto' or 'torch' on CPU")
-    try:
-        from ..kernels.state_update import state_update
-    except ImportError as error:
-        if mode == "triton":
-            raise GSQConfigError(f"GSQConfig.kernel='triton' needs the triton package ({error}); "
-                                 "pip install 'gsq_hf[triton]', or use kernel='torch'") from error
-        warnings.warn(f"gsq_hf: triton is not importable ({error}); quantized decode steps on CUDA take the slower "
-                      "torch path (pip install 'gsq_hf[triton]')", RuntimeWarning, stacklevel=3)
-        return None
-    return state_update

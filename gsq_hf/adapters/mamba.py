@@ -15,25 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import GSQStateLayer
+from ..step import decode_step
 from .base import MixerAdapter, apply_padding_mask, register_adapter
 
-__all__ = ["MambaAdapter", "discretize"]
-
-
-def discretize(dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ā = exp(Δ·A) and B̄x = Δ·B·x, (B, T, *S, N) each, with upstream's rounding (same products, same order).
-
-    On CPU they are laid out state-dim-outer (N before the channel dims in memory, D innermost), so the states
-    the scan makes, their per-group absmax over N and every elementwise pass of the step run along the long
-    contiguous channel dim: over a group of 16 innermost values the absmax is a slow short reduction
-    (`python scripts/bench_decode_overhead.py`). CUDA keeps the contiguous layout the fused kernel reads.
-    """
-    if dt.is_cuda:
-        return torch.exp(dt[..., None] * A), dt[..., None] * B.float() * x[..., None].float()
-    units = dt.dim() - 2  # the channel dims S
-    dA = torch.exp(dt[:, :, None] * A.movedim(-1, 0).contiguous())  # (B, T, N, *S), contiguous
-    dBx = (dt[:, :, None] * B.float().movedim(-1, 2) * x[:, :, None].float()).contiguous()  # (B, T, N, *S)
-    return dA.movedim(2, 2 + units), dBx.movedim(2, 2 + units)
+__all__ = ["MambaAdapter"]
 
 
 @register_adapter
@@ -61,11 +46,11 @@ class MambaAdapter(MixerAdapter):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x``, Δ, B and C from the conv output ``x`` (B, T, D), laid out over the state's channel dims S.
 
-        Returns x and Δ (B, T, *S), B (B, T, *S[:-1], 1, N) and C (B, T, *S[:-1], N); here S = (D,).
+        Returns x and Δ (B, T, *S), B and C (B, T, *S[:-1], N); here S = (D,) (`gsq_hf.step`'s shapes).
         """
         time_step, B, C = self.selection(mixer, x)
         dt = F.softplus(mixer.dt_proj(time_step).float())  # (B, T, D)
-        return x, dt, B[:, :, None, :], C
+        return x, dt, B, C
 
     def forward(
         self, mixer: nn.Module, hidden_states: torch.Tensor, layer: GSQStateLayer, attention_mask: torch.Tensor | None
@@ -77,12 +62,9 @@ class MambaAdapter(MixerAdapter):
         x = apply_padding_mask(x.transpose(1, 2), attention_mask)  # (B, T, D)
         x, dt, B, C = self.ssm_inputs(mixer, x)
         A = -torch.exp(mixer.A_log.float())  # (*S, N)
+        z = z.transpose(1, 2).reshape(x.shape)  # (B, T, *S)
         if x.shape[1] == 1:
-            y = self.fused_step(layer, x[:, 0], dt[:, 0], A, B[:, 0, 0], C[:, 0], mixer.D, z[..., 0], conv_history)
-            if y is not None:
-                return mixer.out_proj(y[:, None].to(dtype))
-        dA, dBx = discretize(dt, A, B, x)  # (B, T, *S, N) each
-        gate = 1.0 - dA.flatten(3).mean(dim=-1) if layer.cache.policy.uses_gate else None  # (B, T, S[0])
-        y = self.scan(layer, dA, dBx, C[..., None], gate, x.dtype, conv_history)  # (B, T, *S)
-        y = (y + x * mixer.D.float()).flatten(2) * F.silu(z.transpose(1, 2))  # (B, T, D)
-        return mixer.out_proj(y.to(dtype))
+            y = decode_step(layer, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], mixer.D, z[:, 0], conv_history)[:, None]
+        else:
+            y = self.scan_forward(layer, x, dt, A, B, C, mixer.D, z, conv_history)  # (B, T, *S)
+        return mixer.out_proj(y.flatten(2).to(dtype))

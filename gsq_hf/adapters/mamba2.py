@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import GSQStateLayer
+from ..step import decode_step
 from .base import MixerAdapter, apply_padding_mask, register_adapter
 
 __all__ = ["Mamba2Adapter"]
@@ -53,15 +54,8 @@ class Mamba2Adapter(MixerAdapter):
         dt = F.softplus(dt.float() + mixer.dt_bias.float()).clamp(*mixer.time_step_limit)  # (B, T, H)
         A = -torch.exp(mixer.A_log.float())  # (H,)
         if seq_len == 1:
-            y = self.fused_step(layer, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], mixer.D, None, conv_history)
-            if y is not None:
-                return mixer.out_proj(self.gated_output(mixer, y.reshape(batch, 1, -1), z).to(dtype))
-        B = B.repeat_interleave(heads // groups, dim=2)  # (B, T, H, N)
-        C = C.repeat_interleave(heads // groups, dim=2)
-        dA = torch.exp(dt * A)  # (B, T, H)
-        dBx = (dt[..., None] * x.float())[..., None] * B[:, :, :, None, :].float()  # (B, T, H, P, N)
-        gate = 1.0 - dA if layer.cache.policy.uses_gate else None  # (B, T, H)
-        y = self.scan(layer, dA[..., None, None], dBx, C[..., None], gate, x.dtype, conv_history)
-        y = y + x * mixer.D[:, None].to(y.dtype)
+            y = decode_step(layer, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], mixer.D, None, conv_history)[:, None]
+        else:
+            y = self.scan_forward(layer, x, dt, A, B, C, mixer.D, None, conv_history)  # (B, T, H, P)
         y = self.gated_output(mixer, y.reshape(batch, seq_len, -1), z)
         return mixer.out_proj(y.to(dtype))

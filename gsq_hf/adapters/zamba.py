@@ -39,5 +39,5 @@ class ZambaAdapter(MambaAdapter):
         time_step, B, C = torch.split(params, [mixer.time_step_rank, n, n], dim=-1)
         dt = mixer.dt_proj_weight[:, None] @ time_step.transpose(-1, -2)  # (H, B, P, T)
         dt = F.softplus(dt.float() + mixer.dt_proj_bias.float()[:, None, :, None]).permute(1, 3, 0, 2)  # (B, T, H, P)
-        B = B.permute(1, 2, 0, 3)[:, :, :, None, :]  # (B, T, H, 1, N)
+        B = B.permute(1, 2, 0, 3)  # (B, T, H, N)
         return x.reshape(batch, seq_len, heads, -1), dt, B, C.permute(1, 2, 0, 3)  # C (B, T, H, N)

@@ -121,7 +121,7 @@ def run_eval(args: argparse.Namespace) -> int:
     def run(i: int, cfg: GSQConfig) -> None:
         record = attempt(cfg.name, decode_faithful_perplexity, cfg, stepped=True if args.stepped else None,
                          **reference_options(model, i == 0, kept.get("reference"), args.kl_top_k),
-                         **({"trace": True} if args.plot and cfg.policy != "static" else {}))
+                         **({"trace": True} if args.plot and cfg.build_policy().high is not None else {}))
         state = record.get("state_bytes")  # what one batch needs in all: the weights plus its sequences' state
         record["weight_bytes"] = weights
         record["weights_plus_batch_state_bytes"] = None if state is None else weights + args.batch_size * state

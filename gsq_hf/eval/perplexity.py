@@ -399,7 +399,7 @@ def decode_faithful_perplexity(
         kept_reference = ReferenceTopK(windows.ids, logits, indices, lse)
     return PerplexityResult(cfg.name, total, windows.scored_tokens, int(windows.words.sum()),
                             int(windows.bytes.sum()), time.perf_counter() - start,
-                            {"policy": cfg.policy, "evaluation": "stepped" if stepped else "chunked",
+                            {"policy": cfg.policy.kind, "evaluation": "stepped" if stepped else "chunked",
                              **_state_summary(reports)}, kept_trace, positions,
                             tuple(torch.cat(window_kl).tolist()) if reference is not None else None,
                             int(top1) if reference is not None else None, kept_reference)

@@ -256,7 +256,7 @@ def recall_sweep(
         correct, queries = sum(r["correct"] for r in runs), sum(r["queries"] for r in runs)
         writes, seconds = sum(r["writes"] for r in runs), sum(r["seconds"] for r in runs)
         records.append({
-            "config": cfg.name, "policy": cfg.policy, "evaluation": runs[0]["evaluation"],
+            "config": cfg.name, "policy": cfg.policy.kind, "evaluation": runs[0]["evaluation"],
             "recall": correct / queries,
             "recall_by_gap": {gap: r["accuracy"] for gap, r in by_gap.items()},
             "correct": correct, "queries": queries,

@@ -16,6 +16,7 @@ from transformers import Cache
 
 from ..cache import GSQCache
 from ..config import GSQConfig
+from ..signals import reads_logits
 
 __all__ = ["CHUNK_LOGITS", "needs_stepping", "next_token_logits"]
 
@@ -29,7 +30,7 @@ def needs_stepping(model: torch.nn.Module, cfg: GSQConfig, stepped: bool | None)
     its end). Judged on the config as it applies to the model (its ``family_overrides``)."""
     cfg = cfg.for_model_type(getattr(model.config, "model_type", None))
     reason = ("its policy reads the next-token distribution, which a multi-token forward does not have"
-              if cfg.policy == "entropy" else
+              if reads_logits(cfg.build_policy()) else
               "write_mode='end_of_forward' stores the state only at the end of a forward"
               if cfg.write_mode != "every_step" else None)
     if stepped is False and reason is not None:

@@ -1,10 +1,12 @@
 """The decode-step state update in plain torch: the reference twin of the fused Triton kernel.
 
 `state_update_reference` takes the same arguments as `gsq_hf.kernels.state_update.state_update` (less the
-kernel's launch configuration) and computes the same thing from the parts the cache already uses:
-`StateFormat.dequantize` to read, the adapters' recurrence, `PrecisionPolicy.choose` to pick the formats and
-`StateFormat.quantize` to store. The kernel is tested against it (``tests/kernels``). This module also holds
-what both share: the result type, the supported-case check and the Δ preprocessing. It imports torch only.
+kernel's launch configuration) and computes the same thing from the functions the torch decode path runs
+(`gsq_hf.step.decode_step` when the kernel does not apply): `gsq_hf.store.read_state`, `gsq_hf.step.ssm_step`
+and `gsq_hf.store.quantize_state`. So it is what CPU users run (``tests/kernels/test_reference.py`` checks
+that bit for bit), and the kernel is tested against it (``tests/kernels``). It also takes what only the torch
+path stores (budget slots, fp32 fallback units, any format, Zamba's multi-head Mamba-1). This module also
+holds what both share: the result type, the supported-case check and the Δ preprocessing. Torch only.
 
 Shapes (Mamba: ``units`` = channels ``D``, no ``P``; Mamba2: ``units`` = heads ``H`` of ``P`` values each)::
 
@@ -16,6 +18,8 @@ Shapes (Mamba: ``units`` = channels ``D``, no ``P``; Mamba2: ``units`` = heads `
     D             (D,)          | (H,)               skip connection
     z             (batch, D)    | —                  output gate silu(z) (Mamba2 gates in its RMS norm)
     y             like x                             output of the step, in x.dtype
+
+(Zamba, torch only: state (batch, H, P, N) with A (H, P, N), x, dt and z (batch, H, P), B, C (batch, H, N).)
 """
 
 from __future__ import annotations
@@ -26,8 +30,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .. import step as ssm
 from ..formats import FORMATS, ROTATIONS, SCALE_DTYPES, QuantizedTensor, StateFormat, format_name
-from ..policies import EntropyThresholdPolicy, GateThresholdPolicy, PrecisionPolicy, Signals, StaticPolicy
+from ..policies import PrecisionPolicy
+from ..signals import step_signals
+from ..store import LayerStorage, quantize_state
+from ..store import read_state as read_storage
 
 __all__ = ["KERNEL_FORMATS", "StateUpdate", "delta", "state_update_reference", "unsupported_reason"]
 
@@ -48,8 +56,11 @@ class StateUpdate(NamedTuple):
     y: torch.Tensor  # like x, in x.dtype
     low: QuantizedTensor  # every unit in policy.low
     high: QuantizedTensor | None  # high copies, current where high_valid (None for static policies)
-    high_valid: torch.Tensor | None  # (batch, units) bool
+    high_valid: torch.Tensor | None  # (batch, units) bool, or (batch, K) for budget slots
     gate: torch.Tensor | None  # (batch, units) fp32 gate signal, when return_gate
+    slot_units: torch.Tensor | None = None  # (batch, K): the unit of each high slot (budget policies; twin only)
+    fallback: torch.Tensor | None = None  # fp32 copies of non-finite units (twin only)
+    fallback_mask: torch.Tensor | None = None  # (batch, units)
 
 
 def unsupported_reason(
@@ -66,8 +77,8 @@ def unsupported_reason(
     (Triton tiles are). Budget policies store high copies in K < units slots chosen by a per-row top-k:
     that stays on the torch path, as does Zamba's multi-head Mamba-1 (A per (head, p, n)).
     """
-    if not isinstance(policy, (StaticPolicy, GateThresholdPolicy, EntropyThresholdPolicy)):
-        return f"{type(policy).__name__}: only static, gate and entropy threshold policies are fused"
+    if policy.kernel_rule() is None:
+        return f"{type(policy).__name__} has no kernel rule: the kernel decides static, gate-threshold and row policies"
     if low is None:
         return "no stored state yet (the first write comes from a prefill, on the torch path)"
     if low.fmt != policy.low or (high is not None and high.fmt != policy.high):
@@ -103,13 +114,11 @@ def rounding_generator(device: torch.device, seed: int, step: int | torch.Tensor
     return torch.Generator(device=device).manual_seed(mixed)
 
 
-def read_state(low: QuantizedTensor, high: QuantizedTensor | None, high_valid: torch.Tensor | None) -> torch.Tensor:
-    """The fp32 state a reader sees: the high copy where valid, else the low copy (as `GSQStateLayer.read_ssm`)."""
-    state = low.dequantize()
-    if high is not None and high_valid is not None:
-        valid = high_valid.view(*high_valid.shape, *([1] * (state.dim() - 2)))
-        state = torch.where(valid, high.dequantize(), state)
-    return state
+def read_state(low: QuantizedTensor, high: QuantizedTensor | None, high_valid: torch.Tensor | None,
+               slot_units: torch.Tensor | None = None, fallback: torch.Tensor | None = None,
+               fallback_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 state a reader sees (`gsq_hf.store.read_state`, as `GSQStateLayer.read_ssm`)."""
+    return read_storage(LayerStorage(low, high, slot_units, high_valid, fallback, fallback_mask))
 
 
 def state_update_reference(
@@ -135,53 +144,34 @@ def state_update_reference(
     row_signal: torch.Tensor | None = None,
     return_gate: bool = False,
     inplace: bool = False,
+    slot_units: torch.Tensor | None = None,
+    fallback: torch.Tensor | None = None,
+    fallback_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> StateUpdate:
     """One decode step on a stored state: read, update in fp32, choose formats, re-quantize, store.
 
-    ``policy`` decides the formats (static, gate or entropy threshold); ``row_signal`` (batch,) is the
-    entropy policy's signal (None: every row high, as before any logits). Stochastic rounding draws from a
-    generator seeded by ``(seed, step)``. With ``inplace`` the new low/high copies are written into the
-    given storage (``high_valid`` is always a new tensor). Shapes: see the module docstring.
+    ``policy`` decides the formats; ``row_signal`` (batch,) is the row signal it reads, if any (None: before
+    any logits). Stochastic rounding draws from ``generator``, by default one seeded by ``(seed, step)``. With
+    ``inplace`` the new low/high copies are written into the given storage where their shapes agree
+    (``high_valid`` is always a new tensor). ``slot_units`` / ``fallback`` / ``fallback_mask``: the rest of a
+    stored state the kernel does not take (`gsq_hf.store`). Shapes: see the module docstring.
     """
-    reason = unsupported_reason(policy, low, high, A, z, group_size)
-    if reason is not None:
-        raise NotImplementedError(reason)
-    state = read_state(low, high, high_valid)
+    state = read_state(low, high, high_valid, slot_units, fallback, fallback_mask)
     dt = delta(dt, dt_bias, dt_softplus, dt_limit)
-    xf = x.float()
-    if state.dim() == 3:  # Mamba: (batch, D, N), one decay per (channel, n)
-        dA = torch.exp(dt[..., None] * A.float())  # (batch, D, N)
-        dBx = dt[..., None] * B.float()[:, None, :] * xf[..., None]  # (batch, D, N)
-        h = dA * state + dBx
-        y = (h * C.float()[:, None, :]).sum(-1)  # (batch, D)
-        gate = 1.0 - dA.mean(dim=-1)  # (batch, D)
-        if D is not None:
-            y = y + xf * D.float()
-        if z is not None:
-            y = y * F.silu(z.float())
-    else:  # Mamba2: (batch, H, P, N), one decay per head
-        heads, groups = state.shape[1], B.shape[1]
-        dA = torch.exp(dt * A.float())  # (batch, H)
-        Bh = B.float().repeat_interleave(heads // groups, dim=1)  # (batch, H, N)
-        Ch = C.float().repeat_interleave(heads // groups, dim=1)  # (batch, H, N)
-        dBx = (dt[..., None] * xf)[..., None] * Bh[:, :, None, :]  # (batch, H, P, N)
-        h = dA[..., None, None] * state + dBx
-        y = (h * Ch[:, :, None, :]).sum(-1)  # (batch, H, P)
-        gate = 1.0 - dA  # (batch, H)
-        if D is not None:
-            y = y + xf * D.float()[:, None]
-
+    y, h, gate = ssm.ssm_step(state, x, dt, A, B, C, D, z, with_gate=True)
     batch, units = h.shape[:2]
-    group = group_size or h.shape[-1]
-    generator = rounding_generator(h.device, seed, step) if rounding == "stochastic" else None
-    mask = policy.choose(Signals((batch, units), h.device, gate, row_signal))
-    new_low = policy.low.quantize(h, group, rounding, generator)
-    new_high = policy.high.quantize(h, group, rounding, generator) if mask is not None else None
+    if generator is None and rounding == "stochastic":
+        generator = rounding_generator(h.device, seed, step)
+    signals = step_signals(policy, (batch, units), h.device, gate, row_signal)
+    stored = quantize_state(h, policy, signals, group_size or h.shape[-1], rounding, generator)
+    new_low, new_high = stored.low, stored.high
     if inplace:
         new_low = _copy_into(low, new_low)
-        if new_high is not None and high is not None:
+        if new_high is not None and high is not None and high.shape == new_high.shape:
             new_high = _copy_into(high, new_high)
-    return StateUpdate(y.to(x.dtype), new_low, new_high, mask, gate if return_gate else None)
+    return StateUpdate(y.to(x.dtype), new_low, new_high, stored.high_valid, gate if return_gate else None,
+                       stored.slot_units, stored.fallback, stored.fallback_mask)
 
 
 def _copy_into(target: QuantizedTensor, source: QuantizedTensor) -> QuantizedTensor:

@@ -40,14 +40,12 @@ formats are rounded onto their grid in fp32 arithmetic, so the final cast is exa
 Triton interpreter truncates fp32→bf16). The same arithmetic is what `state_update_reference` does with
 `gsq_hf.formats`; ``tests/kernels`` compares the two.
 
-Dispatch: `gsq_hf.adapters.base.MixerAdapter.fused_step` calls `state_update` for a decode step with T = 1
-when ``GSQConfig.kernel`` allows it (``auto``: CUDA tensors), the policy is a threshold or static one
-(`unsupported_reason` is None) and the layer holds no fp32 fallback units; it stores the returned copies
-(``inplace=False``: `LayerStorage` stays immutable, so checkpoints stay references), takes the write
-statistics from ``high_valid``, steps the noise with the layer's write counter, and redoes a step whose
-output is NaN/Inf on the torch path. Every other case — CPU, prefill (T > 1), budget policies, fallback
-units — keeps the torch path. Timings on an H200: ``docs/performance.md`` (the composed
-formats have not been timed on a GPU yet: ``scripts/bench_state_update.py`` has their rows).
+Dispatch: `gsq_hf.step.decode_step` calls `state_update` for a decode step where `gsq_hf.step.kernel_reason`
+is None (the rules: there and in docs/design.md); it stores the returned copies (``inplace=False``:
+`LayerStorage` stays immutable, so checkpoints stay references), takes the write statistics from
+``high_valid``, steps the noise with the layer's write counter, and redoes a step whose output is NaN/Inf on
+the torch path. Timings on an H200: ``docs/performance.md``
+(the composed formats have not been timed on a GPU yet: ``scripts/bench_state_update.py`` has their rows).
 """
 
 from __future__ import annotations
@@ -61,7 +59,7 @@ import triton
 import triton.language as tl
 
 from ..formats import QuantizedTensor, _hadamard
-from ..policies import EntropyThresholdPolicy, GateThresholdPolicy, PrecisionPolicy
+from ..policies import PrecisionPolicy, Signals
 from ._triton_formats import add_row_max, format_constants, load_state, to_basis, write_copy
 from .reference import StateUpdate, empty_storage, unsupported_reason
 
@@ -272,12 +270,6 @@ def _mamba2_kernel(
 
 
 # -- the wrapper ---------------------------------------------------------------------------------------
-def _policy_code(policy: PrecisionPolicy) -> str:
-    if isinstance(policy, GateThresholdPolicy):
-        return policy.high_when  # "open" | "closed"
-    if isinstance(policy, EntropyThresholdPolicy):
-        return "row"
-    return "static"
 
 
 def _batch_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -360,7 +352,7 @@ def state_update(
     batch, units, n = shape[0], shape[1], shape[-1]
     group = group_size or n
     device = x.device
-    code = _policy_code(policy)
+    code, threshold = policy.kernel_rule()
     high_fmt = policy.high if policy.high is not None else policy.low
 
     y = torch.empty(x.shape, dtype=x.dtype, device=device)
@@ -372,8 +364,8 @@ def state_update(
     gate = torch.empty(batch, units, device=device) if return_gate else None
     row_high = None
     if code == "row":
-        row_high = (torch.ones(batch, dtype=torch.bool, device=device) if row_signal is None
-                    else row_signal >= policy.threshold)
+        rows = {} if row_signal is None else {name: row_signal for name in policy.signals}
+        row_high = policy.choose(Signals((batch, 1), device, rows))[:, 0].contiguous()
     read_high = high is not None and high_valid is not None
     written = [f for f in (policy.low, policy.high if code != "static" else None) if f is not None]
 
@@ -405,7 +397,7 @@ def state_update(
                      POLICY=code, READ_HIGH=read_high, STOCHASTIC=rounding == "stochastic",
                      STEP_IN_MEMORY=step_in_memory, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
                      HAS_D=D is not None, WRITE_GATE=return_gate, num_warps=num_warps)
-    scalars = [dt_limit[0], dt_limit[1], float(getattr(policy, "threshold", 0.0)), seed, step]
+    scalars = [dt_limit[0], dt_limit[1], threshold, seed, step]
     outputs = [y, gate if gate is not None else unused, row_high if row_high is not None else unused]
     if mamba2:
         head_dim = shape[2]

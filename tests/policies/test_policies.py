@@ -7,8 +7,9 @@ INT8, FP16, INT4 = FORMATS["int8"], FORMATS["fp16"], FORMATS["int4"]
 GATE = torch.tensor([[0.05, 0.30, 0.90, 0.29], [0.50, 0.00, 0.31, 0.10]])
 
 
-def signals(gate=GATE, row_signal=None):
-    return Signals(tuple(gate.shape), gate.device, gate, row_signal)
+def signals(gate=GATE, row_signal=None, row_name="entropy"):
+    values = {"gate": gate} | ({row_name: row_signal} if row_signal is not None else {})
+    return Signals(tuple(gate.shape), gate.device, values)
 
 
 def test_static_marks_nothing():
@@ -30,6 +31,20 @@ def test_entropy_per_row_and_missing_signal():
     mask = policy.choose(signals(row_signal=torch.tensor([0.7, 0.2])))
     assert mask.tolist() == [[True] * 4, [False] * 4]
     assert policy.choose(signals()).all()  # no logits yet: conservative
+    surprisal = EntropyThresholdPolicy(INT4, FP16, threshold=0.5, signal="surprisal")
+    assert surprisal.signals == {"surprisal"} and policy.signals == {"entropy"}
+    assert surprisal.choose(signals(row_signal=torch.tensor([0.7, 0.2]))).all()  # reads its own signal only
+    rows = signals(row_signal=torch.tensor([0.7, 0.2]), row_name="surprisal")
+    assert surprisal.choose(rows).tolist() == mask.tolist()
+
+
+def test_policies_declare_their_signals_and_kernel_rule():
+    assert StaticPolicy(INT8).signals == frozenset() and StaticPolicy(INT8).kernel_rule() == ("static", 0.0)
+    gate = GateThresholdPolicy(INT8, FP16, 0.3, "closed")
+    assert gate.signals == {"gate"} and gate.kernel_rule() == ("closed", 0.3)
+    budget = GateBudgetPolicy(INT4, FP16, 0.5)
+    assert budget.signals == {"gate"} and budget.kernel_rule() is None
+    assert EntropyThresholdPolicy(INT4, FP16, 0.5).kernel_rule() == ("row", 0.0)
 
 
 def test_budget_picks_top_fraction_by_gate():

@@ -1,0 +1,177 @@
+"""One decode step of a Mamba-family layer: its math once, and the one dispatcher between kernel and torch.
+
+An adapter turns its mixer's inputs into the step's SSM inputs (``x, Δ, A, B, C, D, z``; shapes below) and
+calls `decode_step` for a single-token forward. `decode_step` runs the fused Triton kernel
+(`gsq_hf.kernels.state_update`) where `kernel_reason` is None, else the torch step: `read_state` → `ssm_step`
+→ the layer's ``write_ssm`` (`quantize_state` + statistics): the same functions the kernel's torch twin
+(`gsq_hf.kernels.state_update_reference`) is made of. A multi-token forward runs `discretize` and
+`gsq_hf.scan.selective_scan` with the same write, and `gsq_hf.signals.gate` is the one gate.
+
+Shapes (leading dims ``L`` = (batch,) for a step, (batch, T) for a scan; S = the state's dims before N)::
+
+                 Mamba-1 (Mamba, FalconMamba, Jamba)   Zamba (multi-head Mamba-1)   Mamba2 and its hybrids
+    state        (batch, D, N)                         (batch, H, P, N)             (batch, H, P, N)
+    x, z         (*L, D)                               (*L, H, P)                   (*L, H, P), no z
+    Δ            (*L, D)                               (*L, H, P)                   (*L, H)
+    A            (D, N): a decay per element           (H, P, N)                    (H,): one decay per head
+    B, C         (*L, N)                               (*L, H, N)                   (*L, G, N), G groups
+    D            (D,)                                  (H, P)                       (H,)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .errors import GSQConfigError
+from .scan import selective_scan
+from .signals import gate
+from .store import LayerStorage
+
+__all__ = ["decode_step", "discretize", "kernel_reason", "ssm_output", "ssm_step", "unit_gate"]
+
+logger = logging.getLogger(__name__)
+
+
+def _per_head(A: torch.Tensor) -> bool:
+    return A.dim() == 1  # Mamba2: one decay per head; Mamba-1 families: one per state element
+
+
+def discretize(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
+    """``(Ā, B̄x, C)`` in `selective_scan`'s layout: Ā = exp(Δ·A) (*L, *S, N) (Mamba2: (*L, H, 1, 1)), B̄x = Δ·B·x
+    (*L, *S, N) in fp32, and C as a read-out column (*L, *S[:-1], N, 1) (Mamba2: per head)."""
+    if _per_head(A):
+        heads = x.shape[-2]
+        B = B.repeat_interleave(heads // B.shape[-2], dim=-2)  # (*L, H, N)
+        C = C.repeat_interleave(heads // C.shape[-2], dim=-2)
+        dA = torch.exp(dt * A)[..., None, None]  # (*L, H, 1, 1)
+        dBx = (dt[..., None] * x.float())[..., None] * B[..., None, :].float()  # (*L, H, P, N)
+    elif dt.is_cuda:
+        dA = torch.exp(dt[..., None] * A)  # (*L, *S, N)
+        dBx = dt[..., None] * B[..., None, :].float() * x[..., None].float()
+    else:
+        dA, dBx = _state_dim_outer(dt, A, B, x)
+    return dA, dBx, C[..., None]
+
+
+def _state_dim_outer(dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, x: torch.Tensor):
+    """Mamba-1's Ā and B̄x (*L, *S, N) as the CUDA branch computes them (same products, same order), laid out
+    state-dim-outer: N before S in memory, the channels innermost. The states the scan makes then keep that
+    layout, and their per-group absmax over N and every elementwise pass of the step run along the long
+    contiguous channel dim; over 16 innermost values the absmax is a slow short reduction on CPU
+    (``python scripts/bench_decode_overhead.py``). The fused kernel reads contiguous states: CUDA keeps them."""
+    lead = dt.dim() - (A.dim() - 1)  # len(L)
+    dt_n, x_n = dt.unsqueeze(lead), x.unsqueeze(lead).float()  # (*L, 1, *S)
+    dA = torch.exp(dt_n * A.movedim(-1, 0).contiguous())  # (*L, N, *S), contiguous
+    dBx = (dt_n * B[..., None, :].float().movedim(-1, lead) * x_n).contiguous()
+    return dA.movedim(lead, -1), dBx.movedim(lead, -1)
+
+
+def ssm_output(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+               A: torch.Tensor) -> torch.Tensor:
+    """The output from the read-out ``y`` (like x): the skip ``D·x``, then (Mamba-1) the gate silu(z), in the
+    dtypes upstream's slow paths use (Mamba-1 adds the skip in fp32; Mamba2 in y's dtype, and gates later)."""
+    if D is not None:
+        y = y + x * D[:, None].to(y.dtype) if _per_head(A) else y + x * D.float()
+    return y * F.silu(z) if z is not None else y
+
+
+def ssm_step(state: torch.Tensor | None, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+             C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, with_gate: bool):
+    """One token from the fp32 ``state`` (None: zeros, before the first write): ``(y, h, gate)``, the output
+    (before any Mamba2 norm), the new fp32 state and, ``with_gate``, the units' gate (else None)."""
+    dA, dBx, C = discretize(x, dt, A, B, C)
+    state = torch.zeros_like(dBx) if state is None else state
+    y, h = selective_scan(state, dA[:, None], dBx[:, None], C[:, None], None, x.dtype)
+    y = ssm_output(y[:, 0], x, D, z, A)
+    return y, h, unit_gate(dA, A) if with_gate else None
+
+
+def unit_gate(dA: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """The units' gate (`gsq_hf.signals.gate`) from `discretize`'s Ā (…, *S, N): Mamba2's units are heads (Ā
+    (…, H, 1, 1)); Mamba-1's the state's first dim (channels, or Zamba's heads), averaged over the rest."""
+    return gate(dA, 2 if _per_head(A) else A.dim() - 1)
+
+
+# -- the dispatcher ------------------------------------------------------------------------------------------
+def kernel_reason(layer, x: torch.Tensor, A: torch.Tensor, z: torch.Tensor | None) -> str | None:
+    """Why this decode step of ``layer`` does not run the fused Triton kernel, or None when it does.
+
+    The dispatch rules in one place (docs/design.md explains them): ``GSQConfig.kernel='torch'``; ``'auto'``
+    on tensors not on CUDA; a layer with no state yet or holding fp32 fallback units; what the kernel cannot
+    store or decide (`gsq_hf.kernels.unsupported_reason`: policy, formats, shapes); triton not importable.
+    """
+    cache, stored = layer.cache, layer.storage
+    mode = cache.config.kernel
+    if mode == "torch":
+        return "GSQConfig.kernel='torch'"
+    if mode == "auto" and not x.is_cuda:
+        return "tensors not on CUDA (kernel='auto' runs the kernel on CUDA only)"
+    from .kernels.reference import unsupported_reason  # not at the top: the twin there is built from this module
+
+    if stored.fallback is not None:
+        return "fp32 fallback units of a non-finite state (only the torch step reads them)"
+    reason = unsupported_reason(cache.policy, stored.low, stored.high, A, z, cache.config.group_size)
+    if reason is not None:
+        return reason
+    return None if _kernel(mode, x.is_cuda) is not None else "triton is not importable"
+
+
+def _kernel(mode: str, on_cuda: bool):
+    """``gsq_hf.kernels.state_update.state_update``, or None (with a warning) where ``auto`` cannot use it."""
+    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise GSQConfigError("GSQConfig.kernel='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment "
+                             "(set before triton is imported); use kernel='auto' or 'torch' on CPU")
+    try:
+        from .kernels.state_update import state_update
+    except ImportError as error:
+        if mode == "triton":
+            raise GSQConfigError(f"GSQConfig.kernel='triton' needs the triton package ({error}); "
+                                 "pip install 'gsq_hf[triton]', or use kernel='torch'") from error
+        warnings.warn(f"gsq_hf: triton is not importable ({error}); quantized decode steps on CUDA take the slower "
+                      "torch path (pip install 'gsq_hf[triton]')", RuntimeWarning, stacklevel=4)
+        return None
+    return state_update
+
+
+def decode_step(layer, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                D: torch.Tensor | None, z: torch.Tensor | None, conv_history: list | None = None) -> torch.Tensor:
+    """One token through ``layer``: update its stored SSM state and return the output (like x; Δ final).
+
+    The kernel where `kernel_reason` is None (a step whose output is NaN/Inf is then redone on torch, which
+    keeps such units in fp32), else the torch step; the reason is kept as ``layer.kernel_reason`` and logged
+    once per cache and reason (INFO). Same formats, decisions and statistics either way.
+    """
+    cache = layer.cache
+    reason = kernel_reason(layer, x, A, z)
+    layer.kernel_reason = reason
+    if reason is not None and reason not in cache.kernel_reasons_logged:
+        cache.kernel_reasons_logged.add(reason)
+        logger.info("gsq_hf: decode steps take the torch path: %s", reason)
+    y = _kernel_step(layer, x, dt, A, B, C, D, z) if reason is None else None
+    if y is None:
+        wants_gate = "gate" in cache.policy.signals
+        y, h, step_gate = ssm_step(layer.read_ssm(), x, dt, A, B, C, D, z, wants_gate)
+        layer.write_ssm(h, step_gate, read_back=False)
+    if conv_history is not None:
+        layer.record_position(conv_history[0])
+    return y
+
+
+def _kernel_step(layer, x, dt, A, B, C, D, z) -> torch.Tensor | None:
+    """The fused step (stores its copies in ``layer``), or None when its output is not finite."""
+    cache, stored = layer.cache, layer.storage
+    update = _kernel(cache.config.kernel, x.is_cuda)(
+        stored.low, stored.high, stored.high_valid, x, dt, A, B, C, D, z,
+        policy=cache.policy, group_size=cache.config.group_size, rounding=cache.config.rounding,
+        seed=cache.config.seed, step=layer.writes, row_signal=cache.row_signal_for(x.shape[0]),
+        return_gate="gate" in cache.policy.signals,
+    )
+    if not bool(torch.isfinite(update.y).all()):  # a non-finite state unit makes its row's output non-finite
+        return None
+    layer.store(LayerStorage(low=update.low, high=update.high, high_valid=update.high_valid), update.gate)
+    return update.y

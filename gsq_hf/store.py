@@ -1,0 +1,113 @@
+"""How one layer's SSM state is stored: the read and the write of a state, each defined once.
+
+Layout of one SSM layer (``units`` = channels for Mamba, heads for Mamba2)::
+
+    low        (batch, units, *inner)  every unit, in the policy's low format
+    high       (batch, K, *inner)      high copies; K = units (threshold policies) or a budget K < units
+    slot_units (batch, K)              which unit each high slot holds (None when K == units: slot = unit)
+    high_valid (batch, K)              whether the slot holds a current high copy
+    fallback   (batch, units, *inner)  fp32 copies of units whose state was NaN/Inf (rare, counted)
+
+A reader takes the high copy where valid, the fallback where set, else the low copy (`read_state`); a writer
+asks the policy which units are high and quantizes (`quantize_state`). The cache's layers, the multi-token
+scan and the decode step's torch twin all go through these two functions. Torch only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .formats import QuantizedTensor
+from .policies import PrecisionPolicy, Signals
+
+__all__ = ["LayerStorage", "quantize_state", "read_state"]
+
+
+@dataclass(frozen=True)
+class LayerStorage:
+    """Everything one layer stores; immutable so that snapshots are references."""
+
+    low: QuantizedTensor | None = None
+    high: QuantizedTensor | None = None
+    slot_units: torch.Tensor | None = None
+    high_valid: torch.Tensor | None = None
+    fallback: torch.Tensor | None = None
+    fallback_mask: torch.Tensor | None = None
+    conv: QuantizedTensor | None = None
+
+    def map(self, fn) -> LayerStorage:
+        """Apply ``fn`` to every tensor (batch indexing along dim 0, device moves)."""
+
+        def apply(value):
+            if value is None:
+                return None
+            return value.map(fn) if isinstance(value, QuantizedTensor) else fn(value)
+
+        return LayerStorage(**{name: apply(getattr(self, name)) for name in self.__dataclass_fields__})
+
+    @property
+    def ssm_nbytes(self) -> int:
+        parts = (self.low, self.high, self.slot_units, self.high_valid, self.fallback, self.fallback_mask)
+        return sum(p.nbytes for p in parts if p is not None)
+
+    @property
+    def conv_nbytes(self) -> int:
+        return self.conv.nbytes if self.conv is not None else 0
+
+
+def _over_inner(mask: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """A (batch, units) mask viewed to broadcast over ``state``'s inner dims."""
+    return mask.view(*mask.shape, *([1] * (state.dim() - 2)))
+
+
+def read_state(s: LayerStorage) -> torch.Tensor | None:
+    """The fp32 SSM state ``(batch, units, *inner)`` a reader sees, or None before the first write."""
+    if s.low is None:
+        return None
+    state = s.low.dequantize()
+    if s.high is not None and s.high_valid is not None:
+        high = s.high.dequantize()
+        valid = _over_inner(s.high_valid, state)
+        if s.slot_units is None:
+            state = torch.where(valid, high, state)
+        else:
+            index = s.slot_units.view(valid.shape).expand_as(high)
+            state = state.scatter(1, index, torch.where(valid, high, state.gather(1, index)))
+    if s.fallback is not None:
+        state = torch.where(_over_inner(s.fallback_mask, state), s.fallback, state)
+    return state
+
+
+def quantize_state(state: torch.Tensor, policy: PrecisionPolicy, signals: Signals, group: int, rounding: str,
+                   generator: torch.Generator | None) -> LayerStorage:
+    """The stored form of the fp32 state ``(batch, units, *inner)``: every unit in ``policy.low``, the units
+    ``policy.choose(signals)`` marks also in ``policy.high`` (in K < units slots for a budget), and fp32 copies
+    of units holding NaN/Inf (``fallback_mask`` set: the caller warns and counts them)."""
+    batch, units = state.shape[:2]
+    high_mask = policy.choose(signals)
+    low = policy.low.quantize(state, group, rounding, generator)
+    high = slot_units = high_valid = None
+    if high_mask is not None:
+        capacity = policy.high_capacity(units)
+        if capacity == units:
+            high, high_valid = policy.high.quantize(state, group, rounding, generator), high_mask
+        elif capacity > 0:
+            slot_units = high_mask.to(torch.int8).topk(capacity, dim=1, sorted=False).indices
+            high_valid = high_mask.gather(1, slot_units)
+            index = slot_units.view(batch, capacity, *([1] * (state.dim() - 2))).expand(
+                batch, capacity, *state.shape[2:])
+            high = policy.high.quantize(state.gather(1, index), group, rounding, generator)
+    fallback = fallback_mask = None
+    # fp32 group scales are NaN/Inf exactly when a group is; unscaled formats, and scales stored in fewer bits
+    # (fp16 saturates, e4m3 has no Inf, e8m0 is an exponent), need the state. One sum, one host sync:
+    # non-finite if any value is (or if the sum overflows: the per-unit check then finds every unit finite),
+    # cheaper on the per-token path than an elementwise isfinite
+    probe = low.scale if low.scale is not None and low.scale.dtype == torch.float32 else state
+    if not bool(torch.isfinite(probe.sum(dtype=torch.float32))):  # the per-unit check runs only if this fails
+        nonfinite = ~torch.isfinite(state).flatten(2).all(dim=-1)  # (batch, units)
+        if bool(nonfinite.any()):  # else only the sum overflowed: every unit is finite
+            fallback, fallback_mask = state.clone(), nonfinite
+    return LayerStorage(low=low, high=high, slot_units=slot_units, high_valid=high_valid, fallback=fallback,
+                        fallback_mask=fallback_mask)
