@@ -29,11 +29,11 @@ def test_grid_names_are_unique_fp32_first_and_the_composed_front_holds_the_prese
     assert names[0] == "fp32" and len(set(names)) == len(names)
     composed = {cfg.name: cfg for family, cfg in select_configs([COMPOSED])[1:]}
     assert {"gsq-4bit", "gsq-3bit", "midrise4-e4m3-hadamard", "midrise3-e4m3-hadamard-sr"} <= set(composed)
-    assert all(cfg.policy == "static" for cfg in composed.values())
+    assert all(cfg.policy.kind == "static" for cfg in composed.values())
     assert composed["gsq-3bit"].to_dict() == {**resolve_config("gsq-3bit").to_dict()}
     mixes = [cfg for family, cfg in select_configs() if family.endswith("midrise3-e4m3-hadamard/int8")]
-    assert {cfg.policy for cfg in mixes} == {"gate", "budget"} and all(
-        cfg.low_format == "midrise3-e4m3-hadamard" for cfg in mixes)
+    assert {cfg.policy.kind for cfg in mixes} == {"gate", "budget"} and all(
+        cfg.policy.low == "midrise3-e4m3-hadamard" for cfg in mixes)
     assert [c.name for _, c in select_configs(["uniform-sr"])] == ["fp32", "int4-sr", "int3-sr"]
     with pytest.raises(EvalInputError, match="unknown families 'nope'; known: uniform, uniform-sr, composed"):
         select_configs(["nope"])
