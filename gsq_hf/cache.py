@@ -19,6 +19,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 from .config import GSQConfig, resolve_config
 from .formats import StateFormat, get_format
 from .policies import Signals
+from .replay import recorded_tokens, replay, step_inputs_nbytes
 from .signals import ROW_SIGNALS, step_signals
 from .state_layer import _GSQ_LAYER_FOR, FALLBACK, GSQHybridStateLayer, GSQStateLayer, _GSQStateMixin
 from .store import LayerStorage
@@ -74,7 +75,8 @@ class GSQCache(DynamicCache):
                                                                         "model_type", None))
         self.policy = self.config.build_policy()
         self._row_signal_name = next(iter(sorted(self.policy.signals & ROW_SIGNALS.keys())), None)
-        self.recording = False
+        self.recording = False  # per-token checkpoints (record_positions)
+        self.recording_inputs = False  # per-token scan inputs (record_inputs)
         self.row_signal: torch.Tensor | None = None  # (batch,) normalized entropy/surprisal of the next write
         self._prev_logprobs: torch.Tensor | None = None
         self._generators: dict[str, torch.Generator] = {}
@@ -225,6 +227,41 @@ class GSQCache(DynamicCache):
             for layer in self.attention_layers():
                 if layer.is_initialized:
                     DynamicLayer.crop(layer, num_tokens - recorded)
+
+    def record_inputs(self, enabled: bool = True) -> None:
+        """Keep the per-token scan inputs of multi-token forwards (not states) until `replay`/disable.
+
+        The replay-rollback counterpart of `record_positions` (`gsq_hf.replay`): a few values per channel and
+        token instead of a whole state per token.
+        """
+        if enabled and self.config.write_mode != "every_step":
+            raise ValueError("replay needs write_mode='every_step' (a state is stored after each token)")
+        self.recording_inputs = enabled
+        for layer in self.gsq_layers:
+            layer.step_inputs, layer.replay_start = {}, (layer.storage if enabled else None)
+
+    def replay(self, num_tokens: int) -> None:
+        """Go to the state after the first ``num_tokens`` tokens since `record_inputs`: from the state then, the
+        kept inputs of those tokens are re-run through the recurrence (no weights are read).
+
+        Attention layers of a hybrid model drop the KV entries of the tokens after them.
+        """
+        layers = self.gsq_layers
+        recorded = min((recorded_tokens(layer) for layer in layers), default=0)
+        if not self.recording_inputs or not 1 <= num_tokens <= recorded:
+            raise ValueError(f"can replay 1..{recorded} recorded tokens, not {num_tokens} (record_inputs() first; "
+                             "only multi-token forwards are recorded)")
+        for layer in layers:
+            replay(layer, layer.replay_start, num_tokens)
+        if num_tokens < recorded:
+            for layer in self.attention_layers():
+                if layer.is_initialized:
+                    DynamicLayer.crop(layer, num_tokens - recorded)
+
+    @property
+    def recorded_input_bytes(self) -> int:
+        """Bytes of the per-token scan inputs kept since `record_inputs` (the replay buffer)."""
+        return sum(step_inputs_nbytes(layer) for layer in self.gsq_layers)
 
     def load_states(self, source: GSQCache) -> None:
         """Take ``source``'s current states, re-stored in this cache's formats (e.g. a draft synced to its target).

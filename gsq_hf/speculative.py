@@ -6,13 +6,15 @@ Only the states are duplicated (two `GSQCache` objects over one model), never th
 2. the draft proposes up to ``lookahead`` tokens one at a time, stopping early when its own normalized
    next-token entropy exceeds ``entropy_threshold`` (uncertain steps go to the full-precision state);
 3. the target scores the pending token and all proposals in one multi-token forward from its committed
-   state, keeping a per-token checkpoint of its states (``GSQCache.record_positions``);
+   state, keeping per token either a checkpoint of its states (``rollback="checkpoints"``,
+   ``GSQCache.record_positions``) or the scan's inputs (``rollback="replay"``, ``GSQCache.record_inputs``);
 4. greedy: proposals are accepted while they equal the target's argmax; sampling: proposal ``d`` is
    accepted with probability ``min(1, p(d)/q(d))`` and a rejection resamples from ``max(0, p - q)``
    normalized, so the output distribution is the target's (Leviathan et al., 2023);
-5. the target rolls back to the state after the accepted tokens (``GSQCache.rollback``; attention KV of
-   hybrids is cropped), or, with ``rollback="recompute"``, restores its committed state and re-feeds the
-   accepted tokens.
+5. the target goes to the state after the accepted tokens: it picks that checkpoint (``GSQCache.rollback``),
+   replays the kept inputs of the accepted tokens from its committed state (``GSQCache.replay``: one short
+   scan, no weights), or, with ``rollback="recompute"``, restores its committed state and re-feeds the
+   accepted tokens through the model; attention KV of hybrids is cropped.
 
 Greedy output equals plain greedy ``generate`` with the target's state config (the target writes its state
 after every token in both). Batch size 1 only: rows of a batch accept different numbers of tokens.
@@ -34,19 +36,33 @@ from .signals import reads_logits
 
 __all__ = ["SpeculativeOutput", "SpeculativeStats", "speculative_generate"]
 
-ROLLBACKS = ("checkpoints", "recompute")
+ROLLBACKS = ("checkpoints", "recompute", "replay")
 
 
 @dataclass
 class SpeculativeStats:
-    """Counters of one `speculative_generate` call."""
+    """Counters of one `speculative_generate` call, and the state bytes it moved by kind.
+
+    Bytes count what crosses memory in a fused implementation, the convention of `GSQCache.memory_report()`'s
+    ``state_bytes_per_step`` (one decode step reads the state and writes it, each unit in its own format, SSM +
+    conv): a forward reads the state it starts from once and writes the state it leaves once (the round trips of
+    ``every_step`` writes inside a multi-token forward stay on chip); one read or one write is half a step's
+    bytes. The prompt's prefill is not counted (nor is it in ``plain_step_bytes``, plain decoding's bytes per
+    token).
+    """
 
     generated: int = 0
     drafted: int = 0
     accepted: int = 0
     draft_steps: int = 0
     verify_steps: int = 0
-    state_bytes_moved: int = 0  # SSM + conv bytes read and written by draft, verify and sync
+    rollbacks: int = 0  # verifications that rejected a proposal: the target went back to an earlier state
+    recommitted_tokens: int = 0  # tokens re-fed (recompute) or replayed (replay) by those rollbacks
+    draft_state_bytes: float = 0  # the draft's state, in its formats: each draft step, the write of each sync
+    target_state_bytes: float = 0  # the target's: the read of each sync, each verify, each recompute or replay
+    checkpoint_bytes: float = 0  # checkpoints: the per-token states a verify writes beyond the one it leaves
+    replay_bytes: float = 0  # replay: the per-token scan inputs a verify writes, and those a replay reads back
+    plain_step_bytes: int = 0  # plain decoding with the target's state, per token (its state_bytes_per_step)
 
     @property
     def acceptance_rate(self) -> float:
@@ -57,13 +73,22 @@ class SpeculativeStats:
         return self.accepted / self.verify_steps if self.verify_steps else 0.0
 
     @property
+    def state_bytes_moved(self) -> float:
+        return self.draft_state_bytes + self.target_state_bytes + self.checkpoint_bytes + self.replay_bytes
+
+    @property
     def state_bytes_per_token(self) -> float:
         return self.state_bytes_moved / self.generated if self.generated else 0.0
 
+    @property
+    def state_bytes_vs_plain(self) -> float:
+        """State bytes per generated token over plain decoding's (below 1: fewer bytes than plain decoding)."""
+        return self.state_bytes_per_token / self.plain_step_bytes if self.plain_step_bytes else 0.0
+
     def to_dict(self) -> dict:
-        return asdict(self) | {"acceptance_rate": self.acceptance_rate,
-                               "mean_accepted_per_verify": self.mean_accepted_per_verify,
-                               "state_bytes_per_token": self.state_bytes_per_token}
+        return asdict(self) | {name: getattr(self, name) for name in (
+            "acceptance_rate", "mean_accepted_per_verify", "state_bytes_moved", "state_bytes_per_token",
+            "state_bytes_vs_plain")}
 
 
 @dataclass
@@ -150,7 +175,6 @@ def _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sam
     target_cache, draft_cache = GSQCache(model.config, target), GSQCache(model.config, draft)
     if input_ids.shape[1] > 1:
         model(input_ids[:, :-1], cache=target_cache)
-        stats.state_bytes_moved += (input_ids.shape[1] - 1) * _step_bytes(target_cache)
     pending = input_ids[:, -1:]
     generated: list[torch.Tensor] = []
     log_vocab = None
@@ -158,14 +182,15 @@ def _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sam
     while len(generated) < max_new_tokens:
         if target_cache.gsq_layers[0].has_state:
             draft_cache.load_states(target_cache)
-            stats.state_bytes_moved += (_step_bytes(target_cache) + _step_bytes(draft_cache)) // 2
+            stats.target_state_bytes += _step_bytes(target_cache) / 2  # read
+            stats.draft_state_bytes += _step_bytes(draft_cache) / 2  # write
         committed = target_cache.snapshot()
         proposals, draft_probs = [], []
         token = pending
         for _ in range(min(lookahead, max_new_tokens - len(generated))):
             logits = model(token, cache=draft_cache).logits[:, -1]
             stats.draft_steps += 1
-            stats.state_bytes_moved += _step_bytes(draft_cache)
+            stats.draft_state_bytes += _step_bytes(draft_cache)
             q = _probs(logits, temperature)
             token = torch.multinomial(q, 1, generator=generator) if do_sample else q.argmax(-1, keepdim=True)
             proposals.append(token)
@@ -178,20 +203,33 @@ def _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sam
         stats.drafted += len(proposals)
 
         target_cache.record_positions(rollback == "checkpoints")
+        target_cache.record_inputs(rollback == "replay")
         verify = model(torch.cat([pending, *proposals], dim=1), cache=target_cache).logits[0]  # (k + 1, V)
         stats.verify_steps += 1
-        stats.state_bytes_moved += verify.shape[0] * _step_bytes(target_cache)
+        target_step = _step_bytes(target_cache)
+        stats.plain_step_bytes = target_step
+        stats.target_state_bytes += target_step  # the committed state read, the last token's state written
+        if rollback == "checkpoints":
+            stats.checkpoint_bytes += len(proposals) * target_step / 2
+        stats.replay_bytes += target_cache.recorded_input_bytes  # 0 unless recording inputs
         p = _probs(verify, temperature)
         accepted, next_token = _accept(p, proposals, draft_probs, do_sample, generator)
         stats.accepted += accepted
         if accepted < len(proposals):
+            stats.rollbacks += 1
             if rollback == "checkpoints":
                 target_cache.rollback(1 + accepted)
             else:
-                target_cache.restore(committed)
-                model(torch.cat([pending, *proposals[:accepted]], dim=1), cache=target_cache)
-                stats.state_bytes_moved += (1 + accepted) * _step_bytes(target_cache)
+                if rollback == "replay":  # reads back the inputs of the tokens it replays
+                    stats.replay_bytes += target_cache.recorded_input_bytes * (1 + accepted) / verify.shape[0]
+                    target_cache.replay(1 + accepted)
+                else:
+                    target_cache.restore(committed)
+                    model(torch.cat([pending, *proposals[:accepted]], dim=1), cache=target_cache)
+                stats.recommitted_tokens += 1 + accepted
+                stats.target_state_bytes += _step_bytes(target_cache)  # the committed state read, the new written
         target_cache.record_positions(False)
+        target_cache.record_inputs(False)
 
         new_tokens = [*proposals[:accepted], next_token]
         for token in new_tokens[: max_new_tokens - len(generated)]:

@@ -8,7 +8,7 @@ from gsq_hf import GSQConfigError
 from gsq_hf.speculative import speculative_generate
 
 
-@pytest.mark.parametrize("rollback", ["checkpoints", "recompute"])
+@pytest.mark.parametrize("rollback", ["checkpoints", "recompute", "replay"])
 @pytest.mark.parametrize("draft", ["int4", "gsq-gate"])
 def test_greedy_equals_plain_generate(model, draft, rollback):
     ids = torch.randint(2, 64, (1, 7), generator=torch.Generator().manual_seed(0))
@@ -28,8 +28,9 @@ def test_partial_acceptance_rolls_back_exactly(model):
                                entropy_threshold=0.0)  # stop after one draft token each round
     assert torch.equal(out.sequences, expected)
     assert out.stats.drafted == out.stats.verify_steps
-    out = speculative_generate(model, ids, draft="int4", lookahead=6, max_new_tokens=16)
-    assert torch.equal(out.sequences, expected)
+    for rollback in ("checkpoints", "replay"):
+        out = speculative_generate(model, ids, draft="int4", lookahead=6, max_new_tokens=16, rollback=rollback)
+        assert torch.equal(out.sequences, expected)
     assert 0 < out.stats.acceptance_rate <= 1 and out.stats.state_bytes_per_token > 0
 
 
@@ -49,7 +50,7 @@ def test_rejections_happen_and_are_exact(model):
 
     handle = model.lm_head.register_forward_hook(noisy_draft)
     try:
-        for rollback in ("checkpoints", "recompute"):
+        for rollback in ("checkpoints", "recompute", "replay"):
             out = speculative_generate(model, ids, draft="int4", lookahead=8, max_new_tokens=30, rollback=rollback)
             assert torch.equal(out.sequences, expected)
             assert out.stats.accepted < out.stats.drafted / 2  # the rollback path ran, often

@@ -255,7 +255,7 @@ def test_speculative_greedy_equals_plain_generate(model):
 
     ids = ids_(1, 6, seed=11)
     expected = model.generate(ids, max_new_tokens=12, do_sample=False)
-    for rollback in ("checkpoints", "recompute"):
+    for rollback in ("checkpoints", "recompute", "replay"):
         out = speculative_generate(model, ids, draft="int4", lookahead=4, max_new_tokens=12, rollback=rollback)
         assert torch.equal(out.sequences, expected), rollback
 
