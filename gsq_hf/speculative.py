@@ -130,7 +130,18 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _step_bytes(cache: GSQCache) -> int:
+    """What the last decode step read and wrote (`GSQCache.memory_report`'s ``state_bytes_per_step``)."""
     return sum(layer.memory()["state_bytes_per_step"] for layer in cache.gsq_layers)
+
+
+def _io_bytes(cache: GSQCache) -> int:
+    """What one read, or one write, of the current state moves."""
+    return sum(layer.io_bytes for layer in cache.gsq_layers)
+
+
+def _ssm_bytes_written(cache: GSQCache) -> float:
+    """SSM bytes written so far, every write counted (each unit in its own format)."""
+    return sum(float(layer.stored_bits) for layer in cache.gsq_layers) / 8
 
 
 @torch.no_grad()
@@ -182,8 +193,8 @@ def _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sam
     while len(generated) < max_new_tokens:
         if target_cache.gsq_layers[0].has_state:
             draft_cache.load_states(target_cache)
-            stats.target_state_bytes += _step_bytes(target_cache) / 2  # read
-            stats.draft_state_bytes += _step_bytes(draft_cache) / 2  # write
+            stats.target_state_bytes += _io_bytes(target_cache)  # read
+            stats.draft_state_bytes += _io_bytes(draft_cache)  # write
         committed = target_cache.snapshot()
         proposals, draft_probs = [], []
         token = pending
@@ -204,13 +215,16 @@ def _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sam
 
         target_cache.record_positions(rollback == "checkpoints")
         target_cache.record_inputs(rollback == "replay")
+        committed_bytes, written_before = _io_bytes(target_cache), _ssm_bytes_written(target_cache)
         verify = model(torch.cat([pending, *proposals], dim=1), cache=target_cache).logits[0]  # (k + 1, V)
         stats.verify_steps += 1
-        target_step = _step_bytes(target_cache)
-        stats.plain_step_bytes = target_step
-        stats.target_state_bytes += target_step  # the committed state read, the last token's state written
-        if rollback == "checkpoints":
-            stats.checkpoint_bytes += len(proposals) * target_step / 2
+        stats.plain_step_bytes = _step_bytes(target_cache)
+        last_bytes = _io_bytes(target_cache)
+        stats.target_state_bytes += committed_bytes + last_bytes  # the committed state read, the last one written
+        if rollback == "checkpoints":  # every token's SSM state and conv window written, but the last
+            conv_bytes = sum(layer.storage.conv_nbytes for layer in target_cache.gsq_layers)
+            stats.checkpoint_bytes += (_ssm_bytes_written(target_cache) - written_before - last_bytes
+                                       + (len(proposals) + 1) * conv_bytes)
         stats.replay_bytes += target_cache.recorded_input_bytes  # 0 unless recording inputs
         p = _probs(verify, temperature)
         accepted, next_token = _accept(p, proposals, draft_probs, do_sample, generator)
@@ -227,7 +241,7 @@ def _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sam
                     target_cache.restore(committed)
                     model(torch.cat([pending, *proposals[:accepted]], dim=1), cache=target_cache)
                 stats.recommitted_tokens += 1 + accepted
-                stats.target_state_bytes += _step_bytes(target_cache)  # the committed state read, the new written
+                stats.target_state_bytes += committed_bytes + _io_bytes(target_cache)  # committed read, new written
         target_cache.record_positions(False)
         target_cache.record_inputs(False)
 

@@ -234,6 +234,12 @@ class _GSQStateMixin:
         )
 
     # -- snapshots -------------------------------------------------------------------------------------
+    @property
+    def io_bytes(self) -> int:
+        """Bytes one read or one write of the state as stored now moves, SSM (each unit in its own format, as the
+        last write stored it) + conv: a decode step reads the previous state and writes this one."""
+        return int(self._last_unit_bytes) + self.storage.conv_nbytes
+
     def memory(self) -> dict[str, Any]:
         s = self.storage
         full_ssm = 4 * math.prod(self.ssm_shape) if self.ssm_shape else 0

@@ -58,6 +58,50 @@ def test_rejections_happen_and_are_exact(model):
         handle.remove()
 
 
+@pytest.mark.parametrize("rollback", ["checkpoints", "recompute", "replay"])
+def test_state_bytes_are_accounted_by_kind(rollback):
+    """The stats' bytes against the caches' own counts: a state read or write is ``memory_report()``'s
+    ``state_bytes`` (static formats), a replayed token's inputs are conv input, x, Δ (fp32) and B per layer."""
+    from models import tiny_mamba
+
+    model = tiny_mamba(seed=3)
+    ids = torch.randint(2, 64, (1, 6), generator=torch.Generator().manual_seed(5))
+    gsq_hf.patch(model, "fp32")
+    reports = {}
+    for name in ("fp32", "int4"):
+        reports[name] = model(ids, cache=gsq_hf.GSQCache(model.config, name)).cache.memory_report()
+    target, draft = reports["fp32"]["state_bytes"], reports["int4"]["state_bytes"]
+    assert reports["fp32"]["state_bytes_per_step"] == 2 * target and draft < target
+    config = model.config
+    inputs_per_token = config.num_hidden_layers * (3 * config.intermediate_size + config.state_size) * 4
+    noise = torch.Generator().manual_seed(0)
+
+    def noisy_draft(module, args, output):  # forces rejections, so every rollback path runs
+        if model._gsq_patch.active_cache.config.name == "int4":
+            return output + 2 * output.std() * torch.randn(output.shape, generator=noise)
+
+    handle = model.lm_head.register_forward_hook(noisy_draft)
+    try:
+        out = speculative_generate(model, ids, draft="int4", lookahead=4, max_new_tokens=24, rollback=rollback)
+    finally:
+        handle.remove()
+    s = out.stats
+    assert s.rollbacks > 0 and s.accepted > 0
+    rounds = s.verify_steps  # a sync (target read, draft write) and a verify (target read + write) each
+    assert s.draft_state_bytes == s.draft_steps * 2 * draft + rounds * draft
+    recommits = 0 if rollback == "checkpoints" else s.rollbacks
+    assert s.target_state_bytes == rounds * target + rounds * 2 * target + recommits * 2 * target
+    assert s.checkpoint_bytes == (s.drafted * target if rollback == "checkpoints" else 0)
+    if rollback == "checkpoints":
+        assert s.recommitted_tokens == 0
+    else:
+        assert s.rollbacks <= s.recommitted_tokens <= s.rollbacks + s.accepted
+    replayed = s.drafted + rounds + s.recommitted_tokens  # written for every verified token, read when replayed
+    assert s.replay_bytes == pytest.approx(inputs_per_token * replayed if rollback == "replay" else 0, rel=1e-12)
+    assert s.plain_step_bytes == 2 * target
+    assert s.state_bytes_vs_plain == pytest.approx(s.state_bytes_moved / s.generated / (2 * target))
+
+
 @pytest.mark.slow
 def test_sampling_follows_the_target_distribution():
     """Chi-square test of the first two sampled tokens against the target's exact joint distribution.
