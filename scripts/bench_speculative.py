@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 import gsq_hf
+from gsq_hf.config import GSQConfig, resolve_config
 from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR
 from gsq_hf.eval.data import load_model, load_text, load_tokenizer
-from gsq_hf.config import GSQConfig, resolve_config
 from gsq_hf.speculative import ROLLBACKS, speculative_generate
 
 BYTE_KINDS = ("draft_state_bytes", "target_state_bytes", "checkpoint_bytes", "replay_bytes")
