@@ -61,7 +61,8 @@ class SpeculativeStats:
     draft_state_bytes: float = 0  # the draft's state, in its formats: each draft step, the write of each sync
     target_state_bytes: float = 0  # the target's: the read of each sync, each verify, each recompute or replay
     checkpoint_bytes: float = 0  # checkpoints: the per-token states a verify writes beyond the one it leaves
-    replay_bytes: float = 0  # replay: the per-token scan inputs a verify writes, and those a replay reads back
+    replay_write_bytes: float = 0  # replay: the per-token scan inputs a verify keeps (activations it makes anyway)
+    replay_read_bytes: float = 0  # replay: those a replay reads back
     plain_step_bytes: int = 0  # plain decoding with the target's state, per token (its state_bytes_per_step)
 
     @property
@@ -74,7 +75,8 @@ class SpeculativeStats:
 
     @property
     def state_bytes_moved(self) -> float:
-        return self.draft_state_bytes + self.target_state_bytes + self.checkpoint_bytes + self.replay_bytes
+        return (self.draft_state_bytes + self.target_state_bytes + self.checkpoint_bytes + self.replay_write_bytes
+                + self.replay_read_bytes)
 
     @property
     def state_bytes_per_token(self) -> float:
@@ -225,7 +227,7 @@ def _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sam
             conv_bytes = sum(layer.storage.conv_nbytes for layer in target_cache.gsq_layers)
             stats.checkpoint_bytes += (_ssm_bytes_written(target_cache) - written_before - last_bytes
                                        + (len(proposals) + 1) * conv_bytes)
-        stats.replay_bytes += target_cache.recorded_input_bytes  # 0 unless recording inputs
+        stats.replay_write_bytes += target_cache.recorded_input_bytes  # 0 unless recording inputs
         p = _probs(verify, temperature)
         accepted, next_token = _accept(p, proposals, draft_probs, do_sample, generator)
         stats.accepted += accepted
@@ -235,7 +237,7 @@ def _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sam
                 target_cache.rollback(1 + accepted)
             else:
                 if rollback == "replay":  # reads back the inputs of the tokens it replays
-                    stats.replay_bytes += target_cache.recorded_input_bytes * (1 + accepted) / verify.shape[0]
+                    stats.replay_read_bytes += target_cache.recorded_input_bytes * (1 + accepted) / verify.shape[0]
                     target_cache.replay(1 + accepted)
                 else:
                     target_cache.restore(committed)

@@ -28,7 +28,7 @@ from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR
 from gsq_hf.eval.data import load_model, load_text, load_tokenizer
 from gsq_hf.speculative import ROLLBACKS, speculative_generate
 
-BYTE_KINDS = ("draft_state_bytes", "target_state_bytes", "checkpoint_bytes", "replay_bytes")
+BYTE_KINDS = ("draft_state_bytes", "target_state_bytes", "checkpoint_bytes", "replay_write_bytes", "replay_read_bytes")
 
 
 def rollback_memory(model, lookahead: int, rollback: str) -> int:
@@ -54,7 +54,7 @@ def draft_config(name: str, conv_format: str) -> GSQConfig:
 
 def table(rows: list[dict]) -> str:
     lines = ["| draft | lookahead | rule | rollback | acceptance | accepted / verify | speed vs plain | "
-             "state B/token: draft + target + checkpoints + replay = total | vs plain | exact |",
+             "state B/token: draft + target + checkpoints + replay writes + replay reads = total | vs plain | exact |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["mode"] == "plain greedy":

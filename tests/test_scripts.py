@@ -25,10 +25,12 @@ def test_bench_speculative_runs_and_is_exact(tmp_path):
     assert rows[0]["mode"] == "plain greedy" and len(rows) == 1 + 6  # fixed/entropy x checkpoints/recompute/replay
     assert all(row["exact"] for row in rows)
     for row in rows[1:]:
-        kinds = sum(row[k] for k in ("draft_state_bytes", "target_state_bytes", "checkpoint_bytes", "replay_bytes"))
-        assert kinds == pytest.approx(row["state_bytes_per_token"]) and row["state_bytes_vs_plain"] > 0
+        kinds = ("draft_state_bytes", "target_state_bytes", "checkpoint_bytes", "replay_write_bytes",
+                 "replay_read_bytes")
+        assert sum(row[k] for k in kinds) == pytest.approx(row["state_bytes_per_token"])
+        assert row["state_bytes_vs_plain"] > 0
         assert (row["checkpoint_bytes"] > 0) == (row["rollback"] == "checkpoints")
-        assert (row["replay_bytes"] > 0) == (row["rollback"] == "replay")
+        assert (row["replay_write_bytes"] > 0) == (row["rollback"] == "replay")
 
 
 @pytest.mark.slow

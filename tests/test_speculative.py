@@ -96,8 +96,9 @@ def test_state_bytes_are_accounted_by_kind(rollback):
         assert s.recommitted_tokens == 0
     else:
         assert s.rollbacks <= s.recommitted_tokens <= s.rollbacks + s.accepted
-    replayed = s.drafted + rounds + s.recommitted_tokens  # written for every verified token, read when replayed
-    assert s.replay_bytes == pytest.approx(inputs_per_token * replayed if rollback == "replay" else 0, rel=1e-12)
+    replaying = rollback == "replay"  # inputs written for every verified token, read back when replayed
+    assert s.replay_write_bytes == (inputs_per_token * (s.drafted + rounds) if replaying else 0)
+    assert s.replay_read_bytes == pytest.approx(inputs_per_token * s.recommitted_tokens if replaying else 0, rel=1e-12)
     assert s.plain_step_bytes == 2 * target
     assert s.state_bytes_vs_plain == pytest.approx(s.state_bytes_moved / s.generated / (2 * target))
 
