@@ -12,11 +12,13 @@ for checkpoints.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .scan import selective_scan
 from .step import discretize, unit_gate
-from .store import LayerStorage, read_state
+from .store import LayerStorage, read_state, select_rows
 
 __all__ = ["keep_step_inputs", "recorded_tokens", "replay", "step_inputs_nbytes"]
 
@@ -43,24 +45,35 @@ def recorded_tokens(layer) -> int:
     return kept["x"].shape[1]
 
 
-def replay(layer, start: LayerStorage, num_tokens: int) -> None:
-    """Store in ``layer`` the state after the first ``num_tokens`` recorded tokens, from ``start`` (the state when
-    recording began), by re-running the conv window and the recurrence over them."""
-    kept, n = layer.step_inputs, num_tokens
+def replay(layer, start: LayerStorage, num_tokens: int | torch.Tensor) -> None:
+    """Store in ``layer`` the state after the first ``num_tokens`` recorded tokens (an int, or (batch,) counts:
+    each row its own), from ``start`` (the state when recording began), by re-running the conv window and the
+    recurrence over them."""
+    kept = layer.step_inputs
+    per_row = torch.is_tensor(num_tokens) and bool((num_tokens != num_tokens.max()).any())
+    n = int(num_tokens.max()) if torch.is_tensor(num_tokens) else num_tokens
     layer.storage = start
     window, kernel = layer.read_conv(), layer.conv_shape[-1]
     conv = kept["conv"][:, :n]  # (B, n, conv_dim)
     if window is None:
         window = conv.new_zeros(conv.shape[0], conv.shape[2], kernel)
+    windows = []
     for t in range(n):  # the window writes of `causal_conv_stepwise` (exact whether or not the format is lossy)
         window = layer.write_conv(torch.cat([window[..., 1:], conv[:, t, :, None]], dim=-1))
+        windows.append(layer.storage.conv)
     x, dt, B, A = kept["x"][:, :n], kept["dt"][:, :n], kept["B"][:, :n], kept["A"]
     dA, dBx, _ = discretize(x, dt, A, B, B)  # the read-out (C) is not needed to replay states: B stands in
     gate = unit_gate(dA, A) if "gate" in layer.cache.policy.signals else None
     stored = read_state(start)
     h = torch.zeros_like(dBx[:, 0]) if stored is None else stored
+    states = []
 
     def write(state: torch.Tensor, t: int) -> torch.Tensor | None:
-        return layer.write_ssm(state, None if gate is None else gate[:, t], read_back=t < n - 1)
+        read = layer.write_ssm(state, None if gate is None else gate[:, t], read_back=per_row or t < n - 1)
+        if per_row:
+            states.append(replace(layer.storage, conv=windows[t]))
+        return read
 
     selective_scan(h, dA, dBx, None, write, x.dtype)
+    if per_row:
+        layer.storage = select_rows(states, num_tokens.to(torch.long) - 1)

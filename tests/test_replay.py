@@ -31,6 +31,26 @@ def test_replay_stores_the_checkpointed_state_bit_for_bit(model, config):
             assert torch.equal(layer.storage.conv.dequantize(), positions[n - 1].conv.dequantize())
 
 
+@pytest.mark.parametrize("config", ["fp32", "gsq-gate"])
+def test_each_row_replays_or_rolls_back_to_its_own_count(model, config):
+    """Per-row counts (rows of a batch accepting different numbers of tokens): row r gets checkpoint counts[r]."""
+    gsq_hf.patch(model, "fp32")
+    ids = torch.randint(2, 64, (3, 10), generator=torch.Generator().manual_seed(6))
+    counts = torch.tensor([2, 5, 1])
+    for method in ("replay", "rollback"):
+        cache = GSQCache(model.config, config)
+        model(ids[:, :4], cache=cache)
+        cache.record_positions()
+        cache.record_inputs()
+        model(ids[:, 4:], cache=cache)
+        checkpoints = [list(layer.positions) for layer in cache.gsq_layers]
+        getattr(cache, method)(counts)
+        for layer, positions in zip(cache.gsq_layers, checkpoints, strict=True):
+            for row, count in enumerate(counts.tolist()):
+                assert torch.equal(layer.read_ssm()[row], read_state(positions[count - 1])[row])
+                assert torch.equal(layer.read_conv()[row], positions[count - 1].conv.dequantize()[row])
+
+
 def test_replay_continues_like_a_checkpoint_rollback(model):
     """After a replay to n tokens, decoding goes on exactly as after rolling back to checkpoint n, and as plain
     decoding of those n tokens up to float rounding (a multi-token forward's matmuls round differently)."""
