@@ -103,17 +103,19 @@ def _min_bits(config: GSQConfig) -> int:
     return min(f.bits for f in config.build_policy().formats)
 
 
-def _check(model: nn.Module, input_ids: torch.Tensor, target: GSQConfig, draft: GSQConfig, lookahead: int,
-           rollback: str) -> None:
+def _check(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, target: GSQConfig,
+           draft: GSQConfig, lookahead: int, rollback: str) -> None:
     if not isinstance(lookahead, int) or lookahead < 1:
         raise ValueError(f"lookahead must be an integer >= 1, got {lookahead!r}")
     if rollback not in ROLLBACKS:
         raise ValueError(f"rollback must be one of {', '.join(ROLLBACKS)}, got {rollback!r}")
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(
-            f"speculative_generate takes input_ids of shape (1, length), got {tuple(input_ids.shape)}: rows of a "
-            "batch accept different numbers of tokens; run one sequence per call"
-        )
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"speculative_generate takes input_ids of shape (batch, length), got {tuple(input_ids.shape)}")
+    if attention_mask is not None and (attention_mask.shape != input_ids.shape
+                                       or not bool(attention_mask[:, -1].all())):
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)} and its last column set "
+                         f"(left padding), got shape {tuple(attention_mask.shape)} with last column "
+                         f"{attention_mask[:, -1].tolist()}")
     if _min_bits(draft) >= _min_bits(target):
         raise GSQConfigError(
             f"the draft state ({draft.name}: lowest format {_min_bits(draft)} bits) must be lower precision than "
@@ -158,49 +160,73 @@ def speculative_generate(
     temperature: float = 1.0,
     entropy_threshold: float | None = None,
     eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
     rollback: str = "checkpoints",
     generator: torch.Generator | None = None,
 ) -> SpeculativeOutput:
     """Generate with a low-precision-state draft of ``model`` itself and exact verification.
 
     The target state config is the one ``model`` is patched with (fp32, lossless, if it is not patched).
-    Generation stops at ``eos_token_id`` (default: the model's generation config), like ``generate``.
+    A row stops at ``eos_token_id`` and is then filled with ``pad_token_id`` (defaults: the model's generation
+    config), like ``generate``; rows of a batch accept different numbers of tokens and each is committed at its
+    own (pure Mamba models; a hybrid's attention KV takes one sequence per call). ``attention_mask`` marks the
+    left padding of a batch of prompts of different lengths.
     """
+    generation_config = getattr(model, "generation_config", None)
     if eos_token_id is None:
-        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos_token_id = getattr(generation_config, "eos_token_id", None)
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    if pad_token_id is None:
+        pad_token_id = getattr(generation_config, "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     was_patched = is_patched(model)
     target = model._gsq_patch.config if was_patched else resolve_config("fp32")
     draft = resolve_config(draft)
-    _check(model, input_ids, target, draft, lookahead, rollback)
+    _check(model, input_ids, attention_mask, target, draft, lookahead, rollback)
     if not was_patched:
         patch(model, target)
     try:
-        return _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sample, temperature,
-                         entropy_threshold, eos_token_id, rollback, generator)
+        return _generate(model, input_ids, attention_mask, target, draft, lookahead, max_new_tokens, do_sample,
+                         temperature, entropy_threshold, eos_ids, pad_token_id, rollback, generator)
     finally:
         if not was_patched:
             unpatch(model)
 
 
-def _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sample, temperature,
-              entropy_threshold, eos_token_id, rollback, generator) -> SpeculativeOutput:
+def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_new_tokens, do_sample, temperature,
+              entropy_threshold, eos_ids, pad_token_id, rollback, generator) -> SpeculativeOutput:
     stats = SpeculativeStats()
     target_cache, draft_cache = GSQCache(model.config, target), GSQCache(model.config, draft)
+    batch = input_ids.shape[0]
+    if batch > 1 and target_cache._has_kv():
+        raise ValueError("speculative_generate takes one sequence per call on a model with attention layers (a "
+                         "hybrid): rows accept different numbers of tokens and its KV cache is cropped for all rows "
+                         "alike; a batch works on pure Mamba models")
     if input_ids.shape[1] > 1:
-        model(input_ids[:, :-1], cache=target_cache)
+        mask = None if attention_mask is None else attention_mask[:, :-1]
+        model(input_ids[:, :-1], attention_mask=mask, cache=target_cache)
     pending = input_ids[:, -1:]
-    generated: list[torch.Tensor] = []
+    rows = torch.arange(batch)
+    out = torch.full((batch, max_new_tokens + 2 * lookahead + 2), pad_token_id, dtype=input_ids.dtype)
+    count = torch.zeros(batch, dtype=torch.long)  # tokens generated per row (may run past max_new_tokens)
+    eos = torch.tensor(eos_ids, dtype=input_ids.dtype)
     log_vocab = None
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-    while len(generated) < max_new_tokens:
+    while True:
+        finished = torch.isin(out[:, :max_new_tokens], eos) & (torch.arange(max_new_tokens) < count[:, None])
+        active = ~finished.any(1) & (count < max_new_tokens)
+        if not bool(active.any()):
+            break
         if target_cache.gsq_layers[0].has_state:
             draft_cache.load_states(target_cache)
             stats.target_state_bytes += _io_bytes(target_cache)  # read
             stats.draft_state_bytes += _io_bytes(draft_cache)  # write
         committed = target_cache.snapshot()
         proposals, draft_probs = [], []
+        valid = torch.zeros(batch, dtype=torch.long)  # proposals per row up to its entropy stop
+        stopped = torch.zeros(batch, dtype=torch.bool)
         token = pending
-        for _ in range(min(lookahead, max_new_tokens - len(generated))):
+        for _ in range(min(lookahead, int((max_new_tokens - count[active]).max()))):
             logits = model(token, cache=draft_cache).logits[:, -1]
             stats.draft_steps += 1
             stats.draft_state_bytes += _step_bytes(draft_cache)
@@ -208,19 +234,20 @@ def _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sam
             token = torch.multinomial(q, 1, generator=generator) if do_sample else q.argmax(-1, keepdim=True)
             proposals.append(token)
             draft_probs.append(q)
+            valid += (~stopped).long()
             if entropy_threshold is not None:
                 log_vocab = log_vocab or math.log(q.shape[-1])
-                entropy = -(q * q.clamp_min(1e-30).log()).sum().item() / log_vocab
-                if entropy > entropy_threshold:
+                stopped |= -(q * q.clamp_min(1e-30).log()).sum(-1) / log_vocab > entropy_threshold
+                if bool(stopped.all()):
                     break
-        stats.drafted += len(proposals)
+        stats.drafted += int(valid[active].sum())
 
         target_cache.record_positions(rollback == "checkpoints")
         target_cache.record_inputs(rollback == "replay")
         committed_bytes, written_before = _io_bytes(target_cache), _ssm_bytes_written(target_cache)
-        verify = model(torch.cat([pending, *proposals], dim=1), cache=target_cache).logits[0]  # (k + 1, V)
+        verify = model(torch.cat([pending, *proposals], dim=1), cache=target_cache).logits  # (batch, k + 1, V)
         stats.verify_steps += 1
-        stats.plain_step_bytes = _step_bytes(target_cache)
+        stats.plain_step_bytes = _step_bytes(target_cache) // batch
         last_bytes = _io_bytes(target_cache)
         stats.target_state_bytes += committed_bytes + last_bytes  # the committed state read, the last one written
         if rollback == "checkpoints":  # every token's SSM state and conv window written, but the last
@@ -228,52 +255,67 @@ def _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sam
             stats.checkpoint_bytes += (_ssm_bytes_written(target_cache) - written_before - last_bytes
                                        + (len(proposals) + 1) * conv_bytes)
         stats.replay_write_bytes += target_cache.recorded_input_bytes  # 0 unless recording inputs
-        p = _probs(verify, temperature)
-        accepted, next_token = _accept(p, proposals, draft_probs, do_sample, generator)
-        stats.accepted += accepted
-        if accepted < len(proposals):
-            stats.rollbacks += 1
+        proposed = torch.cat(proposals, dim=1)  # (batch, k)
+        accepted, next_token = _accept(_probs(verify, temperature), proposed, torch.stack(draft_probs, 1), valid,
+                                       do_sample, generator)
+        stats.accepted += int(accepted[active].sum())
+        rejected = accepted < len(proposals)
+        if bool(rejected.any()):  # each row to the state after its pending token and its accepted proposals
+            stats.rollbacks += int(rejected.sum())
+            kept = accepted + 1
             if rollback == "checkpoints":
-                target_cache.rollback(1 + accepted)
+                target_cache.rollback(kept)
             else:
                 if rollback == "replay":  # reads back the inputs of the tokens it replays
-                    stats.replay_read_bytes += target_cache.recorded_input_bytes * (1 + accepted) / verify.shape[0]
-                    target_cache.replay(1 + accepted)
+                    per_token = target_cache.recorded_input_bytes / verify.shape[1] / batch
+                    stats.replay_read_bytes += per_token * int(kept[rejected].sum())
+                    target_cache.replay(kept)
                 else:
                     target_cache.restore(committed)
-                    model(torch.cat([pending, *proposals[:accepted]], dim=1), cache=target_cache)
-                stats.recommitted_tokens += 1 + accepted
-                stats.target_state_bytes += committed_bytes + _io_bytes(target_cache)  # committed read, new written
+                    target_cache.record_positions(True)
+                    model(torch.cat([pending, *proposals[: int(accepted.max())]], dim=1), cache=target_cache)
+                    target_cache.rollback(kept)
+                stats.recommitted_tokens += int(kept[rejected].sum())
+                # the rejected rows' committed states read and new ones written
+                stats.target_state_bytes += (committed_bytes + _io_bytes(target_cache)) * int(rejected.sum()) / batch
         target_cache.record_positions(False)
         target_cache.record_inputs(False)
 
-        new_tokens = [*proposals[:accepted], next_token]
-        for token in new_tokens[: max_new_tokens - len(generated)]:
-            generated.append(token)
-            if int(token) in eos:
-                max_new_tokens = len(generated)
-                break
+        new_tokens = torch.cat([proposed, next_token], dim=1)  # row r's output: its accepted, then its next token
+        new_tokens[rows, accepted] = next_token[:, 0]  # (what follows is overwritten by the next round)
+        out[rows[:, None], count[:, None] + torch.arange(new_tokens.shape[1])] = new_tokens
+        count += (accepted + 1) * active  # a finished row's count stays: its later tokens are never read
         pending = next_token
-    stats.generated = len(generated)
-    return SpeculativeOutput(torch.cat([input_ids, *generated], dim=1), stats)
+    out = out[:, :max_new_tokens]
+    is_eos = torch.isin(out, eos).long()
+    ended = is_eos.cumsum(1)
+    out = out.masked_fill(ended - is_eos > 0, pad_token_id)  # after a row's eos: padding, as generate pads
+    lengths = torch.where(ended[:, -1] > 0, (ended == 0).sum(1) + 1, max_new_tokens)
+    stats.generated = int(lengths.sum())
+    return SpeculativeOutput(torch.cat([input_ids, out[:, : int(lengths.max())]], dim=1), stats)
 
 
-def _accept(p: torch.Tensor, proposals: list, draft_probs: list, do_sample: bool, generator):
-    """How many proposals the target accepts, and the token it emits after them.
+def _accept(p: torch.Tensor, proposals: torch.Tensor, q: torch.Tensor, valid: torch.Tensor, do_sample: bool,
+            generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many proposals each row accepts, (batch,), and the token it emits after them, (batch, 1).
 
-    ``p`` is (k + 1, V): the target's distribution before each proposal and after the last one.
+    ``p`` (batch, k + 1, V) is the target's distribution before each proposal and after the last one, ``q``
+    (batch, k, V) the draft's; row r proposed ``valid[r]`` tokens (the rest of its k are ignored).
     """
-    for i, (token, q) in enumerate(zip(proposals, draft_probs, strict=True)):
-        d = int(token)
-        if not do_sample:
-            if int(p[i].argmax()) != d:
-                return i, p[i].argmax().view(1, 1)
-            continue
-        ratio = (p[i, d] / q[0, d].clamp_min(1e-30)).clamp(max=1.0)
-        if torch.rand((), generator=generator) >= ratio:
-            residual = (p[i] - q[0]).clamp_min(0)
-            residual = residual / residual.sum() if residual.sum() > 0 else p[i]
-            return i, torch.multinomial(residual, 1, generator=generator).view(1, 1)
-    last = p[len(proposals)]
-    token = torch.multinomial(last, 1, generator=generator) if do_sample else last.argmax()
-    return len(proposals), token.view(1, 1)
+    batch, k = proposals.shape
+    rows = torch.arange(batch)
+    in_time = torch.arange(k) < valid[:, None]
+    if not do_sample:
+        best = p.argmax(-1)  # (batch, k + 1)
+        accepted = ((best[:, :k] == proposals) & in_time).long().cumprod(1).sum(1)
+        return accepted, best[rows, accepted][:, None]
+    p_d = p[:, :k].gather(-1, proposals[..., None])[..., 0]
+    q_d = q.gather(-1, proposals[..., None])[..., 0]
+    ratio = (p_d / q_d.clamp_min(1e-30)).clamp(max=1.0)
+    accepted = ((torch.rand((batch, k), generator=generator) < ratio) & in_time).long().cumprod(1).sum(1)
+    p_next, q_next = p[rows, accepted], q[rows, accepted.clamp(max=k - 1)]
+    residual = (p_next - q_next).clamp_min(0)
+    mass = residual.sum(-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)
+    rejected = (accepted < valid)[:, None]  # a rejection resamples from the residual, else the target's next
+    return accepted, torch.multinomial(torch.where(rejected, residual, p_next), 1, generator=generator)

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -17,6 +15,37 @@ def test_greedy_equals_plain_generate(model, draft, rollback):
     assert torch.equal(out.sequences, expected)
     assert out.stats.generated == 24 and out.stats.verify_steps >= 24 / 5
     assert not gsq_hf.is_patched(model)  # an unpatched model is patched with fp32 only for the call
+
+
+def noisy(model, scale: float, seed: int = 0):
+    """A forward hook on the LM head that adds noise to the draft's (int4) logits: its proposals are often wrong."""
+    noise = torch.Generator().manual_seed(seed)
+
+    def hook(module, args, output):
+        if model._gsq_patch.active_cache.config.name == "int4":
+            return output + scale * output.std() * torch.randn(output.shape, generator=noise)
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("rollback", ["checkpoints", "recompute", "replay"])
+def test_batch_rows_commit_their_own_prefix(model, rollback):
+    """Batch 4, left-padded prompts of different lengths, a noisy draft: rows accept different numbers of tokens
+    each round, and every row's output is still plain greedy ``generate``'s (eos rows padded as it pads them)."""
+    ids = torch.randint(2, 64, (4, 9), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[2, :6] = mask[3, :1] = 0
+    ids[mask == 0] = 0
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    gsq_hf.patch(model, "fp32")
+    handle = noisy(model, 1.0)
+    try:
+        out = speculative_generate(model, ids, attention_mask=mask, draft="int4", lookahead=5, max_new_tokens=20,
+                                   rollback=rollback)
+    finally:
+        handle.remove()
+    assert torch.equal(out.sequences, expected)
+    assert 0 < out.stats.rollbacks < 4 * out.stats.verify_steps  # some rows rejected, others not, in some rounds
 
 
 def test_partial_acceptance_rolls_back_exactly(model):
@@ -104,27 +133,32 @@ def test_state_bytes_are_accounted_by_kind(rollback):
 
 
 @pytest.mark.slow
-def test_sampling_follows_the_target_distribution():
-    """Chi-square test of the first two sampled tokens against the target's exact joint distribution.
+@pytest.mark.parametrize("batch", [1, 2])
+def test_sampling_follows_the_target_distribution(batch):
+    """Chi-square test of the first two sampled tokens against the target's exact joint distribution, per row.
 
     4-token vocabulary at temperature 4, 16 cells, 800 seeded runs; the test fails when p < 0.001 (critical
     value 37.7 for 15 degrees of freedom): a correct sampler fails it once in a thousand seeds; the seed is fixed.
-    The draft must disagree with the target often enough that rejections and residual resampling happen.
+    The draft must disagree with the target often enough that rejections and residual resampling happen; at
+    batch 2 the rows (different prompts) accept different numbers of tokens.
     """
     from models import tiny_mamba
 
     model = tiny_mamba(seed=0, vocab_size=4)
-    ids, temperature = torch.tensor([[2, 3, 1]]), 4.0  # a flat enough target that every cell is populated
+    ids, temperature = torch.tensor([[2, 3, 1], [3, 0, 2]])[:batch], 4.0  # flat enough that every cell is populated
     gsq_hf.patch(model, "fp32")
 
     def target(prefix):
         return torch.softmax(model(prefix).logits[0, -1] / temperature, -1)
 
-    p1 = target(ids)
-    joint = torch.stack([p1[a] * target(torch.cat([ids, torch.tensor([[a]])], 1)) for a in range(4)])  # (4, 4)
+    def joint(prompt):  # (4, 4): P(first token a, second token b)
+        first = target(prompt)
+        return torch.stack([first[a] * target(torch.cat([prompt, torch.tensor([[a]])], 1)) for a in range(4)])
+
+    joints = torch.stack([joint(ids[row : row + 1]) for row in range(batch)])
     runs = 800
-    assert joint.min() * runs > 5  # the chi-square approximation holds
-    counts = torch.zeros(4, 4)
+    assert joints.min() * runs > 5  # the chi-square approximation holds
+    counts = torch.zeros(batch, 4, 4)
     drafted = accepted = 0
     generator, noise = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(0)
 
@@ -140,23 +174,25 @@ def test_sampling_follows_the_target_distribution():
                                        generator=generator,
                                        eos_token_id=-1)  # the tiny config calls token 1 eos: never stop here
             drafted, accepted = drafted + out.stats.drafted, accepted + out.stats.accepted
-            a, b = out.sequences[0, -2:].tolist()
-            counts[a, b] += 1
+            for row, (a, b) in enumerate(out.sequences[:, -2:].tolist()):
+                counts[row, a, b] += 1
     finally:
         handle.remove()
-    expected = joint * runs
-    chi2 = ((counts - expected) ** 2 / expected.clamp_min(1e-9)).sum().item()
-    assert chi2 < 37.7, chi2
+    expected = joints * runs
+    chi2 = ((counts - expected) ** 2 / expected.clamp_min(1e-9)).sum(dim=(1, 2))
+    assert (chi2 < 37.7).all(), chi2
     assert accepted < 0.8 * drafted
-    assert math.isclose(joint.sum().item(), 1.0, rel_tol=1e-5)
+    assert torch.allclose(joints.sum(dim=(1, 2)), torch.ones(batch), rtol=1e-5)
 
 
 def test_bad_input(model):
     ids = torch.randint(2, 64, (1, 4))
     with pytest.raises(ValueError, match="lookahead must be an integer >= 1"):
         speculative_generate(model, ids, lookahead=0)
-    with pytest.raises(ValueError, match="shape \\(1, length\\)"):
-        speculative_generate(model, torch.randint(2, 64, (2, 4)))
+    with pytest.raises(ValueError, match="shape \\(batch, length\\)"):
+        speculative_generate(model, torch.randint(2, 64, (4,)))
+    with pytest.raises(ValueError, match="last column set \\(left padding\\)"):
+        speculative_generate(model, ids, attention_mask=torch.tensor([[1, 1, 1, 0]]))
     with pytest.raises(GSQConfigError, match="must be lower precision"):
         speculative_generate(model, ids, draft="fp32")
     gsq_hf.patch(model, {"policy": "entropy", "low_format": "int8", "high_format": "fp16"})
