@@ -260,6 +260,26 @@ def test_speculative_greedy_equals_plain_generate(model):
         assert torch.equal(out.sequences, expected), rollback
 
 
+def test_speculative_batch_with_left_padding(case, model):
+    """Batch 4, prompts of different lengths: each row equals plain greedy ``generate`` (FalconMamba, a pure Mamba
+    model); a hybrid refuses a batch (its attention KV is cropped by the same number of tokens in every row)."""
+    from gsq_hf.speculative import speculative_generate
+
+    ids = ids_(4, 8, seed=12)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = mask[3, :5] = 0
+    ids[mask == 0] = 0
+    if case != "falcon_mamba":
+        with pytest.raises(ValueError, match="one sequence per call on a model with attention layers"):
+            speculative_generate(model, ids, attention_mask=mask, max_new_tokens=4)
+        return
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    for rollback in ("checkpoints", "recompute", "replay"):
+        out = speculative_generate(model, ids, attention_mask=mask, draft="int4", lookahead=4, max_new_tokens=12,
+                                   rollback=rollback)
+        assert torch.equal(out.sequences, expected), rollback
+
+
 def test_fused_kernel_decode_matches_the_torch_path(case, model, monkeypatch):
     """Every family's decode steps through the Triton kernel (interpreter on CPU) give the torch path's tokens;
     Zamba's multi-head Mamba-1 (A per head row) stays on torch."""
