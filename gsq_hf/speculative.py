@@ -16,8 +16,11 @@ Only the states are duplicated (two `GSQCache` objects over one model), never th
    scan, no weights), or, with ``rollback="recompute"``, restores its committed state and re-feeds the
    accepted tokens through the model; attention KV of hybrids is cropped.
 
-Greedy output equals plain greedy ``generate`` with the target's state config (the target writes its state
-after every token in both). Batch size 1 only: rows of a batch accept different numbers of tokens.
+Rows of a batch accept different numbers of tokens: acceptance is decided per row and each row is committed
+at its own prefix (per-row counts to ``rollback``/``replay``), so pure Mamba models take a batch (left-padded
+prompts with ``attention_mask``); a hybrid takes one sequence per call, its attention KV being cropped by the
+same number of tokens in every row. Greedy output equals plain greedy ``generate`` with the target's state
+config, row by row (the target writes its state after every token in both).
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ class SpeculativeStats:
 
 @dataclass
 class SpeculativeOutput:
-    sequences: torch.Tensor  # (1, prompt + generated)
+    sequences: torch.Tensor  # (batch, prompt + generated), rows padded after their eos as generate pads them
     stats: SpeculativeStats
 
 
