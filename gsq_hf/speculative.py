@@ -59,6 +59,7 @@ class SpeculativeStats:
     accepted: int = 0
     draft_steps: int = 0
     verify_steps: int = 0
+    row_verifies: int = 0  # verify steps times the rows still generating in them (verify_steps at batch 1)
     rollbacks: int = 0  # verifications that rejected a proposal: the target went back to an earlier state
     recommitted_tokens: int = 0  # tokens re-fed (recompute) or replayed (replay) by those rollbacks
     draft_state_bytes: float = 0  # the draft's state, in its formats: each draft step, the write of each sync
@@ -74,7 +75,7 @@ class SpeculativeStats:
 
     @property
     def mean_accepted_per_verify(self) -> float:
-        return self.accepted / self.verify_steps if self.verify_steps else 0.0
+        return self.accepted / self.row_verifies if self.row_verifies else 0.0
 
     @property
     def state_bytes_moved(self) -> float:
@@ -262,6 +263,7 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
         accepted, next_token = _accept(_probs(verify, temperature), proposed, torch.stack(draft_probs, 1), valid,
                                        do_sample, generator)
         stats.accepted += int(accepted[active].sum())
+        stats.row_verifies += int(active.sum())
         rejected = accepted < len(proposals)
         if bool(rejected.any()):  # each row to the state after its pending token and its accepted proposals
             stats.rollbacks += int(rejected.sum())

@@ -127,7 +127,7 @@ def main() -> None:
                         "rollback": rollback, "tokens_per_second": generated / seconds,
                         "speed_vs_plain": generated / seconds / plain_tps,
                         "acceptance_rate": accepted / drafted if drafted else 0.0,
-                        "mean_accepted_per_verify": accepted / sum(s.verify_steps for s in stats),
+                        "mean_accepted_per_verify": accepted / sum(s.row_verifies for s in stats),
                         **{kind: sum(getattr(s, kind) for s in stats) / generated for kind in BYTE_KINDS},
                         "state_bytes_per_token": per_token, "state_bytes_vs_plain": per_token / step_bytes,
                         "rollbacks": sum(s.rollbacks for s in stats),
