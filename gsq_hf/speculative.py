@@ -166,7 +166,7 @@ def speculative_generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
-    rollback: str = "checkpoints",
+    rollback: str = "replay",
     generator: torch.Generator | None = None,
 ) -> SpeculativeOutput:
     """Generate with a low-precision-state draft of ``model`` itself and exact verification.
