@@ -238,12 +238,14 @@ class GSQCache(DynamicCache):
             raise ValueError(f"can {what} 1..{recorded} recorded tokens, not {num_tokens if low == most else counts}"
                              + ("" if what != "replay" else " (record_inputs() first; only multi-token forwards are "
                                 "recorded)"))
-        if low != most and self._has_kv():
+        if low != most and self.has_attention_kv:
             raise ValueError("per-row token counts need a cache without attention KV (a pure Mamba model): the KV "
                              "of hybrids is cropped by the same number of tokens in every row")
         return most
 
-    def _has_kv(self) -> bool:
+    @property
+    def has_attention_kv(self) -> bool:
+        """Whether some layers hold attention keys and values (a hybrid model): they are cropped alike in every row."""
         return any(not isinstance(layer, GSQStateLayer) for layer in self.layers)
 
     def _crop_attention(self, num_tokens: int, recorded: int) -> None:

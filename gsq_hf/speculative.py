@@ -203,7 +203,7 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
     stats = SpeculativeStats()
     target_cache, draft_cache = GSQCache(model.config, target), GSQCache(model.config, draft)
     batch = input_ids.shape[0]
-    if batch > 1 and target_cache._has_kv():
+    if batch > 1 and target_cache.has_attention_kv:
         raise ValueError("speculative_generate takes one sequence per call on a model with attention layers (a "
                          "hybrid): rows accept different numbers of tokens and its KV cache is cropped for all rows "
                          "alike; a batch works on pure Mamba models")
