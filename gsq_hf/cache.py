@@ -19,9 +19,10 @@ from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 from .config import GSQConfig, resolve_config
 from .formats import StateFormat, get_format
 from .policies import Signals
+from .replay import recorded_tokens, replay, step_inputs_nbytes
 from .signals import ROW_SIGNALS, step_signals
 from .state_layer import _GSQ_LAYER_FOR, FALLBACK, GSQHybridStateLayer, GSQStateLayer, _GSQStateMixin
-from .store import LayerStorage
+from .store import LayerStorage, select_rows
 
 __all__ = ["FALLBACK", "GSQCache", "GSQHybridStateLayer", "GSQStateLayer", "LayerStorage", "weight_bytes"]
 
@@ -74,7 +75,8 @@ class GSQCache(DynamicCache):
                                                                         "model_type", None))
         self.policy = self.config.build_policy()
         self._row_signal_name = next(iter(sorted(self.policy.signals & ROW_SIGNALS.keys())), None)
-        self.recording = False
+        self.recording = False  # per-token checkpoints (record_positions)
+        self.recording_inputs = False  # per-token scan inputs (record_inputs)
         self.row_signal: torch.Tensor | None = None  # (batch,) normalized entropy/surprisal of the next write
         self._prev_logprobs: torch.Tensor | None = None
         self._generators: dict[str, torch.Generator] = {}
@@ -209,22 +211,79 @@ class GSQCache(DynamicCache):
         for layer in self.gsq_layers:
             layer.positions = []
 
-    def rollback(self, num_tokens: int) -> None:
-        """Restore the state after the first ``num_tokens`` tokens written since recording started.
+    def rollback(self, num_tokens: int | torch.Tensor) -> None:
+        """Restore the state after the first ``num_tokens`` tokens written since recording started (an int, or
+        (batch,) counts: each row its own checkpoint).
 
-        Attention layers of a hybrid model drop the KV entries of the tokens rolled back.
+        Attention layers of a hybrid model drop the KV entries of the tokens rolled back (the same number in
+        every row).
         """
         layers = self.gsq_layers
         recorded = len(layers[0].positions) if layers else 0
-        if not 1 <= num_tokens <= recorded:
-            raise ValueError(f"can roll back to 1..{recorded} recorded tokens, not {num_tokens}")
+        most = self._check_counts(num_tokens, recorded, "roll back to")
+        uniform = not torch.is_tensor(num_tokens) or bool((num_tokens == most).all())
         for layer in layers:
-            layer.storage = layer.positions[num_tokens - 1]
-            layer.positions = layer.positions[:num_tokens]
+            if uniform:
+                layer.storage = layer.positions[most - 1]
+            else:
+                layer.storage = select_rows(layer.positions, num_tokens.to(torch.long) - 1)
+            layer.positions = layer.positions[:most]
+        self._crop_attention(most, recorded)
+
+    def _check_counts(self, num_tokens: int | torch.Tensor, recorded: int, what: str) -> int:
+        """The largest of ``num_tokens`` (an int or per-row counts) after checking each is in 1..recorded."""
+        counts = num_tokens if torch.is_tensor(num_tokens) else torch.tensor([num_tokens])
+        low, most = int(counts.min()), int(counts.max())
+        if not 1 <= low <= most <= recorded:
+            raise ValueError(f"can {what} 1..{recorded} recorded tokens, not {num_tokens if low == most else counts}"
+                             + ("" if what != "replay" else " (record_inputs() first; only multi-token forwards are "
+                                "recorded)"))
+        if low != most and self.has_attention_kv:
+            raise ValueError("per-row token counts need a cache without attention KV (a pure Mamba model): the KV "
+                             "of hybrids is cropped by the same number of tokens in every row")
+        return most
+
+    @property
+    def has_attention_kv(self) -> bool:
+        """Whether some layers hold attention keys and values (a hybrid model): they are cropped alike in every row."""
+        return any(not isinstance(layer, GSQStateLayer) for layer in self.layers)
+
+    def _crop_attention(self, num_tokens: int, recorded: int) -> None:
         if num_tokens < recorded:
             for layer in self.attention_layers():
                 if layer.is_initialized:
                     DynamicLayer.crop(layer, num_tokens - recorded)
+
+    def record_inputs(self, enabled: bool = True) -> None:
+        """Keep the per-token scan inputs of multi-token forwards (not states) until `replay`/disable.
+
+        The replay-rollback counterpart of `record_positions` (`gsq_hf.replay`): a few values per channel and
+        token instead of a whole state per token.
+        """
+        if enabled and self.config.write_mode != "every_step":
+            raise ValueError("replay needs write_mode='every_step' (a state is stored after each token)")
+        self.recording_inputs = enabled
+        for layer in self.gsq_layers:
+            layer.step_inputs, layer.replay_start = {}, (layer.storage if enabled else None)
+
+    def replay(self, num_tokens: int | torch.Tensor) -> None:
+        """Go to the state after the first ``num_tokens`` tokens since `record_inputs` (an int, or (batch,) counts:
+        each row its own): from the state then, the kept inputs of those tokens are re-run through the recurrence
+        (no weights are read).
+
+        Attention layers of a hybrid model drop the KV entries of the tokens after them.
+        """
+        layers = self.gsq_layers
+        recorded = min((recorded_tokens(layer) for layer in layers), default=0) if self.recording_inputs else 0
+        most = self._check_counts(num_tokens, recorded, "replay")
+        for layer in layers:
+            replay(layer, layer.replay_start, num_tokens)
+        self._crop_attention(most, recorded)
+
+    @property
+    def recorded_input_bytes(self) -> int:
+        """Bytes of the per-token scan inputs kept since `record_inputs` (the replay buffer)."""
+        return sum(step_inputs_nbytes(layer) for layer in self.gsq_layers)
 
     def load_states(self, source: GSQCache) -> None:
         """Take ``source``'s current states, re-stored in this cache's formats (e.g. a draft synced to its target).

@@ -31,23 +31,25 @@ def selective_scan(
     h: torch.Tensor,
     dA: torch.Tensor,
     dBx: torch.Tensor,
-    C: torch.Tensor,
+    C: torch.Tensor | None,
     write: WriteHook | None,
     out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Run the recurrence over ``T`` steps from state ``h``.
 
     ``write(h, t)`` is called after every step (``every_step``) and returns the state the next step reads;
     with ``write=None`` the state is carried exactly (``end_of_forward`` then writes once). Returns the
-    outputs ``(B, T, *h.shape[1:-1])`` and the final state as carried (None if the hook returned None).
+    outputs ``(B, T, *h.shape[1:-1])`` (None without a read-out ``C``: a replay of the states only) and the
+    final state as carried (None if the hook returned None).
     """
     outputs = []
     for t in range(dBx.shape[1]):
         h = dA[:, t] * h + dBx[:, t]
-        outputs.append((h.to(out_dtype) @ C[:, t]).squeeze(-1))
+        if C is not None:
+            outputs.append((h.to(out_dtype) @ C[:, t]).squeeze(-1))
         if write is not None:
             h = write(h, t)
-    return torch.stack(outputs, dim=1), h
+    return (torch.stack(outputs, dim=1) if outputs else None), h
 
 
 def causal_conv(

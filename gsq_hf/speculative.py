@@ -6,16 +6,21 @@ Only the states are duplicated (two `GSQCache` objects over one model), never th
 2. the draft proposes up to ``lookahead`` tokens one at a time, stopping early when its own normalized
    next-token entropy exceeds ``entropy_threshold`` (uncertain steps go to the full-precision state);
 3. the target scores the pending token and all proposals in one multi-token forward from its committed
-   state, keeping a per-token checkpoint of its states (``GSQCache.record_positions``);
+   state, keeping per token either a checkpoint of its states (``rollback="checkpoints"``,
+   ``GSQCache.record_positions``) or the scan's inputs (``rollback="replay"``, ``GSQCache.record_inputs``);
 4. greedy: proposals are accepted while they equal the target's argmax; sampling: proposal ``d`` is
    accepted with probability ``min(1, p(d)/q(d))`` and a rejection resamples from ``max(0, p - q)``
    normalized, so the output distribution is the target's (Leviathan et al., 2023);
-5. the target rolls back to the state after the accepted tokens (``GSQCache.rollback``; attention KV of
-   hybrids is cropped), or, with ``rollback="recompute"``, restores its committed state and re-feeds the
-   accepted tokens.
+5. the target goes to the state after the accepted tokens: it picks that checkpoint (``GSQCache.rollback``),
+   replays the kept inputs of the accepted tokens from its committed state (``GSQCache.replay``: one short
+   scan, no weights), or, with ``rollback="recompute"``, restores its committed state and re-feeds the
+   accepted tokens through the model; attention KV of hybrids is cropped.
 
-Greedy output equals plain greedy ``generate`` with the target's state config (the target writes its state
-after every token in both). Batch size 1 only: rows of a batch accept different numbers of tokens.
+Rows of a batch accept different numbers of tokens: acceptance is decided per row and each row is committed
+at its own prefix (per-row counts to ``rollback``/``replay``), so pure Mamba models take a batch (left-padded
+prompts with ``attention_mask``); a hybrid takes one sequence per call, its attention KV being cropped by the
+same number of tokens in every row. Greedy output equals plain greedy ``generate`` with the target's state
+config, row by row (the target writes its state after every token in both).
 """
 
 from __future__ import annotations
@@ -34,19 +39,35 @@ from .signals import reads_logits
 
 __all__ = ["SpeculativeOutput", "SpeculativeStats", "speculative_generate"]
 
-ROLLBACKS = ("checkpoints", "recompute")
+ROLLBACKS = ("checkpoints", "recompute", "replay")
 
 
 @dataclass
 class SpeculativeStats:
-    """Counters of one `speculative_generate` call."""
+    """Counters of one `speculative_generate` call, and the state bytes it moved by kind.
+
+    Bytes count what crosses memory in a fused implementation, the convention of `GSQCache.memory_report()`'s
+    ``state_bytes_per_step`` (one decode step reads the state and writes it, each unit in its own format, SSM +
+    conv): a forward reads the state it starts from once and writes the state it leaves once (the round trips of
+    ``every_step`` writes inside a multi-token forward stay on chip); one read or one write is half a step's
+    bytes. The prompt's prefill is not counted (nor is it in ``plain_step_bytes``, plain decoding's bytes per
+    token).
+    """
 
     generated: int = 0
     drafted: int = 0
     accepted: int = 0
     draft_steps: int = 0
     verify_steps: int = 0
-    state_bytes_moved: int = 0  # SSM + conv bytes read and written by draft, verify and sync
+    row_verifies: int = 0  # verify steps times the rows still generating in them (verify_steps at batch 1)
+    rollbacks: int = 0  # verifications that rejected a proposal: the target went back to an earlier state
+    recommitted_tokens: int = 0  # tokens re-fed (recompute) or replayed (replay) by those rollbacks
+    draft_state_bytes: float = 0  # the draft's state, in its formats: each draft step, the write of each sync
+    target_state_bytes: float = 0  # the target's: the read of each sync, each verify, each recompute or replay
+    checkpoint_bytes: float = 0  # checkpoints: the per-token states a verify writes beyond the one it leaves
+    replay_write_bytes: float = 0  # replay: the per-token scan inputs a verify keeps (activations it makes anyway)
+    replay_read_bytes: float = 0  # replay: those a replay reads back
+    plain_step_bytes: int = 0  # plain decoding with the target's state, per token (its state_bytes_per_step)
 
     @property
     def acceptance_rate(self) -> float:
@@ -54,21 +75,31 @@ class SpeculativeStats:
 
     @property
     def mean_accepted_per_verify(self) -> float:
-        return self.accepted / self.verify_steps if self.verify_steps else 0.0
+        return self.accepted / self.row_verifies if self.row_verifies else 0.0
+
+    @property
+    def state_bytes_moved(self) -> float:
+        return (self.draft_state_bytes + self.target_state_bytes + self.checkpoint_bytes + self.replay_write_bytes
+                + self.replay_read_bytes)
 
     @property
     def state_bytes_per_token(self) -> float:
         return self.state_bytes_moved / self.generated if self.generated else 0.0
 
+    @property
+    def state_bytes_vs_plain(self) -> float:
+        """State bytes per generated token over plain decoding's (below 1: fewer bytes than plain decoding)."""
+        return self.state_bytes_per_token / self.plain_step_bytes if self.plain_step_bytes else 0.0
+
     def to_dict(self) -> dict:
-        return asdict(self) | {"acceptance_rate": self.acceptance_rate,
-                               "mean_accepted_per_verify": self.mean_accepted_per_verify,
-                               "state_bytes_per_token": self.state_bytes_per_token}
+        return asdict(self) | {name: getattr(self, name) for name in (
+            "acceptance_rate", "mean_accepted_per_verify", "state_bytes_moved", "state_bytes_per_token",
+            "state_bytes_vs_plain")}
 
 
 @dataclass
 class SpeculativeOutput:
-    sequences: torch.Tensor  # (1, prompt + generated)
+    sequences: torch.Tensor  # (batch, prompt + generated), rows padded after their eos as generate pads them
     stats: SpeculativeStats
 
 
@@ -76,17 +107,19 @@ def _min_bits(config: GSQConfig) -> int:
     return min(f.bits for f in config.build_policy().formats)
 
 
-def _check(model: nn.Module, input_ids: torch.Tensor, target: GSQConfig, draft: GSQConfig, lookahead: int,
-           rollback: str) -> None:
+def _check(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, target: GSQConfig,
+           draft: GSQConfig, lookahead: int, rollback: str) -> None:
     if not isinstance(lookahead, int) or lookahead < 1:
         raise ValueError(f"lookahead must be an integer >= 1, got {lookahead!r}")
     if rollback not in ROLLBACKS:
         raise ValueError(f"rollback must be one of {', '.join(ROLLBACKS)}, got {rollback!r}")
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(
-            f"speculative_generate takes input_ids of shape (1, length), got {tuple(input_ids.shape)}: rows of a "
-            "batch accept different numbers of tokens; run one sequence per call"
-        )
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"speculative_generate takes input_ids of shape (batch, length), got {tuple(input_ids.shape)}")
+    if attention_mask is not None and (attention_mask.shape != input_ids.shape
+                                       or not bool(attention_mask[:, -1].all())):
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)} and its last column set "
+                         f"(left padding), got shape {tuple(attention_mask.shape)} with last column "
+                         f"{attention_mask[:, -1].tolist()}")
     if _min_bits(draft) >= _min_bits(target):
         raise GSQConfigError(
             f"the draft state ({draft.name}: lowest format {_min_bits(draft)} bits) must be lower precision than "
@@ -105,7 +138,18 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _step_bytes(cache: GSQCache) -> int:
+    """What the last decode step read and wrote (`GSQCache.memory_report`'s ``state_bytes_per_step``)."""
     return sum(layer.memory()["state_bytes_per_step"] for layer in cache.gsq_layers)
+
+
+def _io_bytes(cache: GSQCache) -> int:
+    """What one read, or one write, of the current state moves."""
+    return sum(layer.io_bytes for layer in cache.gsq_layers)
+
+
+def _ssm_bytes_written(cache: GSQCache) -> float:
+    """SSM bytes written so far, every write counted (each unit in its own format)."""
+    return sum(float(layer.stored_bits) for layer in cache.gsq_layers) / 8
 
 
 @torch.no_grad()
@@ -120,106 +164,163 @@ def speculative_generate(
     temperature: float = 1.0,
     entropy_threshold: float | None = None,
     eos_token_id: int | list[int] | None = None,
-    rollback: str = "checkpoints",
+    pad_token_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    rollback: str = "replay",
     generator: torch.Generator | None = None,
 ) -> SpeculativeOutput:
     """Generate with a low-precision-state draft of ``model`` itself and exact verification.
 
     The target state config is the one ``model`` is patched with (fp32, lossless, if it is not patched).
-    Generation stops at ``eos_token_id`` (default: the model's generation config), like ``generate``.
+    A row stops at ``eos_token_id`` and is then filled with ``pad_token_id`` (defaults: the model's generation
+    config), like ``generate``; rows of a batch accept different numbers of tokens and each is committed at its
+    own (pure Mamba models; a hybrid's attention KV takes one sequence per call). ``attention_mask`` marks the
+    left padding of a batch of prompts of different lengths.
     """
+    generation_config = getattr(model, "generation_config", None)
     if eos_token_id is None:
-        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos_token_id = getattr(generation_config, "eos_token_id", None)
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    if pad_token_id is None:
+        pad_token_id = getattr(generation_config, "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     was_patched = is_patched(model)
     target = model._gsq_patch.config if was_patched else resolve_config("fp32")
     draft = resolve_config(draft)
-    _check(model, input_ids, target, draft, lookahead, rollback)
+    _check(model, input_ids, attention_mask, target, draft, lookahead, rollback)
     if not was_patched:
         patch(model, target)
     try:
-        return _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sample, temperature,
-                         entropy_threshold, eos_token_id, rollback, generator)
+        return _generate(model, input_ids, attention_mask, target, draft, lookahead, max_new_tokens, do_sample,
+                         temperature, entropy_threshold, eos_ids, pad_token_id, rollback, generator)
     finally:
         if not was_patched:
             unpatch(model)
 
 
-def _generate(model, input_ids, target, draft, lookahead, max_new_tokens, do_sample, temperature,
-              entropy_threshold, eos_token_id, rollback, generator) -> SpeculativeOutput:
+def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_new_tokens, do_sample, temperature,
+              entropy_threshold, eos_ids, pad_token_id, rollback, generator) -> SpeculativeOutput:
     stats = SpeculativeStats()
     target_cache, draft_cache = GSQCache(model.config, target), GSQCache(model.config, draft)
+    batch = input_ids.shape[0]
+    if batch > 1 and target_cache.has_attention_kv:
+        raise ValueError("speculative_generate takes one sequence per call on a model with attention layers (a "
+                         "hybrid): rows accept different numbers of tokens and its KV cache is cropped for all rows "
+                         "alike; a batch works on pure Mamba models")
     if input_ids.shape[1] > 1:
-        model(input_ids[:, :-1], cache=target_cache)
-        stats.state_bytes_moved += (input_ids.shape[1] - 1) * _step_bytes(target_cache)
+        mask = None if attention_mask is None else attention_mask[:, :-1]
+        model(input_ids[:, :-1], attention_mask=mask, cache=target_cache)
     pending = input_ids[:, -1:]
-    generated: list[torch.Tensor] = []
+    rows = torch.arange(batch)
+    out = torch.full((batch, max_new_tokens + 2 * lookahead + 2), pad_token_id, dtype=input_ids.dtype)
+    count = torch.zeros(batch, dtype=torch.long)  # tokens generated per row (may run past max_new_tokens)
+    eos = torch.tensor(eos_ids, dtype=input_ids.dtype)
     log_vocab = None
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-    while len(generated) < max_new_tokens:
+    while True:
+        finished = torch.isin(out[:, :max_new_tokens], eos) & (torch.arange(max_new_tokens) < count[:, None])
+        active = ~finished.any(1) & (count < max_new_tokens)
+        if not bool(active.any()):
+            break
         if target_cache.gsq_layers[0].has_state:
             draft_cache.load_states(target_cache)
-            stats.state_bytes_moved += (_step_bytes(target_cache) + _step_bytes(draft_cache)) // 2
+            stats.target_state_bytes += _io_bytes(target_cache)  # read
+            stats.draft_state_bytes += _io_bytes(draft_cache)  # write
         committed = target_cache.snapshot()
         proposals, draft_probs = [], []
+        valid = torch.zeros(batch, dtype=torch.long)  # proposals per row up to its entropy stop
+        stopped = torch.zeros(batch, dtype=torch.bool)
         token = pending
-        for _ in range(min(lookahead, max_new_tokens - len(generated))):
+        for _ in range(min(lookahead, int((max_new_tokens - count[active]).max()))):
             logits = model(token, cache=draft_cache).logits[:, -1]
             stats.draft_steps += 1
-            stats.state_bytes_moved += _step_bytes(draft_cache)
+            stats.draft_state_bytes += _step_bytes(draft_cache)
             q = _probs(logits, temperature)
             token = torch.multinomial(q, 1, generator=generator) if do_sample else q.argmax(-1, keepdim=True)
             proposals.append(token)
             draft_probs.append(q)
+            valid += (~stopped).long()
             if entropy_threshold is not None:
                 log_vocab = log_vocab or math.log(q.shape[-1])
-                entropy = -(q * q.clamp_min(1e-30).log()).sum().item() / log_vocab
-                if entropy > entropy_threshold:
+                stopped |= -(q * q.clamp_min(1e-30).log()).sum(-1) / log_vocab > entropy_threshold
+                if bool(stopped.all()):
                     break
-        stats.drafted += len(proposals)
+        stats.drafted += int(valid[active].sum())
 
         target_cache.record_positions(rollback == "checkpoints")
-        verify = model(torch.cat([pending, *proposals], dim=1), cache=target_cache).logits[0]  # (k + 1, V)
+        target_cache.record_inputs(rollback == "replay")
+        committed_bytes, written_before = _io_bytes(target_cache), _ssm_bytes_written(target_cache)
+        verify = model(torch.cat([pending, *proposals], dim=1), cache=target_cache).logits  # (batch, k + 1, V)
         stats.verify_steps += 1
-        stats.state_bytes_moved += verify.shape[0] * _step_bytes(target_cache)
-        p = _probs(verify, temperature)
-        accepted, next_token = _accept(p, proposals, draft_probs, do_sample, generator)
-        stats.accepted += accepted
-        if accepted < len(proposals):
+        stats.plain_step_bytes = _step_bytes(target_cache) // batch
+        last_bytes = _io_bytes(target_cache)
+        stats.target_state_bytes += committed_bytes + last_bytes  # the committed state read, the last one written
+        if rollback == "checkpoints":  # every token's SSM state and conv window written, but the last
+            conv_bytes = sum(layer.storage.conv_nbytes for layer in target_cache.gsq_layers)
+            stats.checkpoint_bytes += (_ssm_bytes_written(target_cache) - written_before - last_bytes
+                                       + (len(proposals) + 1) * conv_bytes)
+        stats.replay_write_bytes += target_cache.recorded_input_bytes  # 0 unless recording inputs
+        proposed = torch.cat(proposals, dim=1)  # (batch, k)
+        accepted, next_token = _accept(_probs(verify, temperature), proposed, torch.stack(draft_probs, 1), valid,
+                                       do_sample, generator)
+        stats.accepted += int(accepted[active].sum())
+        stats.row_verifies += int(active.sum())
+        rejected = accepted < len(proposals)
+        if bool(rejected.any()):  # each row to the state after its pending token and its accepted proposals
+            stats.rollbacks += int(rejected.sum())
+            kept = accepted + 1
             if rollback == "checkpoints":
-                target_cache.rollback(1 + accepted)
+                target_cache.rollback(kept)
             else:
-                target_cache.restore(committed)
-                model(torch.cat([pending, *proposals[:accepted]], dim=1), cache=target_cache)
-                stats.state_bytes_moved += (1 + accepted) * _step_bytes(target_cache)
+                if rollback == "replay":  # reads back the inputs of the tokens it replays
+                    per_token = target_cache.recorded_input_bytes / verify.shape[1] / batch
+                    stats.replay_read_bytes += per_token * int(kept[rejected].sum())
+                    target_cache.replay(kept)
+                else:
+                    target_cache.restore(committed)
+                    target_cache.record_positions(True)
+                    model(torch.cat([pending, *proposals[: int(accepted.max())]], dim=1), cache=target_cache)
+                    target_cache.rollback(kept)
+                stats.recommitted_tokens += int(kept[rejected].sum())
+                # the rejected rows' committed states read and new ones written
+                stats.target_state_bytes += (committed_bytes + _io_bytes(target_cache)) * int(rejected.sum()) / batch
         target_cache.record_positions(False)
+        target_cache.record_inputs(False)
 
-        new_tokens = [*proposals[:accepted], next_token]
-        for token in new_tokens[: max_new_tokens - len(generated)]:
-            generated.append(token)
-            if int(token) in eos:
-                max_new_tokens = len(generated)
-                break
+        new_tokens = torch.cat([proposed, next_token], dim=1)  # row r's output: its accepted, then its next token
+        new_tokens[rows, accepted] = next_token[:, 0]  # (what follows is overwritten by the next round)
+        out[rows[:, None], count[:, None] + torch.arange(new_tokens.shape[1])] = new_tokens
+        count += (accepted + 1) * active  # a finished row's count stays: its later tokens are never read
         pending = next_token
-    stats.generated = len(generated)
-    return SpeculativeOutput(torch.cat([input_ids, *generated], dim=1), stats)
+    out = out[:, :max_new_tokens]
+    is_eos = torch.isin(out, eos).long()
+    ended = is_eos.cumsum(1)
+    out = out.masked_fill(ended - is_eos > 0, pad_token_id)  # after a row's eos: padding, as generate pads
+    lengths = torch.where(ended[:, -1] > 0, (ended == 0).sum(1) + 1, max_new_tokens)
+    stats.generated = int(lengths.sum())
+    return SpeculativeOutput(torch.cat([input_ids, out[:, : int(lengths.max())]], dim=1), stats)
 
 
-def _accept(p: torch.Tensor, proposals: list, draft_probs: list, do_sample: bool, generator):
-    """How many proposals the target accepts, and the token it emits after them.
+def _accept(p: torch.Tensor, proposals: torch.Tensor, q: torch.Tensor, valid: torch.Tensor, do_sample: bool,
+            generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many proposals each row accepts, (batch,), and the token it emits after them, (batch, 1).
 
-    ``p`` is (k + 1, V): the target's distribution before each proposal and after the last one.
+    ``p`` (batch, k + 1, V) is the target's distribution before each proposal and after the last one, ``q``
+    (batch, k, V) the draft's; row r proposed ``valid[r]`` tokens (the rest of its k are ignored).
     """
-    for i, (token, q) in enumerate(zip(proposals, draft_probs, strict=True)):
-        d = int(token)
-        if not do_sample:
-            if int(p[i].argmax()) != d:
-                return i, p[i].argmax().view(1, 1)
-            continue
-        ratio = (p[i, d] / q[0, d].clamp_min(1e-30)).clamp(max=1.0)
-        if torch.rand((), generator=generator) >= ratio:
-            residual = (p[i] - q[0]).clamp_min(0)
-            residual = residual / residual.sum() if residual.sum() > 0 else p[i]
-            return i, torch.multinomial(residual, 1, generator=generator).view(1, 1)
-    last = p[len(proposals)]
-    token = torch.multinomial(last, 1, generator=generator) if do_sample else last.argmax()
-    return len(proposals), token.view(1, 1)
+    batch, k = proposals.shape
+    rows = torch.arange(batch)
+    in_time = torch.arange(k) < valid[:, None]
+    if not do_sample:
+        best = p.argmax(-1)  # (batch, k + 1)
+        accepted = ((best[:, :k] == proposals) & in_time).long().cumprod(1).sum(1)
+        return accepted, best[rows, accepted][:, None]
+    p_d = p[:, :k].gather(-1, proposals[..., None])[..., 0]
+    q_d = q.gather(-1, proposals[..., None])[..., 0]
+    ratio = (p_d / q_d.clamp_min(1e-30)).clamp(max=1.0)
+    accepted = ((torch.rand((batch, k), generator=generator) < ratio) & in_time).long().cumprod(1).sum(1)
+    p_next, q_next = p[rows, accepted], q[rows, accepted.clamp(max=k - 1)]
+    residual = (p_next - q_next).clamp_min(0)
+    mass = residual.sum(-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_next)
+    rejected = (accepted < valid)[:, None]  # a rejection resamples from the residual, else the target's next
+    return accepted, torch.multinomial(torch.where(rejected, residual, p_next), 1, generator=generator)

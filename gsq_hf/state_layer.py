@@ -38,6 +38,8 @@ class _GSQStateMixin:
         self._cache = cache
         self.storage = LayerStorage()
         self.positions: list[LayerStorage] = []  # per-token checkpoints while the cache records
+        self.step_inputs: dict[str, torch.Tensor] = {}  # per-token scan inputs while it records them (gsq_hf.replay)
+        self.replay_start: LayerStorage | None = None  # the state when it began recording them
         self.last_gate: torch.Tensor | None = None  # the signal of the last write, to re-quantize a copy
         self.kernel_reason: str | None = None  # why the last decode step did not run the kernel (gsq_hf.step)
         self.tracing = 0  # precision trace: 0 off, 1 high fraction per row, 2 also every unit's format id
@@ -189,6 +191,7 @@ class _GSQStateMixin:
     def reset(self) -> None:
         self.storage = LayerStorage()
         self.positions = []
+        self.step_inputs, self.replay_start = {}, None
         self.trace_high, self.trace_units = [], []
         self._reset_stats()
         super().reset()  # has_previous_state, and the KV part of a hybrid layer
@@ -231,6 +234,12 @@ class _GSQStateMixin:
         )
 
     # -- snapshots -------------------------------------------------------------------------------------
+    @property
+    def io_bytes(self) -> int:
+        """Bytes one read or one write of the state as stored now moves, SSM (each unit in its own format, as the
+        last write stored it) + conv: a decode step reads the previous state and writes this one."""
+        return int(self._last_unit_bytes) + self.storage.conv_nbytes
+
     def memory(self) -> dict[str, Any]:
         s = self.storage
         full_ssm = 4 * math.prod(self.ssm_shape) if self.ssm_shape else 0

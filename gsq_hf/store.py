@@ -22,7 +22,7 @@ import torch
 from .formats import QuantizedTensor
 from .policies import PrecisionPolicy, Signals
 
-__all__ = ["LayerStorage", "quantize_state", "read_state"]
+__all__ = ["LayerStorage", "quantize_state", "read_state", "select_rows"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,26 @@ class LayerStorage:
     @property
     def conv_nbytes(self) -> int:
         return self.conv.nbytes if self.conv is not None else 0
+
+
+def select_rows(storages: list[LayerStorage], index: torch.Tensor) -> LayerStorage:
+    """Row ``r`` of ``storages[index[r]]`` for every batch row (``index`` (batch,)): each row's own checkpoint, e.g.
+    when the rows of a batch accepted different numbers of speculated tokens. A field some storages lack (the
+    fp32 fallback, kept only for non-finite states) is taken as zeros (unset) there."""
+    rows = torch.arange(index.shape[0], device=index.device)
+
+    def pick(values: list) -> torch.Tensor | QuantizedTensor | None:
+        present = next((v for v in values if v is not None), None)
+        if present is None:
+            return None
+        if isinstance(present, QuantizedTensor):
+            parts = {name: pick([getattr(v, name) for v in values]) for name in ("data", "scale", "row_scale")}
+            return QuantizedTensor(parts["data"], parts["scale"], present.fmt, present.group_size, parts["row_scale"])
+        stacked = torch.stack([torch.zeros_like(present) if v is None else v for v in values])
+        return stacked[index.to(stacked.device), rows.to(stacked.device)]
+
+    fields = LayerStorage.__dataclass_fields__
+    return LayerStorage(**{name: pick([getattr(s, name) for s in storages]) for name in fields})
 
 
 def _over_inner(mask: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

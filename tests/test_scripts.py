@@ -22,8 +22,15 @@ def test_bench_speculative_runs_and_is_exact(tmp_path):
     result = run_script("bench_speculative", "--drafts", "int4", "--lookaheads", "3", "--prompts", "1",
                         "--prompt-tokens", "8", "--new-tokens", "8", tmp_path=tmp_path)
     rows = result["rows"]
-    assert rows[0]["mode"] == "plain greedy" and len(rows) == 1 + 4  # fixed/entropy x checkpoints/recompute
+    assert rows[0]["mode"] == "plain greedy" and len(rows) == 1 + 6  # fixed/entropy x checkpoints/recompute/replay
     assert all(row["exact"] for row in rows)
+    for row in rows[1:]:
+        kinds = ("draft_state_bytes", "target_state_bytes", "checkpoint_bytes", "replay_write_bytes",
+                 "replay_read_bytes")
+        assert sum(row[k] for k in kinds) == pytest.approx(row["state_bytes_per_token"])
+        assert row["state_bytes_vs_plain"] > 0
+        assert (row["checkpoint_bytes"] > 0) == (row["rollback"] == "checkpoints")
+        assert (row["replay_write_bytes"] > 0) == (row["rollback"] == "replay")
 
 
 @pytest.mark.slow

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -8,7 +6,7 @@ from gsq_hf import GSQConfigError
 from gsq_hf.speculative import speculative_generate
 
 
-@pytest.mark.parametrize("rollback", ["checkpoints", "recompute"])
+@pytest.mark.parametrize("rollback", ["checkpoints", "recompute", "replay"])
 @pytest.mark.parametrize("draft", ["int4", "gsq-gate"])
 def test_greedy_equals_plain_generate(model, draft, rollback):
     ids = torch.randint(2, 64, (1, 7), generator=torch.Generator().manual_seed(0))
@@ -17,6 +15,37 @@ def test_greedy_equals_plain_generate(model, draft, rollback):
     assert torch.equal(out.sequences, expected)
     assert out.stats.generated == 24 and out.stats.verify_steps >= 24 / 5
     assert not gsq_hf.is_patched(model)  # an unpatched model is patched with fp32 only for the call
+
+
+def noisy(model, scale: float, seed: int = 0):
+    """A forward hook on the LM head that adds noise to the draft's (int4) logits: its proposals are often wrong."""
+    noise = torch.Generator().manual_seed(seed)
+
+    def hook(module, args, output):
+        if model._gsq_patch.active_cache.config.name == "int4":
+            return output + scale * output.std() * torch.randn(output.shape, generator=noise)
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("rollback", ["checkpoints", "recompute", "replay"])
+def test_batch_rows_commit_their_own_prefix(model, rollback):
+    """Batch 4, left-padded prompts of different lengths, a noisy draft: rows accept different numbers of tokens
+    each round, and every row's output is still plain greedy ``generate``'s (eos rows padded as it pads them)."""
+    ids = torch.randint(2, 64, (4, 9), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[2, :6] = mask[3, :1] = 0
+    ids[mask == 0] = 0
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    gsq_hf.patch(model, "fp32")
+    handle = noisy(model, 1.0)
+    try:
+        out = speculative_generate(model, ids, attention_mask=mask, draft="int4", lookahead=5, max_new_tokens=20,
+                                   rollback=rollback)
+    finally:
+        handle.remove()
+    assert torch.equal(out.sequences, expected)
+    assert 0 < out.stats.rollbacks < 4 * out.stats.verify_steps  # some rows rejected, others not, in some rounds
 
 
 def test_partial_acceptance_rolls_back_exactly(model):
@@ -28,8 +57,9 @@ def test_partial_acceptance_rolls_back_exactly(model):
                                entropy_threshold=0.0)  # stop after one draft token each round
     assert torch.equal(out.sequences, expected)
     assert out.stats.drafted == out.stats.verify_steps
-    out = speculative_generate(model, ids, draft="int4", lookahead=6, max_new_tokens=16)
-    assert torch.equal(out.sequences, expected)
+    for rollback in ("checkpoints", "replay"):
+        out = speculative_generate(model, ids, draft="int4", lookahead=6, max_new_tokens=16, rollback=rollback)
+        assert torch.equal(out.sequences, expected)
     assert 0 < out.stats.acceptance_rate <= 1 and out.stats.state_bytes_per_token > 0
 
 
@@ -49,7 +79,7 @@ def test_rejections_happen_and_are_exact(model):
 
     handle = model.lm_head.register_forward_hook(noisy_draft)
     try:
-        for rollback in ("checkpoints", "recompute"):
+        for rollback in ("checkpoints", "recompute", "replay"):
             out = speculative_generate(model, ids, draft="int4", lookahead=8, max_new_tokens=30, rollback=rollback)
             assert torch.equal(out.sequences, expected)
             assert out.stats.accepted < out.stats.drafted / 2  # the rollback path ran, often
@@ -57,36 +87,88 @@ def test_rejections_happen_and_are_exact(model):
         handle.remove()
 
 
+@pytest.mark.parametrize("rollback", ["checkpoints", "recompute", "replay"])
+def test_state_bytes_are_accounted_by_kind(rollback):
+    """The stats' bytes against the caches' own counts: a state read or write is ``memory_report()``'s
+    ``state_bytes`` (static formats), a replayed token's inputs are conv input, x, Δ (fp32) and B per layer."""
+    from models import tiny_mamba
+
+    model = tiny_mamba(seed=3)
+    ids = torch.randint(2, 64, (1, 6), generator=torch.Generator().manual_seed(5))
+    gsq_hf.patch(model, "fp32")
+    reports = {}
+    for name in ("fp32", "int4"):
+        reports[name] = model(ids, cache=gsq_hf.GSQCache(model.config, name)).cache.memory_report()
+    target, draft = reports["fp32"]["state_bytes"], reports["int4"]["state_bytes"]
+    assert reports["fp32"]["state_bytes_per_step"] == 2 * target and draft < target
+    config = model.config
+    inputs_per_token = config.num_hidden_layers * (3 * config.intermediate_size + config.state_size) * 4
+    noise = torch.Generator().manual_seed(0)
+
+    def noisy_draft(module, args, output):  # forces rejections, so every rollback path runs
+        if model._gsq_patch.active_cache.config.name == "int4":
+            return output + 2 * output.std() * torch.randn(output.shape, generator=noise)
+
+    handle = model.lm_head.register_forward_hook(noisy_draft)
+    try:
+        out = speculative_generate(model, ids, draft="int4", lookahead=4, max_new_tokens=24, rollback=rollback)
+    finally:
+        handle.remove()
+    s = out.stats
+    assert s.rollbacks > 0 and s.accepted > 0
+    rounds = s.verify_steps  # a sync (target read, draft write) and a verify (target read + write) each
+    assert s.draft_state_bytes == s.draft_steps * 2 * draft + rounds * draft
+    recommits = 0 if rollback == "checkpoints" else s.rollbacks
+    assert s.target_state_bytes == rounds * target + rounds * 2 * target + recommits * 2 * target
+    assert s.checkpoint_bytes == (s.drafted * target if rollback == "checkpoints" else 0)
+    if rollback == "checkpoints":
+        assert s.recommitted_tokens == 0
+    else:
+        assert s.rollbacks <= s.recommitted_tokens <= s.rollbacks + s.accepted
+    replaying = rollback == "replay"  # inputs written for every verified token, read back when replayed
+    assert s.replay_write_bytes == (inputs_per_token * (s.drafted + rounds) if replaying else 0)
+    assert s.replay_read_bytes == pytest.approx(inputs_per_token * s.recommitted_tokens if replaying else 0, rel=1e-12)
+    assert s.plain_step_bytes == 2 * target
+    assert s.state_bytes_vs_plain == pytest.approx(s.state_bytes_moved / s.generated / (2 * target))
+
+
 @pytest.mark.slow
-def test_sampling_follows_the_target_distribution():
-    """Chi-square test of the first two sampled tokens against the target's exact joint distribution.
+@pytest.mark.parametrize("batch", [1, 2])
+def test_sampling_follows_the_target_distribution(batch):
+    """Chi-square test of the first two sampled tokens against the target's exact joint distribution, per row.
 
     4-token vocabulary at temperature 4, 16 cells, 800 seeded runs; the test fails when p < 0.001 (critical
     value 37.7 for 15 degrees of freedom): a correct sampler fails it once in a thousand seeds; the seed is fixed.
-    The draft must disagree with the target often enough that rejections and residual resampling happen.
+    The draft must disagree with the target often enough that rejections and residual resampling happen, in a
+    fixed direction (a bias on its logits) so that resampling from the target instead of the residual ``p - q``
+    is caught (chi-square 70 and 94 then, against 10 and 9); at batch 2 the rows (different prompts) accept
+    different numbers of tokens.
     """
     from models import tiny_mamba
 
     model = tiny_mamba(seed=0, vocab_size=4)
-    ids, temperature = torch.tensor([[2, 3, 1]]), 4.0  # a flat enough target that every cell is populated
+    ids, temperature = torch.tensor([[2, 3, 1], [3, 0, 2]])[:batch], 4.0  # flat enough that every cell is populated
     gsq_hf.patch(model, "fp32")
 
     def target(prefix):
         return torch.softmax(model(prefix).logits[0, -1] / temperature, -1)
 
-    p1 = target(ids)
-    joint = torch.stack([p1[a] * target(torch.cat([ids, torch.tensor([[a]])], 1)) for a in range(4)])  # (4, 4)
+    def joint(prompt):  # (4, 4): P(first token a, second token b)
+        first = target(prompt)
+        return torch.stack([first[a] * target(torch.cat([prompt, torch.tensor([[a]])], 1)) for a in range(4)])
+
+    joints = torch.stack([joint(ids[row : row + 1]) for row in range(batch)])
     runs = 800
-    assert joint.min() * runs > 5  # the chi-square approximation holds
-    counts = torch.zeros(4, 4)
+    assert joints.min() * runs > 5  # the chi-square approximation holds
+    counts = torch.zeros(batch, 4, 4)
     drafted = accepted = 0
-    generator, noise = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(1234)
 
-    def noisy_draft(module, args, output):  # a draft distribution far from the target's
+    def biased_draft(module, args, output):  # a draft distribution far from the target's
         if model._gsq_patch.active_cache.config.name == "draft":
-            return output + 8 * torch.randn(output.shape, generator=noise)
+            return output + torch.tensor([3.0, 0.0, 0.0, -3.0])
 
-    handle = model.lm_head.register_forward_hook(noisy_draft)
+    handle = model.lm_head.register_forward_hook(biased_draft)
     try:
         for _ in range(runs):
             out = speculative_generate(model, ids, draft={"name": "draft", "policy": "static", "format": "int4"},
@@ -94,23 +176,25 @@ def test_sampling_follows_the_target_distribution():
                                        generator=generator,
                                        eos_token_id=-1)  # the tiny config calls token 1 eos: never stop here
             drafted, accepted = drafted + out.stats.drafted, accepted + out.stats.accepted
-            a, b = out.sequences[0, -2:].tolist()
-            counts[a, b] += 1
+            for row, (a, b) in enumerate(out.sequences[:, -2:].tolist()):
+                counts[row, a, b] += 1
     finally:
         handle.remove()
-    expected = joint * runs
-    chi2 = ((counts - expected) ** 2 / expected.clamp_min(1e-9)).sum().item()
-    assert chi2 < 37.7, chi2
+    expected = joints * runs
+    chi2 = ((counts - expected) ** 2 / expected.clamp_min(1e-9)).sum(dim=(1, 2))
+    assert (chi2 < 37.7).all(), chi2
     assert accepted < 0.8 * drafted
-    assert math.isclose(joint.sum().item(), 1.0, rel_tol=1e-5)
+    assert torch.allclose(joints.sum(dim=(1, 2)), torch.ones(batch), rtol=1e-5)
 
 
 def test_bad_input(model):
     ids = torch.randint(2, 64, (1, 4))
     with pytest.raises(ValueError, match="lookahead must be an integer >= 1"):
         speculative_generate(model, ids, lookahead=0)
-    with pytest.raises(ValueError, match="shape \\(1, length\\)"):
-        speculative_generate(model, torch.randint(2, 64, (2, 4)))
+    with pytest.raises(ValueError, match="shape \\(batch, length\\)"):
+        speculative_generate(model, torch.randint(2, 64, (4,)))
+    with pytest.raises(ValueError, match="last column set \\(left padding\\)"):
+        speculative_generate(model, ids, attention_mask=torch.tensor([[1, 1, 1, 0]]))
     with pytest.raises(GSQConfigError, match="must be lower precision"):
         speculative_generate(model, ids, draft="fp32")
     gsq_hf.patch(model, {"policy": "entropy", "low_format": "int8", "high_format": "fp16"})

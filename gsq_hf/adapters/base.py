@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..cache import GSQStateLayer
+from ..replay import keep_step_inputs
 from ..scan import causal_conv, causal_conv_stepwise, selective_scan
 from ..step import discretize, ssm_output, unit_gate
 
@@ -99,6 +100,8 @@ class MixerAdapter(ABC):
     def _conv(mixer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
               layer: GSQStateLayer) -> tuple[torch.Tensor, list | None]:
         previous, recording = layer.read_conv(), layer.cache.recording
+        if layer.cache.recording_inputs:
+            keep_step_inputs(layer, conv=x.transpose(1, 2))
         history: list | None = [] if recording else None
         if layer.cache.config.write_mode == "every_step" and not layer.cache.conv_format(x.dtype).represents(x.dtype):
 
@@ -122,6 +125,8 @@ class MixerAdapter(ABC):
                      conv_history: list | None = None) -> torch.Tensor:
         """A multi-token forward (B, T, …; `gsq_hf.step`'s shapes): the output (B, T, *S), the state stored per
         the write mode with the same write, gate and output functions as a decode step."""
+        if layer.cache.recording_inputs:
+            keep_step_inputs(layer, x=x, dt=dt, A=A, B=B)
         dA, dBx, C = discretize(x, dt, A, B, C)
         gate = unit_gate(dA, A) if "gate" in layer.cache.policy.signals else None  # (B, T, units)
         y = MixerAdapter.scan(layer, dA, dBx, C, gate, x.dtype, conv_history)

@@ -255,8 +255,28 @@ def test_speculative_greedy_equals_plain_generate(model):
 
     ids = ids_(1, 6, seed=11)
     expected = model.generate(ids, max_new_tokens=12, do_sample=False)
-    for rollback in ("checkpoints", "recompute"):
+    for rollback in ("checkpoints", "recompute", "replay"):
         out = speculative_generate(model, ids, draft="int4", lookahead=4, max_new_tokens=12, rollback=rollback)
+        assert torch.equal(out.sequences, expected), rollback
+
+
+def test_speculative_batch_with_left_padding(case, model):
+    """Batch 4, prompts of different lengths: each row equals plain greedy ``generate`` (FalconMamba, a pure Mamba
+    model); a hybrid refuses a batch (its attention KV is cropped by the same number of tokens in every row)."""
+    from gsq_hf.speculative import speculative_generate
+
+    ids = ids_(4, 8, seed=12)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = mask[3, :5] = 0
+    ids[mask == 0] = 0
+    if case != "falcon_mamba":
+        with pytest.raises(ValueError, match="one sequence per call on a model with attention layers"):
+            speculative_generate(model, ids, attention_mask=mask, max_new_tokens=4)
+        return
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    for rollback in ("checkpoints", "recompute", "replay"):
+        out = speculative_generate(model, ids, attention_mask=mask, draft="int4", lookahead=4, max_new_tokens=12,
+                                   rollback=rollback)
         assert torch.equal(out.sequences, expected), rollback
 
 
