@@ -49,7 +49,11 @@ def discretize(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
         B = B.repeat_interleave(heads // B.shape[-2], dim=-2)  # (*L, H, N)
         C = C.repeat_interleave(heads // C.shape[-2], dim=-2)
         dA = torch.exp(dt * A)[..., None, None]  # (*L, H, 1, 1)
-        dBx = (dt[..., None] * x.float())[..., None] * B[..., None, :].float()  # (*L, H, P, N)
+        xdt = dt[..., None] * x.float()  # (*L, H, P)
+        if dt.is_cuda:
+            dBx = xdt[..., None] * B[..., None, :].float()  # (*L, H, P, N)
+        else:  # the same products laid out state-dim-outer ((*L, H, N, P) in memory), as Mamba-1's below
+            dBx = (B.float()[..., None] * xdt[..., None, :]).transpose(-1, -2)
     elif dt.is_cuda:
         dA = torch.exp(dt[..., None] * A)  # (*L, *S, N)
         dBx = dt[..., None] * B[..., None, :].float() * x[..., None].float()
@@ -62,8 +66,10 @@ def _state_dim_outer(dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, x: torc
     """Mamba-1's Ā and B̄x (*L, *S, N) as the CUDA branch computes them (same products, same order), laid out
     state-dim-outer: N before S in memory, the channels innermost. The states the scan makes then keep that
     layout, and their per-group absmax over N and every elementwise pass of the step run along the long
-    contiguous channel dim; over 16 innermost values the absmax is a slow short reduction on CPU
-    (``python scripts/bench_decode_overhead.py``). The fused kernel reads contiguous states: CUDA keeps them."""
+    contiguous channel dim; over 16 innermost values the absmax is a slow short reduction on CPU, and packing
+    sub-byte codes along N becomes whole-row operations (Mamba2 too: its int4 store and read take about half
+    the time) (``python scripts/bench_decode_overhead.py``). The fused kernel reads contiguous states: CUDA
+    keeps them."""
     lead = dt.dim() - (A.dim() - 1)  # len(L)
     dt_n, x_n = dt.unsqueeze(lead), x.unsqueeze(lead).float()  # (*L, 1, *S)
     dA = torch.exp(dt_n * A.movedim(-1, 0).contiguous())  # (*L, N, *S), contiguous

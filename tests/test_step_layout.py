@@ -17,3 +17,15 @@ def test_discretize_is_upstreams_arithmetic_laid_out_state_dim_outer_on_cpu():
             assert torch.equal(dBx, dt[..., None] * B[..., None, :] * x[..., None])
             for t in (dA, dBx):
                 assert t.movedim(-1, len(lead)).is_contiguous() and not t.is_contiguous()
+
+
+def test_mamba2_discretize_is_upstreams_arithmetic_laid_out_state_dim_outer_on_cpu():
+    torch.manual_seed(0)
+    for lead in ((2, 5), (2,)):
+        x, dt, A = torch.randn(*lead, 4, 6), torch.rand(*lead, 4), -torch.rand(4)
+        B, C = torch.randn(*lead, 2, 8), torch.randn(*lead, 2, 8)  # 2 groups of 2 heads
+        dA, dBx, _ = discretize(x, dt, A, B, C)
+        heads_B = B.repeat_interleave(2, dim=-2)
+        assert torch.equal(dA, torch.exp(dt * A)[..., None, None])
+        assert torch.equal(dBx, (dt[..., None] * x)[..., None] * heads_B[..., None, :])
+        assert dBx.transpose(-1, -2).is_contiguous() and not dBx.is_contiguous()
