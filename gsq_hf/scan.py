@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["causal_conv", "causal_conv_stepwise", "selective_scan"]
+__all__ = ["causal_conv", "causal_conv_stepwise", "read_out", "selective_scan"]
 
 WriteHook = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -46,10 +46,22 @@ def selective_scan(
     for t in range(dBx.shape[1]):
         h = dA[:, t] * h + dBx[:, t]
         if C is not None:
-            outputs.append((h.to(out_dtype) @ C[:, t]).squeeze(-1))
+            outputs.append(read_out(h.to(out_dtype), C[:, t]))
         if write is not None:
             h = write(h, t)
     return (torch.stack(outputs, dim=1) if outputs else None), h
+
+
+def read_out(h: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """``y = h·C`` over N: ``h`` (B, *S, N), ``C`` (B, *S[:-1], N, 1) → (B, *S).
+
+    A state laid out state-dim-outer (N before S in memory, as `gsq_hf.step.discretize` makes them on CPU) is
+    read as the row-vector product ``Cᵀ·hᵀ`` over its contiguous rows: at batch 32 about a tenth of the time
+    of ``h @ C`` on the same state, and less than upstream's contiguous one (``scripts/bench_decode_overhead.py``).
+    """
+    if h.stride(-1) != 1:
+        return (C.transpose(-1, -2) @ h.transpose(-1, -2)).squeeze(-2)
+    return (h @ C).squeeze(-1)
 
 
 def causal_conv(
