@@ -533,7 +533,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.from_json:
         payload = merge_payloads([json.loads(path.read_text()) for path in args.from_json])
         command = payload["command"]
-        if len(args.from_json) > 1:
+        if len(args.from_json) > 1:  # the parts' commands, then the one that reported them together
+            command = payload["command"] = f"{command}\npython scripts/results.py " + shlex.join(
+                sys.argv[1:] if argv is None else argv)
             write_json(args.out / "results.json", payload)
     else:
         args.dataset = args.dataset or DEFAULT_DATASETS

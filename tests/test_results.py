@@ -103,7 +103,10 @@ def test_results_pipeline(tmp_path):
     script.main(["--from-json", str(tmp_path / "models.json"), "--from-json", str(tmp_path / "recall.json"),
                  "--out", str(merged)])
     command = whole["command"]
-    assert (merged / "results.md").read_text() == markdown.replace(command, f"{command}\n{command}")
+    report_command = "python scripts/results.py " + " ".join(["--from-json", str(tmp_path / "models.json"),
+                                                              "--from-json", str(tmp_path / "recall.json"),
+                                                              "--out", str(merged)])
+    assert (merged / "results.md").read_text() == markdown.replace(command, f"{command}\n{command}\n{report_command}")
     assert json.loads((merged / "results.json").read_text())["records"] == whole["records"]
     if not with_lambada:
         pytest.skip(f"LAMBADA part skipped: {LAMBADA} is absent (the built-in part passed)")
