@@ -240,7 +240,9 @@ class StateFormat:
             return stored.float(), stored, None
         if self.scale_dtype == "e8m0":
             mantissa, exponent = torch.frexp(scale)  # scale = m * 2**e, 0.5 <= m < 1: 2**e >= scale
-            exponent = (exponent - (mantissa == 0.5).to(exponent.dtype)).clamp_(-127, 127).to(torch.int8)
+            exponent = (exponent - (mantissa == 0.5).to(exponent.dtype)).clamp_(-127, 127)
+            # an all-zero group takes the smallest scale, 2**-127: mid-rise codes have no zero level
+            exponent = exponent.masked_fill_(scale == 0, -127).to(torch.int8)
             return torch.ldexp(torch.ones_like(scale), exponent.to(torch.int32)), exponent, None
         # e4m3: the row's largest finite scale maps to e4m3's largest (a non-finite group, which the cache keeps
         # in fp32, must not spoil the other groups of its row)

@@ -215,3 +215,12 @@ def test_a_state_laid_out_state_dim_outer_is_stored_alike_and_keeps_its_layout(n
     assert torch.equal(stored.dequantize(), reference.dequantize())
     assert stored.data.stride(1) == 1 and stored.dequantize().stride(1) == 1
     assert stored.nbytes == reference.nbytes
+
+
+@pytest.mark.parametrize("name", ["midrise3-e8m0", "midrise4-e8m0", "int4-e8m0", "midrise3-e4m3", "midrise3"])
+def test_an_all_zero_group_reads_back_as_zero_or_the_smallest_level(name):
+    """Mid-rise grids have no zero level: a zero group must read back at the scale's smallest value, not ±0.5."""
+    x = torch.zeros(2, 3, 16)
+    x[1] = torch.randn(3, 16)
+    back = get_format(name).roundtrip(x, 8)
+    assert back[0].abs().max() <= 2.0**-128

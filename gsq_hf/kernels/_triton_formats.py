@@ -88,13 +88,14 @@ def _round_to_float_grid(x, u, MBITS: tl.constexpr, MIN_EXP: tl.constexpr, STOCH
 @triton.jit
 def _e8m0_exponent(scale):
     """The int8 exponent of the power of two at or above ``scale`` (≥ 0), clamped to [-127, 127], as
-    `gsq_hf.formats` takes it from frexp: 0 for a zero scale, one less where the scale is a power of two."""
+    `gsq_hf.formats` takes it: from frexp, one less where the scale is a power of two, -127 for a zero scale
+    (mid-rise codes have no zero level: a zero group then reads back ±2**-128, not ±0.5)."""
     bits = scale.to(tl.int32, bitcast=True)
     biased = (bits >> 23) & 0xFF
     mantissa = bits & 0x7FFFFF
     normal = biased - 126 - (mantissa == 0).to(tl.int32)
     subnormal = tl.where(mantissa > 0x400000, -126, -127)  # below 2**-126: the power of two above is 2**-126 or less
-    exponent = tl.where(biased == 0, tl.where(mantissa == 0, 0, subnormal), normal)
+    exponent = tl.where(biased == 0, tl.where(mantissa == 0, -127, subnormal), normal)
     return tl.minimum(tl.maximum(exponent, -127), 127)
 
 
