@@ -106,7 +106,7 @@ def cli_commands(page: str) -> list[list[str]]:
 def test_cli_command_lines_parse(page):
     commands = cli_commands(page)
     if page == "README.md":
-        assert ["eval"] in commands and {c[0] for c in commands} == {"eval", "memory", "recall"}
+        assert ["eval"] in commands and {c[0] for c in commands} == {"eval", "memory", "recall", "sweep"}
     for args in commands:
         try:
             _parser().parse_args(args)
