@@ -14,6 +14,9 @@ combination; YAML may spell them ``{codes: midrise3, scale: e4m3, rotation: hada
   ``intB``        B = 2..8: symmetric, 0, ±1 … ±(2**(B-1) − 1)            B bits, packed
   ``midriseB``    B = 2..8: mid-rise, ±0.5, ±1.5 … ±(2**(B-1) − 0.5):    B bits, packed
                   no zero level, so B bits give 2**B levels, not 2**B − 1
+  ``levelsL``     L = 5 or 11: symmetric, 0, ±1 … ±(L − 1)/2             16 codes as one base-L number:
+                                                                         levels5 in 5 bytes (2.5 bits),
+                                                                         levels11 in 7 bytes (3.5 bits)
   ==============  =====================================================  ==========================
 
 * **scale** (scaled codes only): one per group of ``group_size`` values along ``d_state``, the group's absmax
@@ -24,6 +27,12 @@ combination; YAML may spell them ``{codes: midrise3, scale: e4m3, rotation: hada
 * **rotation** (``-hadamard``): an orthogonal randomized Hadamard transform along ``d_state`` (a power of
   two; fixed signs from seed 0, so a config names it completely) applied before rounding and undone after
   reading: it spreads a row's outliers over all its values, so absmax wastes less of the grid.
+
+``levelsL`` are the level counts that a block of 16 codes packs denser than a power-of-two grid of the same
+stored bits (5 levels where int2 has 3 and midrise2 4; 11 where midrise3 has 8); every other L up to 15 packs
+into the bytes of a grid with as many or more levels, so only these two exist. Block layout: digit ``i`` of
+the block (code + (L − 1)/2) times ``L**i``, summed, little-endian in the block's bytes; d_state must be a
+multiple of 16. They run on the torch path only (the fused kernel stores power-of-two grids).
 
 Bit layout of packed codes (``B`` bits, code offset by ``2**(B-1)`` to unsigned): code ``i`` of a block at
 bit ``i * B``, little-endian over the fewest bytes that hold whole codes (int4: 2 codes in 1 byte, int3: 8 in
@@ -49,7 +58,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import packing
 from .errors import GSQConfigError
+from .packing import last_dim_view as _last_dim_view
 
 __all__ = [
     "FORMATS",
@@ -116,16 +127,6 @@ def _absmax(groups: torch.Tensor) -> torch.Tensor:
     return values[..., 0]
 
 
-def _last_dim_view(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``x`` and the dim its logical last dim sits at, in an order where the innermost dim stays innermost:
-    ``(x, -1)``, or for a state stored last-dim-outer (stride(-1) > 1, see `gsq_hf.adapters.mamba`)
-    ``(x.transpose(-1, -2), -2)``. Packing and rotating in that order keep the memory layout, so every
-    elementwise pass of the decode step stays vectorized along the innermost dim."""
-    if x.dim() < 2 or x.stride(-1) == 1:
-        return x, -1
-    return x.transpose(-1, -2), -2
-
-
 def _rotate(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """``x @ matrix`` along the last dim, in ``x``'s memory layout (`_last_dim_view`)."""
     view, dim = _last_dim_view(x)
@@ -152,7 +153,7 @@ class StateFormat:
 
     name: str
     kind: str
-    bits: int
+    bits: float  # payload bits per value (levelsL: a 16-code block's bytes * 8 / 16)
     storage_dtype: torch.dtype
     scaled: bool
     max_code: float  # the largest level's magnitude (float: dtype max; int: 2**(bits-1) - 1, mid-rise - 0.5)
@@ -161,6 +162,7 @@ class StateFormat:
     midrise: bool = False  # int codes: levels at ±0.5, ±1.5, ... (no zero) instead of 0, ±1, ...
     scale_dtype: str = "fp32"  # how a group scale is stored (SCALE_DTYPES); scaled formats only
     rotation: str | None = None  # "hadamard": rotated along d_state before rounding, back after reading
+    levels: int = 0  # levelsL: L levels packed as base-L numbers (0: a power-of-two grid packed bitwise)
 
     @property
     def lossless(self) -> bool:
@@ -290,61 +292,20 @@ class StateFormat:
 
     @property
     def codes_per_block(self) -> int:
-        """The last dim must be a multiple of this (1 for byte formats, 2 for int4 and 4 for int2, 8 for int3)."""
+        """The last dim must be a multiple of this (1 for byte formats, 2 for int4, 4 for int2, 8 for int3, 16 for
+        levelsL)."""
         return self._block[0]
 
     @property
     def _block(self) -> tuple[int, int]:
-        """(values, stored elements) of one block: sub-byte ints pack the fewest codes that fill whole bytes
-        (int4: 2 in 1, int2: 4 in 1, int3: 8 in 3); every other format stores one value per element."""
-        if self.kind != "int":
-            return 1, 1  # one value per stored element of its dtype
-        codes = 8 // math.gcd(self.bits, 8)
-        return codes, codes * self.bits // 8
-
-    def _pieces(self, per: int, nbytes: int):
-        """(code i, byte k, shift): bits of code i that land in byte k, at ``i * bits - 8 * k`` within it."""
-        for i in range(per):
-            for k in range(nbytes):
-                shift = i * self.bits - 8 * k
-                if -self.bits < shift < 8:
-                    yield i, k, shift
+        """(values, stored elements) of one block (`gsq_hf.packing.block`)."""
+        return packing.block(self)
 
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
-        """Sub-byte codes, offset to unsigned, packed little-endian: code i of a block at bit ``i * bits``.
-
-        Built from strided slices (code i of every block at once), so no reduction runs on the per-token path;
-        the packed tensor keeps the codes' memory layout (`_last_dim_view`).
-        """
-        if self.bits == 8:
-            return codes
-        per, nbytes = self._block
-        work = torch.uint8 if nbytes == 1 else torch.int16  # one-byte blocks: bits past 8 simply drop
-        view, dim = _last_dim_view(codes)
-        blocks = (view + (1 << (self.bits - 1))).to(work).unflatten(dim, (-1, per))
-        out: list = [None] * nbytes
-        for i, k, shift in self._pieces(per, nbytes):
-            part = blocks.select(dim, i)
-            part = part if shift == 0 else part << shift if shift > 0 else part >> -shift
-            out[k] = part if out[k] is None else out[k] | part
-        packed = out[0] if nbytes == 1 else torch.stack([b & 0xFF for b in out], dim=dim).to(torch.uint8).flatten(
-            dim - 1, dim)
-        return packed if dim == -1 else packed.transpose(-1, -2)
+        return packing.pack(self, codes)
 
     def _unpack(self, data: torch.Tensor) -> torch.Tensor:
-        if self.bits == 8:
-            return data
-        per, nbytes = self._block
-        view, dim = _last_dim_view(data)
-        blocks = (view if nbytes == 1 else view.to(torch.int16)).unflatten(dim, (-1, nbytes))
-        codes: list = [None] * per
-        for i, k, shift in self._pieces(per, nbytes):
-            part = blocks.select(dim, k)
-            part = part if shift == 0 else part >> shift if shift > 0 else part << -shift
-            codes[i] = part if codes[i] is None else codes[i] | part
-        mask, offset = (1 << self.bits) - 1, 1 << (self.bits - 1)
-        values = torch.stack([(code & mask).to(torch.int8) - offset for code in codes], dim=dim).flatten(dim - 1, dim)
-        return values if dim == -1 else values.transpose(-1, -2)
+        return packing.unpack(self, data)
 
 
 FORMATS: dict[str, StateFormat] = {
@@ -363,6 +324,8 @@ FORMATS: dict[str, StateFormat] = {
         StateFormat("int2", "int", 2, torch.uint8, True, 1.0),  # ternary codes -1, 0, 1; 4 in a byte
         *(StateFormat(f"midrise{b}", "int", b, torch.int8 if b == 8 else torch.uint8, True, 2 ** (b - 1) - 0.5,
                       midrise=True) for b in range(8, 1, -1)),
+        StateFormat("levels11", "int", 3.5, torch.uint8, True, 5.0, levels=11),  # 16 codes in 7 bytes
+        StateFormat("levels5", "int", 2.5, torch.uint8, True, 2.0, levels=5),  # 16 codes in 5 bytes
     )
 }
 """The code grids with an fp32 scale (where scaled) and no rotation; `get_format` composes the rest."""

@@ -98,7 +98,7 @@ def _validate(config: GSQConfig, model: nn.Module, mixers: list[tuple[nn.Module,
                                      "use a format without -hadamard")
             if n % fmt.codes_per_block:
                 raise GSQConfigError(f"{fmt.name} packs {fmt.codes_per_block} codes per block along d_state: "
-                                     f"d_state={n} is not a multiple; use a format of 4 or 8 bits")
+                                     f"d_state={n} is not a multiple; use a format of 4 or 8 bits (1-2 codes per block)")
         width = mixer.conv1d.kernel_size[0]
         if config.conv_format != "auto" and width % get_format(config.conv_format).codes_per_block:
             raise GSQConfigError(f"GSQConfig.conv_format={config.conv_format!r} packs "

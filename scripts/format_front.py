@@ -12,7 +12,8 @@ state element, every stored bit counted (payload, scales, second-level scales).
 
 Candidates: the uniform baselines (int8 … int3 with fp32 scales: today's front), then the composed formats at
 ≤ 4.5 and ≤ 3.5 stored bits per element at d_state 16 (an e4m3/e8m0 scale costs 8 bits per group instead of
-32), with and without the Hadamard rotation, mid-rise codes, stochastic rounding. `--only` picks some.
+32), with and without the Hadamard rotation, mid-rise codes, the packed level grids (levels11: 4.0 bits with an
+8-bit scale, levels5: 3.0), stochastic rounding. `--only` picks some.
 
 Datasets: ``wiki.valid``, ``wiki.test``, ``ptb.test`` (../shared/data), ``builtin`` (the package's text), or
 a path. Presets are chosen on one split and checked on the others (say which chose them): a number counts
@@ -49,7 +50,7 @@ CANDIDATES = {  # label -> config (a format or preset name is a config)
     **{name: name for name in BASELINES + PRESETS},
     **{f"{codes}-{scale}{rot}{sr_label}": {"name": f"{codes}-{scale}{rot}{sr_label}", "policy": "static",
                                            "format": f"{codes}-{scale}{rot}", **sr}
-       for codes in ("int4", "midrise4", "int3", "midrise3", "midrise2")
+       for codes in ("int4", "midrise4", "levels11", "int3", "midrise3", "levels5", "midrise2")
        for scale in ("e4m3", "e8m0")
        for rot in ("", "-hadamard")
        for sr_label, sr in (("", {}), ("+sr", SR))},
