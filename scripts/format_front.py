@@ -13,7 +13,7 @@ state element, every stored bit counted (payload, scales, second-level scales).
 Candidates: the uniform baselines (int8 … int3 with fp32 scales: today's front), then the composed formats at
 ≤ 4.5 and ≤ 3.5 stored bits per element at d_state 16 (an e4m3/e8m0 scale costs 8 bits per group instead of
 32), with and without the Hadamard rotation, mid-rise codes, the packed level grids (levels11: 4.0 bits with an
-8-bit scale, levels5: 3.0), stochastic rounding. `--only` picks some.
+8-bit scale, levels5: 3.0), stochastic rounding. `--only` picks some; `--format` adds any other format by name.
 
 Datasets: ``wiki.valid``, ``wiki.test``, ``ptb.test`` (../shared/data), ``builtin`` (the package's text), or
 a path. Presets are chosen on one split and checked on the others (say which chose them): a number counts
@@ -34,10 +34,12 @@ from pathlib import Path
 
 import torch
 
+from gsq_hf.errors import GSQConfigError
 from gsq_hf.eval import decode_faithful_perplexity, make_windows
 from gsq_hf.eval.data import load_model, load_text, load_tokenizer
 from gsq_hf.eval.recall import load_recall_spec, recall_sweep
 from gsq_hf.eval.report import format_table, versions, write_json
+from gsq_hf.formats import get_format
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {"wiki.valid": SHARED / "wikitext-2-raw" / "wiki.valid.raw",
@@ -55,6 +57,19 @@ CANDIDATES = {  # label -> config (a format or preset name is a config)
        for rot in ("", "-hadamard")
        for sr_label, sr in (("", {}), ("+sr", SR))},
 }
+
+
+def _add_format(label: str) -> str:
+    """A `--format` argument as a candidate: the format's config, stochastic with a ``+sr`` suffix."""
+    name, _, rounding = label.partition("+")
+    if rounding not in ("", "sr"):
+        raise SystemExit(f"format_front.py: --format {label!r}: the only suffix accepted is '+sr'")
+    try:
+        get_format(name)
+    except GSQConfigError as error:
+        raise SystemExit(f"format_front.py: --format {label!r}: {error}") from None
+    CANDIDATES[label] = {"name": label.replace("+", "_"), "policy": "static", "format": name, **(SR if rounding else {})}
+    return label
 
 
 def lm_front(model_dir: str, dataset: str, labels: list[str], args) -> list[dict]:
@@ -145,6 +160,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", action="append", help="wiki.valid, wiki.test, ptb.test, builtin or a path "
                                                            "(repeatable; default: wiki.valid)")
     parser.add_argument("--only", nargs="+", choices=list(CANDIDATES), help="these candidates only")
+    parser.add_argument("--format", action="append", default=[], metavar="NAME[+sr]",
+                        help="also score this format (any name gsq_hf.get_format accepts; '+sr': stochastic "
+                             "rounding), e.g. midrise3-fp16-hadamard+sr (repeatable)")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -155,7 +173,7 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    labels = args.only or list(CANDIDATES)
+    labels = (args.only or ([] if args.format else list(CANDIDATES))) + [_add_format(f) for f in args.format]
     groups = [lm_front(m, d, labels, args) for m in args.model for d in (args.dataset or ["wiki.valid"])]
     groups += [recall_front(m, labels, args) for m in args.recall]
     args.out.mkdir(parents=True, exist_ok=True)

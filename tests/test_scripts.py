@@ -66,11 +66,15 @@ def test_format_front_scores_formats_against_fp32(tmp_path):
     recall_model = ROOT / "gsq_hf" / "assets" / "recall-mamba2"
     front.main(["--model", str(BUILTIN_MODEL_DIR), "--dataset", "builtin", "--context", "32", "--max-tokens", "256",
                 "--recall", str(recall_model), "--recall-num", "8",
-                "--only", "int8", "midrise3-e4m3-hadamard", "--out", str(tmp_path)])
+                "--only", "int8", "midrise3-e4m3-hadamard", "--format", "levels5-e4m3-hadamard+sr", "--out", str(tmp_path)])
     records = json.loads((tmp_path / "front.json").read_text())["records"]
     lm = {r["config"]: r for r in records if r["dataset"] == "builtin"}
     assert lm["int8"]["bits"] == 10.0 and 3.5 < lm["midrise3-e4m3-hadamard"]["bits"] < 3.6  # + a row scale
+    assert 3.0 < lm["levels5-e4m3-hadamard+sr"]["bits"] < 3.1
     assert 0 < lm["int8"]["kl"] < lm["midrise3-e4m3-hadamard"]["kl"]
     recall = [r for r in records if r["dataset"] == "recall"]
-    assert [r["config"] for r in recall] == ["int8", "midrise3-e4m3-hadamard"] and set(recall[0]["recall_by_gap"])
+    assert [r["config"] for r in recall] == ["int8", "midrise3-e4m3-hadamard", "levels5-e4m3-hadamard+sr"]
+    assert set(recall[0]["recall_by_gap"])
     assert (tmp_path / "front.md").read_text().count("```") == 4 and list(tmp_path.glob("front-*.png"))
+    with pytest.raises(SystemExit, match="levels7"):
+        front.main(["--format", "levels7", "--out", str(tmp_path)])
