@@ -264,7 +264,7 @@ class GSQCache(DynamicCache):
             raise ValueError("replay needs write_mode='every_step' (a state is stored after each token)")
         self.recording_inputs = enabled
         for layer in self.gsq_layers:
-            layer.step_inputs, layer.replay_start = {}, (layer.storage if enabled else None)
+            layer.step_inputs, layer.replay_start = [], (layer.storage if enabled else None)
 
     def replay(self, num_tokens: int | torch.Tensor) -> None:
         """Go to the state after the first ``num_tokens`` tokens since `record_inputs` (an int, or (batch,) counts:

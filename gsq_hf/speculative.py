@@ -35,11 +35,14 @@ from .cache import GSQCache
 from .config import GSQConfig, resolve_config
 from .errors import GSQConfigError
 from .patch import is_patched, patch, unpatch
+from .replay import replay_read_nbytes
 from .signals import reads_logits
+from .store import select_rows
 
 __all__ = ["SpeculativeOutput", "SpeculativeStats", "speculative_generate"]
 
 ROLLBACKS = ("checkpoints", "recompute", "replay")
+DRAFT_SYNCS = ("once", "rejection", "every_round")
 
 
 @dataclass
@@ -58,6 +61,7 @@ class SpeculativeStats:
     drafted: int = 0
     accepted: int = 0
     draft_steps: int = 0
+    draft_syncs: int = 0  # times the draft took the target's committed state (re-stored in its formats)
     verify_steps: int = 0
     row_verifies: int = 0  # verify steps times the rows still generating in them (verify_steps at batch 1)
     rollbacks: int = 0  # verifications that rejected a proposal: the target went back to an earlier state
@@ -66,7 +70,7 @@ class SpeculativeStats:
     target_state_bytes: float = 0  # the target's: the read of each sync, each verify, each recompute or replay
     checkpoint_bytes: float = 0  # checkpoints: the per-token states a verify writes beyond the one it leaves
     replay_write_bytes: float = 0  # replay: the per-token scan inputs a verify keeps (activations it makes anyway)
-    replay_read_bytes: float = 0  # replay: those a replay reads back
+    replay_read_bytes: float = 0  # replay: those a replay reads back (`gsq_hf.replay.replay_read_nbytes`)
     plain_step_bytes: int = 0  # plain decoding with the target's state, per token (its state_bytes_per_step)
 
     @property
@@ -108,11 +112,13 @@ def _min_bits(config: GSQConfig) -> int:
 
 
 def _check(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, target: GSQConfig,
-           draft: GSQConfig, lookahead: int, rollback: str) -> None:
+           draft: GSQConfig, lookahead: int, rollback: str, draft_sync: str) -> None:
     if not isinstance(lookahead, int) or lookahead < 1:
         raise ValueError(f"lookahead must be an integer >= 1, got {lookahead!r}")
     if rollback not in ROLLBACKS:
         raise ValueError(f"rollback must be one of {', '.join(ROLLBACKS)}, got {rollback!r}")
+    if draft_sync not in DRAFT_SYNCS:
+        raise ValueError(f"draft_sync must be one of {', '.join(DRAFT_SYNCS)}, got {draft_sync!r}")
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError(f"speculative_generate takes input_ids of shape (batch, length), got {tuple(input_ids.shape)}")
     if attention_mask is not None and (attention_mask.shape != input_ids.shape
@@ -125,6 +131,10 @@ def _check(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
             f"the draft state ({draft.name}: lowest format {_min_bits(draft)} bits) must be lower precision than "
             f"the target's ({target.name}: {_min_bits(target)} bits); e.g. draft='int4' or 'int8' over an fp32 target"
         )
+    if draft_sync == "once" and draft.write_mode != "every_step":
+        raise GSQConfigError(f"draft_sync='once' needs a draft that writes its state after every token "
+                             f"(write_mode='every_step'; {draft.name} has {draft.write_mode!r}): a row that rejects "
+                             "goes back to the draft's own state after the tokens it kept; or draft_sync='every_round'")
     if target.write_mode != "every_step" or reads_logits(target.build_policy()):
         raise GSQConfigError(
             "the target must write its state after every token with a signal known inside a forward "
@@ -152,6 +162,15 @@ def _ssm_bytes_written(cache: GSQCache) -> float:
     return sum(float(layer.stored_bits) for layer in cache.gsq_layers) / 8
 
 
+def _share_attention_kv(draft_cache: GSQCache, target_cache: GSQCache, drop_last: int) -> None:
+    """The draft attends over the target's keys and values (references: an update concatenates into new tensors)
+    but their last ``drop_last`` entries, the tokens it absorbs again."""
+    for mine, theirs in zip(draft_cache.attention_layers(), target_cache.attention_layers(), strict=True):
+        if theirs.is_initialized:
+            mine.keys, mine.values = theirs.keys[..., :-drop_last, :], theirs.values[..., :-drop_last, :]
+            mine.is_initialized, mine.dtype, mine.device = True, theirs.dtype, theirs.device
+
+
 @torch.no_grad()
 def speculative_generate(
     model: nn.Module,
@@ -167,6 +186,7 @@ def speculative_generate(
     pad_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
     rollback: str = "replay",
+    draft_sync: str = "once",
     generator: torch.Generator | None = None,
 ) -> SpeculativeOutput:
     """Generate with a low-precision-state draft of ``model`` itself and exact verification.
@@ -187,19 +207,19 @@ def speculative_generate(
     was_patched = is_patched(model)
     target = model._gsq_patch.config if was_patched else resolve_config("fp32")
     draft = resolve_config(draft)
-    _check(model, input_ids, attention_mask, target, draft, lookahead, rollback)
+    _check(model, input_ids, attention_mask, target, draft, lookahead, rollback, draft_sync)
     if not was_patched:
         patch(model, target)
     try:
         return _generate(model, input_ids, attention_mask, target, draft, lookahead, max_new_tokens, do_sample,
-                         temperature, entropy_threshold, eos_ids, pad_token_id, rollback, generator)
+                         temperature, entropy_threshold, eos_ids, pad_token_id, rollback, draft_sync, generator)
     finally:
         if not was_patched:
             unpatch(model)
 
 
 def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_new_tokens, do_sample, temperature,
-              entropy_threshold, eos_ids, pad_token_id, rollback, generator) -> SpeculativeOutput:
+              entropy_threshold, eos_ids, pad_token_id, rollback, draft_sync, generator) -> SpeculativeOutput:
     stats = SpeculativeStats()
     target_cache, draft_cache = GSQCache(model.config, target), GSQCache(model.config, draft)
     batch = input_ids.shape[0]
@@ -216,24 +236,44 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
     count = torch.zeros(batch, dtype=torch.long)  # tokens generated per row (may run past max_new_tokens)
     eos = torch.tensor(eos_ids, dtype=input_ids.dtype)
     log_vocab = None
+    draft_states = accepted = rejected = absorbed = None
     while True:
         finished = torch.isin(out[:, :max_new_tokens], eos) & (torch.arange(max_new_tokens) < count[:, None])
         active = ~finished.any(1) & (count < max_new_tokens)
         if not bool(active.any()):
             break
-        if target_cache.gsq_layers[0].has_state:
-            draft_cache.load_states(target_cache)
-            stats.target_state_bytes += _io_bytes(target_cache)  # read
-            stats.draft_state_bytes += _io_bytes(draft_cache)  # write
+        continuing = draft_states is not None and (
+            draft_sync == "once" or (draft_sync == "rejection" and not bool(rejected[active].any())))
+        if continuing:  # each row back to its own state before the last token it kept, which it absorbs again
+            for layer, states in zip(draft_cache.gsq_layers, draft_states, strict=True):
+                layer.storage = select_rows(states, accepted)
+            _share_attention_kv(draft_cache, target_cache, drop_last=1)
+            token = torch.cat([absorbed[rows, accepted][:, None], pending], dim=1)
+            # the state between the two: where a row that accepts none goes back
+            draft_cache.record_positions(draft_sync == "once")
+        else:
+            if target_cache.gsq_layers[0].has_state:
+                draft_cache.load_states(target_cache)
+                stats.draft_syncs += 1
+                stats.target_state_bytes += _io_bytes(target_cache)  # read
+                stats.draft_state_bytes += _io_bytes(draft_cache)  # write
+            token = pending
+        draft_states = [[layer.storage] for layer in draft_cache.gsq_layers]  # per layer: before each draft forward
         committed = target_cache.snapshot()
         proposals, draft_probs = [], []
         valid = torch.zeros(batch, dtype=torch.long)  # proposals per row up to its entropy stop
         stopped = torch.zeros(batch, dtype=torch.bool)
-        token = pending
         for _ in range(min(lookahead, int((max_new_tokens - count[active]).max()))):
             logits = model(token, cache=draft_cache).logits[:, -1]
             stats.draft_steps += 1
             stats.draft_state_bytes += _step_bytes(draft_cache)
+            for layer, states in zip(draft_cache.gsq_layers, draft_states, strict=True):
+                if draft_cache.recording:  # the checkpoint after the re-absorbed token, written beside the state
+                    states[-1] = layer.positions[0]
+                states.append(layer.storage)
+            if draft_cache.recording:
+                stats.draft_state_bytes += _io_bytes(draft_cache)
+                draft_cache.record_positions(False)
             q = _probs(logits, temperature)
             token = torch.multinomial(q, 1, generator=generator) if do_sample else q.argmax(-1, keepdim=True)
             proposals.append(token)
@@ -259,7 +299,8 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
             stats.checkpoint_bytes += (_ssm_bytes_written(target_cache) - written_before - last_bytes
                                        + (len(proposals) + 1) * conv_bytes)
         stats.replay_write_bytes += target_cache.recorded_input_bytes  # 0 unless recording inputs
-        proposed = torch.cat(proposals, dim=1)  # (batch, k)
+        absorbed = torch.cat([pending, *proposals], dim=1)  # what the target verified: (batch, k + 1)
+        proposed = absorbed[:, 1:]  # (batch, k)
         accepted, next_token = _accept(_probs(verify, temperature), proposed, torch.stack(draft_probs, 1), valid,
                                        do_sample, generator)
         stats.accepted += int(accepted[active].sum())
@@ -272,8 +313,8 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
                 target_cache.rollback(kept)
             else:
                 if rollback == "replay":  # reads back the inputs of the tokens it replays
-                    per_token = target_cache.recorded_input_bytes / verify.shape[1] / batch
-                    stats.replay_read_bytes += per_token * int(kept[rejected].sum())
+                    stats.replay_read_bytes += sum(replay_read_nbytes(layer, n) for layer in target_cache.gsq_layers
+                                                   for n in kept[rejected].tolist())
                     target_cache.replay(kept)
                 else:
                     target_cache.restore(committed)
