@@ -168,7 +168,8 @@ def _share_attention_kv(draft_cache: GSQCache, target_cache: GSQCache, drop_last
     for mine, theirs in zip(draft_cache.attention_layers(), target_cache.attention_layers(), strict=True):
         if theirs.is_initialized:
             mine.keys, mine.values = theirs.keys[..., :-drop_last, :], theirs.values[..., :-drop_last, :]
-            mine.is_initialized, mine.dtype, mine.device = True, theirs.dtype, theirs.device
+            mine.is_initialized = True
+            mine.dtype, mine.device = getattr(theirs, "dtype", None), getattr(theirs, "device", None)
 
 
 @torch.no_grad()
