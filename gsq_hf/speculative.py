@@ -2,7 +2,10 @@
 
 Only the states are duplicated (two `GSQCache` objects over one model), never the weights. Each round:
 
-1. the draft cache is synced to the target's committed state (re-stored in the draft's formats);
+1. the draft starts from its own state (``draft_sync="once"``, the default: it took the target's state, re-stored
+   in its formats, after the prompt only; a row goes back to its own state before the last token it kept and
+   absorbs that token and the pending one in one forward), or from the target's committed state re-stored
+   (``"every_round"``; ``"rejection"``: after a round in which a row rejected, else its own);
 2. the draft proposes up to ``lookahead`` tokens one at a time, stopping early when its own normalized
    next-token entropy exceeds ``entropy_threshold`` (uncertain steps go to the full-precision state);
 3. the target scores the pending token and all proposals in one multi-token forward from its committed
@@ -16,11 +19,13 @@ Only the states are duplicated (two `GSQCache` objects over one model), never th
    scan, no weights), or, with ``rollback="recompute"``, restores its committed state and re-feeds the
    accepted tokens through the model; attention KV of hybrids is cropped.
 
+Exactness comes from the verification alone: the draft only proposes, so its state may drift from the target's.
 Rows of a batch accept different numbers of tokens: acceptance is decided per row and each row is committed
-at its own prefix (per-row counts to ``rollback``/``replay``), so pure Mamba models take a batch (left-padded
-prompts with ``attention_mask``); a hybrid takes one sequence per call, its attention KV being cropped by the
-same number of tokens in every row. Greedy output equals plain greedy ``generate`` with the target's state
-config, row by row (the target writes its state after every token in both).
+at its own prefix (per-row counts to ``rollback``/``replay``; left-padded prompts with ``attention_mask``). On a
+hybrid the attention KV of each row is right-aligned after each round (`GSQCache.rollback`), its left padding in
+the mask extended, and every forward gets each row's own ``position_ids`` (`_KVRows`). Greedy output equals plain
+greedy ``generate`` with the target's state config, row by row (the target writes its state after every token in
+both).
 """
 
 from __future__ import annotations
@@ -162,6 +167,31 @@ def _ssm_bytes_written(cache: GSQCache) -> float:
     return sum(float(layer.stored_bits) for layer in cache.gsq_layers) / 8
 
 
+class _KVRows:
+    """Per-row bookkeeping of a hybrid's attention over a batch: the mask of the target's KV entries (the prompts'
+    left padding, grown by each round's per-row rollback, `GSQCache.rollback`) and each row's position of its
+    pending token (``generate``'s: the number of real tokens before it)."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        self.held = attention_mask[:, :-1]
+        self.prompt_positions, self.pending = positions[:, :-1], positions[:, -1]
+
+    def inputs(self, held: torch.Tensor, first: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+        """A forward's ``attention_mask`` and ``position_ids`` for ``length`` new tokens over KV entries ``held``,
+        row r's first at position ``first[r]``."""
+        return {"attention_mask": torch.cat([held, held.new_ones(held.shape[0], length)], dim=1),
+                "position_ids": first[:, None] + torch.arange(length)}
+
+    def commit(self, kept: torch.Tensor) -> None:
+        """Row r kept its first ``kept[r]`` verified tokens, right-aligned: its left padding grew by max - kept[r]."""
+        most = int(kept.max())
+        full = torch.cat([self.held, self.held.new_ones(self.held.shape[0], most)], dim=1)
+        source = torch.arange(full.shape[1]) - (most - kept)[:, None]
+        self.held = full.gather(1, source.clamp_min(0)) * (source >= 0)
+        self.pending = self.pending + kept
+
+
 def _share_attention_kv(draft_cache: GSQCache, target_cache: GSQCache, drop_last: int) -> None:
     """The draft attends over the target's keys and values (references: an update concatenates into new tensors)
     but their last ``drop_last`` entries, the tokens it absorbs again."""
@@ -195,8 +225,8 @@ def speculative_generate(
     The target state config is the one ``model`` is patched with (fp32, lossless, if it is not patched).
     A row stops at ``eos_token_id`` and is then filled with ``pad_token_id`` (defaults: the model's generation
     config), like ``generate``; rows of a batch accept different numbers of tokens and each is committed at its
-    own (pure Mamba models; a hybrid's attention KV takes one sequence per call). ``attention_mask`` marks the
-    left padding of a batch of prompts of different lengths.
+    own. ``attention_mask`` marks the left padding of a batch of prompts of different lengths. ``draft_sync``:
+    when the draft takes the target's state (``"once"``, ``"rejection"``, ``"every_round"``; module docstring).
     """
     generation_config = getattr(model, "generation_config", None)
     if eos_token_id is None:
@@ -224,13 +254,14 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
     stats = SpeculativeStats()
     target_cache, draft_cache = GSQCache(model.config, target), GSQCache(model.config, draft)
     batch = input_ids.shape[0]
-    if batch > 1 and target_cache.has_attention_kv:
-        raise ValueError("speculative_generate takes one sequence per call on a model with attention layers (a "
-                         "hybrid): rows accept different numbers of tokens and its KV cache is cropped for all rows "
-                         "alike; a batch works on pure Mamba models")
+    rows_kv = _KVRows(attention_mask if attention_mask is not None else torch.ones_like(input_ids)) \
+        if target_cache.has_attention_kv else None
     if input_ids.shape[1] > 1:
-        mask = None if attention_mask is None else attention_mask[:, :-1]
-        model(input_ids[:, :-1], attention_mask=mask, cache=target_cache)
+        if rows_kv is not None:
+            prefill = {"attention_mask": rows_kv.held, "position_ids": rows_kv.prompt_positions}
+        else:
+            prefill = {"attention_mask": None if attention_mask is None else attention_mask[:, :-1]}
+        model(input_ids[:, :-1], cache=target_cache, **prefill)
     pending = input_ids[:, -1:]
     rows = torch.arange(batch)
     out = torch.full((batch, max_new_tokens + 2 * lookahead + 2), pad_token_id, dtype=input_ids.dtype)
@@ -250,6 +281,7 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
                 layer.storage = select_rows(states, accepted)
             _share_attention_kv(draft_cache, target_cache, drop_last=1)
             token = torch.cat([absorbed[rows, accepted][:, None], pending], dim=1)
+            draft_held = None if rows_kv is None else rows_kv.held[:, :-1]
             # the state between the two: where a row that accepts none goes back
             draft_cache.record_positions(draft_sync == "once")
         else:
@@ -259,13 +291,18 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
                 stats.target_state_bytes += _io_bytes(target_cache)  # read
                 stats.draft_state_bytes += _io_bytes(draft_cache)  # write
             token = pending
+            draft_held = None if rows_kv is None else rows_kv.held
         draft_states = [[layer.storage] for layer in draft_cache.gsq_layers]  # per layer: before each draft forward
         committed = target_cache.snapshot()
         proposals, draft_probs = [], []
         valid = torch.zeros(batch, dtype=torch.long)  # proposals per row up to its entropy stop
         stopped = torch.zeros(batch, dtype=torch.bool)
         for _ in range(min(lookahead, int((max_new_tokens - count[active]).max()))):
-            logits = model(token, cache=draft_cache).logits[:, -1]
+            # the draft holds the target's KV entries and its own since (one fewer at first when continuing)
+            first = None if rows_kv is None else rows_kv.pending + draft_held.shape[1] - rows_kv.held.shape[1]
+            inputs = {} if rows_kv is None else rows_kv.inputs(draft_held, first, token.shape[1])
+            logits = model(token, cache=draft_cache, **inputs).logits[:, -1]
+            draft_held = inputs.get("attention_mask")
             stats.draft_steps += 1
             stats.draft_state_bytes += _step_bytes(draft_cache)
             for layer, states in zip(draft_cache.gsq_layers, draft_states, strict=True):
@@ -290,7 +327,9 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
         target_cache.record_positions(rollback == "checkpoints")
         target_cache.record_inputs(rollback == "replay")
         committed_bytes, written_before = _io_bytes(target_cache), _ssm_bytes_written(target_cache)
-        verify = model(torch.cat([pending, *proposals], dim=1), cache=target_cache).logits  # (batch, k + 1, V)
+        verified = len(proposals) + 1
+        inputs = {} if rows_kv is None else rows_kv.inputs(rows_kv.held, rows_kv.pending, verified)
+        verify = model(torch.cat([pending, *proposals], dim=1), cache=target_cache, **inputs).logits  # (batch, k+1, V)
         stats.verify_steps += 1
         stats.plain_step_bytes = _step_bytes(target_cache) // batch
         last_bytes = _io_bytes(target_cache)
@@ -320,13 +359,17 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
                 else:
                     target_cache.restore(committed)
                     target_cache.record_positions(True)
-                    model(torch.cat([pending, *proposals[: int(accepted.max())]], dim=1), cache=target_cache)
+                    refed = int(accepted.max()) + 1
+                    inputs = {} if rows_kv is None else rows_kv.inputs(rows_kv.held, rows_kv.pending, refed)
+                    model(torch.cat([pending, *proposals[: refed - 1]], dim=1), cache=target_cache, **inputs)
                     target_cache.rollback(kept)
                 stats.recommitted_tokens += int(kept[rejected].sum())
                 # the rejected rows' committed states read and new ones written
                 stats.target_state_bytes += (committed_bytes + _io_bytes(target_cache)) * int(rejected.sum()) / batch
         target_cache.record_positions(False)
         target_cache.record_inputs(False)
+        if rows_kv is not None:
+            rows_kv.commit(accepted + 1)
 
         new_tokens = torch.cat([proposed, next_token], dim=1)  # row r's output: its accepted, then its next token
         new_tokens[rows, accepted] = next_token[:, 0]  # (what follows is overwritten by the next round)
