@@ -260,7 +260,7 @@ def test_speculative_greedy_equals_plain_generate(model):
         assert torch.equal(out.sequences, expected), rollback
 
 
-@pytest.mark.parametrize("draft_sync", ["once", "every_round"])
+@pytest.mark.parametrize("draft_sync", ["once", "rejection", "every_round"])
 def test_speculative_batch_with_left_padding(case, model, draft_sync):
     """Batch 4, prompts of different lengths, a noisy draft (rows reject at different places): each row equals plain
     greedy ``generate``; a hybrid's attention KV is compacted per row after each round (kept entries right-aligned,
