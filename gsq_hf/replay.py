@@ -67,17 +67,17 @@ def step_inputs_nbytes(layer) -> int:
                for value in _kept_tensors(record))
 
 
-def replay_read_nbytes(layer, num_tokens: int) -> int:
-    """Bytes a replay of ``num_tokens`` tokens of one row reads back: the kept inputs of those tokens, and the conv
-    inputs of every token of a recorded forward whose conv output it computes again."""
+def replay_read_nbytes(layer, num_tokens: torch.Tensor) -> int:
+    """Bytes replays of ``num_tokens`` (one count per replayed row) read back in all: per row, the kept inputs of
+    its tokens, and the conv inputs of every token of a recorded forward whose conv output it computes again."""
     total, start = 0, 0
     for record in layer.step_inputs:
         length = record["conv"].shape[1]
-        n = min(max(num_tokens - start, 0), length)
+        n = (num_tokens - start).clamp(0, length)
         for name, value in record.items():
             if name != "A" and isinstance(value, torch.Tensor):
-                tokens = length if name == "conv" and n > 0 and _recomputes(record) else n
-                total += value[0, :tokens].nelement() * value.element_size()
+                tokens = torch.where(n > 0, length, 0) if name == "conv" and _recomputes(record) else n
+                total += int(tokens.sum()) * (value[0, 0].nelement() * value.element_size())
         start += length
     return total
 

@@ -353,8 +353,8 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
                 target_cache.rollback(kept)
             else:
                 if rollback == "replay":  # reads back the inputs of the tokens it replays
-                    stats.replay_read_bytes += sum(replay_read_nbytes(layer, n) for layer in target_cache.gsq_layers
-                                                   for n in kept[rejected].tolist())
+                    stats.replay_read_bytes += sum(replay_read_nbytes(layer, kept[rejected])
+                                                   for layer in target_cache.gsq_layers)
                     target_cache.replay(kept)
                 else:
                     target_cache.restore(committed)
