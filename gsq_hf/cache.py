@@ -215,8 +215,9 @@ class GSQCache(DynamicCache):
         """Restore the state after the first ``num_tokens`` tokens written since recording started (an int, or
         (batch,) counts: each row its own checkpoint).
 
-        Attention layers of a hybrid model drop the KV entries of the tokens rolled back (the same number in
-        every row).
+        Attention layers of a hybrid model drop the KV entries of the tokens rolled back; with per-row counts each
+        row's kept entries move right by ``max(num_tokens) - num_tokens[r]``: extend the row's left padding in the
+        attention mask by as much (and pass its own ``position_ids``).
         """
         layers = self.gsq_layers
         recorded = len(layers[0].positions) if layers else 0
@@ -228,7 +229,7 @@ class GSQCache(DynamicCache):
             else:
                 layer.storage = select_rows(layer.positions, num_tokens.to(torch.long) - 1)
             layer.positions = layer.positions[:most]
-        self._crop_attention(most, recorded)
+        self._crop_attention(num_tokens, recorded)
 
     def _check_counts(self, num_tokens: int | torch.Tensor, recorded: int, what: str) -> int:
         """The largest of ``num_tokens`` (an int or per-row counts) after checking each is in 1..recorded."""
@@ -238,21 +239,27 @@ class GSQCache(DynamicCache):
             raise ValueError(f"can {what} 1..{recorded} recorded tokens, not {num_tokens if low == most else counts}"
                              + ("" if what != "replay" else " (record_inputs() first; only multi-token forwards are "
                                 "recorded)"))
-        if low != most and self.has_attention_kv:
-            raise ValueError("per-row token counts need a cache without attention KV (a pure Mamba model): the KV "
-                             "of hybrids is cropped by the same number of tokens in every row")
         return most
 
     @property
     def has_attention_kv(self) -> bool:
-        """Whether some layers hold attention keys and values (a hybrid model): they are cropped alike in every row."""
+        """Whether some layers hold attention keys and values (a hybrid model: a rollback per row shifts them)."""
         return any(not isinstance(layer, GSQStateLayer) for layer in self.layers)
 
-    def _crop_attention(self, num_tokens: int, recorded: int) -> None:
-        if num_tokens < recorded:
-            for layer in self.attention_layers():
-                if layer.is_initialized:
-                    DynamicLayer.crop(layer, num_tokens - recorded)
+    def _crop_attention(self, num_tokens: int | torch.Tensor, recorded: int) -> None:
+        """Keep the KV entries of the first ``num_tokens`` of the last ``recorded`` tokens, per-row counts
+        right-aligned (row r moved right by ``max - num_tokens[r]``, its first entries then padding)."""
+        most = int(num_tokens.max()) if torch.is_tensor(num_tokens) else num_tokens
+        for layer in self.attention_layers():
+            if not layer.is_initialized or layer.keys.numel() == 0:
+                continue
+            if most < recorded:
+                DynamicLayer.crop(layer, most - recorded)
+            if torch.is_tensor(num_tokens) and bool((num_tokens != most).any()):
+                shift = (most - num_tokens).to(layer.keys.device)
+                source = (torch.arange(layer.keys.shape[-2], device=shift.device) - shift[:, None]).clamp_min(0)
+                index = source[:, None, :, None].expand_as(layer.keys)
+                layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
 
     def record_inputs(self, enabled: bool = True) -> None:
         """Keep the per-token scan inputs of multi-token forwards (not states) until `replay`/disable.
@@ -264,21 +271,22 @@ class GSQCache(DynamicCache):
             raise ValueError("replay needs write_mode='every_step' (a state is stored after each token)")
         self.recording_inputs = enabled
         for layer in self.gsq_layers:
-            layer.step_inputs, layer.replay_start = {}, (layer.storage if enabled else None)
+            layer.step_inputs, layer.replay_start = [], (layer.storage if enabled else None)
 
     def replay(self, num_tokens: int | torch.Tensor) -> None:
         """Go to the state after the first ``num_tokens`` tokens since `record_inputs` (an int, or (batch,) counts:
         each row its own): from the state then, the kept inputs of those tokens are re-run through the recurrence
         (no weights are read).
 
-        Attention layers of a hybrid model drop the KV entries of the tokens after them.
+        Attention layers of a hybrid model drop the KV entries of the tokens after them (per-row counts: as in
+        `rollback`).
         """
         layers = self.gsq_layers
         recorded = min((recorded_tokens(layer) for layer in layers), default=0) if self.recording_inputs else 0
-        most = self._check_counts(num_tokens, recorded, "replay")
+        self._check_counts(num_tokens, recorded, "replay")
         for layer in layers:
             replay(layer, layer.replay_start, num_tokens)
-        self._crop_attention(most, recorded)
+        self._crop_attention(num_tokens, recorded)
 
     @property
     def recorded_input_bytes(self) -> int:

@@ -2,17 +2,20 @@
 
 While a cache records inputs (`GSQCache.record_inputs`), every multi-token forward of a Mamba layer keeps, per
 token, what its recurrence needs beside the weights: the conv inputs (the window after token t is the last K of
-them) and the SSM's x, Δ and B (Ā = exp(Δ·A) and B̄x = Δ·B·x are recomputed from them; C only reads out).
+them), Δ, and x and B (Ā = exp(Δ·A) and B̄x = Δ·B·x are recomputed from them; C only reads out). x (and B on
+Mamba2, where it comes out of the conv too) are not kept when they are views of the conv's output: a replay runs
+the forward's conv again, the same call on the same tensors, so it gets the same bits, and takes the same view.
 `replay` returns a layer to the state after its first n recorded tokens: from the state at the start of the
 recording it re-runs the conv window and the recurrence over those n tokens with the layer's own writes
 (``every_step``: the stored value is what the next token reads), so it stores bit for bit the state the forward
-wrote after token n. Per token this keeps about (conv_dim + 2·units + N) values, against a whole state per token
-for checkpoints.
+wrote after token n. Per token this keeps conv_dim + units + N values on Mamba-1 (conv_dim + heads on Mamba2)
+against a whole state per token for checkpoints.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,48 +23,103 @@ from .scan import selective_scan
 from .step import discretize, unit_gate
 from .store import LayerStorage, read_state, select_rows
 
-__all__ = ["keep_step_inputs", "recorded_tokens", "replay", "step_inputs_nbytes"]
+__all__ = ["keep_conv_inputs", "keep_scan_inputs", "recorded_tokens", "replay", "replay_read_nbytes",
+           "step_inputs_nbytes"]
 
 
-def keep_step_inputs(layer, **inputs: torch.Tensor) -> None:
-    """Append one forward's inputs to ``layer``'s record: ``conv`` (B, T, conv_dim), ``x``, ``dt``, ``B`` with
-    time on dim 1 (`gsq_hf.step`'s shapes); ``A`` (a parameter, not per token) is kept as given."""
-    kept = layer.step_inputs
-    for name, value in inputs.items():
-        kept[name] = value if name == "A" or name not in kept else torch.cat([kept[name], value], dim=1)
+@dataclass(frozen=True)
+class _ConvOutputView:
+    """Where a scan input sits in its forward's conv output (kept instead of the tensor)."""
+
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+    def of(self, conv_output: torch.Tensor) -> torch.Tensor:
+        return conv_output.as_strided(self.size, self.stride, self.offset)
 
 
-def step_inputs_nbytes(layer, num_tokens: int | None = None) -> int:
-    """Bytes of the per-token inputs ``layer`` keeps (of the first ``num_tokens`` tokens; all by default)."""
-    return sum(value[:, :num_tokens].nelement() * value.element_size()
-               for name, value in layer.step_inputs.items() if name != "A")
+def keep_conv_inputs(layer, inputs: torch.Tensor, output: torch.Tensor,
+                     recompute: Callable[[], torch.Tensor]) -> None:
+    """Start the record of one forward: its conv ``inputs`` (B, C, T), the conv ``output`` and how to compute that
+    output again (the same call on the same tensors)."""
+    layer.step_inputs.append({"conv": inputs.transpose(1, 2), "output": output, "recompute": recompute})
+
+
+def keep_scan_inputs(layer, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
+    """The scan inputs of the forward whose conv inputs were kept last (time on dim 1, `gsq_hf.step`'s shapes)."""
+    record = layer.step_inputs[-1]
+    output = record.pop("output")
+    for name, value in (("x", x), ("B", B)):
+        shares = (value.dtype == output.dtype
+                  and value.untyped_storage().data_ptr() == output.untyped_storage().data_ptr())
+        record[name] = _ConvOutputView(tuple(value.shape), value.stride(), value.storage_offset()) if shares else value
+    record["dt"], record["A"] = dt, A
+
+
+def _kept_tensors(record: dict) -> list[torch.Tensor]:
+    return [value for name, value in record.items() if name != "A" and isinstance(value, torch.Tensor)]
+
+
+def step_inputs_nbytes(layer) -> int:
+    """Bytes of the per-token inputs ``layer`` keeps."""
+    return sum(value.nelement() * value.element_size() for record in layer.step_inputs
+               for value in _kept_tensors(record))
+
+
+def replay_read_nbytes(layer, num_tokens: torch.Tensor) -> int:
+    """Bytes replays of ``num_tokens`` (one count per replayed row) read back in all: per row, the kept inputs of
+    its tokens, and the conv inputs of every token of a recorded forward whose conv output it computes again."""
+    total, start = 0, 0
+    for record in layer.step_inputs:
+        length = record["conv"].shape[1]
+        n = (num_tokens - start).clamp(0, length)
+        for name, value in record.items():
+            if name != "A" and isinstance(value, torch.Tensor):
+                tokens = torch.where(n > 0, length, 0) if name == "conv" and _recomputes(record) else n
+                total += int(tokens.sum()) * (value[0, 0].nelement() * value.element_size())
+        start += length
+    return total
+
+
+def _recomputes(record: dict) -> bool:
+    return any(isinstance(record.get(name), _ConvOutputView) for name in ("x", "B"))
 
 
 def recorded_tokens(layer) -> int:
     """How many tokens ``layer`` can replay (0 when it kept nothing)."""
-    kept = layer.step_inputs
-    if "x" not in kept or "conv" not in kept or kept["conv"].shape[1] != kept["x"].shape[1]:
+    if not layer.step_inputs or any("x" not in record for record in layer.step_inputs):
         return 0  # a single-token forward (not recorded by the scan) ran while recording: nothing is replayable
-    return kept["x"].shape[1]
+    return sum(record["conv"].shape[1] for record in layer.step_inputs)
+
+
+def _recorded(layer, names: tuple[str, ...], n: int) -> list[torch.Tensor]:
+    """Inputs ``names`` of the first ``n`` recorded tokens; views of a conv output take it computed again."""
+    parts = {name: [] for name in names}
+    for record in layer.step_inputs:
+        output = record["recompute"]() if _recomputes(record) else None
+        for name in names:
+            value = record[name]
+            parts[name].append(value.of(output) if isinstance(value, _ConvOutputView) else value)
+    return [(torch.cat(values, dim=1) if len(values) > 1 else values[0])[:, :n] for values in parts.values()]
 
 
 def replay(layer, start: LayerStorage, num_tokens: int | torch.Tensor) -> None:
     """Store in ``layer`` the state after the first ``num_tokens`` recorded tokens (an int, or (batch,) counts:
     each row its own), from ``start`` (the state when recording began), by re-running the conv window and the
     recurrence over them."""
-    kept = layer.step_inputs
     per_row = torch.is_tensor(num_tokens) and bool((num_tokens != num_tokens.max()).any())
     n = int(num_tokens.max()) if torch.is_tensor(num_tokens) else num_tokens
+    x, dt, B, conv = _recorded(layer, ("x", "dt", "B", "conv"), n)
+    A = layer.step_inputs[0]["A"]
     layer.storage = start
     window, kernel = layer.read_conv(), layer.conv_shape[-1]
-    conv = kept["conv"][:, :n]  # (B, n, conv_dim)
     if window is None:
         window = conv.new_zeros(conv.shape[0], conv.shape[2], kernel)
     windows = []
     for t in range(n):  # the window writes of `causal_conv_stepwise` (exact whether or not the format is lossy)
         window = layer.write_conv(torch.cat([window[..., 1:], conv[:, t, :, None]], dim=-1))
         windows.append(layer.storage.conv)
-    x, dt, B, A = kept["x"][:, :n], kept["dt"][:, :n], kept["B"][:, :n], kept["A"]
     dA, dBx, _ = discretize(x, dt, A, B, B)  # the read-out (C) is not needed to replay states: B stands in
     gate = unit_gate(dA, A) if "gate" in layer.cache.policy.signals else None
     stored = read_state(start)

@@ -2,7 +2,10 @@
 
 Only the states are duplicated (two `GSQCache` objects over one model), never the weights. Each round:
 
-1. the draft cache is synced to the target's committed state (re-stored in the draft's formats);
+1. the draft starts from its own state (``draft_sync="once"``, the default: it took the target's state, re-stored
+   in its formats, after the prompt only; a row goes back to its own state before the last token it kept and
+   absorbs that token and the pending one in one forward), or from the target's committed state re-stored
+   (``"every_round"``; ``"rejection"``: after a round in which a row rejected, else its own);
 2. the draft proposes up to ``lookahead`` tokens one at a time, stopping early when its own normalized
    next-token entropy exceeds ``entropy_threshold`` (uncertain steps go to the full-precision state);
 3. the target scores the pending token and all proposals in one multi-token forward from its committed
@@ -16,11 +19,13 @@ Only the states are duplicated (two `GSQCache` objects over one model), never th
    scan, no weights), or, with ``rollback="recompute"``, restores its committed state and re-feeds the
    accepted tokens through the model; attention KV of hybrids is cropped.
 
+Exactness comes from the verification alone: the draft only proposes, so its state may drift from the target's.
 Rows of a batch accept different numbers of tokens: acceptance is decided per row and each row is committed
-at its own prefix (per-row counts to ``rollback``/``replay``), so pure Mamba models take a batch (left-padded
-prompts with ``attention_mask``); a hybrid takes one sequence per call, its attention KV being cropped by the
-same number of tokens in every row. Greedy output equals plain greedy ``generate`` with the target's state
-config, row by row (the target writes its state after every token in both).
+at its own prefix (per-row counts to ``rollback``/``replay``; left-padded prompts with ``attention_mask``). On a
+hybrid the attention KV of each row is right-aligned after each round (`GSQCache.rollback`), its left padding in
+the mask extended, and every forward gets each row's own ``position_ids`` (`_KVRows`). Greedy output equals plain
+greedy ``generate`` with the target's state config, row by row (the target writes its state after every token in
+both).
 """
 
 from __future__ import annotations
@@ -35,11 +40,14 @@ from .cache import GSQCache
 from .config import GSQConfig, resolve_config
 from .errors import GSQConfigError
 from .patch import is_patched, patch, unpatch
+from .replay import replay_read_nbytes
 from .signals import reads_logits
+from .store import select_rows
 
 __all__ = ["SpeculativeOutput", "SpeculativeStats", "speculative_generate"]
 
 ROLLBACKS = ("checkpoints", "recompute", "replay")
+DRAFT_SYNCS = ("once", "rejection", "every_round")
 
 
 @dataclass
@@ -58,6 +66,7 @@ class SpeculativeStats:
     drafted: int = 0
     accepted: int = 0
     draft_steps: int = 0
+    draft_syncs: int = 0  # times the draft took the target's committed state (re-stored in its formats)
     verify_steps: int = 0
     row_verifies: int = 0  # verify steps times the rows still generating in them (verify_steps at batch 1)
     rollbacks: int = 0  # verifications that rejected a proposal: the target went back to an earlier state
@@ -66,7 +75,7 @@ class SpeculativeStats:
     target_state_bytes: float = 0  # the target's: the read of each sync, each verify, each recompute or replay
     checkpoint_bytes: float = 0  # checkpoints: the per-token states a verify writes beyond the one it leaves
     replay_write_bytes: float = 0  # replay: the per-token scan inputs a verify keeps (activations it makes anyway)
-    replay_read_bytes: float = 0  # replay: those a replay reads back
+    replay_read_bytes: float = 0  # replay: those a replay reads back (`gsq_hf.replay.replay_read_nbytes`)
     plain_step_bytes: int = 0  # plain decoding with the target's state, per token (its state_bytes_per_step)
 
     @property
@@ -108,11 +117,13 @@ def _min_bits(config: GSQConfig) -> int:
 
 
 def _check(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, target: GSQConfig,
-           draft: GSQConfig, lookahead: int, rollback: str) -> None:
+           draft: GSQConfig, lookahead: int, rollback: str, draft_sync: str) -> None:
     if not isinstance(lookahead, int) or lookahead < 1:
         raise ValueError(f"lookahead must be an integer >= 1, got {lookahead!r}")
     if rollback not in ROLLBACKS:
         raise ValueError(f"rollback must be one of {', '.join(ROLLBACKS)}, got {rollback!r}")
+    if draft_sync not in DRAFT_SYNCS:
+        raise ValueError(f"draft_sync must be one of {', '.join(DRAFT_SYNCS)}, got {draft_sync!r}")
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError(f"speculative_generate takes input_ids of shape (batch, length), got {tuple(input_ids.shape)}")
     if attention_mask is not None and (attention_mask.shape != input_ids.shape
@@ -125,6 +136,10 @@ def _check(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
             f"the draft state ({draft.name}: lowest format {_min_bits(draft)} bits) must be lower precision than "
             f"the target's ({target.name}: {_min_bits(target)} bits); e.g. draft='int4' or 'int8' over an fp32 target"
         )
+    if draft_sync == "once" and draft.write_mode != "every_step":
+        raise GSQConfigError(f"draft_sync='once' needs a draft that writes its state after every token "
+                             f"(write_mode='every_step'; {draft.name} has {draft.write_mode!r}): a row that rejects "
+                             "goes back to the draft's own state after the tokens it kept; or draft_sync='every_round'")
     if target.write_mode != "every_step" or reads_logits(target.build_policy()):
         raise GSQConfigError(
             "the target must write its state after every token with a signal known inside a forward "
@@ -152,6 +167,41 @@ def _ssm_bytes_written(cache: GSQCache) -> float:
     return sum(float(layer.stored_bits) for layer in cache.gsq_layers) / 8
 
 
+class _KVRows:
+    """Per-row bookkeeping of a hybrid's attention over a batch: the mask of the target's KV entries (the prompts'
+    left padding, grown by each round's per-row rollback, `GSQCache.rollback`) and each row's position of its
+    pending token (``generate``'s: the number of real tokens before it)."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        self.held = attention_mask[:, :-1]
+        self.prompt_positions, self.pending = positions[:, :-1], positions[:, -1]
+
+    def inputs(self, held: torch.Tensor, first: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+        """A forward's ``attention_mask`` and ``position_ids`` for ``length`` new tokens over KV entries ``held``,
+        row r's first at position ``first[r]``."""
+        return {"attention_mask": torch.cat([held, held.new_ones(held.shape[0], length)], dim=1),
+                "position_ids": first[:, None] + torch.arange(length)}
+
+    def commit(self, kept: torch.Tensor) -> None:
+        """Row r kept its first ``kept[r]`` verified tokens, right-aligned: its left padding grew by max - kept[r]."""
+        most = int(kept.max())
+        full = torch.cat([self.held, self.held.new_ones(self.held.shape[0], most)], dim=1)
+        source = torch.arange(full.shape[1]) - (most - kept)[:, None]
+        self.held = full.gather(1, source.clamp_min(0)) * (source >= 0)
+        self.pending = self.pending + kept
+
+
+def _share_attention_kv(draft_cache: GSQCache, target_cache: GSQCache, drop_last: int) -> None:
+    """The draft attends over the target's keys and values (references: an update concatenates into new tensors)
+    but their last ``drop_last`` entries, the tokens it absorbs again."""
+    for mine, theirs in zip(draft_cache.attention_layers(), target_cache.attention_layers(), strict=True):
+        if theirs.is_initialized:
+            mine.keys, mine.values = theirs.keys[..., :-drop_last, :], theirs.values[..., :-drop_last, :]
+            mine.is_initialized = True
+            mine.dtype, mine.device = getattr(theirs, "dtype", None), getattr(theirs, "device", None)
+
+
 @torch.no_grad()
 def speculative_generate(
     model: nn.Module,
@@ -167,6 +217,7 @@ def speculative_generate(
     pad_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
     rollback: str = "replay",
+    draft_sync: str = "once",
     generator: torch.Generator | None = None,
 ) -> SpeculativeOutput:
     """Generate with a low-precision-state draft of ``model`` itself and exact verification.
@@ -174,8 +225,8 @@ def speculative_generate(
     The target state config is the one ``model`` is patched with (fp32, lossless, if it is not patched).
     A row stops at ``eos_token_id`` and is then filled with ``pad_token_id`` (defaults: the model's generation
     config), like ``generate``; rows of a batch accept different numbers of tokens and each is committed at its
-    own (pure Mamba models; a hybrid's attention KV takes one sequence per call). ``attention_mask`` marks the
-    left padding of a batch of prompts of different lengths.
+    own. ``attention_mask`` marks the left padding of a batch of prompts of different lengths. ``draft_sync``:
+    when the draft takes the target's state (``"once"``, ``"rejection"``, ``"every_round"``; module docstring).
     """
     generation_config = getattr(model, "generation_config", None)
     if eos_token_id is None:
@@ -187,53 +238,80 @@ def speculative_generate(
     was_patched = is_patched(model)
     target = model._gsq_patch.config if was_patched else resolve_config("fp32")
     draft = resolve_config(draft)
-    _check(model, input_ids, attention_mask, target, draft, lookahead, rollback)
+    _check(model, input_ids, attention_mask, target, draft, lookahead, rollback, draft_sync)
     if not was_patched:
         patch(model, target)
     try:
         return _generate(model, input_ids, attention_mask, target, draft, lookahead, max_new_tokens, do_sample,
-                         temperature, entropy_threshold, eos_ids, pad_token_id, rollback, generator)
+                         temperature, entropy_threshold, eos_ids, pad_token_id, rollback, draft_sync, generator)
     finally:
         if not was_patched:
             unpatch(model)
 
 
 def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_new_tokens, do_sample, temperature,
-              entropy_threshold, eos_ids, pad_token_id, rollback, generator) -> SpeculativeOutput:
+              entropy_threshold, eos_ids, pad_token_id, rollback, draft_sync, generator) -> SpeculativeOutput:
     stats = SpeculativeStats()
     target_cache, draft_cache = GSQCache(model.config, target), GSQCache(model.config, draft)
     batch = input_ids.shape[0]
-    if batch > 1 and target_cache.has_attention_kv:
-        raise ValueError("speculative_generate takes one sequence per call on a model with attention layers (a "
-                         "hybrid): rows accept different numbers of tokens and its KV cache is cropped for all rows "
-                         "alike; a batch works on pure Mamba models")
+    rows_kv = _KVRows(attention_mask if attention_mask is not None else torch.ones_like(input_ids)) \
+        if target_cache.has_attention_kv else None
     if input_ids.shape[1] > 1:
-        mask = None if attention_mask is None else attention_mask[:, :-1]
-        model(input_ids[:, :-1], attention_mask=mask, cache=target_cache)
+        if rows_kv is not None:
+            prefill = {"attention_mask": rows_kv.held, "position_ids": rows_kv.prompt_positions}
+        else:
+            prefill = {"attention_mask": None if attention_mask is None else attention_mask[:, :-1]}
+        model(input_ids[:, :-1], cache=target_cache, **prefill)
     pending = input_ids[:, -1:]
     rows = torch.arange(batch)
     out = torch.full((batch, max_new_tokens + 2 * lookahead + 2), pad_token_id, dtype=input_ids.dtype)
     count = torch.zeros(batch, dtype=torch.long)  # tokens generated per row (may run past max_new_tokens)
     eos = torch.tensor(eos_ids, dtype=input_ids.dtype)
     log_vocab = None
+    draft_states = accepted = rejected = absorbed = None
     while True:
         finished = torch.isin(out[:, :max_new_tokens], eos) & (torch.arange(max_new_tokens) < count[:, None])
         active = ~finished.any(1) & (count < max_new_tokens)
         if not bool(active.any()):
             break
-        if target_cache.gsq_layers[0].has_state:
-            draft_cache.load_states(target_cache)
-            stats.target_state_bytes += _io_bytes(target_cache)  # read
-            stats.draft_state_bytes += _io_bytes(draft_cache)  # write
+        continuing = draft_states is not None and (
+            draft_sync == "once" or (draft_sync == "rejection" and not bool(rejected[active].any())))
+        if continuing:  # each row back to its own state before the last token it kept, which it absorbs again
+            for layer, states in zip(draft_cache.gsq_layers, draft_states, strict=True):
+                layer.storage = select_rows(states, accepted)
+            _share_attention_kv(draft_cache, target_cache, drop_last=1)
+            token = torch.cat([absorbed[rows, accepted][:, None], pending], dim=1)
+            draft_held = None if rows_kv is None else rows_kv.held[:, :-1]
+            # the state between the two: where a row that accepts none goes back
+            draft_cache.record_positions(draft_sync == "once")
+        else:
+            if target_cache.gsq_layers[0].has_state:
+                draft_cache.load_states(target_cache)
+                stats.draft_syncs += 1
+                stats.target_state_bytes += _io_bytes(target_cache)  # read
+                stats.draft_state_bytes += _io_bytes(draft_cache)  # write
+            token = pending
+            draft_held = None if rows_kv is None else rows_kv.held
+        draft_states = [[layer.storage] for layer in draft_cache.gsq_layers]  # per layer: before each draft forward
         committed = target_cache.snapshot()
         proposals, draft_probs = [], []
         valid = torch.zeros(batch, dtype=torch.long)  # proposals per row up to its entropy stop
         stopped = torch.zeros(batch, dtype=torch.bool)
-        token = pending
         for _ in range(min(lookahead, int((max_new_tokens - count[active]).max()))):
-            logits = model(token, cache=draft_cache).logits[:, -1]
+            # the draft holds the target's KV entries and its own since (one fewer at first when continuing)
+            first = None if rows_kv is None else rows_kv.pending + draft_held.shape[1] - rows_kv.held.shape[1]
+            inputs = {} if rows_kv is None else rows_kv.inputs(draft_held, first, token.shape[1])
+            logits = model(token, cache=draft_cache, **inputs).logits[:, -1]
+            draft_held = inputs.get("attention_mask")
             stats.draft_steps += 1
             stats.draft_state_bytes += _step_bytes(draft_cache)
+            for layer, states in zip(draft_cache.gsq_layers, draft_states, strict=True):
+                if draft_cache.recording:  # the checkpoint after the re-absorbed token, written beside the state
+                    states[-1] = layer.positions[0]
+                states.append(layer.storage)
+            if draft_cache.recording:
+                stats.draft_state_bytes += _io_bytes(draft_cache)
+                draft_cache.record_positions(False)
             q = _probs(logits, temperature)
             token = torch.multinomial(q, 1, generator=generator) if do_sample else q.argmax(-1, keepdim=True)
             proposals.append(token)
@@ -249,7 +327,9 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
         target_cache.record_positions(rollback == "checkpoints")
         target_cache.record_inputs(rollback == "replay")
         committed_bytes, written_before = _io_bytes(target_cache), _ssm_bytes_written(target_cache)
-        verify = model(torch.cat([pending, *proposals], dim=1), cache=target_cache).logits  # (batch, k + 1, V)
+        verified = len(proposals) + 1
+        inputs = {} if rows_kv is None else rows_kv.inputs(rows_kv.held, rows_kv.pending, verified)
+        verify = model(torch.cat([pending, *proposals], dim=1), cache=target_cache, **inputs).logits  # (batch, k+1, V)
         stats.verify_steps += 1
         stats.plain_step_bytes = _step_bytes(target_cache) // batch
         last_bytes = _io_bytes(target_cache)
@@ -259,7 +339,8 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
             stats.checkpoint_bytes += (_ssm_bytes_written(target_cache) - written_before - last_bytes
                                        + (len(proposals) + 1) * conv_bytes)
         stats.replay_write_bytes += target_cache.recorded_input_bytes  # 0 unless recording inputs
-        proposed = torch.cat(proposals, dim=1)  # (batch, k)
+        absorbed = torch.cat([pending, *proposals], dim=1)  # what the target verified: (batch, k + 1)
+        proposed = absorbed[:, 1:]  # (batch, k)
         accepted, next_token = _accept(_probs(verify, temperature), proposed, torch.stack(draft_probs, 1), valid,
                                        do_sample, generator)
         stats.accepted += int(accepted[active].sum())
@@ -272,19 +353,23 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
                 target_cache.rollback(kept)
             else:
                 if rollback == "replay":  # reads back the inputs of the tokens it replays
-                    per_token = target_cache.recorded_input_bytes / verify.shape[1] / batch
-                    stats.replay_read_bytes += per_token * int(kept[rejected].sum())
+                    stats.replay_read_bytes += sum(replay_read_nbytes(layer, kept[rejected])
+                                                   for layer in target_cache.gsq_layers)
                     target_cache.replay(kept)
                 else:
                     target_cache.restore(committed)
                     target_cache.record_positions(True)
-                    model(torch.cat([pending, *proposals[: int(accepted.max())]], dim=1), cache=target_cache)
+                    refed = int(accepted.max()) + 1
+                    inputs = {} if rows_kv is None else rows_kv.inputs(rows_kv.held, rows_kv.pending, refed)
+                    model(torch.cat([pending, *proposals[: refed - 1]], dim=1), cache=target_cache, **inputs)
                     target_cache.rollback(kept)
                 stats.recommitted_tokens += int(kept[rejected].sum())
                 # the rejected rows' committed states read and new ones written
                 stats.target_state_bytes += (committed_bytes + _io_bytes(target_cache)) * int(rejected.sum()) / batch
         target_cache.record_positions(False)
         target_cache.record_inputs(False)
+        if rows_kv is not None:
+            rows_kv.commit(accepted + 1)
 
         new_tokens = torch.cat([proposed, next_token], dim=1)  # row r's output: its accepted, then its next token
         new_tokens[rows, accepted] = next_token[:, 0]  # (what follows is overwritten by the next round)

@@ -38,7 +38,7 @@ class _GSQStateMixin:
         self._cache = cache
         self.storage = LayerStorage()
         self.positions: list[LayerStorage] = []  # per-token checkpoints while the cache records
-        self.step_inputs: dict[str, torch.Tensor] = {}  # per-token scan inputs while it records them (gsq_hf.replay)
+        self.step_inputs: list[dict] = []  # per forward, its per-token scan inputs while recording (gsq_hf.replay)
         self.replay_start: LayerStorage | None = None  # the state when it began recording them
         self.last_gate: torch.Tensor | None = None  # the signal of the last write, to re-quantize a copy
         self.kernel_reason: str | None = None  # why the last decode step did not run the kernel (gsq_hf.step)
@@ -191,7 +191,7 @@ class _GSQStateMixin:
     def reset(self) -> None:
         self.storage = LayerStorage()
         self.positions = []
-        self.step_inputs, self.replay_start = {}, None
+        self.step_inputs, self.replay_start = [], None
         self.trace_high, self.trace_units = [], []
         self._reset_stats()
         super().reset()  # has_previous_state, and the KV part of a hybrid layer

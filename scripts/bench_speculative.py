@@ -16,6 +16,7 @@ speculative output is checked against the plain output (``exact`` column). A mar
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import gsq_hf
 from gsq_hf.config import GSQConfig, resolve_config
 from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR
 from gsq_hf.eval.data import load_model, load_text, load_tokenizer
-from gsq_hf.speculative import ROLLBACKS, speculative_generate
+from gsq_hf.speculative import DRAFT_SYNCS, ROLLBACKS, speculative_generate
 
 BYTE_KINDS = ("draft_state_bytes", "target_state_bytes", "checkpoint_bytes", "replay_write_bytes", "replay_read_bytes")
 
@@ -53,16 +54,16 @@ def draft_config(name: str, conv_format: str) -> GSQConfig:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| draft | lookahead | rule | rollback | acceptance | accepted / verify | speed vs plain | "
+    lines = ["| draft | lookahead | rule | rollback | draft sync | acceptance | accepted / verify | speed vs plain | "
              "state B/token: draft + target + checkpoints + replay writes + replay reads = total | vs plain | exact |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["mode"] == "plain greedy":
-            lines.append(f"| plain greedy | - | - | - | - | - | 1.00x | {r['state_bytes_per_token']:,.0f} | 1.00 | "
+            lines.append(f"| plain greedy | - | - | - | - | - | - | 1.00x | {r['state_bytes_per_token']:,.0f} | 1.00 | "
                          "yes |")
             continue
         kinds = " + ".join(f"{r[k]:,.0f}" for k in BYTE_KINDS)
-        lines.append(f"| {r['draft']} | {r['lookahead']} | {r['rule']} | {r['rollback']} | "
+        lines.append(f"| {r['draft']} | {r['lookahead']} | {r['rule']} | {r['rollback']} | {r['draft_sync']} | "
                      f"{r['acceptance_rate']:.2f} | {r['mean_accepted_per_verify']:.2f} | {r['speed_vs_plain']:.2f}x | "
                      f"{kinds} = {r['state_bytes_per_token']:,.0f} | {r['state_bytes_vs_plain']:.2f} | "
                      f"{'yes' if r['exact'] else 'NO'} |")
@@ -80,6 +81,9 @@ def main() -> None:
     parser.add_argument("--lookaheads", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--rules", nargs="+", choices=["fixed", "entropy"], default=["fixed", "entropy"])
     parser.add_argument("--rollbacks", nargs="+", choices=ROLLBACKS, default=list(ROLLBACKS))
+    parser.add_argument("--draft-syncs", nargs="+", choices=DRAFT_SYNCS, default=["once"],
+                        help="when the draft takes the target's state: once (after the prompt), after a round with a "
+                             "rejection, every round")
     parser.add_argument("--entropy-threshold", type=float, default=0.5)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -101,7 +105,7 @@ def main() -> None:
         plain_tokens = sum(o.shape[1] - p.shape[1] for o, p in zip(plain, prompts, strict=True))
         step_bytes = model(prompts[0][:, :2]).cache.memory_report()["state_bytes_per_step"]
     plain_tps = plain_tokens / plain_seconds
-    rows = [{"mode": "plain greedy", "draft": "-", "lookahead": 0, "rule": "-", "rollback": "-",
+    rows = [{"mode": "plain greedy", "draft": "-", "lookahead": 0, "rule": "-", "rollback": "-", "draft_sync": "-",
              "tokens_per_second": plain_tps, "speed_vs_plain": 1.0, "acceptance_rate": None,
              "mean_accepted_per_verify": None, "state_bytes_per_token": step_bytes, "state_bytes_vs_plain": 1.0,
              "rollback_memory_bytes": 0, "exact": True}]
@@ -110,12 +114,12 @@ def main() -> None:
         for lookahead in args.lookaheads:
             for rule in args.rules:
                 threshold = args.entropy_threshold if rule == "entropy" else None
-                for rollback in args.rollbacks:
+                for rollback, draft_sync in itertools.product(args.rollbacks, args.draft_syncs):
                     stats, exact, start = [], True, time.perf_counter()
                     for prompt, reference in zip(prompts, plain, strict=True):
                         out = speculative_generate(model, prompt, draft=draft, lookahead=lookahead,
                                                    max_new_tokens=args.new_tokens, entropy_threshold=threshold,
-                                                   rollback=rollback)
+                                                   rollback=rollback, draft_sync=draft_sync)
                         exact &= torch.equal(out.sequences, reference)
                         stats.append(out.stats)
                     seconds = time.perf_counter() - start
@@ -124,7 +128,7 @@ def main() -> None:
                     per_token = sum(s.state_bytes_moved for s in stats) / generated
                     rows.append({
                         "mode": "speculative", "draft": draft.name, "lookahead": lookahead, "rule": rule,
-                        "rollback": rollback, "tokens_per_second": generated / seconds,
+                        "rollback": rollback, "draft_sync": draft_sync, "tokens_per_second": generated / seconds,
                         "speed_vs_plain": generated / seconds / plain_tps,
                         "acceptance_rate": accepted / drafted if drafted else 0.0,
                         "mean_accepted_per_verify": accepted / sum(s.row_verifies for s in stats),
@@ -136,7 +140,7 @@ def main() -> None:
                         "exact": bool(exact),
                     })
                     r = rows[-1]
-                    print(f"{draft.name:10s} k={lookahead:<2d} {rule:7s} {rollback:11s} accept "
+                    print(f"{draft.name:10s} k={lookahead:<2d} {rule:7s} {rollback:11s} sync {draft_sync:11s} accept "
                           f"{r['acceptance_rate']:.2f} acc/verify {r['mean_accepted_per_verify']:.2f} speed "
                           f"{r['speed_vs_plain']:.2f}x state B/token {per_token:.0f} ({r['state_bytes_vs_plain']:.2f}x "
                           f"plain {step_bytes}) exact {r['exact']}", flush=True)

@@ -90,3 +90,26 @@ def test_replay_refuses_what_was_not_recorded(model):
     end_of_forward = GSQCache(model.config, {"policy": "static", "format": "int8", "write_mode": "end_of_forward"})
     with pytest.raises(ValueError, match="replay needs write_mode='every_step'"):
         end_of_forward.record_inputs()
+
+
+def test_replay_keeps_no_copy_of_the_conv_output(model, family):
+    """x (and B on Mamba2) are views of the conv's output, which a replay computes again: per token and layer the
+    record holds the conv input, Δ and (Mamba-1) B, and replay still stores checkpoint n bit for bit."""
+    gsq_hf.patch(model, "fp32")
+    ids = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(8))
+    cache = model(ids[:, :4]).cache
+    cache.record_positions()
+    cache.record_inputs()
+    model(ids[:, 4:], cache=cache)
+    config, layer = model.config, cache.gsq_layers[0]
+    conv_dim = layer.conv_shape[1]
+    if family == "mamba":
+        values = 2 * conv_dim + config.state_size  # conv input, Δ (per channel), B
+    else:
+        values = conv_dim + config.num_heads  # conv input, Δ (per head)
+    assert cache.recorded_input_bytes == len(cache.gsq_layers) * 2 * 5 * values * 4
+    assert sorted(name for name, value in layer.step_inputs[0].items() if torch.is_tensor(value) and name != "A") == (
+        ["B", "conv", "dt"] if family == "mamba" else ["conv", "dt"])
+    checkpoint = layer.positions[2]
+    cache.replay(3)
+    assert torch.equal(layer.read_ssm(), read_state(checkpoint))

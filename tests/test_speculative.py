@@ -28,10 +28,12 @@ def noisy(model, scale: float, seed: int = 0):
     return model.lm_head.register_forward_hook(hook)
 
 
-@pytest.mark.parametrize("rollback", ["checkpoints", "recompute", "replay"])
-def test_batch_rows_commit_their_own_prefix(model, rollback):
+@pytest.mark.parametrize(("rollback", "draft_sync"), [("checkpoints", "once"), ("recompute", "rejection"),
+                                                     ("replay", "once"), ("replay", "every_round")])
+def test_batch_rows_commit_their_own_prefix(model, rollback, draft_sync):
     """Batch 4, left-padded prompts of different lengths, a noisy draft: rows accept different numbers of tokens
-    each round, and every row's output is still plain greedy ``generate``'s (eos rows padded as it pads them)."""
+    each round, and every row's output is still plain greedy ``generate``'s (eos rows padded as it pads them);
+    a draft continuing from its own states goes back to each row's own."""
     ids = torch.randint(2, 64, (4, 9), generator=torch.Generator().manual_seed(7))
     mask = torch.ones_like(ids)
     mask[1, :3] = mask[2, :6] = mask[3, :1] = 0
@@ -41,7 +43,7 @@ def test_batch_rows_commit_their_own_prefix(model, rollback):
     handle = noisy(model, 1.0)
     try:
         out = speculative_generate(model, ids, attention_mask=mask, draft="int4", lookahead=5, max_new_tokens=20,
-                                   rollback=rollback)
+                                   rollback=rollback, draft_sync=draft_sync)
     finally:
         handle.remove()
     assert torch.equal(out.sequences, expected)
@@ -80,17 +82,21 @@ def test_rejections_happen_and_are_exact(model):
     handle = model.lm_head.register_forward_hook(noisy_draft)
     try:
         for rollback in ("checkpoints", "recompute", "replay"):
-            out = speculative_generate(model, ids, draft="int4", lookahead=8, max_new_tokens=30, rollback=rollback)
-            assert torch.equal(out.sequences, expected)
-            assert out.stats.accepted < out.stats.drafted / 2  # the rollback path ran, often
+            for draft_sync in ("once", "rejection", "every_round"):
+                out = speculative_generate(model, ids, draft="int4", lookahead=8, max_new_tokens=30, rollback=rollback,
+                                           draft_sync=draft_sync)
+                assert torch.equal(out.sequences, expected)
+                assert out.stats.accepted < out.stats.drafted / 2  # the rollback path ran, often
     finally:
         handle.remove()
 
 
+@pytest.mark.parametrize("draft_sync", ["once", "rejection", "every_round"])
 @pytest.mark.parametrize("rollback", ["checkpoints", "recompute", "replay"])
-def test_state_bytes_are_accounted_by_kind(rollback):
+def test_state_bytes_are_accounted_by_kind(rollback, draft_sync, monkeypatch):
     """The stats' bytes against the caches' own counts: a state read or write is ``memory_report()``'s
-    ``state_bytes`` (static formats), a replayed token's inputs are conv input, x, Δ (fp32) and B per layer."""
+    ``state_bytes`` (static formats); a replayed token's kept inputs are its conv input, Δ (fp32) and B per layer
+    (x is the conv's output, computed again from the conv inputs of the whole verified forward)."""
     from models import tiny_mamba
 
     model = tiny_mamba(seed=3)
@@ -102,7 +108,16 @@ def test_state_bytes_are_accounted_by_kind(rollback):
     target, draft = reports["fp32"]["state_bytes"], reports["int4"]["state_bytes"]
     assert reports["fp32"]["state_bytes_per_step"] == 2 * target and draft < target
     config = model.config
-    inputs_per_token = config.num_hidden_layers * (3 * config.intermediate_size + config.state_size) * 4
+    conv_per_token = config.num_hidden_layers * config.intermediate_size * 4
+    kept_per_token = conv_per_token + config.num_hidden_layers * (config.intermediate_size + config.state_size) * 4
+    replayed_forwards = []  # tokens recorded by the verify forward of each replay
+    replay = gsq_hf.GSQCache.replay
+
+    def counting_replay(cache, num_tokens):
+        replayed_forwards.append(cache.gsq_layers[0].step_inputs[0]["conv"].shape[1])
+        return replay(cache, num_tokens)
+
+    monkeypatch.setattr(gsq_hf.GSQCache, "replay", counting_replay)
     noise = torch.Generator().manual_seed(0)
 
     def noisy_draft(module, args, output):  # forces rejections, so every rollback path runs
@@ -111,23 +126,31 @@ def test_state_bytes_are_accounted_by_kind(rollback):
 
     handle = model.lm_head.register_forward_hook(noisy_draft)
     try:
-        out = speculative_generate(model, ids, draft="int4", lookahead=4, max_new_tokens=24, rollback=rollback)
+        out = speculative_generate(model, ids, draft="int4", lookahead=4, max_new_tokens=24, rollback=rollback,
+                                   draft_sync=draft_sync)
     finally:
         handle.remove()
     s = out.stats
     assert s.rollbacks > 0 and s.accepted > 0
-    rounds = s.verify_steps  # a sync (target read, draft write) and a verify (target read + write) each
-    assert s.draft_state_bytes == s.draft_steps * 2 * draft + rounds * draft
+    rounds, syncs = s.verify_steps, s.draft_syncs
+    assert {"once": syncs == 1, "every_round": syncs == rounds, "rejection": 1 < syncs <= s.rollbacks + 1}[draft_sync]
+    # a sync: the target's state read, the draft's written; a round the draft continues from its own state in
+    # "once" writes one more draft state (after the token it absorbs again); a verify: the target read + written
+    continued_checkpoints = rounds - syncs if draft_sync == "once" else 0
+    assert s.draft_state_bytes == s.draft_steps * 2 * draft + (syncs + continued_checkpoints) * draft
     recommits = 0 if rollback == "checkpoints" else s.rollbacks
-    assert s.target_state_bytes == rounds * target + rounds * 2 * target + recommits * 2 * target
+    assert s.target_state_bytes == syncs * target + rounds * 2 * target + recommits * 2 * target
     assert s.checkpoint_bytes == (s.drafted * target if rollback == "checkpoints" else 0)
     if rollback == "checkpoints":
         assert s.recommitted_tokens == 0
     else:
         assert s.rollbacks <= s.recommitted_tokens <= s.rollbacks + s.accepted
-    replaying = rollback == "replay"  # inputs written for every verified token, read back when replayed
-    assert s.replay_write_bytes == (inputs_per_token * (s.drafted + rounds) if replaying else 0)
-    assert s.replay_read_bytes == pytest.approx(inputs_per_token * s.recommitted_tokens if replaying else 0, rel=1e-12)
+    replaying = rollback == "replay"  # inputs kept for every verified token; read back: the replayed tokens' own,
+    # and the conv inputs of every token of the forward (its conv runs again)
+    assert s.replay_write_bytes == (kept_per_token * (s.drafted + rounds) if replaying else 0)
+    assert len(replayed_forwards) == (s.rollbacks if replaying else 0)
+    expected_reads = (kept_per_token - conv_per_token) * s.recommitted_tokens + conv_per_token * sum(replayed_forwards)
+    assert s.replay_read_bytes == (expected_reads if replaying else 0)
     assert s.plain_step_bytes == 2 * target
     assert s.state_bytes_vs_plain == pytest.approx(s.state_bytes_moved / s.generated / (2 * target))
 
@@ -203,6 +226,10 @@ def test_bad_input(model):
     gsq_hf.unpatch(model)
     with pytest.raises(ValueError, match="rollback must be one of"):
         speculative_generate(model, ids, rollback="magic")
+    with pytest.raises(ValueError, match="draft_sync must be one of once, rejection, every_round"):
+        speculative_generate(model, ids, draft_sync="never")
+    with pytest.raises(GSQConfigError, match="draft_sync='once' needs a draft that writes its state after every"):
+        speculative_generate(model, ids, draft={"name": "d", "format": "int4", "write_mode": "end_of_forward"})
     from transformers import LlamaConfig, LlamaForCausalLM
 
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

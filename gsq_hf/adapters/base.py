@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..cache import GSQStateLayer
-from ..replay import keep_step_inputs
+from ..replay import keep_conv_inputs, keep_scan_inputs
 from ..scan import causal_conv, causal_conv_stepwise, selective_scan
 from ..step import discretize, ssm_output, unit_gate
 
@@ -101,8 +101,6 @@ class MixerAdapter(ABC):
     def _conv(mixer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
               layer: GSQStateLayer) -> tuple[torch.Tensor, list | None]:
         previous, recording = layer.read_conv(), layer.cache.recording
-        if layer.cache.recording_inputs:
-            keep_step_inputs(layer, conv=x.transpose(1, 2))
         history: list | None = [] if recording else None
         if layer.cache.config.write_mode == "every_step" and not layer.cache.conv_format(x.dtype).represents(x.dtype):
 
@@ -112,12 +110,23 @@ class MixerAdapter(ABC):
                     history.append(layer.storage.conv)
                 return read
 
-            return causal_conv_stepwise(x, previous, weight, bias, mixer.act, write)[0], history
-        out, full = causal_conv(x, previous, weight, bias, mixer.act)
-        kernel = weight.shape[-1]
-        layer.write_conv(full[..., -kernel:])
-        if recording:
-            history = [layer.quantize_conv(full[..., t + 1 : t + 1 + kernel]) for t in range(x.shape[-1])]
+            def recompute() -> torch.Tensor:  # what `write` returns (the window read back), nothing stored
+                return causal_conv_stepwise(x, previous, weight, bias, mixer.act,
+                                            lambda w: layer.quantize_conv(w).dequantize().to(w.dtype))[0]
+
+            out = causal_conv_stepwise(x, previous, weight, bias, mixer.act, write)[0]
+        else:
+            out, full = causal_conv(x, previous, weight, bias, mixer.act)
+            kernel = weight.shape[-1]
+            layer.write_conv(full[..., -kernel:])
+            if recording:
+                history = [layer.quantize_conv(full[..., t + 1 : t + 1 + kernel]) for t in range(x.shape[-1])]
+
+            def recompute() -> torch.Tensor:
+                return causal_conv(x, previous, weight, bias, mixer.act)[0]
+
+        if layer.cache.recording_inputs:
+            keep_conv_inputs(layer, x, out, recompute)
         return out, history
 
     @staticmethod
@@ -127,7 +136,7 @@ class MixerAdapter(ABC):
         """A multi-token forward (B, T, …; `gsq_hf.step`'s shapes): the output (B, T, *S), the state stored per
         the write mode with the same write, gate and output functions as a decode step."""
         if layer.cache.recording_inputs:
-            keep_step_inputs(layer, x=x, dt=dt, A=A, B=B)
+            keep_scan_inputs(layer, x, dt, A, B)
         # every_step stores the state after each token anyway, so the tokens can run in chunks: Ā and B̄x of a
         # chunk stay in cache, where the whole forward's (B, T, *S, N) would stream through memory (a 512-token
         # window of the built-in model: 67 MB each). Same products, same order, same stored states.

@@ -260,24 +260,34 @@ def test_speculative_greedy_equals_plain_generate(model):
         assert torch.equal(out.sequences, expected), rollback
 
 
-def test_speculative_batch_with_left_padding(case, model):
-    """Batch 4, prompts of different lengths: each row equals plain greedy ``generate`` (FalconMamba, a pure Mamba
-    model); a hybrid refuses a batch (its attention KV is cropped by the same number of tokens in every row)."""
+@pytest.mark.parametrize("draft_sync", ["once", "rejection", "every_round"])
+def test_speculative_batch_with_left_padding(case, model, draft_sync):
+    """Batch 4, prompts of different lengths, a noisy draft (rows reject at different places): each row equals plain
+    greedy ``generate``; a hybrid's attention KV is compacted per row after each round (kept entries right-aligned,
+    the left padding of the mask extended) and every forward gets each row's own positions."""
     from gsq_hf.speculative import speculative_generate
 
     ids = ids_(4, 8, seed=12)
     mask = torch.ones_like(ids)
     mask[1, :2] = mask[3, :5] = 0
     ids[mask == 0] = 0
-    if case != "falcon_mamba":
-        with pytest.raises(ValueError, match="one sequence per call on a model with attention layers"):
-            speculative_generate(model, ids, attention_mask=mask, max_new_tokens=4)
-        return
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
-    for rollback in ("checkpoints", "recompute", "replay"):
-        out = speculative_generate(model, ids, attention_mask=mask, draft="int4", lookahead=4, max_new_tokens=12,
-                                   rollback=rollback)
-        assert torch.equal(out.sequences, expected), rollback
+    gsq_hf.patch(model, "fp32")
+    noise = torch.Generator().manual_seed(0)
+
+    def noisy_draft(module, args, output):
+        if model._gsq_patch.active_cache.config.name == "int4":
+            return output + 0.3 * output.std() * torch.randn(output.shape, generator=noise)
+
+    handle = model.lm_head.register_forward_hook(noisy_draft)
+    try:
+        for rollback in ("checkpoints", "recompute", "replay"):
+            out = speculative_generate(model, ids, attention_mask=mask, draft="int4", lookahead=4, max_new_tokens=12,
+                                       rollback=rollback, draft_sync=draft_sync)
+            assert torch.equal(out.sequences, expected), rollback
+            assert out.stats.rollbacks > 0 and out.stats.accepted > 0, out.stats  # rows commit different prefixes
+    finally:
+        handle.remove()
 
 
 def test_fused_kernel_decode_matches_the_torch_path(case, model, monkeypatch):
