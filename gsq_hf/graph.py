@@ -17,6 +17,7 @@ mode="reduce-overhead")``): docs/design.md.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -105,11 +106,7 @@ class _Decode:
                             logits_to_keep=1).logits[:, -1]
         self._select(logits, token, unfinished)
         tokens, alive = [token.clone()], [unfinished.any()]
-
-        def step() -> None:
-            out = self.model(token, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            self._select(out, token, unfinished)
-
+        step = functools.partial(self.step, cache, token, unfinished)
         captured, drawn = None, _generator_states(cache)
         for index in range(1, self.max_new_tokens):
             if index % self.check_every == 0 and self._stop(alive[-1], cache):
@@ -124,6 +121,12 @@ class _Decode:
             tokens.append(token.clone())
             alive.append(unfinished.any())
         return torch.cat([self.input_ids, _until_finished(torch.cat(tokens, dim=1), alive)], dim=1)
+
+    def step(self, cache: GSQCache, token: torch.Tensor, unfinished: torch.Tensor) -> None:
+        """One decode step on fixed-address tensors, ``token`` (batch, 1) in and out: what the CUDA graph captures
+        (no host sync, no Python branch on a tensor's value)."""
+        logits = self.model(token, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        self._select(logits, token, unfinished)
 
     def _select(self, logits: torch.Tensor, token: torch.Tensor, unfinished: torch.Tensor) -> None:
         """Greedy next token into ``token``; finished rows take the pad token (in place: no host sync)."""
