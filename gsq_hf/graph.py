@@ -41,8 +41,8 @@ def generate_graph(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: in
 
     ``cache``: a static `GSQCache` to write (default: a new one with the patch's config; its
     ``memory_report()`` then describes the run). ``attention_mask`` masks the prompt (left padding); new tokens
-    are never padding. ``eos_token_id`` / ``pad_token_id`` default to the model's generation config; finished
-    rows get the pad token, as in ``generate``. ``use_graph``: capture the decode step in a CUDA graph
+    are never padding. ``eos_token_id`` / ``pad_token_id`` default to the model's generation config (``[]``: no
+    EOS); finished rows get the pad token, as in ``generate``. ``use_graph``: capture the decode step in a CUDA graph
     (default: on CUDA tensors). ``check_every``: decode steps between the host's looks at the device (stop when
     every row has finished; redo a run whose state went NaN/Inf).
     """
@@ -60,7 +60,7 @@ def generate_graph(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     generation = model.generation_config
     eos = generation.eos_token_id if eos_token_id is None else eos_token_id
     pad = pad_token_id if pad_token_id is not None else generation.pad_token_id
-    eos = None if eos is None else torch.tensor(eos, device=input_ids.device).view(-1)
+    eos = None if eos is None or eos == [] else torch.tensor(eos, device=input_ids.device).view(-1)  # []: none
     if eos is not None and pad is None:
         pad = int(eos[0])
     run = _Decode(model, input_ids, attention_mask, max_new_tokens, eos, pad, check_every)
@@ -139,7 +139,7 @@ class _Decode:
     @staticmethod
     def _stop(alive: torch.Tensor, cache: GSQCache) -> bool:
         """Every row finished, or a NaN/Inf state flagged (redone by the caller): the host's look at the device."""
-        return not bool(alive) or bool(cache.nonfinite_layers())
+        return not bool(alive) or bool(getattr(cache, "nonfinite_layers", list)())  # any cache: the bench's baseline
 
 
 def _warm(step: Callable[[], None], graph: bool) -> None:
@@ -155,7 +155,7 @@ def _warm(step: Callable[[], None], graph: bool) -> None:
 
 
 def _generator_states(cache: GSQCache) -> dict[str, torch.Tensor]:
-    return {device: generator.get_state() for device, generator in cache._generators.items()}
+    return {device: generator.get_state() for device, generator in getattr(cache, "_generators", {}).items()}
 
 
 def _capture(step: Callable[[], None], cache: GSQCache, drawn: dict[str, torch.Tensor]) -> torch.cuda.CUDAGraph:
