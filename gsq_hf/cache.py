@@ -22,8 +22,8 @@ from .formats import StateFormat, get_format
 from .policies import Signals
 from .replay import recorded_tokens, replay, step_inputs_nbytes
 from .signals import ROW_SIGNALS, step_signals
-from .static_cache import StaticCacheMixin
 from .state_layer import _GSQ_LAYER_FOR, FALLBACK, GSQHybridStateLayer, GSQStateLayer, _GSQStateMixin
+from .static_cache import StaticCacheMixin
 from .store import LayerStorage, select_rows
 
 __all__ = ["FALLBACK", "GSQCache", "GSQHybridStateLayer", "GSQStateLayer", "LayerStorage", "weight_bytes"]

@@ -110,7 +110,8 @@ def main(argv=None) -> None:
     if args.torch_path:
         variants += [(f"{name}/torch", dataclasses.replace(config, kernel="torch")) for name, config in list(variants)]
     result = {"benchmark": "generate", "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else "cpu", "graph": args.graph, "dry_run": args.dry_run, "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new_tokens,
+              else "cpu", "graph": args.graph, "dry_run": args.dry_run, "dtype": args.dtype, "prompt": args.prompt,
+              "new_tokens": args.new_tokens,
               "rounds": args.rounds, "versions": {"torch": torch.__version__, "gsq_hf": gsq_hf.__version__},
               "rows": []}
     print(f"{'shape':12s} {'batch':>5s} {'config':16s} {'tok/s':>10s} {'×unpatched':>10s} {'peak GiB':>9s} "

@@ -80,8 +80,8 @@ def test_format_front_scores_formats_against_fp32(tmp_path):
 @pytest.mark.slow
 def test_device_perf_script_dry_runs_every_step_into_out(tmp_path):
     """scripts/device_perf.sh with DRY_RUN=1: each benchmark step on tiny shapes, JSON and tables into $OUT."""
-    run = subprocess.run(["bash", str(ROOT / "scripts" / "device_perf.sh")], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                         env=os.environ | {"OUT": str(tmp_path), "DRY_RUN": "1"})
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "device_perf.sh")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900, env=os.environ | {"OUT": str(tmp_path), "DRY_RUN": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     graph = json.loads((tmp_path / "bench_generate_graph.json").read_text())
     assert graph["graph"] and graph["dry_run"]
