@@ -14,15 +14,16 @@ Shapes: the mamba-2.8b layer (d_inner 5120, d_state 16) and a Mamba2-2.7B layer 
 
 Each method is timed plainly (``triton.testing.do_bench``: launches from Python included) and inside a CUDA
 graph (``do_bench_cudagraph``: the kernel alone; ``--graph``: only there), except the default cache's torch
-path, whose NaN probe syncs with the host and cannot be captured (its static twin can). Columns: median
-µs; bytes one step must move (stored state read + written in its formats, scales, flags and the step's
+path, whose NaN probe syncs with the host and cannot be captured (its static twin can). Columns: median µs;
+bytes one step must move (stored state read + written in its formats, scales, flags and the step's
 inputs/outputs); achieved GB/s and its fraction of a measured device-to-device copy (read + write counted);
-speed-up over ``kernel-fp32`` in the same mode. Variants with e4m3 group scales (``*-e4m3*``, the ``gsq-4bit`` / ``gsq-3bit`` presets, resolved per family) launch a
-row-max pre-pass that reads the stored state once more; their bytes count the one read the format needs. For
-``kernel-fp32`` the ratio to ``mamba_ssm`` (same mode) is checked against 1.10; without ``mamba_ssm`` the
-plain numbers are set against those recorded on an H200 (``../shared/MEASUREMENTS.md``). Kernel launch
-configurations (rows per program, warps) are tuned per shape on the largest batch for ``--tune`` variants.
-Results go to ``--json`` after every batch size, so a run cut short keeps what it measured.
+speed-up over ``kernel-fp32`` in the same mode. Variants with e4m3 group scales (``*-e4m3*``, the ``gsq-4bit``
+/ ``gsq-3bit`` presets, resolved per family) launch a row-max pre-pass that reads the stored state once more;
+their bytes count the one read the format needs. For ``kernel-fp32`` the ratio to ``mamba_ssm`` (same mode) is
+checked against 1.10; without ``mamba_ssm`` the plain numbers are set against those recorded on an H200
+(``../shared/MEASUREMENTS.md``). Kernel launch configurations (rows per program, warps) are tuned per shape on
+the largest batch for ``--tune`` variants. Results go to ``--json`` after every batch size, so a run cut short
+keeps what it measured.
 
 Without a GPU, ``TRITON_INTERPRET=1 python scripts/bench_state_update.py --dry-run`` runs every variant's
 kernel once on small versions of the shapes through Triton's interpreter and checks y against the torch
