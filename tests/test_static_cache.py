@@ -134,3 +134,40 @@ def test_beam_reordering_is_in_place_and_matches_the_default_cache(model):
         logits.append(model(ids[:, :1], cache=cache, use_cache=True).logits)
         assert (cache.gsq_layers[0].storage.low.data.data_ptr() == before.data_ptr()) == static
     assert torch.equal(*logits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family_config", [("mamba", "gsq-4bit"), ("mamba2", "gsq-gate")])
+def test_kernel_steps_on_a_static_cache_match_the_default_cache(family_config):
+    """The fused kernel (Triton's interpreter on CPU) on a static cache: its copies copied into the buffers, or
+    (contiguous buffers, as on CUDA) written in place, with the step counter of stochastic rounding a device
+    scalar; the same logits as the default cache's kernel steps (which take an int step)."""
+    import dataclasses
+    import os
+
+    from models import FAMILIES
+
+    from gsq_hf.config import resolve_config
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("the kernel runs on CPU only under TRITON_INTERPRET=1")
+    pytest.importorskip("triton", exc_type=ImportError)
+    family, name = family_config
+    config = dataclasses.replace(resolve_config(name), kernel="triton")
+    model = FAMILIES[family]()
+    gsq_hf.patch(model, config)
+    ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(5))
+    results = []
+    for static, contiguous in ((False, False), (True, False), (True, True)):
+        cache = GSQCache(model, config, static=static)
+        out = model(ids, cache=cache, use_cache=True)
+        if contiguous:  # the CPU scan leaves its states state-dim-outer; CUDA keeps them contiguous
+            for layer in cache.gsq_layers:
+                layer.storage = layer.storage.map(lambda t: t.contiguous())
+        logits = []
+        for _ in range(2):
+            out = model(out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+            logits.append(out.logits)
+        assert all(layer.kernel_reason is None for layer in cache.gsq_layers)
+        results.append(torch.cat(logits, dim=1))
+    assert torch.equal(results[1], results[0]) and torch.equal(results[2], results[0])
