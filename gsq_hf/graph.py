@@ -39,7 +39,7 @@ def generate_graph(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     """Greedy ``(batch, prompt + new)`` token ids, as ``model.generate(input_ids, do_sample=False,
     max_new_tokens=...)`` returns them for a patched pure-Mamba model (no logits processors are applied).
 
-    ``cache``: a static `GSQCache` to write (default: a new one with the patch's config; its
+    ``cache``: an empty static `GSQCache` to write (default: a new one with the patch's config; its
     ``memory_report()`` then describes the run). ``attention_mask`` masks the prompt (left padding); new tokens
     are never padding. ``eos_token_id`` / ``pad_token_id`` default to the model's generation config (``[]``: no
     EOS); finished rows get the pad token, as in ``generate``. ``use_graph``: capture the decode step in a CUDA graph
@@ -64,7 +64,7 @@ def generate_graph(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     if eos is not None and pad is None:
         pad = int(eos[0])
     run = _Decode(model, input_ids, attention_mask, max_new_tokens, eos, pad, check_every)
-    cache.defer_finite_check = True
+    deferred, cache.defer_finite_check = cache.defer_finite_check, True
     try:
         with torch.no_grad():
             sequences = run(cache, graph)
@@ -75,7 +75,7 @@ def generate_graph(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: in
                               RuntimeWarning, stacklevel=2)
                 sequences = run(GSQCache(model, cache.config), graph=False)
     finally:
-        cache.defer_finite_check = False
+        cache.defer_finite_check = deferred
     return sequences
 
 
@@ -83,6 +83,9 @@ def _check_cache(cache: GSQCache, graph: bool) -> None:
     if not cache.static:
         raise ValueError("generate_graph writes its cache in place: pass GSQCache(model, config, static=True), or no "
                          "cache (one is made)")
+    if any(layer.has_state for layer in cache.gsq_layers):
+        raise ValueError("generate_graph starts from the prompt: pass an empty static cache (cache.reset() empties "
+                         "one)")
     if cache.has_attention_kv:
         raise ValueError("generate_graph decodes pure Mamba models: the attention KV of a hybrid grows every step, "
                          "which a fixed-shape step cannot hold; use model.generate")

@@ -114,6 +114,10 @@ def test_refusals(model):
     gsq_hf.patch(model, "int8")
     with pytest.raises(ValueError, match=r"static=True\), or no cache"):
         gsq_hf.generate_graph(model, PROMPT, 4, cache=GSQCache(model, "int8"))
+    used = GSQCache(model, "int8", static=True)
+    model(PROMPT, cache=used, use_cache=True)
+    with pytest.raises(ValueError, match=r"empty static cache \(cache.reset\(\) empties one\)"):
+        gsq_hf.generate_graph(model, PROMPT, 4, cache=used)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         gsq_hf.generate_graph(model, PROMPT, 4, use_graph=True)
     with pytest.raises(ValueError, match="must be integers >= 1"):
