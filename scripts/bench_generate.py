@@ -9,8 +9,10 @@ A random model of the given shape (the cost of a decode step does not depend on 
 quantized configs take the fused Triton state update (``GSQConfig.kernel='auto'``); ``--torch-path`` adds
 each config again with ``kernel='torch'`` (dequantize → update → quantize in separate torch ops). ``--graph``
 decodes with `gsq_hf.generate_graph` (a static cache, the decode step captured in a CUDA graph) and the
-unpatched model through the same captured loop (transformers' cache, written in place upstream); on CPU the
-same loop runs eagerly (``--dry-run``: tiny shapes, one round, no speed claims). Columns:
+unpatched model through the same captured loop (transformers' cache, written in place upstream): each call
+pays its prompt forward, two eager steps and one capture, like ``generate`` its prompt forward, so use enough
+``--new-tokens`` to amortize them; on CPU the same loop runs eagerly (``--dry-run``: tiny shapes, one round, no
+speed claims). Columns:
 tokens/s (batch × new tokens / seconds), its ratio to the unpatched model, peak memory (CUDA) and the
 cache's state bytes per sequence. Writes JSON (``--json``) and prints a table.
 """

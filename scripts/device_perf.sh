@@ -51,8 +51,8 @@ if [ "$DRY_RUN" = 1 ]; then
 else
   step state_update 170 python3 scripts/bench_state_update.py --graph --no-torch-path --batch-sizes 1 64 256 \
     --variants $CONFIGS --tune fp32 int8 int4 --rep-ms 30 --json "$OUT/bench_state_update.json"
-  step generate_graph 230 python3 scripts/bench_generate.py --graph --shapes mamba2-2.7b-8l mamba-130m \
-    --batch-sizes 1 64 256 --configs $CONFIGS --new-tokens 32 --rounds 2 --json "$OUT/bench_generate_graph.json"
+  step generate_graph 240 python3 scripts/bench_generate.py --graph --shapes mamba2-2.7b-8l mamba-130m \
+    --batch-sizes 1 64 256 --configs $CONFIGS --new-tokens 96 --rounds 2 --json "$OUT/bench_generate_graph.json"
   step generate 120 python3 scripts/bench_generate.py --shapes mamba2-2.7b-8l --batch-sizes 1 256 \
     --configs fp32 int8 int4 --new-tokens 32 --rounds 1 --json "$OUT/bench_generate.json"
 fi
