@@ -11,6 +11,7 @@ from .cache import GSQCache
 from .config import BudgetConfig, EntropyConfig, GateConfig, GSQConfig, StaticConfig, list_presets, resolve_config
 from .errors import GSQConfigError, NotPatchedError, UnsupportedModelError, UnsupportedVersionError
 from .formats import FORMATS, get_format
+from .graph import generate_graph
 from .patch import from_pretrained, is_patched, patch, patched, unpatch
 from .policies import register_policy
 from .speculative import speculative_generate
@@ -30,6 +31,7 @@ __all__ = [
     "UnsupportedModelError",
     "UnsupportedVersionError",
     "from_pretrained",
+    "generate_graph",
     "get_format",
     "is_patched",
     "list_presets",

@@ -4,7 +4,8 @@ Its Mamba layers are `GSQStateLayer`s (`gsq_hf.state_layer`; the layout of what 
 the cache holds what they share: the config and policy, the row signals of the next write, the generators of
 stochastic rounding, checkpoints, the precision trace and the memory report. Storage tensors are replaced,
 never written in place, so a snapshot of the cache is a set of references (cheap checkpoints for rollback,
-e.g. speculative decoding). Attention layers of hybrid models keep transformers' ordinary dynamic layers.
+e.g. speculative decoding); a static cache (``static=True``) writes in place instead (`gsq_hf.state_layer`).
+Attention layers of hybrid models keep transformers' ordinary dynamic layers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .policies import Signals
 from .replay import recorded_tokens, replay, step_inputs_nbytes
 from .signals import ROW_SIGNALS, step_signals
 from .state_layer import _GSQ_LAYER_FOR, FALLBACK, GSQHybridStateLayer, GSQStateLayer, _GSQStateMixin
+from .static_cache import StaticCacheMixin
 from .store import LayerStorage, select_rows
 
 __all__ = ["FALLBACK", "GSQCache", "GSQHybridStateLayer", "GSQStateLayer", "LayerStorage", "weight_bytes"]
@@ -48,7 +50,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.nelement() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-class GSQCache(DynamicCache):
+class GSQCache(StaticCacheMixin, DynamicCache):
     """A `DynamicCache` whose Mamba-layer states are stored per a `GSQConfig`.
 
     Patched models build one automatically (in ``forward`` and ``generate``); build one yourself to give
@@ -64,10 +66,16 @@ class GSQCache(DynamicCache):
     ``trace=True`` (or ``cache.start_trace()``) logs, at every SSM state write, the fraction of each row's
     units stored in the high format (``trace="units"``: also every unit's format); read it back with
     `precision_trace`. Off by default: the write path then costs one ``if``.
+
+    ``static=True`` keeps each layer's storage in buffers allocated at its first write (for that batch) and
+    written in place, with no host sync per layer: what `gsq_hf.generate_graph` captures in a CUDA graph. Same
+    stored bytes and logits as the default; no checkpoints (they would alias the buffers) and no fp32 copies of
+    NaN/Inf units: such a write sets a device flag instead, which `check_finite` reads (a patched model's
+    forward does, unless ``defer_finite_check``; docs/design.md).
     """
 
     def __init__(self, model_or_config, gsq_config: GSQConfig | str | dict | None = "fp32", *,
-                 trace: bool | str = False, **kwargs):
+                 trace: bool | str = False, static: bool = False, **kwargs):
         model = model_or_config if isinstance(model_or_config, torch.nn.Module) else None
         super().__init__(config=model.config if model is not None else model_or_config, **kwargs)
         self._model = weakref.ref(model) if model is not None else None  # weights for memory_report; no cycle
@@ -75,6 +83,7 @@ class GSQCache(DynamicCache):
                                                                         "model_type", None))
         self.policy = self.config.build_policy()
         self._row_signal_name = next(iter(sorted(self.policy.signals & ROW_SIGNALS.keys())), None)
+        self.static = static
         self.recording = False  # per-token checkpoints (record_positions)
         self.recording_inputs = False  # per-token scan inputs (record_inputs)
         self.row_signal: torch.Tensor | None = None  # (batch,) normalized entropy/surprisal of the next write
@@ -138,7 +147,7 @@ class GSQCache(DynamicCache):
         if logprobs is None or input_ids is None or logprobs.shape[0] != input_ids.shape[0]:
             return
         token = input_ids[:, :1].to(logprobs.device)
-        self.row_signal = ROW_SIGNALS[self._row_signal_name].compute(logprobs, token)
+        self._set_rows("row_signal", ROW_SIGNALS[self._row_signal_name].compute(logprobs, token))
 
     def observe_logits(self, logits: torch.Tensor) -> None:
         """Record the signal the next write will see from the last position's logits ``(batch, vocab)``."""
@@ -146,10 +155,8 @@ class GSQCache(DynamicCache):
             return
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         signal = ROW_SIGNALS[self._row_signal_name]
-        if signal.needs_token:
-            self._prev_logprobs = logprobs
-        else:
-            self.row_signal = signal.compute(logprobs, None)
+        self._set_rows("_prev_logprobs" if signal.needs_token else "row_signal",
+                       logprobs if signal.needs_token else signal.compute(logprobs, None))
 
     # -- beam search, batching, reset ------------------------------------------------------------------
     def _map_rows(self, fn) -> None:
@@ -189,12 +196,14 @@ class GSQCache(DynamicCache):
 
     def snapshot(self) -> dict[str, Any]:
         """References to the current states: restoring them later undoes every write since."""
+        self._refuse_static("a snapshot")
         return {"layers": [layer.storage for layer in self.gsq_layers], "row_signal": self.row_signal,
                 "prev_logprobs": self._prev_logprobs,
                 "kv_lengths": [layer.get_seq_length() for layer in self.attention_layers()]}
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         """Return to a `snapshot`; attention layers drop the KV entries written since."""
+        self._refuse_static("restore")
         for layer, storage in zip(self.gsq_layers, snapshot["layers"], strict=True):
             layer.storage = storage
             layer.has_previous_state[0] = storage.low is not None
@@ -207,6 +216,8 @@ class GSQCache(DynamicCache):
         """Keep a checkpoint after every token written (``every_step`` mode) until ``rollback``/disable."""
         if enabled and self.config.write_mode != "every_step":
             raise ValueError("per-token checkpoints need write_mode='every_step' (a state is stored after each token)")
+        if enabled:
+            self._refuse_static("record_positions")
         self.recording = enabled
         for layer in self.gsq_layers:
             layer.positions = []
@@ -269,6 +280,8 @@ class GSQCache(DynamicCache):
         """
         if enabled and self.config.write_mode != "every_step":
             raise ValueError("replay needs write_mode='every_step' (a state is stored after each token)")
+        if enabled:
+            self._refuse_static("record_inputs")
         self.recording_inputs = enabled
         for layer in self.gsq_layers:
             layer.step_inputs, layer.replay_start = [], (layer.storage if enabled else None)
@@ -405,7 +418,7 @@ class GSQCache(DynamicCache):
             for name, count in layer.unit_writes.items():
                 writes[name] = writes.get(name, 0) + float(count)
         total_writes = sum(writes.values())
-        elements = sum(layer.stored_elements for layer in layers)
+        elements = sum(int(layer.stored_elements) for layer in layers)
         bits = sum(float(layer.stored_bits) for layer in layers)
         ssm = totals.get("ssm_state_bytes", 0)
         conv = totals.get("conv_state_bytes", 0)

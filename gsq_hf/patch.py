@@ -174,7 +174,11 @@ def _pre_forward_hook(model: nn.Module, args: tuple, kwargs: dict):
 
 
 def _post_forward_hook(model: nn.Module, args: tuple, output: Any) -> None:
-    model._gsq_patch.scratch_cache = None  # a forward without a cache keeps no state past its own end
+    state: _PatchState = model._gsq_patch
+    state.scratch_cache = None  # a forward without a cache keeps no state past its own end
+    cache = state.active_cache
+    if cache is not None and cache.static and not cache.defer_finite_check:
+        cache.check_finite()  # a static cache flags NaN/Inf states on the device: one read per forward
 
 
 def _continue_positions(model: nn.Module, cache: GSQCache, input_ids: torch.Tensor | None, kwargs: dict) -> None:

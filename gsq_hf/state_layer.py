@@ -2,7 +2,9 @@
 
 Each write goes through `gsq_hf.store` (`quantize_state`, `read_state`) and is counted here (unit writes per
 format, stored bits, bytes a step moves) and, while tracing, logged. Storage tensors are replaced, never written
-in place, so a snapshot is a set of references.
+in place, so a snapshot is a set of references; a static cache (``GSQCache(..., static=True)``) instead copies
+every write into the buffers of its first (`gsq_hf.store.write_in_place`), counts on the device in place and
+flags NaN/Inf states on the device (``nonfinite``) instead of keeping fp32 copies: what a CUDA graph can replay.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from transformers.cache_utils import DynamicLayer, LinearAttentionAndFullAttentionLayer, LinearAttentionLayer
 
 from .formats import QuantizedTensor
-from .store import LayerStorage, quantize_state, read_state
+from .store import SSM_FIELDS, LayerStorage, quantize_state, read_state, write_in_place
 
 if TYPE_CHECKING:
     from .cache import GSQCache
@@ -42,6 +44,7 @@ class _GSQStateMixin:
         self.replay_start: LayerStorage | None = None  # the state when it began recording them
         self.last_gate: torch.Tensor | None = None  # the signal of the last write, to re-quantize a copy
         self.kernel_reason: str | None = None  # why the last decode step did not run the kernel (gsq_hf.step)
+        self.nonfinite: torch.Tensor | None = None  # static cache: bool device flag, set by a NaN/Inf state write
         self.tracing = 0  # precision trace: 0 off, 1 high fraction per row, 2 also every unit's format id
         self.trace_high: list[torch.Tensor] = []  # per write: (batch,) fraction of units stored high
         self.trace_units: list[torch.Tensor] = []  # per write: (batch, units) int8 format id (tracing == 2)
@@ -60,9 +63,22 @@ class _GSQStateMixin:
         self.conv_shape: tuple[int, ...] | None = None
         self.conv_dtype: torch.dtype | None = None
 
+    def _device_counters(self, device: torch.device) -> None:
+        """A static cache counts in int64 device scalars added to in place: a captured graph replays the adds."""
+        self.unit_writes = {name: torch.zeros((), dtype=torch.int64, device=device) for name in self.unit_writes}
+        self.stored_bits, self.stored_elements, self.writes, self.last_step_bytes, self._last_unit_bytes = (
+            torch.zeros((), dtype=torch.int64, device=device) for _ in range(5))
+
     @property
     def cache(self) -> GSQCache:
         return self._cache
+
+    def _keep(self, new: LayerStorage, fields: tuple[str, ...]) -> None:
+        """Make ``new``'s ``fields`` the stored ones: by reference, or (static cache) copied into the buffers."""
+        if self._cache.static:
+            self.storage = write_in_place(self.storage, new, fields, lambda: f"layer {self._cache.layer_index(self)}")
+        else:
+            self.storage = new
 
     # -- reading ---------------------------------------------------------------------------------------
     @property
@@ -91,7 +107,7 @@ class _GSQStateMixin:
         self.conv_dtype = conv_state.dtype
         self.conv_shape = tuple(conv_state.shape)
         stored = self.quantize_conv(conv_state)
-        self.storage = replace(self.storage, conv=stored)
+        self._keep(replace(self.storage, conv=stored), ("conv",))
         self.has_previous_state[0] = True
         return conv_state if stored.fmt.represents(conv_state.dtype) else stored.dequantize().to(conv_state.dtype)
 
@@ -106,7 +122,8 @@ class _GSQStateMixin:
         """
         cache = self._cache
         stored = quantize_state(state, cache.policy, cache.signals(tuple(state.shape[:2]), state.device, gate),
-                                cache.group_size(state.shape[-1]), cache.config.rounding, cache.generator(state.device))
+                                cache.group_size(state.shape[-1]), cache.config.rounding, cache.generator(state.device),
+                                self.nonfinite_flag(state.device) if cache.static else None)
         self.store(stored, gate)
         return self.read_ssm() if read_back else None
 
@@ -120,9 +137,17 @@ class _GSQStateMixin:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        self.storage = replace(stored, conv=self.storage.conv)
+        if self._cache.static and not torch.is_tensor(self.writes):  # the first write of a static cache
+            self._device_counters(stored.low.data.device)
+        self._keep(replace(stored, conv=self.storage.conv), SSM_FIELDS)
         self._written(stored.low.shape, stored.low.group_size, gate, stored.slot_units, stored.high_valid,
                       stored.fallback_mask, stored.low.data.device)
+
+    def nonfinite_flag(self, device: torch.device) -> torch.Tensor:
+        """The static cache's device flag this layer's writes set on a NaN/Inf state (allocated on first use)."""
+        if self.nonfinite is None:
+            self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        return self.nonfinite
 
     def _written(self, shape, group, gate, slot_units, high_valid, fallback_mask, device) -> None:
         self.has_previous_state[0] = True
@@ -163,13 +188,21 @@ class _GSQStateMixin:
         written = sum(counts[name] * per_unit_bytes[name] for name in counts) + row_bytes
         bits = written * 8
         previous_bytes = self._last_unit_bytes if self.ssm_shape == shape else 0
+        self.ssm_shape = shape
+        if self._cache.static:  # in place on the device counters (`_device_counters`)
+            for name, count in counts.items():
+                self.unit_writes[name].add_(count)
+            self.stored_bits.add_(bits)
+            self.stored_elements.add_(total * unit_elems)
+            self.last_step_bytes.fill_(previous_bytes + written)
+            self._last_unit_bytes.fill_(written)
+            return
         for name, count in counts.items():
             self.unit_writes[name] = self.unit_writes[name] + count
         self.stored_bits = self.stored_bits + bits
         self.stored_elements += total * unit_elems
         self.last_step_bytes = previous_bytes + written
         self._last_unit_bytes = written
-        self.ssm_shape = shape
 
     # -- transformers cache-layer protocol -------------------------------------------------------------
     def lazy_initialization(self, *args, **kwargs) -> None:  # storage is created on the first write
@@ -185,11 +218,15 @@ class _GSQStateMixin:
         return self.storage.low.data.shape[0] if self.storage.low is not None else -1
 
     def _map_storage(self, fn) -> None:
+        if self._cache.static:  # beam reordering keeps the buffers; a new batch size or device cannot
+            self._keep(self.storage.map(fn), (*SSM_FIELDS, "conv"))
+            return
         self.storage = self.storage.map(fn)
         self.positions = [p.map(fn) for p in self.positions]
 
     def reset(self) -> None:
         self.storage = LayerStorage()
+        self.nonfinite = None
         self.positions = []
         self.step_inputs, self.replay_start = [], None
         self.trace_high, self.trace_units = [], []

@@ -148,8 +148,9 @@ def decode_step(layer, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: to
     """One token through ``layer``: update its stored SSM state and return the output (like x; Δ final).
 
     The kernel where `kernel_reason` is None (a step whose output is NaN/Inf is then redone on torch, which
-    keeps such units in fp32), else the torch step; the reason is kept as ``layer.kernel_reason`` and logged
-    once per cache and reason (INFO). Same formats, decisions and statistics either way.
+    keeps such units in fp32; a static cache sets its device flag instead: no host sync), else the torch step;
+    the reason is kept as ``layer.kernel_reason`` and logged once per cache and reason (INFO). Same formats,
+    decisions and statistics either way.
     """
     cache = layer.cache
     reason = kernel_reason(layer, x, A, z)
@@ -168,15 +169,25 @@ def decode_step(layer, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: to
 
 
 def _kernel_step(layer, x, dt, A, B, C, D, z) -> torch.Tensor | None:
-    """The fused step (stores its copies in ``layer``), or None when its output is not finite."""
+    """The fused step (stores its copies in ``layer``), or None when its output is not finite (a static cache
+    flags it on the device and keeps the step: `gsq_hf.static_cache`)."""
     cache, stored = layer.cache, layer.storage
     update = _kernel(cache.config.kernel, x.is_cuda)(
         stored.low, stored.high, stored.high_valid, x, dt, A, B, C, D, z,
         policy=cache.policy, group_size=cache.config.group_size, rounding=cache.config.rounding,
         seed=cache.config.seed, step=layer.writes, row_signal=cache.row_signal_for(x.shape[0]),
-        return_gate="gate" in cache.policy.signals,
+        return_gate="gate" in cache.policy.signals, inplace=cache.static and _contiguous(stored),
     )
-    if not bool(torch.isfinite(update.y).all()):  # a non-finite state unit makes its row's output non-finite
+    finite = torch.isfinite(update.y).all()  # a non-finite state unit makes its row's output non-finite
+    if cache.static:
+        layer.nonfinite_flag(x.device).logical_or_(~finite)
+    elif not bool(finite):
         return None
     layer.store(LayerStorage(low=update.low, high=update.high, high_valid=update.high_valid), update.gate)
     return update.y
+
+
+def _contiguous(stored: LayerStorage) -> bool:
+    """Whether the kernel can write a static cache's buffers in place (it addresses contiguous rows)."""
+    return all(t is None or t.is_contiguous()
+               for q in (stored.low, stored.high) if q is not None for t in (q.data, q.scale, q.row_scale))

@@ -15,14 +15,17 @@ scan and the decode step's torch twin all go through these two functions. Torch 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
 from .formats import QuantizedTensor
 from .policies import PrecisionPolicy, Signals
 
-__all__ = ["LayerStorage", "quantize_state", "read_state", "select_rows"]
+__all__ = ["SSM_FIELDS", "LayerStorage", "quantize_state", "read_state", "select_rows", "write_in_place"]
+
+SSM_FIELDS = ("low", "high", "slot_units", "high_valid", "fallback", "fallback_mask")
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,7 @@ class LayerStorage:
 
     @property
     def ssm_nbytes(self) -> int:
-        parts = (self.low, self.high, self.slot_units, self.high_valid, self.fallback, self.fallback_mask)
-        return sum(p.nbytes for p in parts if p is not None)
+        return sum(getattr(self, name).nbytes for name in SSM_FIELDS if getattr(self, name) is not None)
 
     @property
     def conv_nbytes(self) -> int:
@@ -77,6 +79,47 @@ def select_rows(storages: list[LayerStorage], index: torch.Tensor) -> LayerStora
     return LayerStorage(**{name: pick([getattr(s, name) for s in storages]) for name in fields})
 
 
+def _tensors(value) -> list[torch.Tensor | None]:
+    if isinstance(value, QuantizedTensor):
+        return [value.data, value.scale, value.row_scale]
+    return [value, None, None]
+
+
+def write_in_place(current: LayerStorage, new: LayerStorage, fields: tuple[str, ...],
+                   where: Callable[[], str]) -> LayerStorage:
+    """``current`` with its ``fields`` overwritten in place (``copy_``) by ``new``'s: a static cache's write.
+
+    ``current``'s tensors keep their addresses (a captured CUDA graph replays into them), so ``new`` must have
+    the same fields, shapes, dtypes and device; where ``current`` has none of them yet (the first write), clones
+    of ``new``'s become the buffers every later write fills. ``where()`` names the layer in the error.
+    """
+    if all(getattr(current, name) is None for name in fields):
+        return replace(current, **{name: _clone(getattr(new, name)) for name in fields})
+    for name in fields:
+        targets, sources = _tensors(getattr(current, name)), _tensors(getattr(new, name))
+        for target, source in zip(targets, sources, strict=True):
+            if (target is None) != (source is None) or (
+                    target is not None and (target.shape, target.dtype, target.device)
+                    != (source.shape, source.dtype, source.device)):
+                raise ValueError(
+                    f"static GSQCache, {where()}: the stored {name} changed from {_layout(targets)} to "
+                    f"{_layout(sources)}; static storage keeps the batch and layout of its first write (call "
+                    "cache.reset() to start over, or use the default GSQCache(model, config) for varying batches)")
+            if target is not None and target is not source:  # the kernel may have written in place already
+                target.copy_(source)
+    return current
+
+
+def _clone(value):
+    if value is None:
+        return None
+    return value.map(torch.clone) if isinstance(value, QuantizedTensor) else value.clone()
+
+
+def _layout(tensors: list[torch.Tensor | None]) -> str:
+    return ", ".join("none" if t is None else f"{tuple(t.shape)} {t.dtype} on {t.device}" for t in tensors)
+
+
 def _over_inner(mask: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     """A (batch, units) mask viewed to broadcast over ``state``'s inner dims."""
     return mask.view(*mask.shape, *([1] * (state.dim() - 2)))
@@ -101,10 +144,14 @@ def read_state(s: LayerStorage) -> torch.Tensor | None:
 
 
 def quantize_state(state: torch.Tensor, policy: PrecisionPolicy, signals: Signals, group: int, rounding: str,
-                   generator: torch.Generator | None) -> LayerStorage:
+                   generator: torch.Generator | None, nonfinite: torch.Tensor | None = None) -> LayerStorage:
     """The stored form of the fp32 state ``(batch, units, *inner)``: every unit in ``policy.low``, the units
     ``policy.choose(signals)`` marks also in ``policy.high`` (in K < units slots for a budget), and fp32 copies
-    of units holding NaN/Inf (``fallback_mask`` set: the caller warns and counts them)."""
+    of units holding NaN/Inf (``fallback_mask`` set: the caller warns and counts them).
+
+    Given ``nonfinite`` (a bool device scalar: a static cache's flag), a NaN/Inf state sets it instead, with no
+    host sync and no fp32 copy; the units are stored as they quantize (NaN), for the caller to act on the flag.
+    """
     batch, units = state.shape[:2]
     high_mask = policy.choose(signals)
     low = policy.low.quantize(state, group, rounding, generator)
@@ -125,9 +172,11 @@ def quantize_state(state: torch.Tensor, policy: PrecisionPolicy, signals: Signal
     # non-finite if any value is (or if the sum overflows: the per-unit check then finds every unit finite),
     # cheaper on the per-token path than an elementwise isfinite
     probe = low.scale if low.scale is not None and low.scale.dtype == torch.float32 else state
-    if not bool(torch.isfinite(probe.sum(dtype=torch.float32))):  # the per-unit check runs only if this fails
-        nonfinite = ~torch.isfinite(state).flatten(2).all(dim=-1)  # (batch, units)
-        if bool(nonfinite.any()):  # else only the sum overflowed: every unit is finite
-            fallback, fallback_mask = state.clone(), nonfinite
+    if nonfinite is not None:  # absmax, not the sum: exact (a sum may overflow), and no host sync
+        nonfinite.logical_or_(~torch.isfinite(probe.abs().amax()))
+    elif not bool(torch.isfinite(probe.sum(dtype=torch.float32))):  # the per-unit check runs only if this fails
+        unit_nonfinite = ~torch.isfinite(state).flatten(2).all(dim=-1)  # (batch, units)
+        if bool(unit_nonfinite.any()):  # else only the sum overflowed: every unit is finite
+            fallback, fallback_mask = state.clone(), unit_nonfinite
     return LayerStorage(low=low, high=high, slot_units=slot_units, high_valid=high_valid, fallback=fallback,
                         fallback_mask=fallback_mask)

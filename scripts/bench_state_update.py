@@ -8,20 +8,22 @@ Shapes: the mamba-2.8b layer (d_inner 5120, d_state 16) and a Mamba2-2.7B layer 
   transformers-fp32  transformers' torch decode update (``mamba*_selective_state_update``), fp32 state
   mamba_ssm-fp32     ``mamba_ssm``'s Triton ``selective_state_update``, fp32 state (when importable)
   torch-<variant>    gsq_hf's torch path: ``gsq_hf.step.decode_step`` (read_ssm → ssm_step → write_ssm)
+  torch-static-<v>   the same on a static cache (``GSQCache(static=True)``: in place, no host sync)
   kernel-<variant>   ``gsq_hf.kernels.state_update.state_update`` in place; ``kernel-fp32`` is the fused fp32
                      baseline every quantized variant has to beat
 
 Each method is timed plainly (``triton.testing.do_bench``: launches from Python included) and inside a CUDA
-graph (``do_bench_cudagraph``: the kernel alone), except the torch path, whose NaN probe syncs with the host
-and cannot be captured. Columns: median µs; bytes one step must move (stored state read + written in its
-formats, scales, flags and the step's inputs/outputs); achieved GB/s and its fraction of a measured
-device-to-device copy (read + write counted); speed-up over ``kernel-fp32`` in the same mode. Variants with
-e4m3 group scales (``*-e4m3*``, the ``gsq-4bit`` / ``gsq-3bit`` presets, resolved per family) launch a
-row-max pre-pass that reads the stored state once more; their bytes count the one read the format needs. For
-``kernel-fp32`` the ratio to ``mamba_ssm`` (same mode) is checked against 1.10; without ``mamba_ssm`` the
-plain numbers are set against those recorded on an H200 (``../shared/MEASUREMENTS.md``). Kernel launch
-configurations (rows per program, warps) are tuned per shape on the largest batch for ``--tune`` variants.
-Results go to ``--json`` after every batch size, so a run cut short keeps what it measured.
+graph (``do_bench_cudagraph``: the kernel alone; ``--graph``: only there), except the default cache's torch
+path, whose NaN probe syncs with the host and cannot be captured (its static twin can). Columns: median µs;
+bytes one step must move (stored state read + written in its formats, scales, flags and the step's
+inputs/outputs); achieved GB/s and its fraction of a measured device-to-device copy (read + write counted);
+speed-up over ``kernel-fp32`` in the same mode. Variants with e4m3 group scales (``*-e4m3*``, the ``gsq-4bit``
+/ ``gsq-3bit`` presets, resolved per family) launch a row-max pre-pass that reads the stored state once more;
+their bytes count the one read the format needs. For ``kernel-fp32`` the ratio to ``mamba_ssm`` (same mode) is
+checked against 1.10; without ``mamba_ssm`` the plain numbers are set against those recorded on an H200
+(``../shared/MEASUREMENTS.md``). Kernel launch configurations (rows per program, warps) are tuned per shape on
+the largest batch for ``--tune`` variants. Results go to ``--json`` after every batch size, so a run cut short
+keeps what it measured.
 
 Without a GPU, ``TRITON_INTERPRET=1 python scripts/bench_state_update.py --dry-run`` runs every variant's
 kernel once on small versions of the shapes through Triton's interpreter and checks y against the torch
@@ -91,6 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--act-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
                         help="dtype of x, B, C, z, y (the state is whatever the method stores)")
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
+    parser.add_argument("--graph", action="store_true", help="only the CUDA-graph timings (graph mode)")
     parser.add_argument("--no-torch-path", action="store_true", help="skip gsq_hf's torch path (slow at large batch)")
     parser.add_argument("--warmup-ms", type=float, default=10.0)
     parser.add_argument("--rep-ms", type=float, default=50.0)
@@ -165,8 +168,9 @@ def fp32_call(fn, family: str, inputs: dict, state: torch.Tensor):
     return lambda: fn(state, x, dt_e, A_e, inputs["B"], inputs["C"], D=D_e, z=None, dt_bias=bias_e, dt_softplus=True)
 
 
-def torch_path_call(config, spec: dict, inputs: dict):
-    """gsq_hf's torch decode step (`gsq_hf.step.decode_step` with ``kernel='torch'``) on a real `GSQStateLayer`."""
+def torch_path_call(config, spec: dict, inputs: dict, static: bool = False):
+    """gsq_hf's torch decode step (`gsq_hf.step.decode_step` with ``kernel='torch'``) on a real `GSQStateLayer`
+    (of a static cache: written in place, no host sync, capturable)."""
     import dataclasses
 
     from transformers import Mamba2Config, MambaConfig
@@ -181,7 +185,7 @@ def torch_path_call(config, spec: dict, inputs: dict):
         model_config = Mamba2Config(num_hidden_layers=1, num_heads=spec["heads"], head_dim=spec["head_dim"],
                                     state_size=n, n_groups=spec["groups"],
                                     hidden_size=spec["heads"] * spec["head_dim"] // 2)
-    cache = GSQCache(model_config, dataclasses.replace(config, kernel="torch"))
+    cache = GSQCache(model_config, dataclasses.replace(config, kernel="torch"), static=static)
     cache.row_signal = inputs["row_signal"]
     layer = cache.gsq_layer(0)
     state = inputs["state"]
@@ -308,6 +312,9 @@ def dry_run(args, configs: dict) -> None:
                       f"{config.rounding} {high}", flush=True)
                 if not error <= 0.05:
                     sys.exit(f"kernel-{name} on {shape}: y differs from the torch twin by {error:.3g} of its scale")
+                y = torch_path_call(config, spec, inputs, static=True)()  # the capturable torch path, once
+                if not bool(torch.isfinite(y).all()):
+                    sys.exit(f"torch-static-{name} on {shape}: a non-finite output")
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -353,7 +360,7 @@ def main(argv=None) -> None:
 
     def measure(shape, batch, method, fn, nbytes, graph_ok=True, **extra):
         for mode in ("plain", "graph"):
-            if mode == "graph" and (args.no_graph or not graph_ok):
+            if mode == "graph" and (args.no_graph or not graph_ok) or mode == "plain" and args.graph:
                 continue
             try:
                 record(shape, batch, method, mode, timed(fn, mode == "graph", args), nbytes, **extra)
@@ -402,6 +409,8 @@ def main(argv=None) -> None:
                 if not args.no_torch_path:
                     measure(shape, batch, f"torch-{name}", torch_path_call(config, spec, inputs), nbytes,
                             graph_ok=False, high_fraction=high)
+                    measure(shape, batch, f"torch-static-{name}", torch_path_call(config, spec, inputs, static=True),
+                            nbytes, high_fraction=high)
                 del first
             ours = {r["mode"]: r["us"] for r in result["rows"]
                     if (r["shape"], r["batch"], r["method"]) == (shape, batch, "kernel-fp32") and r["us"]}

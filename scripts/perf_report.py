@@ -52,11 +52,15 @@ def state_update_tables(result: dict) -> str:
 
 
 def generate_table(result: dict) -> str:
-    lines = [f"Device: {result['device']}, model dtype {result['dtype']}, prompt {result['prompt']} tokens, "
+    mode = "decode step in a CUDA graph (generate_graph)" if result.get("graph") else "model.generate"
+    lines = [f"Device: {result['device']}, {mode}, model dtype {result['dtype']}, prompt {result['prompt']} tokens, "
              f"{result['new_tokens']} new tokens, median of {result['rounds']} rounds.", "",
              "| shape | batch | config | tokens/s | × unpatched | peak GiB | state MB / sequence |",
              "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
+        if "tokens_per_s" not in row:
+            lines.append(f"| {row['shape']} | {row['batch']} | {row['config']} | error: {row.get('error')} | | | |")
+            continue
         state = row["state_bytes_per_sequence"]
         lines.append(f"| {row['shape']} | {row['batch']} | {row['config']} | {row['tokens_per_s']:.0f} | "
                      f"{row['ratio_to_unpatched']:.2f} | {_fmt(row['peak_gib'], '.2f')} | "

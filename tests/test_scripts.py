@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on the built-in model with a small budget (their numbers are not asserted)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,18 @@ def test_format_front_scores_formats_against_fp32(tmp_path):
     assert (tmp_path / "front.md").read_text().count("```") == 4 and list(tmp_path.glob("front-*.png"))
     with pytest.raises(SystemExit, match="levels7"):
         front.main(["--format", "levels7", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_device_perf_script_dry_runs_every_step_into_out(tmp_path):
+    """scripts/device_perf.sh with DRY_RUN=1: each benchmark step on tiny shapes, JSON and tables into $OUT."""
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "device_perf.sh")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900, env=os.environ | {"OUT": str(tmp_path), "DRY_RUN": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    graph = json.loads((tmp_path / "bench_generate_graph.json").read_text())
+    assert graph["graph"] and graph["dry_run"]
+    configs = {row["config"] for row in graph["rows"] if "tokens_per_s" in row}
+    assert configs == {"unpatched", "fp32", "bf16", "int8", "int4", "gsq-gate", "gsq-4bit", "gsq-3bit"}
+    assert not [row for row in graph["rows"] if "error" in row]
+    assert "kernel-gsq-3bit" in (tmp_path / "state_update.log").read_text()
+    assert "generate_graph" in (tmp_path / "tables.md").read_text()

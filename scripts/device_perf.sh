@@ -1,0 +1,63 @@
+#!/bin/bash
+# One call of the GPU machine (`run` tool) for the decode-speed measurements of issue #21: the fused state
+# update per layer (CUDA-graph timings) and end-to-end greedy decoding, patched vs unpatched in one run, with
+# the decode step captured in a CUDA graph (gsq_hf.generate_graph) and through plain model.generate. Every
+# step has a hard `timeout`; everything is written straight into $OUT (JSON, logs, the markdown tables).
+#
+# Shapes: the mamba-2.8b and Mamba2-2.7B layers (bench_state_update.py); a Mamba2-2.7B-shaped stack of 8 layers
+# and the mamba-130m shape (bench_generate.py); batch 1/64/256; configs fp32 bf16 int8 int4 gsq-gate gsq-4bit
+# gsq-3bit. Budget: about 9 minutes of steps (the tool's per-call limit is 600 s; device time is 15 min).
+#
+# Call: command "bash scripts/device_perf.sh", timeout_s 590 (carry [".whl"] if the machine lacks the pinned
+#       transformers: wheels from `pip download --no-deps`, installed below).
+# Back here: copy <files_at>/*.json into docs/perf/ and `python scripts/perf_report.py docs/perf/<file>.json`
+#       into docs/performance.md.
+#
+# Dry run on a CPU (the plumbing, tiny shapes, no timings worth reading; tests/test_scripts.py runs it):
+#   OUT=/tmp/out DRY_RUN=1 bash scripts/device_perf.sh
+set -u
+OUT=${OUT:?the device tool sets OUT}
+DRY_RUN=${DRY_RUN:-0}
+export PYTHONUNBUFFERED=1
+T0=$(date +%s); stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+mkdir -p "$OUT"
+FAILED=0
+step() {  # step NAME SECONDS COMMAND...: run under a hard timeout, log into $OUT/NAME.log, go on on failure
+  local name=$1 limit=$2; shift 2
+  stamp "$name (limit $limit s)"
+  timeout -s INT -k 15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 40 "$OUT/$name.log"
+  [ $rc -eq 0 ] || { echo "!!! $name exited $rc"; FAILED=1; }
+}
+
+if [ "$DRY_RUN" = 1 ]; then
+  export TRITON_INTERPRET=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  fi
+  export PYTHONPATH=/tmp/site:$PWD
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+fi
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+CONFIGS="fp32 bf16 int8 int4 gsq-gate gsq-4bit gsq-3bit"
+if [ "$DRY_RUN" = 1 ]; then
+  step state_update 300 python3 scripts/bench_state_update.py --dry-run --batch-sizes 2 --variants $CONFIGS
+  step generate_graph 300 python3 scripts/bench_generate.py --dry-run --graph --configs $CONFIGS \
+    --json "$OUT/bench_generate_graph.json"
+  step generate 300 python3 scripts/bench_generate.py --dry-run --configs fp32 int8 --json "$OUT/bench_generate.json"
+else
+  step state_update 170 python3 scripts/bench_state_update.py --graph --no-torch-path --batch-sizes 1 64 256 \
+    --variants $CONFIGS --tune fp32 int8 int4 --rep-ms 30 --json "$OUT/bench_state_update.json"
+  step generate_graph 240 python3 scripts/bench_generate.py --graph --shapes mamba2-2.7b-8l mamba-130m \
+    --batch-sizes 1 64 256 --configs $CONFIGS --new-tokens 96 --rounds 2 --json "$OUT/bench_generate_graph.json"
+  step generate 120 python3 scripts/bench_generate.py --shapes mamba2-2.7b-8l --batch-sizes 1 256 \
+    --configs fp32 int8 int4 --new-tokens 32 --rounds 1 --json "$OUT/bench_generate.json"
+fi
+for f in "$OUT"/*.json; do
+  [ -e "$f" ] && python3 scripts/perf_report.py "$f" >> "$OUT/tables.md"
+done
+ls -la "$OUT"; stamp "end (failed steps: $FAILED)"
+exit $FAILED
