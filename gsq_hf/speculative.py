@@ -181,13 +181,13 @@ class _KVRows:
         """A forward's ``attention_mask`` and ``position_ids`` for ``length`` new tokens over KV entries ``held``,
         row r's first at position ``first[r]``."""
         return {"attention_mask": torch.cat([held, held.new_ones(held.shape[0], length)], dim=1),
-                "position_ids": first[:, None] + torch.arange(length)}
+                "position_ids": first[:, None] + torch.arange(length, device=first.device)}
 
     def commit(self, kept: torch.Tensor) -> None:
         """Row r kept its first ``kept[r]`` verified tokens, right-aligned: its left padding grew by max - kept[r]."""
         most = int(kept.max())
         full = torch.cat([self.held, self.held.new_ones(self.held.shape[0], most)], dim=1)
-        source = torch.arange(full.shape[1]) - (most - kept)[:, None]
+        source = torch.arange(full.shape[1], device=kept.device) - (most - kept)[:, None]
         self.held = full.gather(1, source.clamp_min(0)) * (source >= 0)
         self.pending = self.pending + kept
 
@@ -253,7 +253,7 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
               entropy_threshold, eos_ids, pad_token_id, rollback, draft_sync, generator) -> SpeculativeOutput:
     stats = SpeculativeStats()
     target_cache, draft_cache = GSQCache(model.config, target), GSQCache(model.config, draft)
-    batch = input_ids.shape[0]
+    batch, device = input_ids.shape[0], input_ids.device
     rows_kv = _KVRows(attention_mask if attention_mask is not None else torch.ones_like(input_ids)) \
         if target_cache.has_attention_kv else None
     if input_ids.shape[1] > 1:
@@ -263,14 +263,15 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
             prefill = {"attention_mask": None if attention_mask is None else attention_mask[:, :-1]}
         model(input_ids[:, :-1], cache=target_cache, **prefill)
     pending = input_ids[:, -1:]
-    rows = torch.arange(batch)
-    out = torch.full((batch, max_new_tokens + 2 * lookahead + 2), pad_token_id, dtype=input_ids.dtype)
-    count = torch.zeros(batch, dtype=torch.long)  # tokens generated per row (may run past max_new_tokens)
-    eos = torch.tensor(eos_ids, dtype=input_ids.dtype)
+    rows = torch.arange(batch, device=device)
+    out = torch.full((batch, max_new_tokens + 2 * lookahead + 2), pad_token_id, dtype=input_ids.dtype, device=device)
+    count = torch.zeros(batch, dtype=torch.long, device=device)  # tokens generated per row (may run past the end)
+    eos = torch.tensor(eos_ids, dtype=input_ids.dtype, device=device)
     log_vocab = None
     draft_states = accepted = rejected = absorbed = None
     while True:
-        finished = torch.isin(out[:, :max_new_tokens], eos) & (torch.arange(max_new_tokens) < count[:, None])
+        written = torch.arange(max_new_tokens, device=device) < count[:, None]
+        finished = torch.isin(out[:, :max_new_tokens], eos) & written
         active = ~finished.any(1) & (count < max_new_tokens)
         if not bool(active.any()):
             break
@@ -295,8 +296,8 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
         draft_states = [[layer.storage] for layer in draft_cache.gsq_layers]  # per layer: before each draft forward
         committed = target_cache.snapshot()
         proposals, draft_probs = [], []
-        valid = torch.zeros(batch, dtype=torch.long)  # proposals per row up to its entropy stop
-        stopped = torch.zeros(batch, dtype=torch.bool)
+        valid = torch.zeros(batch, dtype=torch.long, device=device)  # proposals per row up to its entropy stop
+        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
         for _ in range(min(lookahead, int((max_new_tokens - count[active]).max()))):
             # the draft holds the target's KV entries and its own since (one fewer at first when continuing)
             first = None if rows_kv is None else rows_kv.pending + draft_held.shape[1] - rows_kv.held.shape[1]
@@ -373,7 +374,7 @@ def _generate(model, input_ids, attention_mask, target, draft, lookahead, max_ne
 
         new_tokens = torch.cat([proposed, next_token], dim=1)  # row r's output: its accepted, then its next token
         new_tokens[rows, accepted] = next_token[:, 0]  # (what follows is overwritten by the next round)
-        out[rows[:, None], count[:, None] + torch.arange(new_tokens.shape[1])] = new_tokens
+        out[rows[:, None], count[:, None] + torch.arange(new_tokens.shape[1], device=device)] = new_tokens
         count += (accepted + 1) * active  # a finished row's count stays: its later tokens are never read
         pending = next_token
     out = out[:, :max_new_tokens]
@@ -393,8 +394,8 @@ def _accept(p: torch.Tensor, proposals: torch.Tensor, q: torch.Tensor, valid: to
     (batch, k, V) the draft's; row r proposed ``valid[r]`` tokens (the rest of its k are ignored).
     """
     batch, k = proposals.shape
-    rows = torch.arange(batch)
-    in_time = torch.arange(k) < valid[:, None]
+    rows = torch.arange(batch, device=p.device)
+    in_time = torch.arange(k, device=p.device) < valid[:, None]
     if not do_sample:
         best = p.argmax(-1)  # (batch, k + 1)
         accepted = ((best[:, :k] == proposals) & in_time).long().cumprod(1).sum(1)
@@ -402,7 +403,8 @@ def _accept(p: torch.Tensor, proposals: torch.Tensor, q: torch.Tensor, valid: to
     p_d = p[:, :k].gather(-1, proposals[..., None])[..., 0]
     q_d = q.gather(-1, proposals[..., None])[..., 0]
     ratio = (p_d / q_d.clamp_min(1e-30)).clamp(max=1.0)
-    accepted = ((torch.rand((batch, k), generator=generator) < ratio) & in_time).long().cumprod(1).sum(1)
+    draws = torch.rand((batch, k), generator=generator, device=p.device)
+    accepted = ((draws < ratio) & in_time).long().cumprod(1).sum(1)
     p_next, q_next = p[rows, accepted], q[rows, accepted.clamp(max=k - 1)]
     residual = (p_next - q_next).clamp_min(0)
     mass = residual.sum(-1, keepdim=True)

@@ -15,8 +15,17 @@
 #
 # Dry run on a CPU (the plumbing, tiny shapes, no timings worth reading; tests/test_scripts.py runs it):
 #   OUT=/tmp/out DRY_RUN=1 bash scripts/device_perf.sh
+#
+# Second mode, its own call (issue #22): `bash scripts/device_perf.sh speculative` times self-speculative decoding
+# (bench_speculative.py: gsq-4bit + 4-bit conv window and int4 drafts, lookahead 8, replay rollback) against plain
+# greedy `generate` with the fp32 and int8 states on the Mamba2-2.7B-shaped stack (random bf16 weights), batch 64
+# then 1; about 6 minutes at most. Call: command "bash scripts/device_perf.sh speculative", timeout_s 590.
+# Back here: copy <files_at>/speculative_b*.json into docs/perf/ and <files_at>/tables.md into docs/speculative.md.
+# Dry run: OUT=/tmp/out DRY_RUN=1 bash scripts/device_perf.sh speculative
 set -u
 OUT=${OUT:?the device tool sets OUT}
+MODE=${1:-perf}
+case "$MODE" in perf|speculative) ;; *) echo "device_perf.sh: mode must be perf (default) or speculative, got '$MODE'"; exit 2;; esac
 DRY_RUN=${DRY_RUN:-0}
 export PYTHONUNBUFFERED=1
 T0=$(date +%s); stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
@@ -41,6 +50,21 @@ else
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 fi
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+if [ "$MODE" = speculative ]; then
+  for batch in 64 1; do
+    if [ "$DRY_RUN" = 1 ]; then
+      step "speculative_b$batch" 300 python3 scripts/bench_speculative.py --dry-run --batch-size $(( batch > 1 ? 4 : 1 )) \
+        --json "$OUT/speculative_b$batch.json"
+    else
+      step "speculative_b$batch" $(( batch > 1 ? 300 : 200 )) python3 scripts/bench_speculative.py \
+        --shape mamba2-2.7b-8l --batch-size $batch --new-tokens 64 --rounds 3 --json "$OUT/speculative_b$batch.json"
+    fi
+  done
+  cat "$OUT"/speculative_b*.md > "$OUT/tables.md" 2> /dev/null
+  ls -la "$OUT"; stamp "end (failed steps: $FAILED)"
+  exit $FAILED
+fi
 
 CONFIGS="fp32 bf16 int8 int4 gsq-gate gsq-4bit gsq-3bit"
 if [ "$DRY_RUN" = 1 ]; then

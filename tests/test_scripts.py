@@ -94,3 +94,28 @@ def test_device_perf_script_dry_runs_every_step_into_out(tmp_path):
     assert not [row for row in graph["rows"] if "error" in row]
     assert "kernel-gsq-3bit" in (tmp_path / "state_update.log").read_text()
     assert "generate_graph" in (tmp_path / "tables.md").read_text()
+
+
+@pytest.mark.slow
+def test_device_perf_speculative_mode_dry_runs_into_out(tmp_path):
+    """``device_perf.sh speculative`` with DRY_RUN=1: bench_speculative's random-weight mode at two batch sizes,
+    plain greedy (fp32, int8) and both drafts in every file, no error rows, every speculative row identical to
+    plain fp32 greedy decoding, and the random-weights caveat carried into the JSON and the tables."""
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "device_perf.sh"), "speculative"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900, env=os.environ | {"OUT": str(tmp_path),
+                                                                                         "DRY_RUN": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    for name, batch in (("speculative_b64", 4), ("speculative_b1", 1)):
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        assert result["dry_run"] and result["batch_size"] == batch and "random weights" in result["note"]
+        rows = result["rows"]
+        assert not [row for row in rows if "error" in row]
+        assert [(row["mode"], row["target"], row["draft"]) for row in rows] == [
+            ("plain greedy", "fp32", "-"), ("plain greedy", "int8", "-"),
+            ("speculative", "fp32", "gsq-4bit+conv-int4-e8m0"), ("speculative", "fp32", "int4")]
+        for row in rows[2:]:
+            assert row["rows_identical_to_plain"] == row["rows"] == batch and row["exact"]
+            assert (row["lookahead"], row["rollback"]) == (8, "replay") and row["tokens_per_second"] > 0
+            assert 0 < row["state_bytes_vs_plain"] and 0 <= row["acceptance_rate"] <= 1
+    tables = (tmp_path / "tables.md").read_text()
+    assert tables.count("| gsq-4bit+conv-int4-e8m0 | 8 | fixed | replay | once |") == 2 and "random weights" in tables

@@ -23,7 +23,8 @@ def noisy(model, scale: float, seed: int = 0):
 
     def hook(module, args, output):
         if model._gsq_patch.active_cache.config.name == "int4":
-            return output + scale * output.std() * torch.randn(output.shape, generator=noise)
+            draws = torch.randn(output.shape, generator=noise, device=noise.device).to(output.device)
+            return output + scale * output.std() * draws
 
     return model.lm_head.register_forward_hook(hook)
 
@@ -48,6 +49,27 @@ def test_batch_rows_commit_their_own_prefix(model, rollback, draft_sync):
         handle.remove()
     assert torch.equal(out.sequences, expected)
     assert 0 < out.stats.rollbacks < 4 * out.stats.verify_steps  # some rows rejected, others not, in some rounds
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_every_tensor_is_made_on_the_inputs_device(model, do_sample):
+    """No tensor of the loop is made on the default device (on a GPU: on the host, where indexing a CUDA tensor with
+    it fails): under a "meta" default device every factory call without a device fails to mix with the CPU ones."""
+    ids = torch.randint(2, 64, (4, 9), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    gsq_hf.patch(model, "fp32")
+    runs = []
+    for default in ("cpu", "meta"):
+        handle = noisy(model, 1.0)
+        try:
+            with torch.device(default):
+                runs.append(speculative_generate(model, ids, attention_mask=mask, draft="int4", lookahead=5,
+                                                 max_new_tokens=12, do_sample=do_sample,
+                                                 generator=torch.Generator(device="cpu").manual_seed(0)))
+        finally:
+            handle.remove()
+    assert torch.equal(runs[0].sequences, runs[1].sequences) and runs[1].stats.rollbacks > 0
 
 
 def test_partial_acceptance_rolls_back_exactly(model):
