@@ -53,6 +53,7 @@ from ..cache import GSQCache
 from ..config import GSQConfig, resolve_config
 from ..patch import is_patched, patched
 from .data import TokenWindows, make_windows
+from .paired import mean_stderr
 from .positions import PositionBuckets, bucket_labels, bucket_of_step, log_position_buckets
 from .stepping import needs_stepping, next_token_logits
 
@@ -172,7 +173,7 @@ class PerplexityResult:
         if self.window_kl_sum is None:
             return None
         per_window = torch.tensor(self.window_kl_sum, dtype=torch.float64) * (len(self.window_kl_sum) / self.tokens)
-        return float(per_window.std() / math.sqrt(len(per_window))) if len(per_window) > 1 else math.nan
+        return float(mean_stderr(per_window))
 
     @property
     def top1_agreement(self) -> float | None:

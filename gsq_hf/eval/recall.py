@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -304,7 +305,8 @@ def _per_sequence(record: dict[str, Any]) -> list[int]:
 
 
 def recall_table(records: Sequence[dict[str, Any]]) -> str:
-    """One row per config: recall overall and per gap (%), Δ vs the first config (points), state size."""
+    """One row per config: recall overall and per gap (%), Δ vs the first config (points ± its paired standard
+    error over the sequences, where known), state size."""
     from .report import format_table
 
     gaps = list(records[0]["recall_by_gap"]) if records else []
@@ -315,7 +317,9 @@ def recall_table(records: Sequence[dict[str, Any]]) -> str:
         full = r["full_precision_state_bytes"]
         speed = r.get("tokens_per_second")
         rows.append([
-            r["config"], f"{100 * r['recall']:.2f}", f"{100 * r['delta_vs_first']:+.2f}",
+            r["config"], f"{100 * r['recall']:.2f}",
+            f"{100 * r['delta_vs_first']:+.2f}"
+            + (f" ± {100 * r['delta_stderr']:.2f}" if math.isfinite(r.get("delta_stderr", math.nan)) else ""),
             *(f"{100 * r['recall_by_gap'][g]:.2f}" for g in gaps), f"{r['avg_state_bits']:.2f}",
             f"{r['state_bytes']:,.0f}", f"{r['state_bytes'] / full:.3f}" if full else "-", str(r["queries"]),
             f"{speed:,.1f}" if speed else "-",
