@@ -6,8 +6,10 @@
 For a language model, every candidate format runs decode-faithfully (`decode_faithful_perplexity`: the state
 stored after every token) on the same windows as fp32, which keeps its top ``--kl-top-k`` logits per token:
 KL(fp32 ‖ config) per token (a lower bound of the full KL, ± its standard error over windows), top-1
-agreement and Δ perplexity. For a recall model (``--recall``, a directory from scripts/train_recall.py),
-decode-faithful recall at the training gap and 4x it. Stored bits are the memory report's average bits per
+agreement and Δ perplexity (± its standard error paired over the windows, `gsq_hf.eval.paired`). For a recall
+model (``--recall``, a directory from scripts/train_recall.py), decode-faithful recall at the training gap and 4x
+it, Δ vs fp32 ± its standard error paired over the sequences. ``--max-tokens`` beyond a text's length scores
+all of it. Stored bits are the memory report's average bits per
 state element, every stored bit counted (payload, scales, second-level scales).
 
 Candidates: the uniform baselines (int8 … int3 with fp32 scales: today's front), then the composed formats at
