@@ -6,8 +6,10 @@
 For a language model, every candidate format runs decode-faithfully (`decode_faithful_perplexity`: the state
 stored after every token) on the same windows as fp32, which keeps its top ``--kl-top-k`` logits per token:
 KL(fp32 ‖ config) per token (a lower bound of the full KL, ± its standard error over windows), top-1
-agreement and Δ perplexity. For a recall model (``--recall``, a directory from scripts/train_recall.py),
-decode-faithful recall at the training gap and 4x it. Stored bits are the memory report's average bits per
+agreement and Δ perplexity (± its standard error paired over the windows, `gsq_hf.eval.paired`). For a recall
+model (``--recall``, a directory from scripts/train_recall.py), decode-faithful recall at the training gap and 4x
+it, Δ vs fp32 ± its standard error paired over the sequences. ``--max-tokens`` beyond a text's length scores
+all of it. Stored bits are the memory report's average bits per
 state element, every stored bit counted (payload, scales, second-level scales).
 
 Candidates: the uniform baselines (int8 … int3 with fp32 scales: today's front), then the composed formats at
@@ -37,11 +39,15 @@ import torch
 from gsq_hf.errors import GSQConfigError
 from gsq_hf.eval import decode_faithful_perplexity, make_windows
 from gsq_hf.eval.data import load_model, load_text, load_tokenizer
+from gsq_hf.eval.paired import nll_deltas
 from gsq_hf.eval.recall import load_recall_spec, recall_sweep
 from gsq_hf.eval.report import format_table, versions, write_json
 from gsq_hf.formats import get_format
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+# the project's shared data: beside the checkout (/work/main, /work/shared), or further up from a worktree
+SHARED = next((d / "shared" / "data" for d in ROOT.parents if (d / "shared" / "data").is_dir()),
+              ROOT.parent / "shared" / "data")
 DATASETS = {"wiki.valid": SHARED / "wikitext-2-raw" / "wiki.valid.raw",
             "wiki.test": SHARED / "wikitext-2-raw" / "wiki.test.raw",
             "ptb.test": SHARED / "ptb" / "ptb.test.txt"}
@@ -50,6 +56,7 @@ BASELINES = ["int8", "int6", "int5", "int4", "int3"]
 PRESETS = ["gsq-4bit", "gsq-3bit"]
 CANDIDATES = {  # label -> config (a format or preset name is a config)
     **{name: name for name in BASELINES + PRESETS},
+    "int4-sr": {"name": "int4-sr", "policy": "static", "format": "int4", **SR},
     **{f"{codes}-{scale}{rot}{sr_label}": {"name": f"{codes}-{scale}{rot}{sr_label}", "policy": "static",
                                            "format": f"{codes}-{scale}{rot}", **sr}
        for codes in ("int4", "midrise4", "levels11", "int3", "midrise3", "levels5", "midrise2")
@@ -83,14 +90,17 @@ def lm_front(model_dir: str, dataset: str, labels: list[str], args) -> list[dict
     for i, label in enumerate(labels, 1):
         result = decode_faithful_perplexity(model, windows, CANDIDATES[label], batch_size=args.batch_size,
                                             progress=False, reference=fp32.reference)
+        delta_nll, nll_stderr, delta, stderr = map(float, nll_deltas(result.window_nll_sum, fp32.window_nll_sum,
+                                                                     result.tokens))
         records.append({"model": Path(model_dir).name, "dataset": dataset, "config": label,
                         "bits": result.state["avg_state_bits"], "kl": result.kl_divergence,
                         "kl_stderr": result.kl_stderr, "top1": result.top1_agreement,
                         "perplexity": result.perplexity, "fp32_perplexity": fp32.perplexity,
-                        "delta_ppl": result.perplexity / fp32.perplexity - 1, "tokens": result.tokens,
+                        "delta_ppl": delta, "delta_ppl_stderr": stderr, "delta_nll": delta_nll,
+                        "delta_nll_stderr": nll_stderr, "tokens": result.tokens, "windows": windows.ids.shape[0],
                         "evaluation": result.state["evaluation"]})
         print(f"  [{i}/{len(labels)}] {label}: {records[-1]['bits']:.2f} bits, KL {result.kl_divergence:.3e}, "
-              f"Δppl {100 * records[-1]['delta_ppl']:+.3f}%", flush=True)
+              f"Δppl {100 * delta:+.3f} ± {100 * stderr:.3f}%", flush=True)
     return records
 
 
@@ -102,21 +112,27 @@ def recall_front(model_dir: str, labels: list[str], args) -> list[dict]:
     fp32, *rest = sweep["results"]
     return [{"model": Path(model_dir).name, "dataset": "recall", "config": label, "bits": r["avg_state_bits"],
              "recall": r["recall"], "recall_by_gap": r["recall_by_gap"], "fp32_recall_by_gap": fp32["recall_by_gap"],
-             "delta_by_gap": r["delta_by_gap"], "queries": r["queries"]} for label, r in zip(labels, rest, strict=True)]
+             "delta_by_gap": r["delta_by_gap"], "delta_stderr_by_gap": r["delta_stderr_by_gap"],
+             "queries": r["queries"], "sequences": args.recall_num} for label, r in zip(labels, rest, strict=True)]
 
 
 def table(records: list[dict]) -> str:
+    """One row per candidate, sorted by bits; differences from fp32 (scored on the same windows or sequences)
+    ± their paired standard errors (`gsq_hf.eval.paired`)."""
+    rows = sorted(records, key=lambda r: -r["bits"])
     if records[0]["dataset"] == "recall":
         gaps = list(records[0]["recall_by_gap"])
-        return format_table(["config", "bits", *[f"recall gap {g} %" for g in gaps], *[f"Δ gap {g}" for g in gaps]],
+        fp32 = records[0]["fp32_recall_by_gap"]
+        return format_table(["config", "bits", *[f"recall gap {g} % (fp32 {100 * fp32[g]:.2f})" for g in gaps],
+                             *[f"Δ gap {g}, points ± SE" for g in gaps]],
                             [[r["config"], f"{r['bits']:.2f}", *[f"{100 * r['recall_by_gap'][g]:.2f}" for g in gaps],
-                              *[f"{100 * r['delta_by_gap'][g]:+.2f}" for g in gaps]]
-                             for r in sorted(records, key=lambda r: -r["bits"])])
-    return format_table(["config", "bits", "KL vs fp32", "± SE", "KL / int4's", "top-1", "Δ ppl"],
+                              *[f"{100 * r['delta_by_gap'][g]:+.2f} ± {100 * r['delta_stderr_by_gap'][g]:.2f}"
+                                for g in gaps]] for r in rows])
+    int4 = _int4_kl(records)
+    return format_table(["config", "bits", "KL vs fp32", "± SE", "KL / int4's", "top-1", "Δ ppl ± SE"],
                         [[r["config"], f"{r['bits']:.2f}", f"{r['kl']:.3e}", f"{r['kl_stderr']:.1e}",
-                          f"{r['kl'] / _int4_kl(records):.2f}" if _int4_kl(records) else "-",
-                          f"{100 * r['top1']:.2f}%", f"{100 * r['delta_ppl']:+.3f}%"]
-                         for r in sorted(records, key=lambda r: -r["bits"])])
+                          f"{r['kl'] / int4:.2f}" if int4 else "-", f"{100 * r['top1']:.2f}%",
+                          f"{100 * r['delta_ppl']:+.3f} ± {100 * r['delta_ppl_stderr']:.3f}%"] for r in rows])
 
 
 def _int4_kl(records: list[dict]) -> float | None:

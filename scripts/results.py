@@ -38,7 +38,16 @@ from gsq_hf.eval.data import EvalInputError
 from gsq_hf.eval.perplexity import bucket_labels
 from gsq_hf.eval.report import write_json
 from gsq_hf.eval.sweep import COMPOSED, UNIFORM, run_sweep, sweep_size
-from gsq_hf.eval.verdict import GROWTH_PP, KL_SE, PPL_MARGIN_PP, RECALL_SE, kl_growth, stream_growth
+from gsq_hf.eval.verdict import (
+    GROWTH_PP,
+    KL_SE,
+    PPL_MARGIN_PP,
+    PPL_SE,
+    RECALL_SE,
+    has_paired_stderr,
+    kl_growth,
+    stream_growth,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -62,10 +71,11 @@ def _f(value, spec: str) -> str:
 
 
 def _pct(delta, stderr=math.nan) -> str:
-    """``+1.234%``, or ``+1.234 ± 0.056%`` with a standard error."""
+    """``+1.234%``, or ``+1.234 ± 0.056%`` with a standard error (None or NaN: none)."""
     if not (isinstance(delta, float) and math.isfinite(delta)):
         return "-"
-    return f"{100 * delta:+.3f}" + (f" ± {100 * stderr:.3f}%" if math.isfinite(stderr) else "%")
+    known = isinstance(stderr, float) and math.isfinite(stderr)
+    return f"{100 * delta:+.3f}" + (f" ± {100 * stderr:.3f}%" if known else "%")
 
 
 def _kl(value, stderr=math.nan) -> str:
@@ -128,7 +138,8 @@ def markdown_table(records: list[dict[str, Any]], lambada: bool) -> str:
             continue
         top1 = r.get("top1_agreement")
         cells = [r["config"], r["family"], _f(r["perplexity"], ".4f"), _f(r["word_perplexity"], ".4f"),
-                 _pct(r.get("delta_vs_fp32")), _kl(r.get("kl_divergence"), r.get("kl_stderr", math.nan)),
+                 _pct(r.get("delta_vs_fp32"), r.get("delta_stderr")),
+                 _kl(r.get("kl_divergence"), r.get("kl_stderr", math.nan)),
                  f"{100 * top1:.2f}%" if isinstance(top1, float) else "-",
                  _f(r.get("avg_state_bits"), ".2f"), _f(r.get("state_bytes"), ",.0f")]
         if lambada:
@@ -144,7 +155,8 @@ def long_stream_table(group: list[dict[str, Any]], labels: list[str]) -> str:
             rows.append([r["config"], r["family"], "FAILED"] + ["-"] * (len(labels) + 1))
         else:
             buckets = r["position_buckets"]
-            rows.append([r["config"], r["family"], _f(r.get("avg_state_bits"), ".2f"), _pct(r["delta_vs_fp32"]),
+            rows.append([r["config"], r["family"], _f(r.get("avg_state_bits"), ".2f"),
+                         _pct(r["delta_vs_fp32"], r.get("delta_stderr")),
                          *map(_pct, buckets["delta_vs_fp32"], buckets["delta_stderr"])])
     return _table(["config", "family", "avg state bits", "all positions", *labels], rows, 2)
 
@@ -161,10 +173,18 @@ def long_stream_kl_table(group: list[dict[str, Any]], labels: list[str]) -> str:
     return _table(["config", "family", "all positions", *labels], rows, 2)
 
 
+def _points(delta, stderr=None) -> str:
+    """A recall difference in points, ``± SE`` where its paired standard error is known."""
+    known = isinstance(stderr, float) and math.isfinite(stderr)
+    return f"{100 * delta:+.2f}" + (f" ± {100 * stderr:.2f}" if known else "")
+
+
 def recall_table_md(records: list[dict[str, Any]], gaps: list[int]) -> str:
     rows = [[r["config"], r["family"], f"{r['avg_state_bits']:.2f}", f"{100 * r['recall']:.2f}",
-             *(f"{100 * r['recall_by_gap'][str(g)]:.2f}" for g in gaps), f"{100 * r['delta_vs_fp32']:+.2f}",
-             *(f"{100 * r['delta_by_gap'][str(g)]:+.2f}" for g in gaps)] for r in records]
+             *(f"{100 * r['recall_by_gap'][str(g)]:.2f}" for g in gaps),
+             _points(r["delta_vs_fp32"], r.get("delta_stderr")),
+             *(_points(r["delta_by_gap"][str(g)], r.get("delta_stderr_by_gap", {}).get(str(g))) for g in gaps)]
+            for r in records]
     return _table(["config", "family", "avg bits", "recall %", *(f"gap {g} %" for g in gaps), "Δ vs fp32 (points)",
                    *(f"Δ gap {g}" for g in gaps)], rows, 2)
 
@@ -191,20 +211,23 @@ def verdict_sentence(where: str, verdicts: list[dict[str, Any]], amount: Callabl
             f"{front} {curve}; {noise_text}.{tail}")
 
 
-PPL_NOISE = (f"'beats' means a Δ perplexity lower by more than {PPL_MARGIN_PP} percentage point (no standard "
-             "error: one set of windows)")
+PPL_NOISE = (f"'beats' means a Δ perplexity lower by more than {PPL_SE:g} standard errors of the difference (each "
+             "Δ's paired with fp32 over the windows: both scored the same windows)")
+PPL_MARGIN_NOISE = (f"'beats' means a Δ perplexity lower by more than {PPL_MARGIN_PP} percentage point (no standard "
+                    "error: these records have no per-window sums)")
 KL_NOISE = f"'beats' means a KL lower by more than {KL_SE:g} standard errors of the difference (each over the windows)"
 RECALL_NOISE = (f"'beats' means a recall higher by more than {RECALL_SE:g} binomial standard errors of the "
                 "difference (each from the add-one estimate (correct + 1) / (queries + 2))")
 
 
-def dataset_verdict_sentences(where: str, verdicts: list[dict[str, Any]]) -> list[str]:
-    """The perplexity and KL verdict sentences of one model x dataset, each front."""
+def dataset_verdict_sentences(where: str, verdicts: list[dict[str, Any]], paired: bool = True) -> list[str]:
+    """The perplexity and KL verdict sentences of one model x dataset, each front; ``paired``: its Δ perplexity
+    verdicts used paired standard errors (`has_paired_stderr`), not the fixed margin."""
     out = []
     for entry in verdicts:
         if entry["metric"] == "perplexity":
             out.append(verdict_sentence(where + " (perplexity)", entry["verdicts"], lambda x: f"{100 * x:.2f} pp",
-                                        PPL_NOISE))
+                                        PPL_NOISE if paired else PPL_MARGIN_NOISE))
         elif entry["metric"] == "kl":
             out.append(verdict_sentence(where + " (KL vs fp32)", entry["verdicts"],
                                         lambda x: f"a factor {math.exp(x):.2f} in KL", KL_NOISE,
@@ -283,12 +306,14 @@ def questions_section(name: str, groups: dict[str, list[dict[str, Any]]], judged
         lossless = all(abs(r["delta_vs_fp32"]) < bar for r in int8.values())
         lines.append(f"- **Is int8 static state quantization lossless (|Δ perplexity| below {PPL_MARGIN_PP}%)?** "
                      f"{'Yes' if lossless else 'No'}: " + "; ".join(
-                         f"{d} {_pct(r['delta_vs_fp32'])}{fidelity(r)}{lambada(r, groups[d])}"
+                         f"{d} {_pct(r['delta_vs_fp32'], r.get('delta_stderr'))}{fidelity(r)}{lambada(r, groups[d])}"
                          for d, r in int8.items()) + ".")
     if judged:
+        noise = (f"{PPL_SE:g} paired standard errors" if all(map(has_paired_stderr, groups.values()))
+                 else f"{PPL_MARGIN_PP} pp")
         text = ("- **Do gate, entropy and budget policies (and the composed formats) beat uniform quantization at "
                 f"equal average bits?** In Δ perplexity, configs below the interpolated uniform curve by more than "
-                f"{PPL_MARGIN_PP} pp — {counts(judged, lambda x: f'{100 * x:.2f} pp')}.")
+                f"{noise} — {counts(judged, lambda x: f'{100 * x:.2f} pp')}.")
         if judged_kl:
             text += (f" In KL vs fp32, configs below the uniform curve (interpolated in log KL) by more than "
                      f"{KL_SE:g} standard errors — {counts(judged_kl, lambda x: f'a factor {math.exp(x):.2f}')}. "
@@ -412,11 +437,11 @@ def model_sections(payload: dict[str, Any], source: str, out: Path) -> list[str]
         group = [r for r in payload["records"] if r["model"] == name and r["dataset"] == dname]
         verdicts = [v for v in payload["verdicts"] if v.get("model") == name and v.get("dataset") == dname]
         lambada = any("lambada_accuracy" in r for r in group)
+        sentences = dataset_verdict_sentences(f"{name} — {dname}", verdicts, has_paired_stderr(group))
         md += [f"### {name} — {dname}", "",
                f"{reference['windows']} windows x {reference['context']} tokens ({reference['tokens']} scored). "
                f"Unpatched full-sequence reference perplexity: {reference['perplexity']:.4f}.", "",
-               markdown_table(group, lambada), "", *[x for s in dataset_verdict_sentences(f"{name} — {dname}", verdicts)
-                                                      for x in (s, "")]]
+               markdown_table(group, lambada), "", *[x for s in sentences for x in (s, "")]]
         groups[dname] = group
         for v in verdicts:
             if v["front"] == UNIFORM:

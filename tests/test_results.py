@@ -66,7 +66,9 @@ def test_results_pipeline(tmp_path):
         for row, record in zip(rows, records, strict=True):  # the table holds the payload's numbers
             assert float(row[2]) == pytest.approx(record["perplexity"], abs=1e-4)
             assert row[-2] == f"{record['avg_state_bits']:.2f}"
-        assert rows[0][-5:-2] == ["+0.000%", "-", "-"]  # Δ vs fp32 of fp32 itself; no KL or top-1 vs itself
+        assert rows[0][-5:-2] == ["+0.000 ± 0.000%", "-", "-"]  # Δ vs fp32 of fp32 itself; no KL or top-1 vs itself
+        for row, record in zip(rows[1:], records[1:], strict=True):  # Δ ± its paired standard error
+            assert row[-5] == f"{100 * record['delta_vs_fp32']:+.3f} ± {100 * record['delta_stderr']:.3f}%"
         for front in ("the round-to-nearest uniform front", "the composed-format front"):
             for metric in ("perplexity", "KL vs fp32"):
                 assert re.search(rf"\*\*Beats {front} at equal bits — tiny-mamba-pydoc — {dataset} \({metric}\):"
@@ -74,14 +76,14 @@ def test_results_pipeline(tmp_path):
     streams = table_rows(markdown, "tiny-mamba-pydoc — long streams of builtin")
     assert [row[0] for row in streams] == [r["config"] for r in payload["long_stream"]] == [
         "fp32", "bf16", "fp16", "int8", "int4", "int3", "gsq-4bit", "gsq-3bit", "gate-open@0.3"]
-    assert streams[0][3:] == ["+0.000%"] + ["+0.000 ± 0.000%"] * 2  # fp32: all positions, 1–255, 256–299
+    assert streams[0][3:] == ["+0.000 ± 0.000%"] * 3  # fp32: all positions, 1–255, 256–299
     assert re.search(r"\*\*Does the error grow with sequence length\?\*\* (Yes for|No)", markdown)
     assert re.search(r"\*\*Does the divergence from fp32 grow with sequence length\?\*\* (It grows for|No config)",
                      markdown)
     recall = table_rows(markdown, "recall-mamba2 — recall")
     (entry,) = payload["recall"]
-    assert [row[0] for row in recall] == names and recall[0][2:] == ["32.00", recall[0][3], recall[0][3], "+0.00",
-                                                                    "+0.00"]
+    assert [row[0] for row in recall] == names and recall[0][2:] == ["32.00", recall[0][3], recall[0][3],
+                                                                    "+0.00 ± 0.00", "+0.00 ± 0.00"]
     assert [float(row[3]) for row in recall] == pytest.approx([100 * r["recall"] for r in entry["results"]], abs=0.01)
     assert re.search(r"\*\*recall-mamba2 recall:\*\* gap 32 \(training gap\): fp32 [\d.]+%, int8 [\d.]+%, "
                      r"int4 [\d.]+%, int3 [\d.]+%; .*; gap 128: not measured", markdown)

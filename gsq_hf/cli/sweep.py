@@ -150,14 +150,16 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def summary_table(payload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """One row per model x dataset x config: perplexity, Δ and KL vs fp32, LAMBADA accuracy, stored bits."""
+    """One row per model x dataset x config: perplexity, Δ (± its paired standard error over the windows) and KL
+    vs fp32, LAMBADA accuracy, stored bits."""
     def number(value, spec):
         return format(value, spec) if isinstance(value, (int, float)) else "-"
 
     rows = [[r["model"], r["dataset"], r["config"], r["family"],
              "FAILED" if r.get("error") else number(r["perplexity"], ".4f"),
              number(r.get("delta_vs_fp32") and 100 * r["delta_vs_fp32"], "+.3f"),
+             number(r.get("delta_stderr") and 100 * r["delta_stderr"], ".3f"),
              number(r.get("kl_divergence"), ".2e"), number(r.get("lambada_accuracy"), ".4f"),
              number(r.get("avg_state_bits"), ".2f"), r.get("evaluation", "-")] for r in payload.get("records", [])]
-    return ["model", "dataset", "config", "family", "perplexity", "Δ %", "KL", "LAMBADA acc", "avg bits",
+    return ["model", "dataset", "config", "family", "perplexity", "Δ %", "± SE", "KL", "LAMBADA acc", "avg bits",
             "evaluation"], rows

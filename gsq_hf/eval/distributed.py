@@ -94,7 +94,7 @@ class Processes:
 def merge_results(parts: list[PerplexityResult]) -> PerplexityResult:
     """One result from the results of disjoint window sets (in window order).
 
-    Sums add up (per-window KL sums are concatenated); ``seconds`` is the longest part (the parts ran at the
+    Sums add up (per-window ΣNLL and KL sums are concatenated); ``seconds`` is the longest part (the parts ran at the
     same time); the per-sequence state summary combines as in one run: sizes take the largest, counts add up,
     averages and fractions are weighted by each part's scored tokens (windows have equal length, so this is a
     weighting by windows).
@@ -111,6 +111,8 @@ def merge_results(parts: list[PerplexityResult]) -> PerplexityResult:
         window_kl_sum=(None if any(part.window_kl_sum is None for part in parts)
                        else tuple(kl for part in parts for kl in part.window_kl_sum)),
         top1_agree=None if any(part.top1_agree is None for part in parts) else sum(p.top1_agree for p in parts),
+        window_nll_sum=(None if any(part.window_nll_sum is None for part in parts)
+                        else tuple(nll for part in parts for nll in part.window_nll_sum)),
     )
 
 

@@ -16,7 +16,9 @@ re-reads) the state after every token. `decode_faithful_perplexity` gives each b
 
 Scoring: token 0 of each window is read but not scored (nothing inside the window predicts it; windows
 are independent, so no context leaks across them); tokens ``1..context-1`` are scored. Sums are kept like
-lm-evaluation-harness does (ΣNLL, tokens, words, bytes) and the metrics derived from them:
+lm-evaluation-harness does (ΣNLL, tokens, words, bytes), with ΣNLL per window too (``window_nll_sum``: configs
+scored on the same windows differ by a paired standard error over them, `gsq_hf.eval.paired`), and the metrics
+derived from them:
 
     perplexity       exp(ΣNLL / tokens)
     word_perplexity  exp(ΣNLL / words)
@@ -37,7 +39,6 @@ Non-finite logits are never averaged: they raise `NonFiniteLogitsError` naming t
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -52,6 +53,8 @@ from ..cache import GSQCache
 from ..config import GSQConfig, resolve_config
 from ..patch import is_patched, patched
 from .data import TokenWindows, make_windows
+from .paired import mean_stderr
+from .positions import PositionBuckets, bucket_labels, bucket_of_step, log_position_buckets
 from .stepping import needs_stepping, next_token_logits
 
 __all__ = [
@@ -69,65 +72,6 @@ __all__ = [
 
 class NonFiniteLogitsError(ArithmeticError):
     """Some next-token logits were NaN or Inf: the perplexity of that config is undefined."""
-
-
-def log_position_buckets(length: int, first: int = 256, factor: int = 4) -> list[int]:
-    """Bucket starts ``0, first, first·factor, ...`` below ``length``: log-spaced, so that an error which
-    accumulates along a stream shows as a trend over a few buckets of similar weight on a log axis."""
-    starts, start = [0], first
-    while start < length:
-        starts.append(start)
-        start *= factor
-    return starts
-
-
-def bucket_labels(starts: Sequence[int], ends: Sequence[int]) -> list[str]:
-    """``"1–255"``-style labels of the scored positions in each bucket (position 0 is never scored)."""
-    return [f"{max(start, 1)}–{end - 1}" for start, end in zip(starts, ends, strict=True)]
-
-
-@dataclass(frozen=True)
-class PositionBuckets:
-    """ΣNLL and scored tokens per range of positions within the windows, summed over windows, and ΣNLL per
-    window (the spread over windows says how much of a difference between configs is noise).
-
-    Bucket i holds the tokens at window positions ``starts[i] <= p < ends[i]`` (position 0 is never scored).
-    """
-
-    starts: tuple[int, ...]
-    ends: tuple[int, ...]
-    nll_sum: tuple[float, ...]
-    tokens: tuple[int, ...]
-    window_nll_sum: tuple[tuple[float, ...], ...]  # (windows, buckets)
-    window_kl_sum: tuple[tuple[float, ...], ...] | None = None  # (windows, buckets), when scored vs a reference
-
-    @property
-    def perplexity(self) -> list[float]:
-        return [math.exp(nll / n) for nll, n in zip(self.nll_sum, self.tokens, strict=True)]
-
-    @property
-    def kl_divergence(self) -> list[float] | None:
-        """Mean KL(reference ‖ config) per token in each bucket (nats), or None without a reference."""
-        if self.window_kl_sum is None:
-            return None
-        return [sum(col) / n for col, n in zip(zip(*self.window_kl_sum, strict=True), self.tokens, strict=True)]
-
-    def to_dict(self) -> dict[str, list]:
-        kl = {} if self.window_kl_sum is None else {
-            "kl_divergence": self.kl_divergence, "window_kl_sum": [list(row) for row in self.window_kl_sum]}
-        return {"starts": list(self.starts), "ends": list(self.ends), "nll_sum": list(self.nll_sum),
-                "tokens": list(self.tokens), "perplexity": self.perplexity,
-                "window_nll_sum": [list(row) for row in self.window_nll_sum], **kl}
-
-
-def _bucket_of_step(starts: Sequence[int], context: int) -> tuple[tuple[int, ...], torch.Tensor]:
-    """The buckets that hold scored positions ``1..context-1`` and the bucket index of each decode step
-    (step t scores position t+1); starts at or beyond ``context`` would be empty and are dropped."""
-    starts = [int(s) for s in starts]
-    if not starts or starts[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts)):
-        raise ValueError(f"position buckets are increasing bucket starts beginning at 0, got {starts}")
-    kept = tuple(s for s in starts if s < context)
-    return kept, torch.bucketize(torch.arange(1, context), torch.tensor(kept), right=True) - 1
 
 
 @dataclass(frozen=True)
@@ -195,6 +139,7 @@ class PerplexityResult:
     window_kl_sum: tuple[float, ...] | None = field(default=None, repr=False)  # per window, scored vs a reference
     top1_agree: int | None = None  # scored tokens whose reference top token is also this config's top token
     reference: ReferenceTopK | None = field(default=None, repr=False)  # kept for other configs, if asked
+    window_nll_sum: tuple[float, ...] | None = field(default=None, repr=False)  # per window: paired differences
 
     @property
     def perplexity(self) -> float:
@@ -228,7 +173,7 @@ class PerplexityResult:
         if self.window_kl_sum is None:
             return None
         per_window = torch.tensor(self.window_kl_sum, dtype=torch.float64) * (len(self.window_kl_sum) / self.tokens)
-        return float(per_window.std() / math.sqrt(len(per_window))) if len(per_window) > 1 else math.nan
+        return float(mean_stderr(per_window))
 
     @property
     def top1_agreement(self) -> float | None:
@@ -252,6 +197,7 @@ class PerplexityResult:
                 "kl_divergence": self.kl_divergence, "kl_stderr": self.kl_stderr,
                 "top1_agreement": self.top1_agreement}),
             **({"position_buckets": self.positions.to_dict()} if self.positions is not None else {}),
+            **({} if self.window_nll_sum is None else {"window_nll_sum": list(self.window_nll_sum)}),
         }
 
 
@@ -326,11 +272,11 @@ def decode_faithful_perplexity(
     steps = windows.context - 1
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     if position_buckets is not None:
-        starts, bucket_of_step = _bucket_of_step(position_buckets, windows.context)
-        bucket_of_step = bucket_of_step.to(device)
-        window_nll, window_kl_buckets = [], []
+        starts, step_bucket = bucket_of_step(position_buckets, windows.context)
+        step_bucket = step_bucket.to(device)
+        bucket_nll, bucket_kl = [], []
     kept: list[tuple[torch.Tensor, ...]] = []
-    window_kl, top1 = [], torch.zeros((), dtype=torch.int64, device=device)
+    window_nll, window_kl, top1 = [], [], torch.zeros((), dtype=torch.int64, device=device)
     reports = []
     kept_trace = None
     bar = tqdm(total=windows.scored_tokens, desc=cfg.name, unit="tok", disable=not progress, leave=False)
@@ -370,16 +316,17 @@ def decode_faithful_perplexity(
             nll = step_nll.sum(dim=0)
             _check_finite(nll, first, cfg.name)
             nll_sum += nll.sum()
+            window_nll.append(nll)
             if keep_reference is not None:
                 kept.append(tuple(part.transpose(0, 1).cpu() for part in (kept_logits, kept_indices, kept_lse)))
             if reference is not None:
                 window_kl.append(step_kl.sum(dim=0))
             if position_buckets is not None:
                 buckets = step_nll.new_zeros(len(starts), rows)
-                window_nll.append(buckets.index_add_(0, bucket_of_step, step_nll))
+                bucket_nll.append(buckets.index_add_(0, step_bucket, step_nll))
                 if reference is not None:
                     buckets = step_kl.new_zeros(len(starts), rows)
-                    window_kl_buckets.append(buckets.index_add_(0, bucket_of_step, step_kl))
+                    bucket_kl.append(buckets.index_add_(0, step_bucket, step_kl))
             reports.append(cache.memory_report())
             if trace and first == 0:
                 kept_trace = cache.precision_trace()
@@ -387,9 +334,9 @@ def decode_faithful_perplexity(
         total = float(nll_sum)
     positions = None
     if position_buckets is not None:
-        per_window = torch.cat(window_nll, dim=1).T.cpu()  # (windows, buckets)
-        kl_per_window = torch.cat(window_kl_buckets, dim=1).T.cpu().tolist() if reference is not None else None
-        counts = torch.bincount(bucket_of_step.cpu(), minlength=len(starts)) * windows.ids.shape[0]
+        per_window = torch.cat(bucket_nll, dim=1).T.cpu()  # (windows, buckets)
+        kl_per_window = torch.cat(bucket_kl, dim=1).T.cpu().tolist() if reference is not None else None
+        counts = torch.bincount(step_bucket.cpu(), minlength=len(starts)) * windows.ids.shape[0]
         positions = PositionBuckets(starts, (*starts[1:], windows.context), tuple(per_window.sum(dim=0).tolist()),
                                     tuple(counts.tolist()), tuple(map(tuple, per_window.tolist())),
                                     None if kl_per_window is None else tuple(map(tuple, kl_per_window)))
@@ -402,7 +349,8 @@ def decode_faithful_perplexity(
                             {"policy": cfg.policy.kind, "evaluation": "stepped" if stepped else "chunked",
                              **_state_summary(reports)}, kept_trace, positions,
                             tuple(torch.cat(window_kl).tolist()) if reference is not None else None,
-                            int(top1) if reference is not None else None, kept_reference)
+                            int(top1) if reference is not None else None, kept_reference,
+                            tuple(torch.cat(window_nll).tolist()))
 
 
 def _state_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:

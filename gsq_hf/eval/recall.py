@@ -22,11 +22,13 @@ Recall JSON contract (``gsq-hf recall --json``)::
     {"model", "task": {pairs, gap, queries, keys, values, filler, reserved}, "gaps", "num", "seed", "device",
      "dtype", "batch_size", "versions", "scoring", "trained": {family, parameters, recall_fp32, command},
      "results": [{"config", "policy", "recall", "recall_by_gap": {"32": ...}, "delta_vs_first",
-                  "delta_by_gap", "correct", "queries", "avg_state_bits", "state_bytes",
-                  "full_precision_state_bytes", "tokens_per_second", "seconds",
-                  "by_gap": {"32": {"recall", "correct", "queries", "avg_state_bits", "state_bytes"}}}, ...]}
+                  "delta_by_gap", "delta_stderr", "delta_stderr_by_gap", "correct", "queries", "avg_state_bits",
+                  "state_bytes", "full_precision_state_bytes", "tokens_per_second", "seconds",
+                  "by_gap": {"32": {"recall", "correct", "queries", "sequence_correct", "avg_state_bits",
+                                    "state_bytes"}}}, ...]}
 
-``delta_*`` are recall differences from the first config in fractions (−0.02 = two points lower);
+``delta_*`` are recall differences from the first config in fractions (−0.02 = two points lower), with their
+paired standard errors over the sequences (``sequence_correct``: correct answers per sequence);
 ``avg_state_bits`` is weighted by state writes over all gaps; ``state_bytes`` is per sequence (the largest
 over the gaps).
 """
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -48,6 +51,7 @@ from ..cache import GSQCache
 from ..config import GSQConfig, resolve_config
 from ..patch import is_patched, patched
 from .data import EvalInputError
+from .paired import recall_delta
 from .stepping import needs_stepping, next_token_logits
 
 __all__ = ["RECALL_INFO_FILE", "MQARBatch", "MQARSpec", "RecallInputError", "add_recall_deltas", "check_recall_task",
@@ -134,7 +138,8 @@ def recall_accuracy(
     chunked forwards or token by token as `gsq_hf.eval.stepping` chooses, ``stepped=True`` forces stepping).
 
     An unpatched model is patched with ``config`` for the run; a patched one keeps its patch and gets a
-    ``config`` cache. Returns accuracy, correct/total counts, the average stored bits over every batch's
+    ``config`` cache. Returns accuracy, correct/total counts (and the correct answers per sequence:
+    ``sequence_correct``, for paired differences between configs), the average stored bits over every batch's
     writes (``writes``: sequence-steps) and the per-sequence state memory (the largest batch's).
     """
     check_vocabulary(model, batch.spec)
@@ -143,6 +148,7 @@ def recall_accuracy(
     device = next(p for p in model.parameters() if p.device.type != "meta").device
     correct = total = writes = 0
     bits = state = full = 0.0
+    per_sequence = []
     steps = batch.input_ids.shape[1] - 1
     start = time.perf_counter()
     with contextlib.nullcontext() if is_patched(model) else patched(model, cfg):
@@ -154,6 +160,7 @@ def recall_accuracy(
             for t, logits in next_token_logits(model, ids[:, :-1], cache, stepped):
                 predictions[:, t : t + logits.shape[0]] = logits.argmax(-1).T
             hits = (predictions == ids[:, 1:]) & mask[:, :-1]
+            per_sequence.append(hits.sum(dim=1).cpu())
             correct += int(hits.sum())
             total += int(mask[:, :-1].sum())
             report = cache.memory_report()
@@ -165,7 +172,8 @@ def recall_accuracy(
     seconds = time.perf_counter() - start
     return {"config": cfg.name, "evaluation": "stepped" if stepped else "chunked",
             "accuracy": correct / total, "correct": correct, "queries": total,
-            "avg_state_bits": bits / writes, "state_bytes": state, "full_precision_state_bytes": full,
+            "sequence_correct": torch.cat(per_sequence).tolist(), "avg_state_bits": bits / writes,
+            "state_bytes": state, "full_precision_state_bytes": full,
             "writes": writes, "seconds": seconds}
 
 
@@ -265,7 +273,8 @@ def recall_sweep(
             "full_precision_state_bytes": max(r["full_precision_state_bytes"] for r in runs),
             "tokens_per_second": writes / seconds if seconds > 0 else None, "seconds": seconds,
             "by_gap": {gap: {"recall": r["accuracy"], "correct": r["correct"], "queries": r["queries"],
-                             "avg_state_bits": r["avg_state_bits"], "state_bytes": r["state_bytes"]}
+                             "sequence_correct": r["sequence_correct"], "avg_state_bits": r["avg_state_bits"],
+                             "state_bytes": r["state_bytes"]}
                        for gap, r in by_gap.items()},
         })
     add_recall_deltas(records)
@@ -273,17 +282,31 @@ def recall_sweep(
 
 
 def add_recall_deltas(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Set each record's recall difference from the first record's, overall and per gap (in place)."""
+    """Set each record's recall difference from the first record's, overall and per gap, and their paired
+    standard errors over the sequences (`gsq_hf.eval.paired.recall_delta`; overall, a sequence's answers at every
+    gap are one unit: the same pairs and queries) where the records carry ``sequence_correct`` (in place)."""
+    first = records[0] if records else None
     for record in records:
-        first = records[0]
         record["delta_vs_first"] = record["recall"] - first["recall"]
         record["delta_by_gap"] = {gap: value - first["recall_by_gap"][gap]
                                   for gap, value in record["recall_by_gap"].items()}
+        if all("sequence_correct" in g for r in (record, first) for g in r["by_gap"].values()):
+            stderr = {gap: recall_delta(g["sequence_correct"], first["by_gap"][gap]["sequence_correct"],
+                                        g["queries"])[1] for gap, g in record["by_gap"].items()}
+            record["delta_stderr_by_gap"] = stderr
+            record["delta_stderr"] = recall_delta(*(_per_sequence(r) for r in (record, first)),
+                                                  record["queries"])[1]
     return records
 
 
+def _per_sequence(record: dict[str, Any]) -> list[int]:
+    """Correct answers per sequence, summed over the gaps."""
+    return torch.tensor([g["sequence_correct"] for g in record["by_gap"].values()]).sum(dim=0).tolist()
+
+
 def recall_table(records: Sequence[dict[str, Any]]) -> str:
-    """One row per config: recall overall and per gap (%), Δ vs the first config (points), state size."""
+    """One row per config: recall overall and per gap (%), Δ vs the first config (points ± its paired standard
+    error over the sequences, where known), state size."""
     from .report import format_table
 
     gaps = list(records[0]["recall_by_gap"]) if records else []
@@ -294,7 +317,9 @@ def recall_table(records: Sequence[dict[str, Any]]) -> str:
         full = r["full_precision_state_bytes"]
         speed = r.get("tokens_per_second")
         rows.append([
-            r["config"], f"{100 * r['recall']:.2f}", f"{100 * r['delta_vs_first']:+.2f}",
+            r["config"], f"{100 * r['recall']:.2f}",
+            f"{100 * r['delta_vs_first']:+.2f}"
+            + (f" ± {100 * r['delta_stderr']:.2f}" if math.isfinite(r.get("delta_stderr", math.nan)) else ""),
             *(f"{100 * r['recall_by_gap'][g]:.2f}" for g in gaps), f"{r['avg_state_bits']:.2f}",
             f"{r['state_bytes']:,.0f}", f"{r['state_bytes'] / full:.3f}" if full else "-", str(r["queries"]),
             f"{speed:,.1f}" if speed else "-",

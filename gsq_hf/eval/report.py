@@ -7,22 +7,23 @@ Eval JSON contract::
      "configs": [the names asked for], "status": "partial" | "interrupted" | "complete",
      "results": [{"config", "policy", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "tokens",
                   "avg_state_bits", "state_bytes", "ssm_state_bytes", "full_precision_state_bytes", "seconds",
-                  "tokens_per_second", "delta_vs_reference", "weight_bytes", "weights_plus_batch_state_bytes",
-                  ...}, ...]}
+                  "tokens_per_second", "delta_vs_reference", "delta_stderr", "delta_nll", "delta_nll_stderr",
+                  "window_nll_sum", "weight_bytes", "weights_plus_batch_state_bytes", ...}, ...]}
 
 The file is rewritten (atomically) after every config: ``"status": "partial"`` while configs remain (or
 after a crash), ``"interrupted"`` after Ctrl-C, ``"complete"`` at the end (with ``"reference"``).
 State sizes are per sequence: ``avg_state_bits`` is what a step stores per SSM state element (bytes moved),
-``state_bytes`` what the cache allocates (`allocated_bits` per element: more for threshold policies, which keep
-a high-format slot for every unit). ``weight_bytes`` is the model's weights as stored
-(``get_memory_footprint()``, int8/4-bit with ``--load-in-8bit``/``--load-in-4bit``) and
-``weights_plus_batch_state_bytes`` the weights plus ``batch_size`` sequences of state: the memory the run's
-batches need beside activations. ``delta_vs_reference`` is the relative perplexity change against the first
-config's record; ``kl_divergence`` (± ``kl_stderr`` over windows) and ``top1_agreement`` score each later
-config's next-token distributions against the first config's (``--kl-top-k``; `gsq_hf.eval.ReferenceTopK`). A
-config that failed (non-finite logits) keeps its record with ``"error"`` set and null metrics, so a reader never
-mistakes it for a number. NaN/Inf are written as null (strict JSON). Speed (``seconds``, ``tokens_per_second``)
-is in the JSON only: one pass, untimed warm-up aside, on a possibly shared machine.
+``state_bytes`` what the cache allocates (`allocated_bits` per element: more for threshold policies, which keep a
+high-format slot for every unit). ``weight_bytes`` is the model's weights as stored (``get_memory_footprint()``,
+int8/4-bit with ``--load-in-8bit``/``--load-in-4bit``) and ``weights_plus_batch_state_bytes`` the weights plus
+``batch_size`` sequences of state: the memory the run's batches need beside activations. ``delta_vs_reference`` is
+the relative perplexity change against the first config's record, ``delta_stderr`` its standard error paired over
+the windows (``window_nll_sum``: ΣNLL per window), ``delta_nll`` ± ``delta_nll_stderr`` the change of mean NLL per
+token (nats); ``kl_divergence`` (± ``kl_stderr`` over windows) and ``top1_agreement`` score each later config's
+next-token distributions against the first config's (``--kl-top-k``; `gsq_hf.eval.ReferenceTopK`). A config that
+failed (non-finite logits) keeps its record with ``"error"`` set and null metrics, so a reader never mistakes it for
+a number. NaN/Inf are written as null (strict JSON). Speed (``seconds``, ``tokens_per_second``) is in the JSON only:
+one pass, untimed warm-up aside, on a possibly shared machine.
 
 Memory JSON (``gsq-hf memory``): the same header with ``batch_size``, ``prompt_tokens``, ``new_tokens``,
 ``threads``, ``resolution_bytes`` (`peak_resolution` of ``peak_rss_bytes`` and ``peak_cuda_bytes``) and one
@@ -42,6 +43,8 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .paired import perplexity_delta
 
 __all__ = ["add_deltas", "allocated_bits", "eval_legend", "eval_table", "failed_record", "format_table",
            "memory_table", "over_allocated", "peak_resolution", "versions", "weights_line", "write_json"]
@@ -66,11 +69,15 @@ def failed_record(config: str, tokens: int, error: str) -> dict[str, Any]:
 
 
 def add_deltas(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Set ``delta_vs_reference`` = ppl / first config's ppl - 1 on every record (None where undefined)."""
-    base = records[0].get("perplexity") if records else None
+    """Set ``delta_vs_reference`` = ppl / first config's ppl - 1 on every record (None where undefined), and its
+    standard error paired over the windows with Δ mean NLL (`gsq_hf.eval.paired.perplexity_delta`)."""
+    first = records[0] if records else {}
+    base = first.get("perplexity")
     for record in records:
         ppl = record.get("perplexity")
         record["delta_vs_reference"] = ppl / base - 1.0 if _number(ppl) and _number(base) and base else None
+        record.update(perplexity_delta(record, first) if record["delta_vs_reference"] is not None
+                      else dict.fromkeys(("delta_nll", "delta_nll_stderr", "delta_stderr")))
     return records
 
 
@@ -91,6 +98,13 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         return "  ".join(padded)
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _delta(delta: Any, stderr: Any) -> str:
+    """``+0.197% ± 0.080``: a relative change and its standard error in percentage points (one window: none)."""
+    if not _number(delta):
+        return "-"
+    return f"{delta:+.3%}" + (f" ± {100 * stderr:.3f}" if _number(stderr) else "")
 
 
 def _ratio(part: Any, whole: Any) -> str:
@@ -143,7 +157,7 @@ def eval_table(records: list[dict[str, Any]], kl_top_k: int | None = None) -> st
         rows.append([
             r["config"] + (" *" if over_allocated(r) else ""), _fmt(r["perplexity"], ".4f"),
             _fmt(r["word_perplexity"], ".4f"), _fmt(r["byte_perplexity"], ".4f"), _fmt(r["bits_per_byte"], ".4f"),
-            f"{delta:+.3%}" if _number(delta) else "-", _fmt(r.get("kl_divergence"), ".2e"),
+            _delta(delta, r.get("delta_stderr")), _fmt(r.get("kl_divergence"), ".2e"),
             _fmt(r.get("top1_agreement"), ".2%"), _fmt(r.get("avg_state_bits"), ".2f"),
             _fmt(allocated_bits(r), ".2f"), _fmt(r.get("state_bytes"), ",.0f"),
             _ratio(r.get("state_bytes"), r.get("full_precision_state_bytes")), str(r["tokens"]),
@@ -158,7 +172,8 @@ def eval_legend(records: list[dict[str, Any]], kl_top_k: int | None = None, widt
         ("ppl", "perplexity per token (word ppl, byte ppl: per word, per UTF-8 byte), with the state stored after "
                 "every token"),
         ("bits/byte", "ΣNLL / (bytes · ln 2)"),
-        ("Δ ppl vs first", "perplexity change relative to the first row (noise in the state can lower it by luck)"),
+        ("Δ ppl vs first", "perplexity change relative to the first row ± its standard error over the windows "
+                           "(paired: both rows scored the same windows; noise in the state can lower it by luck)"),
         ("KL vs first", f"mean KL({first} ‖ config) per scored token, nats, over {first}'s "
                         f"top-{kl_top_k or 'k'} logits and one bin for the rest (a lower bound; 0: same predictions)"),
         ("top-1", f"share of scored tokens whose most likely next token is {first}'s"),

@@ -27,6 +27,7 @@ import torch
 from ..config import GSQConfig, resolve_config
 from .data import EvalInputError, check_model_source, load_model, load_text, load_tokenizer, make_windows
 from .lambada import is_lambada, lambada_examples, lambada_score, lambada_tokens
+from .paired import perplexity_delta
 from .perplexity import (
     NonFiniteLogitsError,
     decode_faithful_perplexity,
@@ -235,9 +236,12 @@ def _score(model, windows, family: str, cfg: GSQConfig, base: dict[str, Any], fi
 
 
 def _add_deltas(group: list[dict[str, Any]]) -> None:
-    fp32 = next((r["perplexity"] for r in group if r["config"] == "fp32"), None)
+    """Δ perplexity vs fp32 and, paired over the windows (`perplexity_delta`), its standard error and Δ mean NLL."""
+    fp32 = next((r for r in group if r["config"] == "fp32" and r.get("perplexity") is not None), None)
     for r in group:
-        r["delta_vs_fp32"] = r["perplexity"] / fp32 - 1.0 if r.get("perplexity") is not None and fp32 else None
+        ok = fp32 is not None and r.get("perplexity") is not None
+        r["delta_vs_fp32"] = r["perplexity"] / fp32["perplexity"] - 1.0 if ok else None
+        r.update(perplexity_delta(r, fp32) if ok else dict.fromkeys(("delta_nll", "delta_nll_stderr", "delta_stderr")))
 
 
 def _model_part(source, options, configs, texts, stream_text, payload, each) -> None:
@@ -341,10 +345,9 @@ def _long_streams(model, streams, name, options, configs, payload, each) -> None
             position_buckets=starts)))
         payload["long_stream"].append(group[-1])
     fp32 = group[0]
+    _add_deltas(group)
     for r in group:
-        ok = not r.get("error") and not fp32.get("error")
-        r["delta_vs_fp32"] = r["perplexity"] / fp32["perplexity"] - 1.0 if ok else None
-        if ok:
+        if r["delta_vs_fp32"] is not None:
             buckets = r["position_buckets"]
             buckets["delta_vs_fp32"], buckets["delta_stderr"] = bucket_deltas(buckets, fp32["position_buckets"])
             if "window_kl_sum" in buckets:

@@ -3,9 +3,10 @@
 The reference front is a family of static configs (the round-to-nearest uniform formats by default),
 interpolated linearly in average stored bits between the two neighbouring points (no verdict outside their
 range; for KL linearly in log KL, as KL falls about geometrically with the bits). A config "beats" it only by
-more than its noise: a fixed margin (perplexity: one set of windows, no standard error) or ``n_se`` standard
-errors of the difference (KL over windows; recall: binomial). Every function returns records of numbers; the
-sentences are the report's (``scripts/results.py``).
+more than its noise: ``n_se`` standard errors of the difference (Δ perplexity and KL: over the windows, each
+config paired with fp32 on the same windows; recall: binomial), or a fixed margin for Δ perplexity where no
+standard error is known (records without per-window sums, a single window). Every function returns records of
+numbers; the sentences are the report's (``scripts/results.py``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["GROWTH_PP", "KL_SE", "PPL_MARGIN_PP", "RECALL_SE", "UNIFORM", "beats_front", "binomial_stderr",
-           "bucket_deltas", "bucket_kl_stderr", "interpolate_front", "is_dynamic", "kl_growth", "kl_verdicts",
-           "perplexity_verdicts", "recall_verdicts", "stream_growth"]
+from .paired import mean_stderr, nll_deltas
+
+__all__ = ["GROWTH_PP", "KL_SE", "PPL_MARGIN_PP", "PPL_SE", "RECALL_SE", "UNIFORM", "beats_front", "binomial_stderr",
+           "bucket_deltas", "bucket_kl_stderr", "has_paired_stderr", "interpolate_front", "is_dynamic", "kl_growth",
+           "kl_verdicts", "perplexity_verdicts", "recall_verdicts", "stream_growth"]
 
 UNIFORM = "uniform"  # the round-to-nearest uniform formats: the front every verdict compares against by default
-PPL_MARGIN_PP = 0.1  # perplexity: better by more than this many percentage points of Δ (the "lossless" bar)
+PPL_SE = 2.0  # perplexity: Δ lower by more than this many paired standard errors (over windows) of the difference
+PPL_MARGIN_PP = 0.1  # ... or, where no standard error is known, by this many percentage points (the "lossless" bar)
 RECALL_SE = 2.0  # recall: better by more than this many binomial standard errors of the difference
 KL_SE = 2.0  # KL vs fp32: lower by more than this many standard errors (over windows) of the difference
 GROWTH_PP = 0.1  # long streams: |Δ| rising by more than this (and twice its standard error) is growth
@@ -81,8 +85,21 @@ def beats_front(records: Sequence[dict[str, Any]], *, value: str, higher_is_bett
     return verdicts
 
 
+def has_paired_stderr(group: Sequence[dict[str, Any]]) -> bool:
+    """Whether every scored record of ``group`` has a finite paired standard error of its Δ perplexity vs fp32
+    (``delta_stderr``, `gsq_hf.eval.paired.perplexity_delta`)."""
+    scored = [r for r in group if not r.get("error") and r.get("delta_vs_fp32") is not None]
+    return bool(scored) and all(isinstance(r.get("delta_stderr"), float) and math.isfinite(r["delta_stderr"])
+                                for r in scored)
+
+
 def perplexity_verdicts(group: Sequence[dict[str, Any]], **options) -> list[dict[str, Any]]:
-    """`beats_front` on Δ perplexity vs fp32 (lower is better) with the `PPL_MARGIN_PP` margin."""
+    """`beats_front` on Δ perplexity vs fp32 (lower is better) by more than `PPL_SE` standard errors of the
+    difference, each Δ's paired over the windows (combined as for KL), where `has_paired_stderr`; else by the
+    fixed `PPL_MARGIN_PP` margin."""
+    if has_paired_stderr(group):
+        return beats_front(group, value="delta_vs_fp32", higher_is_better=False, stderr="delta_stderr", n_se=PPL_SE,
+                           **options)
     return beats_front(group, value="delta_vs_fp32", higher_is_better=False, margin=PPL_MARGIN_PP / 100, **options)
 
 
@@ -120,26 +137,17 @@ def recall_verdicts(records: Sequence[dict[str, Any]], gaps: Sequence[int], **op
 
 # -- long streams -------------------------------------------------------------------------------------
 def bucket_deltas(buckets: dict[str, Any], fp32: dict[str, Any]) -> tuple[list[float], list[float]]:
-    """Δ perplexity vs fp32 per position bucket (all streams pooled) and its standard error over the streams
-    (NaN with one stream), from per-stream ΣNLL: every stream has the same tokens in a bucket."""
-    streams = len(buckets["window_nll_sum"])
-    pooled = [p / q - 1.0 for p, q in zip(buckets["perplexity"], fp32["perplexity"], strict=True)]
-    if streams < 2:
-        return pooled, [math.nan] * len(pooled)
-    extra_nll = (torch.tensor(buckets["window_nll_sum"], dtype=torch.float64)
-                 - torch.tensor(fp32["window_nll_sum"], dtype=torch.float64))  # (streams, buckets)
-    per_stream = torch.expm1(extra_nll / (torch.tensor(buckets["tokens"], dtype=torch.float64) / streams))
-    return pooled, (per_stream.std(dim=0) / math.sqrt(streams)).tolist()
+    """Δ perplexity vs fp32 per position bucket (all streams pooled) and its paired standard error over the
+    streams (NaN with one stream; `gsq_hf.eval.paired.nll_deltas`): every stream has the same tokens in a bucket."""
+    _, _, delta, stderr = nll_deltas(buckets["window_nll_sum"], fp32["window_nll_sum"], buckets["tokens"])
+    return delta.tolist(), stderr.tolist()
 
 
 def bucket_kl_stderr(buckets: dict[str, Any]) -> list[float]:
     """Standard error over the streams of each bucket's mean KL (NaN with one stream)."""
     per_stream = torch.tensor(buckets["window_kl_sum"], dtype=torch.float64)  # (streams, buckets)
-    streams = per_stream.shape[0]
-    if streams < 2:
-        return [math.nan] * per_stream.shape[1]
-    per_stream = per_stream / (torch.tensor(buckets["tokens"], dtype=torch.float64) / streams)
-    return (per_stream.std(dim=0) / math.sqrt(streams)).tolist()
+    tokens_per_stream = torch.tensor(buckets["tokens"], dtype=torch.float64) / per_stream.shape[0]
+    return mean_stderr(per_stream / tokens_per_stream).tolist()
 
 
 def _rise(delta: Sequence[float], stderr: Sequence[float], before: int, after: int) -> float:

@@ -33,6 +33,21 @@ def test_deltas_are_relative_to_the_first_config():
     assert records[2]["delta_vs_reference"] is None
 
 
+def test_deltas_carry_their_paired_standard_error_into_the_table():
+    """Two windows of 50 tokens: int4 adds 5 and 15 nats, 0.1 and 0.3 nat per token: Δ NLL 0.2 ± 0.1."""
+    fp32 = _record("fp32", math.exp(2.0), window_nll_sum=[100.0, 100.0])
+    int4 = _record("int4", math.exp(2.2), window_nll_sum=[105.0, 115.0])
+    records = add_deltas([fp32, int4, failed_record("bad", 100, "NaN")])
+    assert records[1]["delta_nll"] == pytest.approx(0.2) and records[1]["delta_nll_stderr"] == pytest.approx(0.1)
+    assert records[1]["delta_stderr"] == pytest.approx(math.exp(0.2) * 0.1)
+    assert records[0]["delta_stderr"] == 0.0 and records[2]["delta_stderr"] is None
+    rows = {row["config"]: row for row in parse_table(eval_table(records))}
+    assert rows["int4"]["Δ ppl vs first"] == f"{math.expm1(0.2):+.3%} ± {100 * math.exp(0.2) * 0.1:.3f}"
+    assert rows["fp32"]["Δ ppl vs first"] == "+0.000% ± 0.000"
+    without = add_deltas([_record("fp32", 10.0), _record("int4", 11.0)])  # records without per-window sums
+    assert parse_table(eval_table(without))[1]["Δ ppl vs first"] == "+10.000%"
+
+
 def test_eval_table_has_one_row_per_config_and_notes_failures():
     table = eval_table(add_deltas([_record("fp32", 10.0),
                                    _record("int4", 11.0, kl_divergence=0.00123, top1_agreement=0.975),

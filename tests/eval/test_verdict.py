@@ -9,6 +9,7 @@ from gsq_hf.eval.verdict import (
     binomial_stderr,
     bucket_deltas,
     bucket_kl_stderr,
+    has_paired_stderr,
     interpolate_front,
     kl_growth,
     kl_verdicts,
@@ -65,6 +66,16 @@ def test_perplexity_uses_a_margin_and_kl_the_log_scale():
                                  ("int4", "uniform", "static", 4.5, 0.02), ("a", "g", "gate", 6.5, 0.0095),
                                  ("b", "g", "gate", 6.5, 0.0005)]]  # the front at 6.5 bits: +1.0%
     assert [(v["config"], v["beats"]) for v in perplexity_verdicts(ppl)] == [("a", False), ("b", True)]
+    # with paired standard errors the noise is 2 of them, not the margin: a's 0.05 pp lead over the front (+1.0%)
+    # beats an SE of 0.01 pp, b's 0.95 pp does not beat an SE of 0.5 pp
+    stderr = {"fp32": 0.0, "int8": 1e-4, "int4": 1e-4, "a": 1e-4, "b": 5e-3}
+    paired = [{**r, "delta_stderr": stderr[r["config"]]} for r in ppl]
+    verdicts = perplexity_verdicts(paired)
+    assert [(v["config"], v["beats"]) for v in verdicts] == [("a", True), ("b", False)]
+    front = math.hypot(0.5e-4, 0.5e-4)  # the front at 6.5 bits: halfway between int4 and int8
+    assert verdicts[0]["noise"] == pytest.approx(2 * math.hypot(1e-4, front))
+    assert has_paired_stderr(paired) and not has_paired_stderr(ppl)
+    assert not has_paired_stderr([{**r, "delta_stderr": math.nan} for r in paired])  # one window: no SE, margin
     kl = [{"config": c, "family": f, "policy": p, "avg_state_bits": b, "kl_divergence": k, "kl_stderr": e}
           for c, f, p, b, k, e in [("bf16", "uniform", "static", 16.0, 1e-6, 1e-7),
                                    ("int8", "uniform", "static", 10.0, 1e-4, 1e-6),
@@ -92,8 +103,9 @@ def test_bucket_deltas_pool_the_streams_and_give_their_standard_error():
     mine = {"perplexity": [math.exp(1.25), math.e], "tokens": [4, 8], "window_nll_sum": [[2.0, 4.0], [3.0, 4.0]]}
     delta, stderr = bucket_deltas(mine, fp32)
     assert delta == pytest.approx([math.exp(0.25) - 1, 0.0])
-    per_stream = [0.0, math.exp(0.5) - 1]  # stream 1: 1 nat more over its 2 tokens of the first bucket
-    assert stderr == pytest.approx([abs(per_stream[1] - per_stream[0]) / 2, 0.0])  # std of two / √2
+    per_stream = [0.0, 0.5]  # Δ mean NLL: stream 1 has 1 nat more over its 2 tokens of the first bucket
+    # std of two / √2, times exp(Δ mean NLL) (first order: Δ perplexity = exp(Δ mean NLL) - 1)
+    assert stderr == pytest.approx([math.exp(0.25) * abs(per_stream[1] - per_stream[0]) / 2, 0.0])
     one = {key: value[:1] if key == "window_nll_sum" else value for key, value in fp32.items()}
     assert all(math.isnan(e) for e in bucket_deltas(one, one)[1])
     buckets = {"tokens": [4, 8], "window_kl_sum": [[0.2, 0.4], [0.6, 0.4]]}  # per-token KL [0.1, 0.1], [0.3, 0.1]
