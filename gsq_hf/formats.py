@@ -22,8 +22,10 @@ combination; YAML may spell them ``{codes: midrise3, scale: e4m3, rotation: hada
 * **scale** (scaled codes only): one per group of ``group_size`` values along ``d_state``, the group's absmax
   over the largest level, stored as ``fp32`` (default, 32 bits), ``fp16`` (16), ``e4m3`` (8 bits: float8
   e4m3 of the scale over a second-level fp32 scale per batch row, the row's largest scale / 448, as NVFP4
-  does) or ``e8m0`` (8 bits: the power of two at or above the scale, as the OCP microscaling formats do).
-  Codes are computed against the stored (rounded) scale and clamped to the grid.
+  does), ``e4m3up`` (the same, rounded up instead of to nearest: no stored scale is below the exact one, so no
+  value is clamped, at up to 12.5% coarser steps) or ``e8m0`` (8 bits: the power of two at or above the
+  scale, as the OCP microscaling formats do). Codes are computed against the stored (rounded) scale and
+  clamped to the grid.
 * **rotation** (``-hadamard``): an orthogonal randomized Hadamard transform along ``d_state`` (a power of
   two; fixed signs from seed 0, so a config names it completely) applied before rounding and undone after
   reading: it spreads a row's outliers over all its values, so absmax wastes less of the grid.
@@ -74,7 +76,8 @@ __all__ = [
 ]
 
 ROUNDING_MODES = ("nearest", "stochastic")
-SCALE_DTYPES = {"fp32": 32, "fp16": 16, "e4m3": 8, "e8m0": 8}  # bits of one stored group scale
+SCALE_DTYPES = {"fp32": 32, "fp16": 16, "e4m3": 8, "e4m3up": 8, "e8m0": 8}  # bits of one stored group scale
+_E4M3_SCALES = ("e4m3", "e4m3up")  # over an fp32 second-level scale per batch row
 ROTATIONS = ("hadamard",)
 _TINY = torch.finfo(torch.float32).tiny
 _E4M3_MAX = 448.0
@@ -180,7 +183,7 @@ class StateFormat:
     @property
     def row_bytes(self) -> int:
         """Bytes stored once per batch row of a tensor: e4m3's fp32 second-level scale."""
-        return 4 if self.scaled and self.scale_dtype == "e4m3" else 0
+        return 4 if self.scaled and self.scale_dtype in _E4M3_SCALES else 0
 
     def bits_per_element(self, group_size: int) -> float:
         """Stored bits per state element: payload + group scales (not the per-row `row_bytes`)."""
@@ -250,13 +253,18 @@ class StateFormat:
         # in fp32, must not spoil the other groups of its row)
         row = torch.nan_to_num(scale, nan=0.0, posinf=0.0).flatten(1).amax(dim=1) / _E4M3_MAX
         row_view = row.view(-1, *([1] * (scale.dim() - 1)))
-        stored = (scale / row_view.clamp_min(_TINY)).to(torch.float8_e4m3fn)
+        ratio = scale / row_view.clamp_min(_TINY)
+        stored = ratio.to(torch.float8_e4m3fn)
+        if self.scale_dtype == "e4m3up":
+            # the next e4m3 value up where nearest went below (positive e4m3 bit patterns are ordered by value)
+            below = (stored.float() < ratio) & (stored.float() < _E4M3_MAX)
+            stored = torch.where(below, (stored.view(torch.uint8) + 1).view(torch.float8_e4m3fn), stored)
         return stored.float() * row_view, stored, row
 
     def _load_scale(self, q: QuantizedTensor) -> torch.Tensor:
         if self.scale_dtype == "e8m0":
             return torch.ldexp(torch.ones(q.scale.shape, device=q.scale.device), q.scale.to(torch.int32))
-        if self.scale_dtype == "e4m3":
+        if self.scale_dtype in _E4M3_SCALES:
             return q.scale.float() * q.row_scale.view(-1, *([1] * (q.scale.dim() - 1)))
         return q.scale if self.scale_dtype == "fp32" else q.scale.float()
 

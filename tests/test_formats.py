@@ -120,7 +120,7 @@ def test_unknown_format_lists_known():
 
 # -- composed formats: mid-rise codes, stored scales, rotation -------------------------------------------------
 COMPOSED = [f"{codes}{scale}{rotation}" for codes in ("int8", "int4", "int3", "midrise4", "midrise3", "midrise2")
-            for scale in ("", "-fp16", "-e4m3", "-e8m0") for rotation in ("", "-hadamard")]
+            for scale in ("", "-fp16", "-e4m3", "-e4m3up", "-e8m0") for rotation in ("", "-hadamard")]
 
 
 def _scale_error(fmt, scale: torch.Tensor) -> torch.Tensor:
@@ -133,6 +133,8 @@ def _scale_error(fmt, scale: torch.Tensor) -> torch.Tensor:
     if fmt.scale_dtype == "e8m0":
         return scale
     row = scale.flatten(1).amax(1).view(-1, *[1] * (scale.dim() - 1)) / 448
+    if fmt.scale_dtype == "e4m3up":  # one e4m3 step up at most: a relative 2**-3, or a subnormal step
+        return torch.maximum(scale * 2.0**-3, row * 2.0**-9)
     return torch.maximum(scale * 2.0**-4, row * 2.0**-10)
 
 
@@ -224,3 +226,25 @@ def test_an_all_zero_group_reads_back_as_zero_or_the_smallest_level(name):
     x[1] = torch.randn(3, 16)
     back = get_format(name).roundtrip(x, 8)
     assert back[0].abs().max() <= 2.0**-128
+
+
+@pytest.mark.parametrize("codes", ["int4", "midrise4", "midrise3"])
+def test_e4m3up_scales_are_never_below_the_exact_scale_so_nothing_is_clamped(codes):
+    """e4m3 rounds a group scale to nearest, so about half the groups store a smaller scale and their largest
+    values are clamped to the top level; e4m3up rounds up: every stored scale is at least the exact one (at most
+    one e4m3 step above it) and every value is within half a step of its code, clamping included."""
+    x = torch.randn(4, 64, 16, generator=torch.Generator().manual_seed(0)) * torch.rand(4, 64, 1) * 10
+    exact = x.abs().amax(-1) / get_format(codes).max_code
+    up, nearest = get_format(f"{codes}-e4m3up"), get_format(f"{codes}-e4m3")
+    stored_up = up._load_scale(up.quantize(x, 16)).squeeze(-1)
+    stored_nearest = nearest._load_scale(nearest.quantize(x, 16)).squeeze(-1)
+    assert torch.all(stored_up >= exact) and torch.all(stored_up <= exact * (1 + 2.0**-3) * 1.0001)
+    assert (stored_nearest < exact).float().mean() > 0.2  # what e4m3up avoids
+    assert torch.all((up.roundtrip(x, 16) - x).abs() <= 0.5 * stored_up.unsqueeze(-1) * 1.0001)
+    assert up.bits_per_element(16) == nearest.bits_per_element(16) and up.row_bytes == 4
+
+
+def test_the_kernel_leaves_e4m3up_to_the_torch_step():
+    from gsq_hf.kernels.reference import KERNEL_FORMATS
+
+    assert "midrise4-e4m3up-hadamard" not in KERNEL_FORMATS and "midrise4-e4m3-hadamard" in KERNEL_FORMATS
