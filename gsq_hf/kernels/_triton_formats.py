@@ -5,8 +5,8 @@ constants (`format_constants` builds them from a `StateFormat`, under a prefix `
 
     CODES    "int" (packed integer codes), "fp32" (lossless) or "float" (bf16 / fp16 / fp8 values)
     BITS     int code bits (2..8); MIDRISE: levels k + 0.5 instead of k
-    SCALE    "" (unscaled), "fp32", "fp16", "e4m3" (over an fp32 second-level scale per batch row) or
-             "e8m0" (a power-of-two exponent)
+    SCALE    "" (unscaled), "fp32", "fp16", "e4m3" / "e4m3up" (over an fp32 second-level scale per batch row;
+             e4m3up rounded up) or "e8m0" (a power-of-two exponent)
     MAX      the largest level; MBITS / MIN_EXP: the float format's mantissa bits / smallest exponent
     ROTATED  stored in the randomized Hadamard basis (``x @ M``, ``M = diag(signs) · H_N / √N``)
 
@@ -227,7 +227,7 @@ def load_state(data_ptr, scale_ptr, row_scale_ptr, b, rows, mask, CODES: tl.cons
             scale = _e8m0_value(scale.to(tl.int32))
         else:
             scale = scale.to(tl.float32)
-        if SCALE == "e4m3":
+        if (SCALE == "e4m3") or (SCALE == "e4m3up"):
             scale *= tl.load(row_scale_ptr + b)
         values = tl.reshape(tl.reshape(values, (ROWS, N // GROUP, GROUP)) * scale[:, :, None], (ROWS, N))
     return values
@@ -252,11 +252,12 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, STREA
     if SCALE != "":
         groups = tl.reshape(h, (ROWS, N // GROUP, GROUP))
         scale = tl.div_rn(group_absmax(h, ROWS, N, GROUP), MAX)  # (ROWS, N / GROUP)
-        if SCALE == "e4m3":
+        if (SCALE == "e4m3") or (SCALE == "e4m3up"):
             ratio = tl.div_rn(scale, tl.maximum(row_scale, _TINY))
             # ≤ 448 but for an ulp (as in formats); the clamp also covers a pre-pass maximum an ulp below this
-            # pass's, should the GPU compiler contract the two passes' arithmetic differently
-            stored = _round_to_float_grid(tl.minimum(ratio, _E4M3_MAX), 0.0, 3, -6, False)
+            # pass's, should the GPU compiler contract the two passes' arithmetic differently. e4m3up rounds up:
+            # the stochastic rule with zero noise is the ceiling on the grid
+            stored = _round_to_float_grid(tl.minimum(ratio, _E4M3_MAX), 0.0, 3, -6, SCALE == "e4m3up")
             scale = stored * row_scale
         elif SCALE == "fp16":
             stored = _round_to_float_grid(tl.minimum(scale, _FP16_MAX), 0.0, 10, -14, False)
@@ -291,7 +292,7 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, STREA
 def add_row_max(h, row_max_ptr, signs_ptr, b, mask, SLOT: tl.constexpr, SCALE: tl.constexpr, ROTATED: tl.constexpr,
                 BASIS_ROTATED: tl.constexpr, N: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr):
     """Fold this tile's largest finite group absmax (in the copy's basis) into ``row_max[b, SLOT]`` (e4m3 only)."""
-    if SCALE == "e4m3":
+    if (SCALE == "e4m3") or (SCALE == "e4m3up"):
         v = to_basis(h, signs_ptr, BASIS_ROTATED, ROTATED, ROWS, N)
         tl.atomic_max(row_max_ptr + 2 * b + SLOT, finite_max(group_absmax(v, ROWS, N, GROUP), mask))
 
@@ -306,7 +307,7 @@ def write_copy(h, data_ptr, scale_ptr, row_scale_ptr, row_max_ptr, signs_ptr, b,
     e4m3 scales the batch row's second-level scale comes from the pre-pass's ``row_max[b, STREAM]`` and the
     batch row's ``first`` program stores it."""
     v = to_basis(h, signs_ptr, BASIS_ROTATED, ROTATED, ROWS, N)
-    if SCALE == "e4m3":
+    if (SCALE == "e4m3") or (SCALE == "e4m3up"):
         second = row_scale(tl.load(row_max_ptr + 2 * b + STREAM), MAX)
         tl.store(row_scale_ptr + b, second, mask=first)
     else:

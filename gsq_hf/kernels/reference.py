@@ -45,10 +45,10 @@ KERNEL_FORMATS = frozenset(
     format_name(codes, scale, rotation)
     for codes in KERNEL_CODES
     for scale in (SCALE_DTYPES if FORMATS[codes].scaled else ("fp32",))
-    if scale != "e4m3up"
     for rotation in (None, *ROTATIONS)
-)  # every code grid above, with any group scale but e4m3up (fp32, fp16, e4m3, e8m0), rotated or not
-_SCALE_STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "e4m3": torch.float8_e4m3fn, "e8m0": torch.int8}
+)  # every code grid above, with any group scale (fp32, fp16, e4m3, e4m3up, e8m0), rotated or not
+_SCALE_STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "e4m3": torch.float8_e4m3fn,
+                  "e4m3up": torch.float8_e4m3fn, "e8m0": torch.int8}
 
 
 class StateUpdate(NamedTuple):

@@ -68,7 +68,7 @@ STATIC = ["fp32", "bf16", "fp16", "fp8", "int8", "int6", "int5", "int4", "int3",
           "midrise3", "int8-fp16", "int4-e4m3", "int8-e4m3", "fp8-e4m3", "int4-e8m0", "midrise3-e8m0-hadamard",
           "fp32-hadamard", "bf16-hadamard",
           "int4-hadamard", "int8-e4m3-hadamard", "int4-e4m3-hadamard", "midrise4-e4m3-hadamard",
-          "midrise3-e4m3-hadamard"]
+          "midrise3-e4m3-hadamard", "midrise4-e4m3up-hadamard"]
 CASES = {f"static-{name}": (StaticPolicy(F(name)), None, None) for name in STATIC} | {
     "static-int8-g4": (StaticPolicy(F("int8")), 4, None),
     "static-int4-g4": (StaticPolicy(F("int4")), 4, None),
@@ -294,7 +294,7 @@ def test_all_zero_rows_store_what_the_reference_stores(family, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "bf16", "fp8", "midrise4", "int4-e4m3-hadamard",
-                                 "midrise3-e4m3-hadamard"])
+                                 "midrise3-e4m3-hadamard", "midrise4-e4m3up-hadamard"])
 def test_stochastic_rounding_is_unbiased(fmt):
     """Each value (in the stored basis) rounds up with probability equal to its distance from the grid point
     below (±4σ), over all values and separately over those nearer the lower or the upper point (nearest would
