@@ -95,13 +95,7 @@ def test_rejections_happen_and_are_exact(model):
     ids = torch.randint(2, 64, (1, 4), generator=torch.Generator().manual_seed(2))
     expected = model.generate(ids, max_new_tokens=30, do_sample=False)
     gsq_hf.patch(model, "fp32")
-    noise = torch.Generator().manual_seed(0)
-
-    def noisy_draft(module, args, output):
-        if model._gsq_patch.active_cache.config.name == "int4":
-            return output + 3 * output.std() * torch.randn(output.shape, generator=noise)
-
-    handle = model.lm_head.register_forward_hook(noisy_draft)
+    handle = noisy(model, 3.0)
     try:
         for rollback in ("checkpoints", "recompute", "replay"):
             for draft_sync in ("once", "rejection", "every_round"):
@@ -140,13 +134,7 @@ def test_state_bytes_are_accounted_by_kind(rollback, draft_sync, monkeypatch):
         return replay(cache, num_tokens)
 
     monkeypatch.setattr(gsq_hf.GSQCache, "replay", counting_replay)
-    noise = torch.Generator().manual_seed(0)
-
-    def noisy_draft(module, args, output):  # forces rejections, so every rollback path runs
-        if model._gsq_patch.active_cache.config.name == "int4":
-            return output + 2 * output.std() * torch.randn(output.shape, generator=noise)
-
-    handle = model.lm_head.register_forward_hook(noisy_draft)
+    handle = noisy(model, 2.0)  # forces rejections, so every rollback path runs
     try:
         out = speculative_generate(model, ids, draft="int4", lookahead=4, max_new_tokens=24, rollback=rollback,
                                    draft_sync=draft_sync)

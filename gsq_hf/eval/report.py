@@ -68,15 +68,17 @@ def failed_record(config: str, tokens: int, error: str) -> dict[str, Any]:
     return {"config": config, **dict.fromkeys(METRICS), "tokens": tokens, "error": error}
 
 
-def add_deltas(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Set ``delta_vs_reference`` = ppl / first config's ppl - 1 on every record (None where undefined), and its
-    standard error paired over the windows with Δ mean NLL (`gsq_hf.eval.paired.perplexity_delta`)."""
-    first = records[0] if records else {}
-    base = first.get("perplexity")
+def add_deltas(records: list[dict[str, Any]], base: dict[str, Any] | None = None,
+               key: str = "delta_vs_reference") -> list[dict[str, Any]]:
+    """Set ``key`` = ppl / the base's ppl - 1 on every record (base: the first record by default; None where
+    undefined), and its standard error paired over the windows with Δ mean NLL
+    (`gsq_hf.eval.paired.perplexity_delta`)."""
+    base = (records[0] if records else {}) if base is None else base
+    reference = base.get("perplexity")
     for record in records:
         ppl = record.get("perplexity")
-        record["delta_vs_reference"] = ppl / base - 1.0 if _number(ppl) and _number(base) and base else None
-        record.update(perplexity_delta(record, first) if record["delta_vs_reference"] is not None
+        record[key] = ppl / reference - 1.0 if _number(ppl) and _number(reference) and reference else None
+        record.update(perplexity_delta(record, base) if record[key] is not None
                       else dict.fromkeys(("delta_nll", "delta_nll_stderr", "delta_stderr")))
     return records
 

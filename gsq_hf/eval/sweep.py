@@ -27,7 +27,6 @@ import torch
 from ..config import GSQConfig, resolve_config
 from .data import EvalInputError, check_model_source, load_model, load_text, load_tokenizer, make_windows
 from .lambada import is_lambada, lambada_examples, lambada_score, lambada_tokens
-from .paired import perplexity_delta
 from .perplexity import (
     NonFiniteLogitsError,
     decode_faithful_perplexity,
@@ -36,7 +35,7 @@ from .perplexity import (
     reference_options,
 )
 from .recall import add_recall_deltas, load_recall_spec, read_recall_info, recall_sweep
-from .report import versions
+from .report import add_deltas, versions
 from .stepping import needs_stepping, next_token_logits
 from .verdict import (
     UNIFORM,
@@ -236,12 +235,9 @@ def _score(model, windows, family: str, cfg: GSQConfig, base: dict[str, Any], fi
 
 
 def _add_deltas(group: list[dict[str, Any]]) -> None:
-    """Δ perplexity vs fp32 and, paired over the windows (`perplexity_delta`), its standard error and Δ mean NLL."""
-    fp32 = next((r for r in group if r["config"] == "fp32" and r.get("perplexity") is not None), None)
-    for r in group:
-        ok = fp32 is not None and r.get("perplexity") is not None
-        r["delta_vs_fp32"] = r["perplexity"] / fp32["perplexity"] - 1.0 if ok else None
-        r.update(perplexity_delta(r, fp32) if ok else dict.fromkeys(("delta_nll", "delta_nll_stderr", "delta_stderr")))
+    """Δ perplexity vs fp32 and, paired over the windows, its standard error and Δ mean NLL (`add_deltas`)."""
+    fp32 = next((r for r in group if r["config"] == "fp32" and r.get("perplexity") is not None), {})
+    add_deltas(group, base=fp32, key="delta_vs_fp32")
 
 
 def _model_part(source, options, configs, texts, stream_text, payload, each) -> None:

@@ -265,6 +265,8 @@ def test_speculative_batch_with_left_padding(case, model, draft_sync):
     """Batch 4, prompts of different lengths, a noisy draft (rows reject at different places): each row equals plain
     greedy ``generate``; a hybrid's attention KV is compacted per row after each round (kept entries right-aligned,
     the left padding of the mask extended) and every forward gets each row's own positions."""
+    from test_speculative import noisy
+
     from gsq_hf.speculative import speculative_generate
 
     ids = ids_(4, 8, seed=12)
@@ -273,13 +275,7 @@ def test_speculative_batch_with_left_padding(case, model, draft_sync):
     ids[mask == 0] = 0
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     gsq_hf.patch(model, "fp32")
-    noise = torch.Generator().manual_seed(0)
-
-    def noisy_draft(module, args, output):
-        if model._gsq_patch.active_cache.config.name == "int4":
-            return output + 0.3 * output.std() * torch.randn(output.shape, generator=noise)
-
-    handle = model.lm_head.register_forward_hook(noisy_draft)
+    handle = noisy(model, 0.3)
     try:
         for rollback in ("checkpoints", "recompute", "replay"):
             out = speculative_generate(model, ids, attention_mask=mask, draft="int4", lookahead=4, max_new_tokens=12,
