@@ -95,6 +95,10 @@ class GSQConfig:
     conv_format: str = field(default="auto", metadata={"help": "conv state format; 'auto' = the model dtype"})
     group_size: int | None = field(default=None, metadata={"help": "values per scale along d_state; None = all"})
     rounding: str = field(default="nearest", metadata={"help": "nearest | stochastic"})
+    scale_hold: float = field(default=0.0, metadata={
+        "help": "0 <= h < 1: a group keeps the scale of its previous write while its new absmax fits under it and "
+                "is at least h of it (an e4m3 row scale likewise, down to a quarter), so values that did not move "
+                "keep their codes; 0 = a fresh scale at every write (docs/formats.md)"})
     seed: int = field(default=0, metadata={"help": "seed of stochastic rounding"})
     write_mode: str = field(default="every_step", metadata={"help": "every_step | end_of_forward"})
     family_overrides: dict[str, dict[str, Any]] | None = field(default=None, metadata={
@@ -105,14 +109,15 @@ class GSQConfig:
                 "'triton' = the kernel wherever it runs (CPU only under TRITON_INTERPRET=1); 'torch' = never"})
 
     def __init__(self, name: str = "custom", policy: PolicyConfig | str | dict = "static", conv_format: str = "auto",
-                 group_size: int | None = None, rounding: str = "nearest", seed: int = 0,
+                 group_size: int | None = None, rounding: str = "nearest", scale_hold: float = 0.0, seed: int = 0,
                  write_mode: str = "every_step", family_overrides: dict[str, dict[str, Any]] | None = None,
                  kernel: str = "auto", **flat_policy_keys: Any):
         unknown = sorted(set(flat_policy_keys) - set(_flat_keys()))
         if unknown:
             raise GSQConfigError(f"unknown GSQConfig field(s) {unknown}; accepted: {', '.join(_accepted_keys())}")
         values = dict(name=name, policy=_with_flat_keys(policy, flat_policy_keys), conv_format=conv_format,
-                      group_size=group_size, rounding=rounding, seed=seed, write_mode=write_mode,
+                      group_size=group_size, rounding=rounding, scale_hold=scale_hold, seed=seed,
+                      write_mode=write_mode,
                       family_overrides=family_overrides, kernel=kernel)
         for key, value in values.items():
             object.__setattr__(self, key, value)
@@ -134,6 +139,11 @@ class GSQConfig:
             )
         if not isinstance(self.seed, int):
             raise GSQConfigError(f"GSQConfig.seed={self.seed!r} must be an integer")
+        if isinstance(self.scale_hold, bool) or not isinstance(self.scale_hold, (int, float)) \
+                or not 0 <= self.scale_hold < 1:
+            raise GSQConfigError(f"GSQConfig.scale_hold={self.scale_hold!r} must be a number in [0, 1) (0: a fresh "
+                                 "scale at every write)")
+        object.__setattr__(self, "scale_hold", float(self.scale_hold))
         check_signals(self.policy.build())
         if self.family_overrides is not None:
             self._check_overrides()

@@ -81,6 +81,8 @@ _E4M3_SCALES = ("e4m3", "e4m3up")  # over an fp32 second-level scale per batch r
 ROTATIONS = ("hadamard",)
 _TINY = torch.finfo(torch.float32).tiny
 _E4M3_MAX = 448.0
+_HOLD_SLACK = 1 + 2**-12  # a value read back at the top level can exceed it by a rotation's float error
+_ROW_HOLD = 0.25  # a held e4m3 row scale up to 4x its row's need costs two of e4m3's ~17 binades of range
 
 
 @dataclass(frozen=True)
@@ -202,8 +204,13 @@ class StateFormat:
         group_size: int,
         rounding: str = "nearest",
         generator: torch.Generator | None = None,
+        previous: QuantizedTensor | None = None,
+        hold: float = 0.0,
     ) -> QuantizedTensor:
-        """Store ``x`` (any float dtype; last dim divisible by ``group_size``) in this format."""
+        """Store ``x`` (any float dtype; last dim divisible by ``group_size``) in this format.
+
+        ``previous`` (this tensor's last stored value) and ``hold`` > 0: a group whose new scale is at most its
+        previous one and at least ``hold`` of it keeps the previous one (`_held_scale`)."""
         x = x.float()
         if self.rotation is not None:
             x = _rotate(x, _hadamard(x.shape[-1], x.device))
@@ -213,7 +220,11 @@ class StateFormat:
         if self.scaled:
             groups = x.unflatten(-1, (x.shape[-1] // group_size, group_size))
             scale = _absmax(groups) / self.max_code  # (..., n_groups); NaN/Inf if the group has one
-            scale, stored_scale, row_scale = self._store_scale(scale)
+            if hold > 0 and previous is not None and previous.fmt == self and previous.scale is not None \
+                    and previous.scale.shape == scale.shape:
+                scale, stored_scale, row_scale = self._held_scale(scale, previous, hold)
+            else:
+                scale, stored_scale, row_scale = self._store_scale(scale)
             x = (groups / scale.clamp_min(_TINY).unsqueeze(-1)).flatten(-2)  # all-zero groups stay zero
         if self.kind == "int":
             return QuantizedTensor(self._pack(self._codes(x, rounding, generator)), stored_scale, self, group_size,
@@ -236,8 +247,10 @@ class StateFormat:
             return codes.to(torch.int8)
         return torch.floor(x + self._noise(x, generator)).clamp_(-self.max_code, self.max_code).to(torch.int8)
 
-    def _store_scale(self, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(the fp32 scale the codes use, the scale as stored, the e4m3 second-level row scale or None)."""
+    def _store_scale(self, scale: torch.Tensor, row: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(the fp32 scale the codes use, the scale as stored, the e4m3 second-level row scale or None); an e4m3
+        ``row`` scale may be given (it must be at least the row's largest group scale / 448)."""
         if self.scale_dtype == "fp32":
             return scale, scale, None
         if self.scale_dtype == "fp16":
@@ -251,7 +264,8 @@ class StateFormat:
             return torch.ldexp(torch.ones_like(scale), exponent.to(torch.int32)), exponent, None
         # e4m3: the row's largest finite scale maps to e4m3's largest (a non-finite group, which the cache keeps
         # in fp32, must not spoil the other groups of its row)
-        row = torch.nan_to_num(scale, nan=0.0, posinf=0.0).flatten(1).amax(dim=1) / _E4M3_MAX
+        if row is None:
+            row = torch.nan_to_num(scale, nan=0.0, posinf=0.0).flatten(1).amax(dim=1) / _E4M3_MAX
         row_view = row.view(-1, *([1] * (scale.dim() - 1)))
         ratio = scale / row_view.clamp_min(_TINY)
         stored = ratio.to(torch.float8_e4m3fn)
@@ -260,6 +274,27 @@ class StateFormat:
             below = (stored.float() < ratio) & (stored.float() < _E4M3_MAX)
             stored = torch.where(below, (stored.view(torch.uint8) + 1).view(torch.float8_e4m3fn), stored)
         return stored.float() * row_view, stored, row
+
+    def _held_scale(self, scale: torch.Tensor, previous: QuantizedTensor, hold: float):
+        """`_store_scale` with hysteresis. A fresh scale at every write re-rounds every code of a group whenever
+        its absmax moves, and with an e4m3 scale whenever the row's largest group moves (the fp32 row scale
+        follows it): values that did not move get fresh rounding error at every token, which builds up along
+        a long gap (docs/formats.md "Held scales"). Here a group keeps its stored scale while its new absmax
+        fits under it (nothing clamped beyond the float error of re-reading a top-level value: `_HOLD_SLACK`) and
+        is at least ``hold`` of it; an e4m3 row scale is kept likewise down to a quarter (its groups then keep
+        their stored e4m3 values exactly)."""
+        old = self._load_scale(previous)
+        if self.scale_dtype in _E4M3_SCALES:
+            row_new = torch.nan_to_num(scale, nan=0.0, posinf=0.0).flatten(1).amax(dim=1) / _E4M3_MAX
+            keep_row = (row_new <= previous.row_scale * _HOLD_SLACK) & (row_new >= previous.row_scale * _ROW_HOLD)
+            row = torch.where(keep_row, previous.row_scale, row_new)
+            fresh_scale, fresh_stored, _ = self._store_scale(scale, row)
+            keep = keep_row.view(-1, *([1] * (scale.dim() - 1))) & (scale <= old * _HOLD_SLACK) & (scale >= old * hold)
+            stored = torch.where(keep, previous.scale, fresh_stored)
+            return torch.where(keep, old, fresh_scale), stored, row
+        fresh_scale, fresh_stored, _ = self._store_scale(scale)
+        keep = (scale <= old * _HOLD_SLACK) & (scale >= old * hold)
+        return torch.where(keep, old, fresh_scale), torch.where(keep, previous.scale, fresh_stored), None
 
     def _load_scale(self, q: QuantizedTensor) -> torch.Tensor:
         if self.scale_dtype == "e8m0":

@@ -123,7 +123,8 @@ class _GSQStateMixin:
         cache = self._cache
         stored = quantize_state(state, cache.policy, cache.signals(tuple(state.shape[:2]), state.device, gate),
                                 cache.group_size(state.shape[-1]), cache.config.rounding, cache.generator(state.device),
-                                self.nonfinite_flag(state.device) if cache.static else None)
+                                self.nonfinite_flag(state.device) if cache.static else None, self.storage,
+                                cache.config.scale_hold)
         self.store(stored, gate)
         return self.read_ssm() if read_back else None
 

@@ -108,7 +108,8 @@ def kernel_reason(layer, x: torch.Tensor, A: torch.Tensor, z: torch.Tensor | Non
 
     The dispatch rules in one place (docs/design.md explains them): ``GSQConfig.kernel='torch'``; ``'auto'``
     on tensors not on CUDA; a layer with no state yet or holding fp32 fallback units; what the kernel cannot
-    store or decide (`gsq_hf.kernels.unsupported_reason`: policy, formats, shapes); triton not importable.
+    store or decide (`gsq_hf.kernels.unsupported_reason`: policy, formats, shapes; held scales); triton not
+    importable.
     """
     cache, stored = layer.cache, layer.storage
     mode = cache.config.kernel
@@ -120,6 +121,8 @@ def kernel_reason(layer, x: torch.Tensor, A: torch.Tensor, z: torch.Tensor | Non
 
     if stored.fallback is not None:
         return "fp32 fallback units of a non-finite state (only the torch step reads them)"
+    if cache.config.scale_hold > 0:
+        return "GSQConfig.scale_hold > 0 (held scales are not in the kernel yet)"
     reason = unsupported_reason(cache.policy, stored.low, stored.high, A, z, cache.config.group_size)
     if reason is not None:
         return reason

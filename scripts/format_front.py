@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from gsq_hf.config import GSQConfig
 from gsq_hf.errors import GSQConfigError
 from gsq_hf.eval import decode_faithful_perplexity, make_windows
 from gsq_hf.eval.data import load_model, load_text, load_tokenizer
@@ -67,15 +68,25 @@ CANDIDATES = {  # label -> config (a format or preset name is a config)
 
 
 def _add_format(label: str) -> str:
-    """A `--format` argument as a candidate: the format's config, stochastic with a ``+sr`` suffix."""
-    name, _, rounding = label.partition("+")
-    if rounding not in ("", "sr"):
-        raise SystemExit(f"format_front.py: --format {label!r}: the only suffix accepted is '+sr'")
-    try:
-        get_format(name)
-    except GSQConfigError as error:
-        raise SystemExit(f"format_front.py: --format {label!r}: {error}") from None
-    CANDIDATES[label] = {"name": label.replace("+", "_"), "policy": "static", "format": name, **(SR if rounding else {})}
+    """A `--format` argument as a candidate: a format's config (or a preset's), stochastic with ``+sr``, its
+    scales held (`GSQConfig.scale_hold`) with ``+holdH``."""
+    name, *suffixes = label.split("+")
+    extra = {}
+    for suffix in suffixes:
+        hold = re.fullmatch(r"hold(0?\.\d+)", suffix)
+        if suffix != "sr" and hold is None:
+            raise SystemExit(f"format_front.py: --format {label!r}: the suffixes accepted are '+sr' and '+holdH' "
+                             "with 0 < H < 1 (e.g. +hold0.7)")
+        extra |= SR if suffix == "sr" else {"scale_hold": float(hold.group(1))}
+    if name in PRESETS:
+        config = GSQConfig.from_preset(name).to_dict()
+    else:
+        try:
+            get_format(name)
+        except GSQConfigError as error:
+            raise SystemExit(f"format_front.py: --format {label!r}: {error}") from None
+        config = {"policy": "static", "format": name}
+    CANDIDATES[label] = {**config, "name": label.replace("+", "_"), **extra}
     return label
 
 
@@ -176,9 +187,10 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", action="append", help="wiki.valid, wiki.test, ptb.test, builtin or a path "
                                                            "(repeatable; default: wiki.valid)")
     parser.add_argument("--only", nargs="+", choices=list(CANDIDATES), help="these candidates only")
-    parser.add_argument("--format", action="append", default=[], metavar="NAME[+sr]",
-                        help="also score this format (any name gsq_hf.get_format accepts; '+sr': stochastic "
-                             "rounding), e.g. midrise3-fp16-hadamard+sr (repeatable)")
+    parser.add_argument("--format", action="append", default=[], metavar="NAME[+sr][+holdH]",
+                        help="also score this format (any name gsq_hf.get_format accepts, or a gsq-4bit/gsq-3bit "
+                             "preset; '+sr': stochastic rounding; '+holdH': scale_hold H), e.g. "
+                             "midrise3-fp16-hadamard+sr, gsq-4bit+hold0.7 (repeatable)")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -26,6 +26,8 @@ def test_presets_listed_and_load():
 @pytest.mark.parametrize("name", PRESETS)
 def test_round_trip_yaml_json_dict(name, tmp_path):
     config = GSQConfig.from_preset(name)
+    if name == "gsq-4bit":  # a non-default value of every top-level field travels too
+        config = GSQConfig.from_dict(config.to_dict() | {"scale_hold": 0.75, "seed": 3, "group_size": 8})
     assert GSQConfig.from_dict(config.to_dict()) == config
     (tmp_path / "c.yaml").write_text(config.to_yaml())
     (tmp_path / "c.json").write_text(config.to_json())
@@ -47,6 +49,11 @@ def test_round_trip_yaml_json_dict(name, tmp_path):
         ("group_size", 1, "group_size=1"),
         ("conv_format", "int9", "'auto' \\(the model dtype\\) or unknown state format 'int9'; accepted: .*fp32"),
         ("high_when", "sometimes", "open, closed"),
+        ("scale_hold", 1.0, r"scale_hold=1.0 must be a number in \[0, 1\)"),
+        ("scale_hold", -0.1, "scale_hold=-0.1"),
+        ("scale_hold", "0.5", "scale_hold='0.5'"),
+        ("scale_hold", True, "scale_hold=True"),
+        ("scale_hold", float("nan"), "scale_hold=nan"),
     ],
 )
 def test_bad_values_name_field_and_accepted(field, value, message):

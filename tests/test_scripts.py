@@ -84,6 +84,20 @@ def test_format_front_scores_formats_against_fp32(tmp_path):
     assert (tmp_path / "front.md").read_text().count("```") == 4 and list(tmp_path.glob("front-*.png"))
     with pytest.raises(SystemExit, match="levels7"):
         front.main(["--format", "levels7", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"'\+sr' and '\+holdH'"):
+        front.main(["--format", "int4+hold1.5", "--out", str(tmp_path)])
+
+
+def test_format_front_suffixes_make_the_config():
+    """'+sr' and '+holdH' in any order on a format or a preset name."""
+    from script_loader import load_script
+
+    front = load_script("format_front")
+    assert front.CANDIDATES[front._add_format("int4-e4m3+hold0.7+sr")] == {
+        "policy": "static", "format": "int4-e4m3", "name": "int4-e4m3_hold0.7_sr", "rounding": "stochastic",
+        "scale_hold": 0.7}
+    preset = front.CANDIDATES[front._add_format("gsq-4bit+hold.5")]
+    assert preset["scale_hold"] == 0.5 and preset["family_overrides"]["mamba"]["format"] == "midrise4-e4m3up-hadamard"
 
 
 @pytest.mark.slow
