@@ -28,7 +28,8 @@ combination; YAML may spell them ``{codes: midrise3, scale: e4m3, rotation: hada
   clamped to the grid.
 * **rotation** (``-hadamard``): an orthogonal randomized Hadamard transform along ``d_state`` (a power of
   two; fixed signs from seed 0, so a config names it completely) applied before rounding and undone after
-  reading: it spreads a row's outliers over all its values, so absmax wastes less of the grid.
+  reading: it spreads a row's outliers over all its values, so absmax wastes less of the grid. A Mamba2 step
+  keeps its state in the rotated basis instead (``rotated=True``: `gsq_hf.step.rotated_basis`).
 
 ``levelsL`` are the level counts that a block of 16 codes packs denser than a power-of-two grid of the same
 stored bits (5 levels where int2 has 3 and midrise2 4; 11 where midrise3 has 8); every other L up to 15 packs
@@ -149,7 +150,7 @@ def rotate_rows(x: torch.Tensor) -> torch.Tensor:
     """``x @ M`` along the last dim as `rotate`, in fp32, by log2(N) butterfly stages of sums and differences.
 
     Elementwise, so a row's result does not depend on the other rows or the tensor's shape; a BLAS product's
-    can (at N = 128 on CPU its bits change with the row count). B and C of a Mamba2 state kept in the rotated
+    bits can depend on how many rows it multiplies. B and C of a Mamba2 state kept in the rotated
     basis are rotated by this (a decode step's token, a scan's chunk of tokens): a chunked scan and a replay
     must store what decode steps store, bit for bit."""
     n = x.shape[-1]
