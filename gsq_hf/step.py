@@ -60,8 +60,9 @@ def discretize(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tens
         raise ValueError("a state in the rotated basis needs one decay per head (Mamba2); Mamba-1's decay per "
                          "state dimension does not commute with the rotation")
     if _per_head(A):
-        if rotated:  # B @ M and C @ M, before they are repeated over the heads of their group
-            B, C = rotate_rows(B), rotate_rows(C).to(C.dtype)
+        if rotated:  # B @ M and C @ M in one call (half the small ops), before they are repeated over the heads
+            B, rotated_C = rotate_rows(torch.stack((B.float(), C.float()))).unbind()
+            C = rotated_C.to(C.dtype)
         heads = x.shape[-2]
         B = B.repeat_interleave(heads // B.shape[-2], dim=-2)  # (*L, H, N)
         C = C.repeat_interleave(heads // C.shape[-2], dim=-2)
