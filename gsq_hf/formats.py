@@ -28,7 +28,8 @@ combination; YAML may spell them ``{codes: midrise3, scale: e4m3, rotation: hada
   clamped to the grid.
 * **rotation** (``-hadamard``): an orthogonal randomized Hadamard transform along ``d_state`` (a power of
   two; fixed signs from seed 0, so a config names it completely) applied before rounding and undone after
-  reading: it spreads a row's outliers over all its values, so absmax wastes less of the grid.
+  reading: it spreads a row's outliers over all its values, so absmax wastes less of the grid. A Mamba2 step
+  keeps its state in the rotated basis instead (``rotated=True``: `gsq_hf.step.rotated_basis`).
 
 ``levelsL`` are the level counts that a block of 16 codes packs denser than a power-of-two grid of the same
 stored bits (5 levels where int2 has 3 and midrise2 4; 11 where midrise3 has 8); every other L up to 15 packs
@@ -73,6 +74,8 @@ __all__ = [
     "StateFormat",
     "format_name",
     "get_format",
+    "rotate",
+    "rotate_rows",
 ]
 
 ROUNDING_MODES = ("nearest", "stochastic")
@@ -100,9 +103,9 @@ class QuantizedTensor:
         """Bytes actually allocated for this tensor (payload + scales + second-level scales)."""
         return sum(t.nbytes for t in (self.data, self.scale, self.row_scale) if t is not None)
 
-    def dequantize(self) -> torch.Tensor:
-        """The fp32 tensor this storage represents."""
-        return self.fmt.dequantize(self)
+    def dequantize(self, rotated: bool = False) -> torch.Tensor:
+        """The fp32 tensor this storage represents (``rotated``: in the rotated basis, `StateFormat.dequantize`)."""
+        return self.fmt.dequantize(self, rotated)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -136,6 +139,31 @@ def _rotate(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """``x @ matrix`` along the last dim, in ``x``'s memory layout (`_last_dim_view`)."""
     view, dim = _last_dim_view(x)
     return x @ matrix if dim == -1 else (matrix.T @ view).transpose(-1, -2)
+
+
+def rotate(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """``x @ M`` (``inverse``: ``x @ Mᵀ``) along the last dim, M the ``-hadamard`` rotation of that length: into
+    (out of) the basis that rotated formats store, in ``x``'s memory layout."""
+    matrix = _hadamard(x.shape[-1], x.device)
+    return _rotate(x, matrix.T if inverse else matrix)
+
+
+def rotate_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x @ M`` along the last dim as `rotate`, in fp32, by log2(N) butterfly stages of sums and differences.
+
+    Elementwise, so a row's result does not depend on the other rows or the tensor's shape; a BLAS product's
+    bits can depend on how many rows it multiplies. B and C of a Mamba2 state kept in the rotated
+    basis are rotated by this (a decode step's token, a scan's chunk of tokens): a chunked scan and a replay
+    must store what decode steps store, bit for bit."""
+    n = x.shape[-1]
+    x = x.float() * _row_scale(n, x.device)  # x @ diag(signs) / √N, then @ H_N (Sylvester's, symmetric)
+    half = n // 2
+    while half:  # [x1, x2] @ H_2h = [(x1 + x2) @ H_h, (x1 - x2) @ H_h]
+        pairs = x.unflatten(-1, (n // (2 * half), 2, half))
+        first, second = pairs.unbind(-2)
+        x = torch.stack((first + second, first - second), dim=-2).flatten(-3)
+        half //= 2
+    return x
 
 
 def _float_stochastic_round(x: torch.Tensor, mantissa_bits: int, min_exponent: int, generator) -> torch.Tensor:
@@ -204,6 +232,7 @@ class StateFormat:
         group_size: int,
         rounding: str = "nearest",
         generator: torch.Generator | None = None,
+<<<<<<< HEAD
         previous: QuantizedTensor | None = None,
         hold: float = 0.0,
     ) -> QuantizedTensor:
@@ -211,9 +240,15 @@ class StateFormat:
 
         ``previous`` (this tensor's last stored value) and ``hold`` > 0: a group whose new scale is at most its
         previous one and at least ``hold`` of it keeps the previous one (`_held_scale`)."""
+=======
+        rotated: bool = False,
+    ) -> QuantizedTensor:
+        """Store ``x`` (any float dtype; last dim divisible by ``group_size``) in this format. ``rotated``: ``x`` is
+        given in the rotated basis (`rotate`'s ``x @ M``), as a Mamba2 state kept there by the torch step."""
+>>>>>>> m2rot
         x = x.float()
-        if self.rotation is not None:
-            x = _rotate(x, _hadamard(x.shape[-1], x.device))
+        if (self.rotation is not None) != rotated:
+            x = rotate(x, inverse=rotated)
         if self.storage_dtype == torch.float32:  # fp32, rotated or not: nothing to round
             return QuantizedTensor(x.clone(), None, self, group_size)
         scale = stored_scale = row_scale = None
@@ -303,16 +338,16 @@ class StateFormat:
             return q.scale.float() * q.row_scale.view(-1, *([1] * (q.scale.dim() - 1)))
         return q.scale if self.scale_dtype == "fp32" else q.scale.float()
 
-    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
-        """fp32 values of ``q``."""
+    def dequantize(self, q: QuantizedTensor, rotated: bool = False) -> torch.Tensor:
+        """fp32 values of ``q`` (``rotated``: in the rotated basis, `rotate`'s ``x @ M``, whatever the format's)."""
         values = self._unpack(q.data) if self.kind == "int" else q.data.float()  # int8 × fp32 promotes below
         if self.midrise:
             values = values + 0.5
         if q.scale is not None:
             groups = values.unflatten(-1, (values.shape[-1] // q.group_size, q.group_size))
             values = (groups * self._load_scale(q).unsqueeze(-1)).flatten(-2)
-        if self.rotation is not None:
-            values = _rotate(values.float(), _hadamard(values.shape[-1], values.device).T)
+        if (self.rotation is not None) != rotated:
+            values = rotate(values.float(), inverse=not rotated)
         return values
 
     def roundtrip(self, x: torch.Tensor, group_size: int, rounding: str = "nearest", generator=None) -> torch.Tensor:
@@ -431,6 +466,7 @@ def _hadamard_cpu(n: int) -> torch.Tensor:
 
 
 _HADAMARD: dict[tuple[int, torch.device], torch.Tensor] = {}
+_ROW_SCALE: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def _hadamard(n: int, device: torch.device) -> torch.Tensor:
@@ -438,3 +474,11 @@ def _hadamard(n: int, device: torch.device) -> torch.Tensor:
     if key not in _HADAMARD:
         _HADAMARD[key] = _hadamard_cpu(n).to(device)
     return _HADAMARD[key]
+
+
+def _row_scale(n: int, device: torch.device) -> torch.Tensor:
+    """``signs / √n``: the rotation's first column (Sylvester's H has ones there), what `rotate_rows` scales by."""
+    key = (n, device)
+    if key not in _ROW_SCALE:
+        _ROW_SCALE[key] = _hadamard(n, device)[:, 0].contiguous()
+    return _ROW_SCALE[key]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .scan import selective_scan
-from .step import discretize, unit_gate
+from .step import discretize, rotated_basis, unit_gate
 from .store import LayerStorage, read_state, select_rows
 
 __all__ = ["keep_conv_inputs", "keep_scan_inputs", "recorded_tokens", "replay", "replay_read_nbytes",
@@ -120,14 +120,16 @@ def replay(layer, start: LayerStorage, num_tokens: int | torch.Tensor) -> None:
     for t in range(n):  # the window writes of `causal_conv_stepwise` (exact whether or not the format is lossy)
         window = layer.write_conv(torch.cat([window[..., 1:], conv[:, t, :, None]], dim=-1))
         windows.append(layer.storage.conv)
-    dA, dBx, _ = discretize(x, dt, A, B, B)  # the read-out (C) is not needed to replay states: B stands in
+    rotated = rotated_basis(layer.cache.policy, A)  # the basis the forward carried its state in
+    dA, dBx, _ = discretize(x, dt, A, B, B, rotated)  # the read-out (C) is not needed to replay states: B stands in
     gate = unit_gate(dA, A) if "gate" in layer.cache.policy.signals else None
-    stored = read_state(start)
+    stored = read_state(start, rotated)
     h = torch.zeros_like(dBx[:, 0]) if stored is None else stored
     states = []
 
     def write(state: torch.Tensor, t: int) -> torch.Tensor | None:
-        read = layer.write_ssm(state, None if gate is None else gate[:, t], read_back=per_row or t < n - 1)
+        read = layer.write_ssm(state, None if gate is None else gate[:, t], read_back=per_row or t < n - 1,
+                               rotated=rotated)
         if per_row:
             states.append(replace(layer.storage, conv=windows[t]))
         return read

@@ -85,9 +85,10 @@ class _GSQStateMixin:
     def has_state(self) -> bool:
         return self.storage.low is not None
 
-    def read_ssm(self) -> torch.Tensor | None:
-        """The fp32 SSM state ``(batch, units, *inner)`` a reader sees, or None before the first write."""
-        return read_state(self.storage)
+    def read_ssm(self, rotated: bool = False) -> torch.Tensor | None:
+        """The fp32 SSM state ``(batch, units, *inner)`` a reader sees, or None before the first write; ``rotated``:
+        in the rotated basis (`gsq_hf.store.read_state`)."""
+        return read_state(self.storage, rotated)
 
     def read_conv(self) -> torch.Tensor | None:
         """The conv state ``(batch, conv_dim, kernel)`` in the model dtype, or None before the first write."""
@@ -115,18 +116,25 @@ class _GSQStateMixin:
         """Checkpoint the state after one token (SSM as stored now, conv window as of that token)."""
         self.positions.append(replace(self.storage, conv=conv))
 
-    def write_ssm(self, state: torch.Tensor, gate: torch.Tensor | None, read_back: bool = True) -> torch.Tensor | None:
-        """Store the fp32 state ``(batch, units, *inner)``; ``gate`` is ``(batch, units)`` (None if unused).
+    def write_ssm(self, state: torch.Tensor, gate: torch.Tensor | None, read_back: bool = True,
+                  rotated: bool = False) -> torch.Tensor | None:
+        """Store the fp32 state ``(batch, units, *inner)`` (``rotated``: given in the rotated basis,
+        `gsq_hf.store.quantize_state`); ``gate`` is ``(batch, units)`` (None if unused).
 
-        Returns the state a reader will now see (the dequantized stored value) when ``read_back``.
+        Returns the state a reader will now see (the dequantized stored value, in ``state``'s basis) when
+        ``read_back``.
         """
         cache = self._cache
         stored = quantize_state(state, cache.policy, cache.signals(tuple(state.shape[:2]), state.device, gate),
                                 cache.group_size(state.shape[-1]), cache.config.rounding, cache.generator(state.device),
+<<<<<<< HEAD
                                 self.nonfinite_flag(state.device) if cache.static else None, self.storage,
                                 cache.config.scale_hold)
+=======
+                                self.nonfinite_flag(state.device) if cache.static else None, rotated)
+>>>>>>> m2rot
         self.store(stored, gate)
-        return self.read_ssm() if read_back else None
+        return self.read_ssm(rotated) if read_back else None
 
     def store(self, stored: LayerStorage, gate: torch.Tensor | None) -> None:
         """Keep a stored SSM state (`quantize_state`'s, or the fused kernel's copies; the conv window stays) and

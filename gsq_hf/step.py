@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import GSQConfigError
+from .formats import rotate_rows
 from .scan import selective_scan
 from .signals import gate
 from .store import LayerStorage
 
-__all__ = ["decode_step", "discretize", "kernel_reason", "ssm_output", "ssm_step", "unit_gate"]
+__all__ = ["decode_step", "discretize", "kernel_reason", "rotated_basis", "ssm_output", "ssm_step", "unit_gate"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +42,27 @@ def _per_head(A: torch.Tensor) -> bool:
     return A.dim() == 1  # Mamba2: one decay per head; Mamba-1 families: one per state element
 
 
-def discretize(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
+def rotated_basis(policy, A: torch.Tensor) -> bool:
+    """Whether the torch step keeps the state in the rotated basis (``h @ M`` along N, `gsq_hf.formats.rotate`):
+    on Mamba2 with a rotated low format. One decay per head commutes with M (``(a·h + Δ·x·Bᵀ) @ M = a·(h @ M) +
+    Δ·x·(B @ M)ᵀ``, and ``h·C = (h @ M)·(C @ M)``, M orthogonal), so a step rotates B and C (N values per group)
+    instead of unrotating the read state and rotating the written one ((P·N)×N products per head), as the fused
+    kernel does. Mamba-1's decay per state dimension does not commute with a rotation along N."""
+    return _per_head(A) and policy.low.rotation is not None
+
+
+def discretize(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+               rotated: bool = False):
     """``(Ā, B̄x, C)`` in `selective_scan`'s layout: Ā = exp(Δ·A) (*L, *S, N) (Mamba2: (*L, H, 1, 1)), B̄x = Δ·B·x
-    (*L, *S, N) in fp32, and C as a read-out column (*L, *S[:-1], N, 1) (Mamba2: per head)."""
+    (*L, *S, N) in fp32, and C as a read-out column (*L, *S[:-1], N, 1) (Mamba2: per head). ``rotated`` (Mamba2
+    only, `rotated_basis`): B̄x and C in the rotated basis, for a state kept there."""
+    if rotated and not _per_head(A):
+        raise ValueError("a state in the rotated basis needs one decay per head (Mamba2); Mamba-1's decay per "
+                         "state dimension does not commute with the rotation")
     if _per_head(A):
+        if rotated:  # B @ M and C @ M in one call (half the small ops), before they are repeated over the heads
+            B, rotated_C = rotate_rows(torch.stack((B.float(), C.float()))).unbind()
+            C = rotated_C.to(C.dtype)
         heads = x.shape[-2]
         B = B.repeat_interleave(heads // B.shape[-2], dim=-2)  # (*L, H, N)
         C = C.repeat_interleave(heads // C.shape[-2], dim=-2)
@@ -86,10 +104,11 @@ def ssm_output(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torc
 
 
 def ssm_step(state: torch.Tensor | None, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-             C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, with_gate: bool):
+             C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, with_gate: bool, rotated: bool = False):
     """One token from the fp32 ``state`` (None: zeros, before the first write): ``(y, h, gate)``, the output
-    (before any Mamba2 norm), the new fp32 state and, ``with_gate``, the units' gate (else None)."""
-    dA, dBx, C = discretize(x, dt, A, B, C)
+    (before any Mamba2 norm), the new fp32 state and, ``with_gate``, the units' gate (else None). ``rotated``:
+    ``state`` and ``h`` in the rotated basis (`rotated_basis`)."""
+    dA, dBx, C = discretize(x, dt, A, B, C, rotated)
     state = torch.zeros_like(dBx) if state is None else state
     y, h = selective_scan(state, dA[:, None], dBx[:, None], C[:, None], None, x.dtype)
     y = ssm_output(y[:, 0], x, D, z, A)
@@ -153,7 +172,7 @@ def decode_step(layer, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: to
     The kernel where `kernel_reason` is None (a step whose output is NaN/Inf is then redone on torch, which
     keeps such units in fp32; a static cache sets its device flag instead: no host sync), else the torch step;
     the reason is kept as ``layer.kernel_reason`` and logged once per cache and reason (INFO). Same formats,
-    decisions and statistics either way.
+    decisions and statistics either way; both update a Mamba2 state in the low format's basis (`rotated_basis`).
     """
     cache = layer.cache
     reason = kernel_reason(layer, x, A, z)
@@ -163,9 +182,9 @@ def decode_step(layer, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: to
         logger.info("gsq_hf: decode steps take the torch path: %s", reason)
     y = _kernel_step(layer, x, dt, A, B, C, D, z) if reason is None else None
     if y is None:
-        wants_gate = "gate" in cache.policy.signals
-        y, h, step_gate = ssm_step(layer.read_ssm(), x, dt, A, B, C, D, z, wants_gate)
-        layer.write_ssm(h, step_gate, read_back=False)
+        wants_gate, rotated = "gate" in cache.policy.signals, rotated_basis(cache.policy, A)
+        y, h, step_gate = ssm_step(layer.read_ssm(rotated), x, dt, A, B, C, D, z, wants_gate, rotated)
+        layer.write_ssm(h, step_gate, read_back=False, rotated=rotated)
     if conv_history is not None:
         layer.record_position(conv_history[0])
     return y

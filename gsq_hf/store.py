@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .formats import QuantizedTensor
+from .formats import QuantizedTensor, rotate
 from .policies import PrecisionPolicy, Signals
 
 __all__ = ["SSM_FIELDS", "LayerStorage", "quantize_state", "read_state", "select_rows", "write_in_place"]
@@ -125,33 +125,39 @@ def _over_inner(mask: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     return mask.view(*mask.shape, *([1] * (state.dim() - 2)))
 
 
-def read_state(s: LayerStorage) -> torch.Tensor | None:
-    """The fp32 SSM state ``(batch, units, *inner)`` a reader sees, or None before the first write."""
+def read_state(s: LayerStorage, rotated: bool = False) -> torch.Tensor | None:
+    """The fp32 SSM state ``(batch, units, *inner)`` a reader sees, or None before the first write; ``rotated``:
+    in the rotated basis (``state @ M`` along N, `gsq_hf.formats.rotate`), where the Mamba2 torch step keeps it."""
     if s.low is None:
         return None
-    state = s.low.dequantize()
+    state = s.low.dequantize(rotated)
     if s.high is not None and s.high_valid is not None:
-        high = s.high.dequantize()
+        high = s.high.dequantize(rotated)
         valid = _over_inner(s.high_valid, state)
         if s.slot_units is None:
             state = torch.where(valid, high, state)
         else:
             index = s.slot_units.view(valid.shape).expand_as(high)
             state = state.scatter(1, index, torch.where(valid, high, state.gather(1, index)))
-    if s.fallback is not None:
-        state = torch.where(_over_inner(s.fallback_mask, state), s.fallback, state)
+    if s.fallback is not None:  # kept unrotated
+        state = torch.where(_over_inner(s.fallback_mask, state), rotate(s.fallback) if rotated else s.fallback, state)
     return state
 
 
 def quantize_state(state: torch.Tensor, policy: PrecisionPolicy, signals: Signals, group: int, rounding: str,
                    generator: torch.Generator | None, nonfinite: torch.Tensor | None = None,
+<<<<<<< HEAD
                    previous: LayerStorage | None = None, scale_hold: float = 0.0) -> LayerStorage:
+=======
+                   rotated: bool = False) -> LayerStorage:
+>>>>>>> m2rot
     """The stored form of the fp32 state ``(batch, units, *inner)``: every unit in ``policy.low``, the units
     ``policy.choose(signals)`` marks also in ``policy.high`` (in K < units slots for a budget), and fp32 copies
     of units holding NaN/Inf (``fallback_mask`` set: the caller warns and counts them).
 
     Given ``nonfinite`` (a bool device scalar: a static cache's flag), a NaN/Inf state sets it instead, with no
     host sync and no fp32 copy; the units are stored as they quantize (NaN), for the caller to act on the flag.
+<<<<<<< HEAD
     ``previous`` (the layer's last stored state) and ``scale_hold`` > 0 hold the low copy's group scales
     (`StateFormat.quantize`).
     """
@@ -159,17 +165,24 @@ def quantize_state(state: torch.Tensor, policy: PrecisionPolicy, signals: Signal
     high_mask = policy.choose(signals)
     low = policy.low.quantize(state, group, rounding, generator, None if previous is None else previous.low,
                               scale_hold)
+=======
+    ``rotated``: ``state`` is in the rotated basis (`read_state`); what is stored does not depend on it.
+    """
+    batch, units = state.shape[:2]
+    high_mask = policy.choose(signals)
+    low = policy.low.quantize(state, group, rounding, generator, rotated)
+>>>>>>> m2rot
     high = slot_units = high_valid = None
     if high_mask is not None:
         capacity = policy.high_capacity(units)
         if capacity == units:
-            high, high_valid = policy.high.quantize(state, group, rounding, generator), high_mask
+            high, high_valid = policy.high.quantize(state, group, rounding, generator, rotated), high_mask
         elif capacity > 0:
             slot_units = high_mask.to(torch.int8).topk(capacity, dim=1, sorted=False).indices
             high_valid = high_mask.gather(1, slot_units)
             index = slot_units.view(batch, capacity, *([1] * (state.dim() - 2))).expand(
                 batch, capacity, *state.shape[2:])
-            high = policy.high.quantize(state.gather(1, index), group, rounding, generator)
+            high = policy.high.quantize(state.gather(1, index), group, rounding, generator, rotated)
     fallback = fallback_mask = None
     # fp32 group scales are NaN/Inf exactly when a group is; unscaled formats, and scales stored in fewer bits
     # (fp16 saturates, e4m3 has no Inf, e8m0 is an exponent), need the state. One sum, one host sync:
@@ -181,6 +194,6 @@ def quantize_state(state: torch.Tensor, policy: PrecisionPolicy, signals: Signal
     elif not bool(torch.isfinite(probe.sum(dtype=torch.float32))):  # the per-unit check runs only if this fails
         unit_nonfinite = ~torch.isfinite(state).flatten(2).all(dim=-1)  # (batch, units)
         if bool(unit_nonfinite.any()):  # else only the sum overflowed: every unit is finite
-            fallback, fallback_mask = state.clone(), unit_nonfinite
+            fallback, fallback_mask = rotate(state, inverse=True) if rotated else state.clone(), unit_nonfinite
     return LayerStorage(low=low, high=high, slot_units=slot_units, high_valid=high_valid, fallback=fallback,
                         fallback_mask=fallback_mask)

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gsq_hf.errors import GSQConfigError
-from gsq_hf.formats import FORMATS, get_format
+from gsq_hf.formats import FORMATS, get_format, rotate, rotate_rows
 
 
 def _bound(name: str, x: torch.Tensor, stochastic: bool) -> torch.Tensor:
@@ -171,6 +171,35 @@ def test_hadamard_rotation_is_orthogonal_and_spreads_outliers(n):
     assert torch.allclose((spike @ m).abs(), torch.full((1, n), n**-0.5))  # one outlier spread over the row
     x = torch.randn(5, 7, n, dtype=torch.float64).float()
     torch.testing.assert_close(get_format("fp32-hadamard").roundtrip(x, n), x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 16, 128])
+def test_rotate_rows_is_the_rotation_with_bits_independent_of_the_other_rows(n):
+    """`rotate_rows` (B and C of a Mamba2 state kept rotated) is ``x @ M`` up to float rounding, and a row's bits do
+    not depend on the rows beside it: a decode step, a chunked scan and a replay rotate one token alike."""
+    x = torch.randn(2, 37, 3, n, generator=torch.Generator().manual_seed(0))
+    m = _rotation(get_format("fp32-hadamard"), n)
+    whole = rotate_rows(x)
+    torch.testing.assert_close(whole, x @ m, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rotate(x), x @ m, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rotate(whole, inverse=True), x, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(rotate_rows(x[:, start:start + 5]), whole[:, start:start + 5]) for start in range(0, 37, 5))
+    assert torch.equal(rotate_rows(x[1, 7, 2]), whole[1, 7, 2])
+
+
+@pytest.mark.parametrize("name", ["midrise4-e4m3-hadamard", "fp32-hadamard", "int8", "fp16"])
+def test_a_state_given_in_the_rotated_basis_is_stored_alike(name):
+    """``quantize(x @ M, rotated=True)`` stores what ``quantize(x)`` stores (a rotated format skips its rotation,
+    another one undoes it; values equal but at rounding ties), and ``dequantize(rotated=True)`` reads ``x @ M``."""
+    fmt, n = get_format(name), 16
+    x = torch.randn(4, 6, n, generator=torch.Generator().manual_seed(1))
+    m = _rotation(get_format("fp32-hadamard"), n)
+    plain = fmt.quantize(x, 8).dequantize()
+    given_rotated = fmt.quantize(x @ m, 8, rotated=True).dequantize()
+    assert ((given_rotated - plain).abs() > 1e-5 * (1 + plain.abs())).float().mean() <= 0.01
+    torch.testing.assert_close(fmt.quantize(x, 8).dequantize(rotated=True), plain @ m, atol=1e-5, rtol=1e-5)
+    wrong_side = fmt.quantize(x @ m.T, 8, rotated=True).dequantize()  # Mᵀ where M belongs: another state
+    assert (wrong_side - plain).abs().max() > 0.1
 
 
 def test_midrise_has_two_to_the_bits_levels_and_no_zero():

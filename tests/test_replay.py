@@ -9,6 +9,8 @@ CONFIGS = {
     "fp32": "fp32",
     "int8, int8 conv": {"name": "int8-conv8", "policy": "static", "format": "int8", "conv_format": "int8"},
     "gsq-gate": "gsq-gate",
+    # a rotated format (nearest rounding): on Mamba2 the state is replayed in the rotated basis
+    "midrise4-e4m3-hadamard": {"policy": "static", "format": "midrise4-e4m3-hadamard"},
 }
 
 

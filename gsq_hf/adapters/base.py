@@ -21,7 +21,7 @@ from torch import nn
 from ..cache import GSQStateLayer
 from ..replay import keep_conv_inputs, keep_scan_inputs
 from ..scan import causal_conv, causal_conv_stepwise, selective_scan
-from ..step import discretize, ssm_output, unit_gate
+from ..step import discretize, rotated_basis, ssm_output, unit_gate
 
 __all__ = ["ADAPTERS", "MixerAdapter", "apply_padding_mask", "find_adapter", "loaded_weights", "register_adapter"]
 
@@ -134,20 +134,22 @@ class MixerAdapter(ABC):
                      C: torch.Tensor, D: torch.Tensor, z: torch.Tensor | None,
                      conv_history: list | None = None) -> torch.Tensor:
         """A multi-token forward (B, T, …; `gsq_hf.step`'s shapes): the output (B, T, *S), the state stored per
-        the write mode with the same write, gate and output functions as a decode step."""
+        the write mode with the same write, gate and output functions as a decode step, in the same basis
+        (`gsq_hf.step.rotated_basis`)."""
         if layer.cache.recording_inputs:
             keep_scan_inputs(layer, x, dt, A, B)
         # every_step stores the state after each token anyway, so the tokens can run in chunks: Ā and B̄x of a
         # chunk stay in cache, where the whole forward's (B, T, *S, N) would stream through memory (a 512-token
         # window of the built-in model: 67 MB each). Same products, same order, same stored states.
         chunk = SCAN_CHUNK if layer.cache.config.write_mode == "every_step" else x.shape[1]
+        rotated = rotated_basis(layer.cache.policy, A)
         ys = []
         for start in range(0, x.shape[1], chunk):
             part = slice(start, start + chunk)
-            dA, dBx, C_part = discretize(x[:, part], dt[:, part], A, B[:, part], C[:, part])
+            dA, dBx, C_part = discretize(x[:, part], dt[:, part], A, B[:, part], C[:, part], rotated)
             gate = unit_gate(dA, A) if "gate" in layer.cache.policy.signals else None  # (B, T, units)
             history = conv_history[part] if conv_history is not None else None
-            ys.append(MixerAdapter.scan(layer, dA, dBx, C_part, gate, x.dtype, history))
+            ys.append(MixerAdapter.scan(layer, dA, dBx, C_part, gate, x.dtype, history, rotated))
         return ssm_output(torch.cat(ys, dim=1) if len(ys) > 1 else ys[0], x, D, z, A)
 
     @staticmethod
@@ -159,19 +161,22 @@ class MixerAdapter(ABC):
         gate: torch.Tensor | None,
         out_dtype: torch.dtype,
         conv_history: list | None = None,
+        rotated: bool = False,
     ) -> torch.Tensor:
         """Run the recurrence from the stored state (zeros before the first write) and store per the write mode.
 
-        ``gate`` is (B, T, units): the policy's signal for the write after each step (None if unused).
+        ``gate`` is (B, T, units): the policy's signal for the write after each step (None if unused). ``rotated``:
+        ``dBx`` and ``C`` are in the rotated basis, and so is the state read, carried and written.
         """
-        stored = layer.read_ssm()
+        stored = layer.read_ssm(rotated)
         h = torch.zeros_like(dBx[:, 0]) if stored is None else stored  # (B, *state), in dBx's memory layout
         if layer.cache.config.write_mode == "every_step":
 
             last = dBx.shape[1] - 1
 
             def write(state: torch.Tensor, t: int) -> torch.Tensor | None:
-                read = layer.write_ssm(state, None if gate is None else gate[:, t], read_back=t < last)
+                read = layer.write_ssm(state, None if gate is None else gate[:, t], read_back=t < last,
+                                       rotated=rotated)
                 if conv_history is not None:
                     layer.record_position(conv_history[t])
                 return read
@@ -179,5 +184,5 @@ class MixerAdapter(ABC):
             outputs, _ = selective_scan(h, dA, dBx, C, write, out_dtype)
         else:
             outputs, h = selective_scan(h, dA, dBx, C, None, out_dtype)
-            layer.write_ssm(h, None if gate is None else gate[:, -1], read_back=False)
+            layer.write_ssm(h, None if gate is None else gate[:, -1], read_back=False, rotated=rotated)
         return outputs

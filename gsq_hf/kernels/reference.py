@@ -117,9 +117,9 @@ def rounding_generator(device: torch.device, seed: int, step: int | torch.Tensor
 
 def read_state(low: QuantizedTensor, high: QuantizedTensor | None, high_valid: torch.Tensor | None,
                slot_units: torch.Tensor | None = None, fallback: torch.Tensor | None = None,
-               fallback_mask: torch.Tensor | None = None) -> torch.Tensor:
+               fallback_mask: torch.Tensor | None = None, rotated: bool = False) -> torch.Tensor:
     """The fp32 state a reader sees (`gsq_hf.store.read_state`, as `GSQStateLayer.read_ssm`)."""
-    return read_storage(LayerStorage(low, high, slot_units, high_valid, fallback, fallback_mask))
+    return read_storage(LayerStorage(low, high, slot_units, high_valid, fallback, fallback_mask), rotated)
 
 
 def state_update_reference(
@@ -158,14 +158,15 @@ def state_update_reference(
     (``high_valid`` is always a new tensor). ``slot_units`` / ``fallback`` / ``fallback_mask``: the rest of a
     stored state the kernel does not take (`gsq_hf.store`). Shapes: see the module docstring.
     """
-    state = read_state(low, high, high_valid, slot_units, fallback, fallback_mask)
+    rotated = ssm.rotated_basis(policy, A)  # a Mamba2 state updated in the low format's basis, as the kernel does
+    state = read_state(low, high, high_valid, slot_units, fallback, fallback_mask, rotated)
     dt = delta(dt, dt_bias, dt_softplus, dt_limit)
-    y, h, gate = ssm.ssm_step(state, x, dt, A, B, C, D, z, with_gate=True)
+    y, h, gate = ssm.ssm_step(state, x, dt, A, B, C, D, z, with_gate=True, rotated=rotated)
     batch, units = h.shape[:2]
     if generator is None and rounding == "stochastic":
         generator = rounding_generator(h.device, seed, step)
     signals = step_signals(policy, (batch, units), h.device, gate, row_signal)
-    stored = quantize_state(h, policy, signals, group_size or h.shape[-1], rounding, generator)
+    stored = quantize_state(h, policy, signals, group_size or h.shape[-1], rounding, generator, rotated=rotated)
     new_low, new_high = stored.low, stored.high
     if inplace:
         new_low = _copy_into(low, new_low)

@@ -6,10 +6,10 @@ anything imports triton, and torch itself does, so a test cannot switch it on). 
 triton is not installed (``pip install "gsq_hf[triton]"``).
 
 Tolerances. The kernel and the reference compute the same fp32 state ``h`` up to a few ulps (their exp
-and sums differ in the last bits; for a rotated Mamba2 state the kernel updates in the rotated basis and
-rotates B and C, the reference rotates the state), so with round-to-nearest they store the same codes
-except where ``h`` sits within those ulps of a rounding tie. Stored values are compared in the stored basis
-(a rotated format's values before the inverse rotation), where each one is rounded on its own:
+and sums differ in the last bits; both update a rotated Mamba2 state in the rotated basis, rotating B and C,
+each with its own butterfly), so with round-to-nearest they store the same codes except where ``h`` sits
+within those ulps of a rounding tie. Stored values are compared in the stored basis (a rotated format's
+values before the inverse rotation), where each one is rounded on its own:
 
 =========================  ==========================================  =================================
 what                       round-to-nearest: kernel vs reference       stochastic: kernel vs fp32 ``h``
