@@ -232,20 +232,15 @@ class StateFormat:
         group_size: int,
         rounding: str = "nearest",
         generator: torch.Generator | None = None,
-<<<<<<< HEAD
+        rotated: bool = False,
         previous: QuantizedTensor | None = None,
         hold: float = 0.0,
     ) -> QuantizedTensor:
-        """Store ``x`` (any float dtype; last dim divisible by ``group_size``) in this format.
+        """Store ``x`` (any float dtype; last dim divisible by ``group_size``) in this format. ``rotated``: ``x`` is
+        given in the rotated basis (`rotate`'s ``x @ M``), as a Mamba2 state kept there by the torch step.
 
         ``previous`` (this tensor's last stored value) and ``hold`` > 0: a group whose new scale is at most its
         previous one and at least ``hold`` of it keeps the previous one (`_held_scale`)."""
-=======
-        rotated: bool = False,
-    ) -> QuantizedTensor:
-        """Store ``x`` (any float dtype; last dim divisible by ``group_size``) in this format. ``rotated``: ``x`` is
-        given in the rotated basis (`rotate`'s ``x @ M``), as a Mamba2 state kept there by the torch step."""
->>>>>>> m2rot
         x = x.float()
         if (self.rotation is not None) != rotated:
             x = rotate(x, inverse=rotated)

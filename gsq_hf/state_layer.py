@@ -127,12 +127,8 @@ class _GSQStateMixin:
         cache = self._cache
         stored = quantize_state(state, cache.policy, cache.signals(tuple(state.shape[:2]), state.device, gate),
                                 cache.group_size(state.shape[-1]), cache.config.rounding, cache.generator(state.device),
-<<<<<<< HEAD
-                                self.nonfinite_flag(state.device) if cache.static else None, self.storage,
-                                cache.config.scale_hold)
-=======
-                                self.nonfinite_flag(state.device) if cache.static else None, rotated)
->>>>>>> m2rot
+                                self.nonfinite_flag(state.device) if cache.static else None, rotated,
+                                self.storage, cache.config.scale_hold)
         self.store(stored, gate)
         return self.read_ssm(rotated) if read_back else None
 

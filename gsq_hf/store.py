@@ -146,32 +146,22 @@ def read_state(s: LayerStorage, rotated: bool = False) -> torch.Tensor | None:
 
 def quantize_state(state: torch.Tensor, policy: PrecisionPolicy, signals: Signals, group: int, rounding: str,
                    generator: torch.Generator | None, nonfinite: torch.Tensor | None = None,
-<<<<<<< HEAD
-                   previous: LayerStorage | None = None, scale_hold: float = 0.0) -> LayerStorage:
-=======
-                   rotated: bool = False) -> LayerStorage:
->>>>>>> m2rot
+                   rotated: bool = False, previous: LayerStorage | None = None,
+                   scale_hold: float = 0.0) -> LayerStorage:
     """The stored form of the fp32 state ``(batch, units, *inner)``: every unit in ``policy.low``, the units
     ``policy.choose(signals)`` marks also in ``policy.high`` (in K < units slots for a budget), and fp32 copies
     of units holding NaN/Inf (``fallback_mask`` set: the caller warns and counts them).
 
     Given ``nonfinite`` (a bool device scalar: a static cache's flag), a NaN/Inf state sets it instead, with no
     host sync and no fp32 copy; the units are stored as they quantize (NaN), for the caller to act on the flag.
-<<<<<<< HEAD
+    ``rotated``: ``state`` is in the rotated basis (`read_state`); what is stored does not depend on it.
     ``previous`` (the layer's last stored state) and ``scale_hold`` > 0 hold the low copy's group scales
     (`StateFormat.quantize`).
     """
     batch, units = state.shape[:2]
     high_mask = policy.choose(signals)
-    low = policy.low.quantize(state, group, rounding, generator, None if previous is None else previous.low,
-                              scale_hold)
-=======
-    ``rotated``: ``state`` is in the rotated basis (`read_state`); what is stored does not depend on it.
-    """
-    batch, units = state.shape[:2]
-    high_mask = policy.choose(signals)
-    low = policy.low.quantize(state, group, rounding, generator, rotated)
->>>>>>> m2rot
+    low = policy.low.quantize(state, group, rounding, generator, rotated,
+                              None if previous is None else previous.low, scale_hold)
     high = slot_units = high_valid = None
     if high_mask is not None:
         capacity = policy.high_capacity(units)

@@ -7,8 +7,9 @@ from gsq_hf.adapters import base
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("config", ["fp32", {"format": "int4", "rounding": "stochastic"}, "gsq-gate", "gsq-4bit",
-                                    {"format": "midrise4-e4m3up-hadamard", "rounding": "stochastic", "scale_hold": 0.7}])
+@pytest.mark.parametrize("config", [
+    "fp32", {"format": "int4", "rounding": "stochastic"}, "gsq-gate", "gsq-4bit",
+    {"format": "midrise4-e4m3up-hadamard", "rounding": "stochastic", "scale_hold": 0.7}])
 def test_a_forward_in_scan_chunks_is_the_forward_in_one_piece(family, config, monkeypatch):
     """every_step forwards discretize and scan their tokens in chunks of SCAN_CHUNK: the logits, the stored state
     and the write statistics equal those of one piece, bit for bit (stochastic rounding draws included)."""
