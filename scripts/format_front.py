@@ -73,13 +73,15 @@ def _add_format(label: str) -> str:
     name, *suffixes = label.split("+")
     extra = {}
     for suffix in suffixes:
-        hold = re.fullmatch(r"hold(0?\.\d+)", suffix)
+        hold = re.fullmatch(r"hold(0|0?\.\d+)", suffix)
         if suffix != "sr" and hold is None:
             raise SystemExit(f"format_front.py: --format {label!r}: the suffixes accepted are '+sr' and '+holdH' "
-                             "with 0 < H < 1 (e.g. +hold0.7)")
+                             "with 0 <= H < 1 (e.g. +hold0.7; +hold0: fresh scales)")
         extra |= SR if suffix == "sr" else {"scale_hold": float(hold.group(1))}
-    if name in PRESETS:
+    if name in PRESETS:  # the suffixes win over the preset's per-family fields too
         config = GSQConfig.from_preset(name).to_dict()
+        config["family_overrides"] = {family: fields | extra
+                                      for family, fields in (config["family_overrides"] or {}).items()} or None
     else:
         try:
             get_format(name)

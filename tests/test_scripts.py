@@ -92,12 +92,15 @@ def test_format_front_suffixes_make_the_config():
     """'+sr' and '+holdH' in any order on a format or a preset name."""
     from script_loader import load_script
 
+    from gsq_hf import GSQConfig
+
     front = load_script("format_front")
     assert front.CANDIDATES[front._add_format("int4-e4m3+hold0.7+sr")] == {
         "policy": "static", "format": "int4-e4m3", "name": "int4-e4m3_hold0.7_sr", "rounding": "stochastic",
         "scale_hold": 0.7}
     preset = front.CANDIDATES[front._add_format("gsq-4bit+hold.5")]
     assert preset["scale_hold"] == 0.5 and preset["family_overrides"]["mamba"]["format"] == "midrise4-e4m3up-hadamard"
+    assert GSQConfig.from_dict(preset).for_model_type("mamba").scale_hold == 0.5  # over the preset's 0.85
 
 
 @pytest.mark.slow
