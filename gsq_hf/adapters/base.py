@@ -21,7 +21,8 @@ from torch import nn
 from ..cache import GSQStateLayer
 from ..replay import keep_conv_inputs, keep_scan_inputs
 from ..scan import causal_conv, causal_conv_stepwise, selective_scan
-from ..step import discretize, ssm_output, unit_gate
+from ..kernels.reference import ConvStep
+from ..step import decode_conv, discretize, ssm_output, unit_gate
 
 __all__ = ["ADAPTERS", "MixerAdapter", "apply_padding_mask", "find_adapter", "loaded_weights", "register_adapter"]
 
@@ -90,12 +91,17 @@ class MixerAdapter(ABC):
     # -- shared steps ----------------------------------------------------------------------------------
     @staticmethod
     def conv(mixer: nn.Module, x: torch.Tensor, layer: GSQStateLayer) -> tuple[torch.Tensor, list | None]:
-        """Causal conv of ``x`` (B, C, T) from the stored window; stores the new window.
+        """Causal conv of ``x`` (B, C, T) from the stored window; stores the new window. A single token's goes
+        through `gsq_hf.step.decode_conv` (the conv kernel, or this torch conv).
 
         Returns the output and, while the cache records checkpoints, the stored window after each token.
         """
         with loaded_weights(mixer.conv1d) as conv1d:  # the conv's weights are read, not called
-            return MixerAdapter._conv(mixer, conv1d.weight.squeeze(1), conv1d.bias, x, layer)
+            weight, bias = conv1d.weight.squeeze(1), conv1d.bias
+            if x.shape[-1] != 1:
+                return MixerAdapter._conv(mixer, weight, bias, x, layer)
+            return decode_conv(layer, ConvStep(layer.storage.conv, x[..., 0], weight, bias), mixer.activation,
+                               lambda: MixerAdapter._conv(mixer, weight, bias, x, layer))
 
     @staticmethod
     def _conv(mixer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,
