@@ -265,7 +265,7 @@ def _kernel_step(layer, x, dt, A, B, C, D, z, conv=None) -> torch.Tensor | None:
     )
     finite = torch.isfinite(update.y).all()  # a non-finite state unit makes its row's output non-finite
     if cache.static:
-        layer.nonfinite_flag(x.device).logical_or_(~finite)
+        layer.nonfinite_flag(dt.device).logical_or_(~finite)
     elif not bool(finite):
         return None
     layer.store(LayerStorage(low=update.low, high=update.high, high_valid=update.high_valid), update.gate)
