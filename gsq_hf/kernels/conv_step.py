@@ -43,7 +43,7 @@ def _on_grid(v, DTYPE: tl.constexpr):
         return _round_to_float_grid(v, 0.0, 7, -126, False)
     elif DTYPE == "fp16":
         r = _round_to_float_grid(v, 0.0, 10, -14, False)
-        return tl.where(tl.abs(r) > 65504.0, r * _INF, r)
+        return tl.where(tl.abs(r) > 65504.0, tl.where(r > 0, _INF, -_INF), r)
     else:
         return v
 
