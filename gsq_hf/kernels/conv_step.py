@@ -67,10 +67,10 @@ def conv_channels(win_ptr, win_scale_ptr, out_win_ptr, out_win_scale_ptr, u_ptr,
     shifted = tl.gather(old, tl.zeros((ROWS, K), tl.int32) + tl.minimum(k + 1, K - 1)[None, :], axis=1)
     u = tl.load(u_ptr + b * stride_u + channels, mask=mask, other=0.0).to(tl.float32)
     window = tl.where(k[None, :] == K - 1, u[:, None], _on_grid(shifted, ACT))  # (ROWS, K): read as the model dtype
-    if WRITE:  # group = K: one scale per window; nearest rounding (the caller refuses a lossy stochastic window)
+    if WRITE:  # group = K: one scale per window; nearest rounding, dividing by the scale as gsq_hf.formats does
         stored = mask & (tl.zeros((ROWS,), tl.int1) | write)  # (a scalar `write` broadcast as a mask)
         store_state(window, out_win_ptr, out_win_scale_ptr, 0.0, rows, stored, 0, 0, 2, CONV, CONV_BITS,
-                    CONV_MIDRISE, CONV_SCALE, CONV_MAX, CONV_MBITS, CONV_MIN_EXP, False, K, K, ROWS)
+                    CONV_MIDRISE, CONV_SCALE, CONV_MAX, CONV_MBITS, CONV_MIN_EXP, False, K, K, ROWS, True)
     w = tl.load(w_ptr + channels[:, None] * K + k[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
     acc = tl.sum(_on_grid(window, WDT) * w, axis=1)
     if HAS_BIAS:
