@@ -5,7 +5,9 @@ never sees a write or Δ. The adapter therefore recomputes the mixer's forward f
 sub-modules (always calling ``mixer.dt_proj(...)``, never ``mixer.dt_proj.weight @ ...``, so quantized
 weights work) up to the SSM inputs ``x, Δ, A, B, C, D, z``; a single token then goes to `gsq_hf.step.decode_step`
 (the fused kernel or its torch twin), several to `scan_forward` (``gsq_hf.scan``), both writing the
-`GSQStateLayer` the same way. A new family is one small subclass registered here.
+`GSQStateLayer` the same way. A single token's conv goes through `gsq_hf.step.decode_conv` (Triton or torch;
+Mamba2 hands it to `gsq_hf.step.decode_step_conv`, which may run it inside the state update). A new family is
+one small subclass registered here.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import torch
 from torch import nn
 
 from ..cache import GSQStateLayer
+from ..kernels.reference import ConvStep
 from ..replay import keep_conv_inputs, keep_scan_inputs
 from ..scan import causal_conv, causal_conv_stepwise, selective_scan
-from ..kernels.reference import ConvStep
 from ..step import decode_conv, discretize, ssm_output, unit_gate
 
 __all__ = ["ADAPTERS", "MixerAdapter", "apply_padding_mask", "find_adapter", "loaded_weights", "register_adapter"]

@@ -42,8 +42,8 @@ from ..signals import step_signals
 from ..store import LayerStorage, quantize_state
 from ..store import read_state as read_storage
 
-__all__ = ["KERNEL_FORMATS", "ConvStep", "StateUpdate", "check_conv", "conv_step_reference", "conv_unsupported_reason", "delta",
-           "split_xBC", "state_update_reference", "unsupported_reason", "xbc_groups"]
+__all__ = ["KERNEL_FORMATS", "ConvStep", "StateUpdate", "check_conv", "conv_step_reference", "conv_unsupported_reason",
+           "delta", "split_xBC", "state_update_reference", "unsupported_reason", "xbc_groups"]
 
 KERNEL_CODES = ("fp32", "bf16", "fp16", "fp8", *(f"{grid}{bits}" for grid in ("int", "midrise")
                                                  for bits in range(2, 9)))

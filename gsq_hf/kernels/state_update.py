@@ -40,6 +40,10 @@ formats are rounded onto their grid in fp32 arithmetic, so the final cast is exa
 Triton interpreter truncates fp32→bf16). The same arithmetic is what `state_update_reference` does with
 `gsq_hf.formats`; ``tests/kernels`` compares the two.
 
+The conv before the step (``conv=``, Mamba2): x, B and C are then computed in the kernel from the stored conv
+windows (`gsq_hf.kernels.conv_step.conv_channels`), and the new window returned; docs/design.md says why
+Mamba-1 launches its conv on its own instead.
+
 Dispatch: `gsq_hf.step.decode_step` calls `state_update` for a decode step where `gsq_hf.step.kernel_reason`
 is None (the rules: there and in docs/design.md); it stores the returned copies (``inplace=False``:
 `LayerStorage` stays immutable, so checkpoints stay references), takes the write statistics from
