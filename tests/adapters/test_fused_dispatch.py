@@ -235,3 +235,24 @@ def test_a_conv_activation_other_than_silu_takes_the_torch_conv(family, launches
         _, cache = decode(model, dict(policy="static", format="int8", kernel="triton"), steps=1)
     assert {layer.conv_reason for layer in cache.gsq_layers} == {"conv activation 'gelu': the conv kernel applies SiLU"}
     assert launches == ["state"] * len(cache.gsq_layers)
+
+
+def test_a_padding_mask_keeps_mamba2s_conv_out_of_the_state_launch(launches):
+    """The mask applies between the conv and the step, so a masked single-token forward (transformers passes none
+    at decode; a caller may) launches the conv, masks, then the state update; all-ones: the unmasked output."""
+    from models import tiny_mamba2
+
+    from gsq_hf.adapters.mamba2 import Mamba2Adapter
+
+    model = gsq_hf.patch(tiny_mamba2().to(DEVICE))
+    mixer = model.backbone.layers[0].mixer
+    hidden = torch.randn(2, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    outputs = []
+    with torch.no_grad():
+        for mask in (None, torch.ones(2, 1, device=DEVICE)):
+            cache = GSQCache(model, GSQConfig(policy="static", format="int8", kernel="triton"))
+            model(PROMPT, cache=cache)
+            launches.clear()
+            outputs.append(Mamba2Adapter().forward(mixer, hidden, cache.gsq_layer(0), mask))
+            assert launches == (["state+conv"] if mask is None else ["conv", "state"])
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
