@@ -256,3 +256,27 @@ def test_a_padding_mask_keeps_mamba2s_conv_out_of_the_state_launch(launches):
             outputs.append(Mamba2Adapter().forward(mixer, hidden, cache.gsq_layer(0), mask))
             assert launches == (["state+conv"] if mask is None else ["conv", "state"])
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_of_decode_steps_hold_the_kernels_window(model, launches):
+    """While the cache records positions, a decode step's checkpoint holds the window its conv launch (or, on
+    Mamba2, its fused launch) stored; a rollback to it restores the torch path's window and state."""
+    gsq_hf.patch(model)
+    caches, checkpoints = {}, {}
+    with torch.no_grad():
+        for kernel in ("torch", "triton"):
+            cache = GSQCache(model, GSQConfig(policy="static", format="fp32", kernel=kernel))
+            model(PROMPT, cache=cache)
+            cache.record_positions()
+            token = PROMPT[:, -1:]
+            for _ in range(2):
+                token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+            checkpoints[kernel] = [len(layer.positions) for layer in cache.gsq_layers]
+            cache.rollback(1)
+            caches[kernel] = cache
+    assert launches and checkpoints["triton"] == checkpoints["torch"] == [2] * len(cache.gsq_layers)
+    for ours, theirs in zip(caches["triton"].gsq_layers, caches["torch"].gsq_layers, strict=True):
+        torch.testing.assert_close(ours.read_conv(), theirs.read_conv(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours.read_ssm(), theirs.read_ssm(), rtol=1e-5, atol=1e-5)
+    first = caches["triton"].gsq_layers[0]
+    assert torch.equal(first.read_conv(), caches["torch"].gsq_layers[0].read_conv())  # its inputs: the same tokens
