@@ -89,7 +89,7 @@ class GSQCache(StaticCacheMixin, DynamicCache):
         self.row_signal: torch.Tensor | None = None  # (batch,) normalized entropy/surprisal of the next write
         self._prev_logprobs: torch.Tensor | None = None
         self._generators: dict[str, torch.Generator] = {}
-        self.kernel_reasons_logged: set[str] = set()  # gsq_hf.step logs each reason once per cache
+        self.kernel_reasons_logged: set[tuple[str, str]] = set()  # gsq_hf.step logs each (what, reason) once
         for index, layer in enumerate(self.layers):
             if type(layer) in _GSQ_LAYER_FOR:
                 self.layers[index] = _GSQ_LAYER_FOR[type(layer)](self)

@@ -105,8 +105,8 @@ class GSQConfig:
         "help": "fields that differ for some model types, e.g. {mamba: {rounding: stochastic}}: applied where a "
                 "cache meets a model (`for_model_type`), so one preset can hold what each family measured best"})
     kernel: str = field(default="auto", metadata={
-        "help": "decode-step state update: 'auto' = the fused Triton kernel on CUDA, torch elsewhere; "
-                "'triton' = the kernel wherever it runs (CPU only under TRITON_INTERPRET=1); 'torch' = never"})
+        "help": "decode-step state update and conv: 'auto' = the fused Triton kernels on CUDA, torch elsewhere; "
+                "'triton' = the kernels wherever they run (CPU only under TRITON_INTERPRET=1); 'torch' = never"})
 
     def __init__(self, name: str = "custom", policy: PolicyConfig | str | dict = "static", conv_format: str = "auto",
                  group_size: int | None = None, rounding: str = "nearest", scale_hold: float = 0.0, seed: int = 0,

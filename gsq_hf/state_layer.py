@@ -44,6 +44,7 @@ class _GSQStateMixin:
         self.replay_start: LayerStorage | None = None  # the state when it began recording them
         self.last_gate: torch.Tensor | None = None  # the signal of the last write, to re-quantize a copy
         self.kernel_reason: str | None = None  # why the last decode step did not run the kernel (gsq_hf.step)
+        self.conv_reason: str | None = None  # why the last decode step's conv did not run in Triton (gsq_hf.step)
         self.nonfinite: torch.Tensor | None = None  # static cache: bool device flag, set by a NaN/Inf state write
         self.tracing = 0  # precision trace: 0 off, 1 high fraction per row, 2 also every unit's format id
         self.trace_high: list[torch.Tensor] = []  # per write: (batch,) fraction of units stored high
@@ -105,12 +106,16 @@ class _GSQStateMixin:
 
     def write_conv(self, conv_state: torch.Tensor) -> torch.Tensor:
         """Store the conv window; returns what a reader will see (in the model dtype)."""
-        self.conv_dtype = conv_state.dtype
-        self.conv_shape = tuple(conv_state.shape)
         stored = self.quantize_conv(conv_state)
+        self.store_conv(stored, conv_state.dtype)
+        return conv_state if stored.fmt.represents(conv_state.dtype) else stored.dequantize().to(conv_state.dtype)
+
+    def store_conv(self, stored: QuantizedTensor, dtype: torch.dtype) -> None:
+        """Keep a stored conv window (`quantize_conv`'s, or the conv kernel's), read back in ``dtype``."""
+        self.conv_dtype = dtype
+        self.conv_shape = tuple(stored.shape)
         self._keep(replace(self.storage, conv=stored), ("conv",))
         self.has_previous_state[0] = True
-        return conv_state if stored.fmt.represents(conv_state.dtype) else stored.dequantize().to(conv_state.dtype)
 
     def record_position(self, conv: QuantizedTensor) -> None:
         """Checkpoint the state after one token (SSM as stored now, conv window as of that token)."""

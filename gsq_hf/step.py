@@ -1,4 +1,4 @@
-"""One decode step of a Mamba-family layer: its math once, and the one dispatcher between kernel and torch.
+"""One decode step of a Mamba-family layer: its math once, and the one dispatcher between kernels and torch.
 
 An adapter turns its mixer's inputs into the step's SSM inputs (``x, Δ, A, B, C, D, z``; shapes below) and
 calls `decode_step` for a single-token forward. `decode_step` runs the fused Triton kernel
@@ -6,6 +6,12 @@ calls `decode_step` for a single-token forward. `decode_step` runs the fused Tri
 → the layer's ``write_ssm`` (`quantize_state` + statistics): the same functions the kernel's torch twin
 (`gsq_hf.kernels.state_update_reference`) is made of. A multi-token forward runs `discretize` and
 `gsq_hf.scan.selective_scan` with the same write, and `gsq_hf.signals.gate` is the one gate.
+
+The conv before the step: a single token's conv goes through `decode_conv` (the conv kernel
+`gsq_hf.kernels.conv_step` where `conv_reason` is None, else the adapter's torch conv). A Mamba2 layer, whose
+conv output is x, B and C, hands its conv to `decode_step_conv` instead: conv and state update in one launch
+where both reasons are None, else `decode_conv` then `decode_step`. Mamba-1's B, C and Δ are projections of the
+whole conv output, so its conv is always a launch of its own before them.
 
 Shapes (leading dims ``L`` = (batch,) for a step, (batch, T) for a scan; S = the state's dims before N)::
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +40,8 @@ from .scan import selective_scan
 from .signals import gate
 from .store import LayerStorage
 
-__all__ = ["decode_step", "discretize", "kernel_reason", "rotated_basis", "ssm_output", "ssm_step", "unit_gate"]
+__all__ = ["conv_reason", "decode_conv", "decode_step", "decode_step_conv", "discretize", "kernel_reason",
+           "rotated_basis", "ssm_output", "ssm_step", "unit_gate"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +140,9 @@ def kernel_reason(layer, x: torch.Tensor, A: torch.Tensor, z: torch.Tensor | Non
     """
     cache, stored = layer.cache, layer.storage
     mode = cache.config.kernel
-    if mode == "torch":
-        return "GSQConfig.kernel='torch'"
-    if mode == "auto" and not x.is_cuda:
-        return "tensors not on CUDA (kernel='auto' runs the kernel on CUDA only)"
+    reason = _mode_reason(mode, x.is_cuda)
+    if reason is not None:
+        return reason
     from .kernels.reference import unsupported_reason  # not at the top: the twin there is built from this module
 
     if stored.fallback is not None:
@@ -145,16 +152,52 @@ def kernel_reason(layer, x: torch.Tensor, A: torch.Tensor, z: torch.Tensor | Non
     reason = unsupported_reason(cache.policy, stored.low, stored.high, A, z, cache.config.group_size)
     if reason is not None:
         return reason
-    return None if _kernel(mode, x.is_cuda) is not None else "triton is not importable"
+    return None if _kernels(mode, x.is_cuda) is not None else "triton is not importable"
 
 
-def _kernel(mode: str, on_cuda: bool):
-    """``gsq_hf.kernels.state_update.state_update``, or None (with a warning) where ``auto`` cannot use it."""
+def conv_reason(layer, conv, activation: str) -> str | None:
+    """Why the conv of this single-token forward of ``layer`` does not run in Triton, or None when it does.
+
+    ``conv`` is a `gsq_hf.kernels.reference.ConvStep` (the stored window, the token's input, the weights),
+    ``activation`` the mixer's (``mixer.activation``). As `kernel_reason` for the mode and triton, and: a cache
+    recording scan inputs (`gsq_hf.replay` keeps the torch conv's output); an activation other than SiLU; what
+    the conv kernel cannot store (`gsq_hf.kernels.reference.conv_unsupported_reason`: no window yet, e4m3 or
+    rotated conv formats, stochastic rounding of a lossy window, a width that is not a power of two).
+    """
+    cache = layer.cache
+    mode = cache.config.kernel
+    reason = _mode_reason(mode, conv.u.is_cuda)
+    if reason is not None:
+        return reason
+    if cache.recording_inputs:
+        return "the cache records scan inputs (gsq_hf.replay keeps the torch conv's output)"
+    if activation not in ("silu", "swish"):
+        return f"conv activation {activation!r}: the conv kernel applies SiLU"
+    from .kernels.reference import conv_unsupported_reason
+
+    reason = conv_unsupported_reason(conv, cache.config.rounding)
+    if reason is not None:
+        return reason
+    return None if _kernels(mode, conv.u.is_cuda) is not None else "triton is not importable"
+
+
+def _mode_reason(mode: str, on_cuda: bool) -> str | None:
+    if mode == "torch":
+        return "GSQConfig.kernel='torch'"
+    if mode == "auto" and not on_cuda:
+        return "tensors not on CUDA (kernel='auto' runs the kernel on CUDA only)"
+    return None
+
+
+def _kernels(mode: str, on_cuda: bool):
+    """The package ``gsq_hf.kernels`` with its Triton modules imported (``.state_update.state_update``,
+    ``.conv_step.conv_step``), or None (with a warning) where ``auto`` cannot use them."""
     if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise GSQConfigError("GSQConfig.kernel='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment "
                              "(set before triton is imported); use kernel='auto' or 'torch' on CPU")
     try:
-        from .kernels.state_update import state_update
+        from . import kernels
+        from .kernels import conv_step, state_update  # noqa: F401  (the Triton modules, as attributes of kernels)
     except ImportError as error:
         if mode == "triton":
             raise GSQConfigError(f"GSQConfig.kernel='triton' needs the triton package ({error}); "
@@ -162,7 +205,17 @@ def _kernel(mode: str, on_cuda: bool):
         warnings.warn(f"gsq_hf: triton is not importable ({error}); quantized decode steps on CUDA take the slower "
                       "torch path (pip install 'gsq_hf[triton]')", RuntimeWarning, stacklevel=4)
         return None
-    return state_update
+    return kernels
+
+
+def _noted(layer, name: str, reason: str | None, what: str) -> str | None:
+    """Keep ``reason`` as ``layer.<name>`` and log it once per cache and reason (INFO)."""
+    setattr(layer, name, reason)
+    logged = layer.cache.kernel_reasons_logged
+    if reason is not None and (what, reason) not in logged:
+        logged.add((what, reason))
+        logger.info("gsq_hf: %s take the torch path: %s", what, reason)
+    return reason
 
 
 def decode_step(layer, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -175,11 +228,7 @@ def decode_step(layer, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: to
     decisions and statistics either way; both update a Mamba2 state in the low format's basis (`rotated_basis`).
     """
     cache = layer.cache
-    reason = kernel_reason(layer, x, A, z)
-    layer.kernel_reason = reason
-    if reason is not None and reason not in cache.kernel_reasons_logged:
-        cache.kernel_reasons_logged.add(reason)
-        logger.info("gsq_hf: decode steps take the torch path: %s", reason)
+    reason = _noted(layer, "kernel_reason", kernel_reason(layer, x, A, z), "decode steps")
     y = _kernel_step(layer, x, dt, A, B, C, D, z) if reason is None else None
     if y is None:
         wants_gate, rotated = "gate" in cache.policy.signals, rotated_basis(cache.policy, A)
@@ -190,22 +239,62 @@ def decode_step(layer, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: to
     return y
 
 
-def _kernel_step(layer, x, dt, A, B, C, D, z) -> torch.Tensor | None:
-    """The fused step (stores its copies in ``layer``), or None when its output is not finite (a static cache
-    flags it on the device and keeps the step: `gsq_hf.static_cache`)."""
+def decode_conv(layer, conv, activation: str, torch_conv: Callable[[], tuple]) -> tuple[torch.Tensor, list | None]:
+    """The conv of a single-token forward (``conv``: a `gsq_hf.kernels.reference.ConvStep`): the conv kernel where
+    `conv_reason` is None (it stores the new window in ``layer``), else ``torch_conv()``, the adapter's torch conv.
+
+    Returns what ``torch_conv`` returns: the output (batch, conv_dim, 1) in the model dtype and, while the cache
+    records checkpoints, the stored window after the token (else None).
+    """
+    reason = _noted(layer, "conv_reason", conv_reason(layer, conv, activation), "decode steps' convs")
+    if reason is not None:
+        return torch_conv()
+    out, window = _kernels(layer.cache.config.kernel, conv.u.is_cuda).conv_step.conv_step(conv)
+    layer.store_conv(window, conv.u.dtype)
+    return out[..., None], [window] if layer.cache.recording else None
+
+
+def decode_step_conv(layer, conv, activation: str, torch_conv: Callable[[], tuple],
+                     ssm_inputs: Callable[[torch.Tensor], tuple], dt: torch.Tensor, A: torch.Tensor,
+                     D: torch.Tensor | None, fuse: bool = True) -> torch.Tensor:
+    """One token through a layer whose conv output holds x, B and C (Mamba2's xBC; no z): the output, as
+    `decode_step`'s.
+
+    Conv and state update run in one launch (`gsq_hf.kernels.state_update` with ``conv=``) where ``fuse`` (no
+    padding mask to apply between them), `conv_reason` and `kernel_reason` are all clear; else `decode_conv`
+    (``torch_conv``: the adapter's torch conv), ``ssm_inputs(output (batch, conv_dim))`` → x, B, C, and
+    `decode_step`. A fused step whose output is NaN/Inf is redone that way.
+    """
+    if fuse and _noted(layer, "conv_reason", conv_reason(layer, conv, activation), "decode steps' convs") is None \
+            and _noted(layer, "kernel_reason", kernel_reason(layer, conv.u, A, None), "decode steps") is None:
+        y = _kernel_step(layer, None, dt, A, None, None, D, None, conv)
+        if y is not None:
+            return y
+    out, history = decode_conv(layer, conv, activation, torch_conv)
+    x, B, C = ssm_inputs(out[..., 0])
+    return decode_step(layer, x, dt, A, B, C, D, None, history)
+
+
+def _kernel_step(layer, x, dt, A, B, C, D, z, conv=None) -> torch.Tensor | None:
+    """The fused step (stores its copies, and with ``conv`` the new window, in ``layer``), or None when its output
+    is not finite (a static cache flags it on the device and keeps the step: `gsq_hf.static_cache`)."""
     cache, stored = layer.cache, layer.storage
-    update = _kernel(cache.config.kernel, x.is_cuda)(
+    update = _kernels(cache.config.kernel, dt.is_cuda).state_update.state_update(
         stored.low, stored.high, stored.high_valid, x, dt, A, B, C, D, z,
         policy=cache.policy, group_size=cache.config.group_size, rounding=cache.config.rounding,
-        seed=cache.config.seed, step=layer.writes, row_signal=cache.row_signal_for(x.shape[0]),
-        return_gate="gate" in cache.policy.signals, inplace=cache.static and _contiguous(stored),
+        seed=cache.config.seed, step=layer.writes, row_signal=cache.row_signal_for(dt.shape[0]),
+        return_gate="gate" in cache.policy.signals, inplace=cache.static and _contiguous(stored), conv=conv,
     )
     finite = torch.isfinite(update.y).all()  # a non-finite state unit makes its row's output non-finite
     if cache.static:
-        layer.nonfinite_flag(x.device).logical_or_(~finite)
+        layer.nonfinite_flag(dt.device).logical_or_(~finite)
     elif not bool(finite):
         return None
     layer.store(LayerStorage(low=update.low, high=update.high, high_valid=update.high_valid), update.gate)
+    if conv is not None:
+        layer.store_conv(update.conv, conv.u.dtype)
+        if cache.recording:
+            layer.record_position(update.conv)
     return update.y
 
 

@@ -12,6 +12,18 @@ Shapes: the mamba-2.8b layer (d_inner 5120, d_state 16) and a Mamba2-2.7B layer 
   kernel-<variant>   ``gsq_hf.kernels.state_update.state_update`` in place; ``kernel-fp32`` is the fused fp32
                      baseline every quantized variant has to beat
 
+With ``--conv VARIANT ...`` the step's depthwise causal conv (width 4, window in the activation dtype, as the
+default ``conv_format='auto'`` stores it) is timed with the state update of those variants, three ways:
+
+  conv-torch+kernel-<v>   the torch conv a decode step runs today (`conv_step_reference`: the adapter's ops:
+                          read and cast the window, cat, conv1d, SiLU, store the window), then the kernel
+  conv-kernel+kernel-<v>  ``gsq_hf.kernels.conv_step.conv_step`` (one launch), then the kernel
+  conv-fused-<v>          Mamba2 only: ``state_update(conv=...)``, conv and state update in one launch (Mamba-1's
+                          B, C and Δ are x_proj of the whole conv output: it has no fused form)
+
+Each conv row's ``x_torch_conv`` is the speed-up over ``conv-torch+kernel-<v>`` in the same mode. Mamba-1 rows
+leave out x_proj/dt_proj (the same in all three), so they time conv + state update only.
+
 Each method is timed plainly (``triton.testing.do_bench``: launches from Python included) and inside a CUDA
 graph (``do_bench_cudagraph``: the kernel alone; ``--graph``: only there), except the default cache's torch
 path, whose NaN probe syncs with the host and cannot be captured (its static twin can). Columns: median µs;
@@ -98,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup-ms", type=float, default=10.0)
     parser.add_argument("--rep-ms", type=float, default=50.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--conv", nargs="*", default=[], metavar="VARIANT",
+                        help="also time the conv with the state update of these variants (rows conv-*; see above)")
     parser.add_argument("--dry-run", action="store_true",
                         help="no timings: run every variant's kernel once on small shapes (CPU under "
                              "TRITON_INTERPRET=1, or CUDA), check y against the torch twin, print bytes and bits")
@@ -136,6 +150,61 @@ def io_bytes(inputs: dict) -> int:
     """Bytes of everything a step reads and writes besides the state (y has x's size)."""
     names = ("x", "dt", "dt_bias", "A", "B", "C", "D", "z")
     return sum(inputs[k].nbytes for k in names if inputs[k] is not None) + inputs["x"].nbytes
+
+
+def conv_inputs(spec: dict, batch: int, act_dtype: torch.dtype, device: str):
+    """A decode step's conv: the window (width 4) stored in the activation dtype, the token's input, weights.
+
+    Channels: d_inner on Mamba-1; Mamba2's xBC, x (H·P) then B and C (G·N each)."""
+    from gsq_hf.formats import get_format
+    from gsq_hf.kernels.reference import ConvStep
+
+    g = torch.Generator(device=device).manual_seed(batch + 1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device).to(act_dtype)
+
+    if spec["family"] == "mamba":
+        channels = spec["dim"]
+    else:
+        channels = spec["heads"] * spec["head_dim"] + 2 * spec["groups"] * spec["d_state"]
+    window = get_format(act_dtype).quantize(randn(batch, channels, 4), 4)
+    return ConvStep(window, randn(batch, channels), 0.5 * randn(channels, 4), randn(channels))
+
+
+def conv_bytes(conv, fused: bool) -> int:
+    """Bytes the conv adds to a step: the window read and written, the token's input, weight and bias, and (not
+    fused) its output written (the state update's x, B, C reads are in `io_bytes`)."""
+    extra = 2 * conv.window.nbytes + conv.u.nbytes + conv.weight.nbytes + conv.bias.nbytes
+    return extra + (0 if fused else conv.u.nbytes)
+
+
+def conv_methods(spec: dict, conv, first, call_args: list, kwargs: dict, launch: dict, inplace: bool = True) -> dict:
+    """``conv-*`` method name (less the variant) -> step function, for the variant whose state `kernel_setup` made.
+
+    ``call_args`` is ``[x, dt, A, B, C, D, z, dt_bias, softplus]``: the conv's output replaces x (and, Mamba2,
+    B and C, split as the model splits xBC). ``inplace``: the state is updated in place, as in the kernel rows
+    (``False``: each call steps from the same state)."""
+    from gsq_hf.kernels.conv_step import conv_step
+    from gsq_hf.kernels.reference import conv_step_reference, split_xBC
+    from gsq_hf.kernels.state_update import state_update
+
+    def step_after(out):
+        args = list(call_args)
+        if spec["family"] == "mamba":
+            args[0] = out
+        else:
+            args[0], args[3], args[4] = split_xBC(out, spec["heads"], spec["head_dim"], spec["d_state"])
+        return state_update(first.low, first.high, first.high_valid, *args, **kwargs, inplace=inplace, **launch)
+
+    methods = {"conv-torch+kernel": lambda: step_after(conv_step_reference(conv)[0]),
+               "conv-kernel+kernel": lambda: step_after(conv_step(conv)[0])}
+    if spec["family"] == "mamba2":
+        fused_args = list(call_args)
+        fused_args[0] = fused_args[3] = fused_args[4] = None
+        methods["conv-fused"] = lambda: state_update(first.low, first.high, first.high_valid, *fused_args, **kwargs,
+                                                     inplace=inplace, conv=conv, **launch)
+    return methods
 
 
 # -- methods -------------------------------------------------------------------------------------------
@@ -315,6 +384,26 @@ def dry_run(args, configs: dict) -> None:
                 y = torch_path_call(config, spec, inputs, static=True)()  # the capturable torch path, once
                 if not bool(torch.isfinite(y).all()):
                     sys.exit(f"torch-static-{name} on {shape}: a non-finite output")
+                if name in args.conv:
+                    dry_run_conv(spec, shape, batch, name, inputs, act_dtype, device, config)
+
+
+def dry_run_conv(spec, shape, batch, name, inputs, act_dtype, device, config) -> None:
+    """The ``conv-*`` methods of one variant once each, every y set against the torch conv's."""
+    policy, kwargs, call_args, first = kernel_setup(config, inputs)
+    conv = conv_inputs(spec, batch, act_dtype, device)
+    methods = conv_methods(spec, conv, first, call_args, kwargs, {}, inplace=False)
+    ys = {method: fn().y.float() for method, fn in methods.items()}
+    base = ys.pop("conv-torch+kernel")
+    group = config.group_size or spec["d_state"]
+    for method, y in ys.items():
+        error = float((y - base).abs().max() / base.abs().max())
+        nbytes = (state_bytes(policy, inputs, first.high_valid, first.high_valid, group) + io_bytes(inputs)
+                  + conv_bytes(conv, method == "conv-fused"))
+        print(f"{shape:12s} {batch:5d} {method + '-' + name:28s} {'':9s} {nbytes / 1e3:8.1f} {error:9.1e}  "
+              f"vs conv-torch+kernel-{name}", flush=True)
+        if not error <= 0.05:
+            sys.exit(f"{method}-{name} on {shape}: y differs from the torch conv's step by {error:.3g} of its scale")
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -322,6 +411,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     configs = {name: GSQConfig(name=name, **VARIANTS[name]) if name in VARIANTS else resolve_config(name)
                for name in args.variants}
+    if set(args.conv) - set(configs):
+        sys.exit(f"--conv {' '.join(sorted(set(args.conv) - set(configs)))}: not among --variants")
     if args.dry_run:
         return dry_run(args, configs)
     if not torch.cuda.is_available():
@@ -411,6 +502,18 @@ def main(argv=None) -> None:
                             graph_ok=False, high_fraction=high)
                     measure(shape, batch, f"torch-static-{name}", torch_path_call(config, spec, inputs, static=True),
                             nbytes, high_fraction=high)
+                if name in args.conv:
+                    conv = conv_inputs(spec, batch, act_dtype, "cuda")
+                    for method, conv_fn in conv_methods(spec, conv, first, call_args, kwargs, launch).items():
+                        measure(shape, batch, f"{method}-{name}", conv_fn,
+                                nbytes + conv_bytes(conv, method == "conv-fused"), launch=launch)
+                    for row in result["rows"]:  # each conv row against today's path, same mode
+                        if row["shape"] == shape and row["batch"] == batch and row["method"].startswith("conv-") \
+                                and row["method"].endswith(f"-{name}") and row["us"]:
+                            base = next((r["us"] for r in result["rows"] if (r["shape"], r["batch"], r["method"],
+                                         r["mode"]) == (shape, batch, f"conv-torch+kernel-{name}", row["mode"])),
+                                        None)
+                            row["x_torch_conv"] = base / row["us"] if base else None
                 del first
             ours = {r["mode"]: r["us"] for r in result["rows"]
                     if (r["shape"], r["batch"], r["method"]) == (shape, batch, "kernel-fp32") and r["us"]}

@@ -3,8 +3,9 @@
     python scripts/perf_report.py docs/perf/bench_state_update_h200.json docs/perf/bench_generate_h200.json
 
 State update: one row per (shape, batch, method), plain and CUDA-graph µs side by side, the graph row's
-fraction of the measured copy bandwidth and speed-up over the fused fp32 kernel. Generate: tokens/s per
-config and its ratio to the unpatched model.
+fraction of the measured copy bandwidth and speed-up over the fused fp32 kernel; the conv rows (``--conv``) also
+as a list of speed-ups over today's torch conv + kernel. Generate: tokens/s per config and its ratio to the
+unpatched model.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ def state_update_tables(result: dict) -> str:
                          f"{_fmt(graph and graph['us'], '.1f')} | {any_row['bytes'] / 1e6:.2f} | "
                          f"{_fmt(graph and 100 * graph['fraction_of_copy_bandwidth'], '.0f')} | "
                          f"{_fmt(graph and graph['speedup_vs_kernel_fp32'], '.2f')} |")
+        lines.append("")
+    conv = [row for row in result["rows"] if row.get("x_torch_conv") and row["method"].startswith(
+        ("conv-kernel+kernel-", "conv-fused-"))]
+    if conv:
+        lines += ["Conv + state update, × the torch conv + kernel (same mode):", ""]
+        lines += [f"- {r['shape']} batch {r['batch']} {r['method']} ({r['mode']}): {r['us']:.1f} µs, "
+                  f"{r['x_torch_conv']:.2f}×" for r in conv]
         lines.append("")
     checks = result.get("fp32_baseline_check", [])
     if checks:

@@ -114,7 +114,10 @@ def test_device_perf_script_dry_runs_every_step_into_out(tmp_path):
     configs = {row["config"] for row in graph["rows"] if "tokens_per_s" in row}
     assert configs == {"unpatched", "fp32", "bf16", "int8", "int4", "gsq-gate", "gsq-4bit", "gsq-3bit"}
     assert not [row for row in graph["rows"] if "error" in row]
-    assert "kernel-gsq-3bit" in (tmp_path / "state_update.log").read_text()
+    state_log = (tmp_path / "state_update.log").read_text()
+    assert "kernel-gsq-3bit" in state_log
+    for method in ("conv-kernel+kernel-gsq-4bit", "conv-fused-int8"):  # the conv with the update (Mamba2: fused)
+        assert method in state_log
     assert "generate_graph" in (tmp_path / "tables.md").read_text()
 
 

@@ -35,6 +35,7 @@ def decode_once(model, config):
 def test_reason_is_read_from_the_layer(model, config, reason):
     cache = decode_once(model, config)
     assert {layer.kernel_reason for layer in cache.gsq_layers} == {reason}
+    assert {layer.conv_reason for layer in cache.gsq_layers} == {reason}  # the conv's: the same mode rules
     assert kernel_reason(cache.gsq_layers[0], torch.zeros(1), torch.zeros(1), None) == reason
 
 
@@ -54,8 +55,9 @@ def test_reason_logged_once_per_cache(model, caplog):
     with caplog.at_level(logging.INFO, logger="gsq_hf.step"):
         decode_once(model, "int8")
     lines = [r.getMessage() for r in caplog.records if r.name == "gsq_hf.step"]
-    assert lines == ["gsq_hf: decode steps take the torch path: tensors not on CUDA (kernel='auto' runs the kernel "
-                     "on CUDA only)"]  # two layers, one decode step each: one line
+    reason = "tensors not on CUDA (kernel='auto' runs the kernel on CUDA only)"
+    assert lines == [f"gsq_hf: decode steps' convs take the torch path: {reason}",
+                     f"gsq_hf: decode steps take the torch path: {reason}"]  # two layers, one step each: once each
 
 
 @pytest.mark.parametrize("layout", ["mamba", "zamba", "mamba2"])

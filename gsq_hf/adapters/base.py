@@ -5,7 +5,9 @@ never sees a write or Δ. The adapter therefore recomputes the mixer's forward f
 sub-modules (always calling ``mixer.dt_proj(...)``, never ``mixer.dt_proj.weight @ ...``, so quantized
 weights work) up to the SSM inputs ``x, Δ, A, B, C, D, z``; a single token then goes to `gsq_hf.step.decode_step`
 (the fused kernel or its torch twin), several to `scan_forward` (``gsq_hf.scan``), both writing the
-`GSQStateLayer` the same way. A new family is one small subclass registered here.
+`GSQStateLayer` the same way. A single token's conv goes through `gsq_hf.step.decode_conv` (Triton or torch;
+Mamba2 hands it to `gsq_hf.step.decode_step_conv`, which may run it inside the state update). A new family is
+one small subclass registered here.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import torch
 from torch import nn
 
 from ..cache import GSQStateLayer
+from ..kernels.reference import ConvStep
 from ..replay import keep_conv_inputs, keep_scan_inputs
 from ..scan import causal_conv, causal_conv_stepwise, selective_scan
-from ..step import discretize, rotated_basis, ssm_output, unit_gate
+from ..step import decode_conv, discretize, rotated_basis, ssm_output, unit_gate
 
 __all__ = ["ADAPTERS", "MixerAdapter", "apply_padding_mask", "find_adapter", "loaded_weights", "register_adapter"]
 
@@ -90,12 +93,17 @@ class MixerAdapter(ABC):
     # -- shared steps ----------------------------------------------------------------------------------
     @staticmethod
     def conv(mixer: nn.Module, x: torch.Tensor, layer: GSQStateLayer) -> tuple[torch.Tensor, list | None]:
-        """Causal conv of ``x`` (B, C, T) from the stored window; stores the new window.
+        """Causal conv of ``x`` (B, C, T) from the stored window; stores the new window. A single token's goes
+        through `gsq_hf.step.decode_conv` (the conv kernel, or this torch conv).
 
         Returns the output and, while the cache records checkpoints, the stored window after each token.
         """
         with loaded_weights(mixer.conv1d) as conv1d:  # the conv's weights are read, not called
-            return MixerAdapter._conv(mixer, conv1d.weight.squeeze(1), conv1d.bias, x, layer)
+            weight, bias = conv1d.weight.squeeze(1), conv1d.bias
+            if x.shape[-1] != 1:
+                return MixerAdapter._conv(mixer, weight, bias, x, layer)
+            return decode_conv(layer, ConvStep(layer.storage.conv, x[..., 0], weight, bias), mixer.activation,
+                               lambda: MixerAdapter._conv(mixer, weight, bias, x, layer))
 
     @staticmethod
     def _conv(mixer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor,

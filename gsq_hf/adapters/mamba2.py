@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import GSQStateLayer
-from ..step import decode_step
-from .base import MixerAdapter, apply_padding_mask, register_adapter
+from ..kernels.reference import ConvStep
+from ..step import decode_step_conv
+from .base import MixerAdapter, apply_padding_mask, loaded_weights, register_adapter
 
 __all__ = ["Mamba2Adapter"]
 
@@ -45,17 +46,27 @@ class Mamba2Adapter(MixerAdapter):
         heads, head_dim, n, groups = mixer.num_heads, mixer.head_dim, mixer.ssm_state_size, mixer.n_groups
         projected = self.in_projection(mixer, apply_padding_mask(hidden_states, attention_mask))
         z, xBC, dt = projected.split([mixer.intermediate_size, mixer.conv_dim, heads], dim=-1)
-        xBC, conv_history = self.conv(mixer, xBC.transpose(1, 2), layer)
-        xBC = apply_padding_mask(xBC.transpose(1, 2), attention_mask)
-        x, B, C = torch.split(xBC, [mixer.intermediate_size, groups * n, groups * n], dim=-1)
-        x = x.view(batch, seq_len, heads, head_dim)  # (B, T, H, P)
-        B = B.view(batch, seq_len, groups, n)  # (B, T, G, N)
-        C = C.view(batch, seq_len, groups, n)
         dt = F.softplus(dt.float() + mixer.dt_bias.float()).clamp(*mixer.time_step_limit)  # (B, T, H)
         A = -torch.exp(mixer.A_log.float())  # (H,)
-        if seq_len == 1:
-            y = decode_step(layer, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], mixer.D, None, conv_history)[:, None]
+
+        def ssm_inputs(conv_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """x (B, T, H, P), B and C (B, T, G, N) from the conv's output (B, T, conv_dim)."""
+            x, B, C = torch.split(apply_padding_mask(conv_out, attention_mask),
+                                  [mixer.intermediate_size, groups * n, groups * n], dim=-1)
+            return (x.view(batch, seq_len, heads, head_dim), B.view(batch, seq_len, groups, n),
+                    C.view(batch, seq_len, groups, n))
+
+        if seq_len == 1:  # the conv in the state update's launch where it can (gsq_hf.step.decode_step_conv)
+            with loaded_weights(mixer.conv1d) as conv1d:
+                weight, bias, u = conv1d.weight.squeeze(1), conv1d.bias, xBC[:, 0]
+                y = decode_step_conv(
+                    layer, ConvStep(layer.storage.conv, u, weight, bias), mixer.activation,
+                    lambda: self._conv(mixer, weight, bias, u[..., None], layer),
+                    lambda out: tuple(t[:, 0] for t in ssm_inputs(out[:, None])), dt[:, 0], A, mixer.D,
+                    fuse=attention_mask is None)[:, None]
         else:
+            xBC, conv_history = self.conv(mixer, xBC.transpose(1, 2), layer)
+            x, B, C = ssm_inputs(xBC.transpose(1, 2))
             y = self.scan_forward(layer, x, dt, A, B, C, mixer.D, None, conv_history)  # (B, T, H, P)
         y = self.gated_output(mixer, y.reshape(batch, seq_len, -1), z)
         return mixer.out_proj(y.to(dtype))

@@ -5,11 +5,13 @@
   "gsq_hf[triton]"``; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 * `state_update_reference` — the same step in torch, from the functions CPU decode steps run (`gsq_hf.step`,
   `gsq_hf.store`).
+* `gsq_hf.kernels.conv_step.conv_step` — a decode step's depthwise conv in one Triton launch (window shift, conv,
+  SiLU, window store); Mamba2's runs inside `state_update` (``conv=``). Twin: `conv_step_reference`.
 
 Importing this package needs torch only; the Triton module is imported explicitly (`gsq_hf.step` imports it
 at the first decode step that may use it). Dispatch rules: `gsq_hf.step.kernel_reason` and docs/design.md.
 """
 
-from .reference import StateUpdate, state_update_reference, unsupported_reason
+from .reference import ConvStep, StateUpdate, conv_step_reference, state_update_reference, unsupported_reason
 
-__all__ = ["StateUpdate", "state_update_reference", "unsupported_reason"]
+__all__ = ["ConvStep", "StateUpdate", "conv_step_reference", "state_update_reference", "unsupported_reason"]

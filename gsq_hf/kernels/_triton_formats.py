@@ -237,7 +237,7 @@ def load_state(data_ptr, scale_ptr, row_scale_ptr, b, rows, mask, CODES: tl.cons
 def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, STREAM: tl.constexpr,
                 CODES: tl.constexpr, BITS: tl.constexpr, MIDRISE: tl.constexpr, SCALE: tl.constexpr,
                 MAX: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr, STOCHASTIC: tl.constexpr,
-                N: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr):
+                N: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, DIVIDE: tl.constexpr = False):
     """Quantize fp32 ``h`` (ROWS, N, already in the copy's basis) and store the ``rows`` where ``mask``.
 
     As `StateFormat.quantize`: scale = absmax / MAX per group, stored as the scale dtype rounds it (e4m3: of
@@ -245,7 +245,9 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, STREA
     over max(stored scale, tiny), int codes rounded (stochastic: floor(v + u); mid-rise: floor(v),
     floor(v − 0.5 + u)) and clamped to the grid, floats clamped to ±MAX and rounded onto the format's grid.
     One difference, for speed: values are multiplied by the group's reciprocal scale (one IEEE division per
-    group, not per element), which moves a code only where a value is within an ulp of a tie.
+    group, not per element), which moves a code only where a value is within an ulp of a tie. With DIVIDE they
+    are divided, as `gsq_hf.formats` does (the conv window: K values per scale, and a re-stored grid value sits
+    exactly at a tie whenever its window's scale doubles).
     """
     u = uniform(seed, step, STREAM, rows, ROWS, N) if STOCHASTIC else 0.0
     v = h
@@ -269,8 +271,11 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, STREA
             stored = scale
         tl.store(scale_ptr + rows[:, None] * (N // GROUP) + tl.arange(0, N // GROUP)[None, :],
                  stored.to(scale_ptr.dtype.element_ty), mask=mask[:, None])
-        inverse = tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), tl.maximum(scale, _TINY))  # (ROWS, N / GROUP)
-        v = tl.reshape(groups * inverse[:, :, None], (ROWS, N))
+        if DIVIDE:
+            v = tl.reshape(tl.div_rn(groups, tl.maximum(scale, _TINY)[:, :, None]), (ROWS, N))
+        else:
+            inverse = tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), tl.maximum(scale, _TINY))  # (ROWS, N / GROUP)
+            v = tl.reshape(groups * inverse[:, :, None], (ROWS, N))
     if CODES == "int":
         if MIDRISE:  # level k + 0.5 is code k: codes -(MAX + 0.5) … MAX - 0.5
             codes = tl.floor(v - 0.5 + u) if STOCHASTIC else tl.floor(v)

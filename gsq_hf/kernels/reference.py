@@ -20,6 +20,10 @@ Shapes (Mamba: ``units`` = channels ``D``, no ``P``; Mamba2: ``units`` = heads `
     y             like x                             output of the step, in x.dtype
 
 (Zamba, torch only: state (batch, H, P, N) with A (H, P, N), x, dt and z (batch, H, P), B, C (batch, H, N).)
+
+A decode step's depthwise causal conv (`ConvStep`: kernel width K, SiLU) runs before the SSM step:
+`conv_step_reference` is its twin. A Mamba2 step may take it instead of x, B and C (``conv=``): its output is
+xBC = [x (H·P) | B (G·N) | C (G·N)] per batch row, split and viewed as the shapes above.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ import torch.nn.functional as F
 from .. import step as ssm
 from ..formats import FORMATS, ROTATIONS, SCALE_DTYPES, QuantizedTensor, StateFormat, format_name
 from ..policies import PrecisionPolicy
+from ..scan import causal_conv
 from ..signals import step_signals
 from ..store import LayerStorage, quantize_state
 from ..store import read_state as read_storage
 
-__all__ = ["KERNEL_FORMATS", "StateUpdate", "delta", "state_update_reference", "unsupported_reason"]
+__all__ = ["KERNEL_FORMATS", "ConvStep", "StateUpdate", "check_conv", "conv_step_reference", "conv_unsupported_reason",
+           "delta", "split_xBC", "state_update_reference", "unsupported_reason", "xbc_groups"]
 
 KERNEL_CODES = ("fp32", "bf16", "fp16", "fp8", *(f"{grid}{bits}" for grid in ("int", "midrise")
                                                  for bits in range(2, 9)))
@@ -62,6 +68,16 @@ class StateUpdate(NamedTuple):
     slot_units: torch.Tensor | None = None  # (batch, K): the unit of each high slot (budget policies; twin only)
     fallback: torch.Tensor | None = None  # fp32 copies of non-finite units (twin only)
     fallback_mask: torch.Tensor | None = None  # (batch, units)
+    conv: QuantizedTensor | None = None  # the new conv window, when the step ran the conv (``conv=``)
+
+
+class ConvStep(NamedTuple):
+    """One token through a depthwise causal conv of width K with SiLU: a decode step's conv, before its SSM step."""
+
+    window: QuantizedTensor  # (batch, conv_dim, K): the last K conv inputs as stored, in the cache's conv format
+    u: torch.Tensor  # (batch, conv_dim): this token's conv input, in the model dtype
+    weight: torch.Tensor  # (conv_dim, K)
+    bias: torch.Tensor | None  # (conv_dim,)
 
 
 def unsupported_reason(
@@ -99,6 +115,59 @@ def unsupported_reason(
     return None
 
 
+def conv_unsupported_reason(conv: ConvStep | None, rounding: str) -> str | None:
+    """Why the conv kernel cannot run this decode step's conv (the caller then keeps the torch conv), or None.
+
+    The window of one channel is one tile row of K values and one quantization group (`GSQStateLayer.quantize_conv`
+    scales it as a whole): K must be a power of two. The conv format must be stored without a second pass or
+    state from elsewhere: no e4m3 group scales (a per-batch-row scale over all channels), no rotation, and no
+    stochastic rounding of a lossy window (the torch path draws it from the cache's generator).
+    """
+    if conv is None or conv.window is None:
+        return "no stored conv window yet (the first write comes from a prefill, on the torch path)"
+    fmt, kernel = conv.window.fmt, conv.window.shape[-1]
+    codes = fmt.name.split("-")[0]
+    if codes not in KERNEL_CODES or fmt.rotation is not None or fmt.scale_dtype in ("e4m3", "e4m3up"):
+        return (f"conv format {fmt.name}: the conv kernel stores the codes {', '.join(KERNEL_CODES)} with an fp32, "
+                "fp16 or e8m0 scale, unrotated")
+    if rounding == "stochastic" and not fmt.represents(conv.u.dtype):
+        return f"stochastic rounding of a lossy conv window ({fmt.name}) draws from the torch path's generator"
+    if kernel < 2 or kernel & (kernel - 1):
+        return f"conv width {kernel}: the conv kernel needs a power of two"
+    dtypes = {conv.u.dtype, conv.weight.dtype} | ({conv.bias.dtype} if conv.bias is not None else set())
+    if not dtypes <= {torch.float32, torch.bfloat16, torch.float16}:
+        return f"conv dtypes {sorted(map(str, dtypes))}: the conv kernel takes fp32, bf16 and fp16"
+    return None
+
+
+def conv_step_reference(conv: ConvStep, rounding: str = "nearest",
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, QuantizedTensor]:
+    """The conv's output (batch, conv_dim) in ``u``'s dtype and the new stored window: the stored window read in
+    the model dtype (`GSQStateLayer.read_conv`), shifted by one with ``u`` appended, conv + SiLU as
+    `gsq_hf.scan.causal_conv` computes them, the new window stored in the same format (group = K)."""
+    kernel = conv.window.shape[-1]
+    previous = conv.window.dequantize().to(conv.u.dtype)
+    out, full = causal_conv(conv.u[..., None], previous, conv.weight, conv.bias, F.silu)
+    return out[..., 0], conv.window.fmt.quantize(full[..., -kernel:], kernel, rounding, generator)
+
+
+def xbc_groups(conv_dim: int, heads: int, head_dim: int, d_state: int) -> int:
+    """G, the B/C groups of Mamba2's conv channels xBC = [x (H·P) | B (G·N) | C (G·N)]."""
+    groups, rest = divmod(conv_dim - heads * head_dim, 2 * d_state)
+    if rest or groups < 1 or heads % groups:
+        raise ValueError(f"a conv of {conv_dim} channels is not x ({heads}×{head_dim}) + B + C of G groups of "
+                         f"{d_state} with G dividing {heads}")
+    return groups
+
+
+def split_xBC(xBC: torch.Tensor, heads: int, head_dim: int, d_state: int) -> tuple[torch.Tensor, ...]:
+    """Mamba2's conv output (batch, conv_dim) as the step's x (batch, H, P), B and C (batch, G, N)."""
+    batch, conv_dim = xBC.shape
+    groups = xbc_groups(conv_dim, heads, head_dim, d_state)
+    x, B, C = torch.split(xBC, [heads * head_dim, groups * d_state, groups * d_state], dim=-1)
+    return x.view(batch, heads, head_dim), B.view(batch, groups, d_state), C.view(batch, groups, d_state)
+
+
 def delta(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float]):
     """Δ in fp32: ``clamp(softplus(dt + dt_bias))``, as Mamba's ``dt_proj`` / Mamba2's ``dt_bias`` paths make it."""
     dt = dt.float()
@@ -126,11 +195,11 @@ def state_update_reference(
     low: QuantizedTensor,
     high: QuantizedTensor | None,
     high_valid: torch.Tensor | None,
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     dt: torch.Tensor,
     A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
+    B: torch.Tensor | None,
+    C: torch.Tensor | None,
     D: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
@@ -145,6 +214,7 @@ def state_update_reference(
     row_signal: torch.Tensor | None = None,
     return_gate: bool = False,
     inplace: bool = False,
+    conv: ConvStep | None = None,
     slot_units: torch.Tensor | None = None,
     fallback: torch.Tensor | None = None,
     fallback_mask: torch.Tensor | None = None,
@@ -156,8 +226,15 @@ def state_update_reference(
     any logits). Stochastic rounding draws from ``generator``, by default one seeded by ``(seed, step)``. With
     ``inplace`` the new low/high copies are written into the given storage where their shapes agree
     (``high_valid`` is always a new tensor). ``slot_units`` / ``fallback`` / ``fallback_mask``: the rest of a
-    stored state the kernel does not take (`gsq_hf.store`). Shapes: see the module docstring.
+    stored state the kernel does not take (`gsq_hf.store`). Shapes: see the module docstring. ``conv`` (Mamba2
+    only, x, B and C None): the step first runs its conv (`conv_step_reference`, nearest rounding) and takes x, B
+    and C from the output (`split_xBC`); the new window is returned as ``conv``.
     """
+    window = None
+    if conv is not None:
+        check_conv(conv, low, x, B, C)
+        xBC, window = conv_step_reference(conv)
+        x, B, C = split_xBC(xBC, *low.shape[1:])
     rotated = ssm.rotated_basis(policy, A)  # a Mamba2 state updated in the low format's basis, as the kernel does
     state = read_state(low, high, high_valid, slot_units, fallback, fallback_mask, rotated)
     dt = delta(dt, dt_bias, dt_softplus, dt_limit)
@@ -173,7 +250,17 @@ def state_update_reference(
         if new_high is not None and high is not None and high.shape == new_high.shape:
             new_high = _copy_into(high, new_high)
     return StateUpdate(y.to(x.dtype), new_low, new_high, stored.high_valid, gate if return_gate else None,
-                       stored.slot_units, stored.fallback, stored.fallback_mask)
+                       stored.slot_units, stored.fallback, stored.fallback_mask, window)
+
+
+def check_conv(conv: ConvStep, low: QuantizedTensor, x, B, C) -> None:
+    """A step's ``conv=`` goes with a Mamba2 state and no x, B, C (the conv makes them)."""
+    if low.data.dim() != 4:
+        raise ValueError("conv= is Mamba2's (its conv makes x, B and C); a Mamba-1 step's B, C and Δ come from "
+                         "x_proj of the conv's output: run the conv first (gsq_hf.kernels.conv_step)")
+    if any(t is not None for t in (x, B, C)):
+        raise ValueError("with conv=, pass x, B and C as None: they are the conv's output")
+    xbc_groups(conv.u.shape[-1], *low.shape[1:])
 
 
 def _copy_into(target: QuantizedTensor, source: QuantizedTensor) -> QuantizedTensor:

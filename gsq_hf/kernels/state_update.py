@@ -40,6 +40,10 @@ formats are rounded onto their grid in fp32 arithmetic, so the final cast is exa
 Triton interpreter truncates fp32→bf16). The same arithmetic is what `state_update_reference` does with
 `gsq_hf.formats`; ``tests/kernels`` compares the two.
 
+The conv before the step (``conv=``, Mamba2): x, B and C are then computed in the kernel from the stored conv
+windows (`gsq_hf.kernels.conv_step.conv_channels`), and the new window returned; docs/design.md says why
+Mamba-1 launches its conv on its own instead.
+
 Dispatch: `gsq_hf.step.decode_step` calls `state_update` for a decode step where `gsq_hf.step.kernel_reason`
 is None (the rules: there and in docs/design.md); it stores the returned copies (``inplace=False``:
 `LayerStorage` stays immutable, so checkpoints stay references), takes the write statistics from
@@ -58,10 +62,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import QuantizedTensor, _hadamard
+from ..formats import FORMATS, QuantizedTensor, _hadamard
 from ..policies import PrecisionPolicy, Signals
 from ._triton_formats import add_row_max, format_constants, load_state, to_basis, write_copy
-from .reference import StateUpdate, empty_storage, unsupported_reason
+from .conv_step import conv_channels, conv_constants, conv_pointers
+from .reference import (
+    ConvStep,
+    StateUpdate,
+    check_conv,
+    conv_unsupported_reason,
+    empty_storage,
+    unsupported_reason,
+    xbc_groups,
+)
 
 __all__ = ["state_update"]
 
@@ -202,7 +215,8 @@ def _mamba2_kernel(
     out_valid_ptr,  # stored state, written
     row_max_ptr, signs_ptr,  # (batch, 2) e4m3 row maxima (low, high) of the pre-pass; the rotation's signs
     x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, gate_ptr, row_high_ptr,
-    head_dim, heads_per_group, stride_x, stride_dt, stride_B, stride_C, stride_y,  # batch strides
+    win_ptr, win_scale_ptr, out_win_ptr, out_win_scale_ptr, u_ptr, conv_w_ptr, conv_b_ptr,  # the conv (HAS_CONV)
+    head_dim, heads_per_group, stride_x, stride_dt, stride_B, stride_C, stride_y, stride_u,  # batch strides
     dt_min, dt_max, threshold, seed, step,
     N: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
     LOW: tl.constexpr, LOW_BITS: tl.constexpr, LOW_MIDRISE: tl.constexpr, LOW_SCALE: tl.constexpr,
@@ -211,12 +225,21 @@ def _mamba2_kernel(
     HIGH_MAX: tl.constexpr, HIGH_MBITS: tl.constexpr, HIGH_MIN_EXP: tl.constexpr, HIGH_ROTATED: tl.constexpr,
     POLICY: tl.constexpr, READ_HIGH: tl.constexpr, ROW_MAX_PASS: tl.constexpr, STOCHASTIC: tl.constexpr,
     STEP_IN_MEMORY: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
-    WRITE_GATE: tl.constexpr,
+    WRITE_GATE: tl.constexpr, HAS_CONV: tl.constexpr,
+    CONV: tl.constexpr, CONV_BITS: tl.constexpr, CONV_MIDRISE: tl.constexpr, CONV_SCALE: tl.constexpr,
+    CONV_MAX: tl.constexpr, CONV_MBITS: tl.constexpr, CONV_MIN_EXP: tl.constexpr, CONV_ROTATED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, WDT: tl.constexpr, K: tl.constexpr,
 ):
     """Mamba2: state (batch, H, P, N); one program = BLOCK rows p of one head (= unit) of one batch row.
 
     The update runs in the low copy's basis: one decay per head commutes with a rotation along N, so a
-    rotated state is updated as stored and the program rotates B and C (N values) instead of its tile."""
+    rotated state is updated as stored and the program rotates B and C (N values) instead of its tile.
+
+    HAS_CONV: x, B and C are this token's conv outputs (xBC = [x | B | C] channels), computed here from the
+    stored windows (`conv_channels`): x for the program's rows, B and C of its group (every program of the group
+    recomputes those 2N channels: there is no grid-wide barrier to share them). Each window is stored once, by
+    the main pass: x rows by their program, B and C rows by the group's first program, into a new tensor (the
+    other programs of the group read the old one)."""
     b = tl.program_id(2)
     head = tl.program_id(1)
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
@@ -231,8 +254,20 @@ def _mamba2_kernel(
 
     dt = _delta(dt_ptr, dt_bias_ptr, b * stride_dt + head, head, True, dt_min, dt_max, HAS_DT_BIAS, DT_SOFTPLUS)
     dA = tl.exp(dt * tl.load(A_ptr + head).to(tl.float32))  # scalar: one exp per head
-    x = tl.load(x_ptr + b * stride_x + head * head_dim + p, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
-    B = tl.load(B_ptr + b * stride_B + group * N + n).to(tl.float32)[None, :]  # (1, N)
+    if HAS_CONV:
+        d_inner = tl.num_programs(1) * head_dim
+        conv_dim = d_inner + 2 * (tl.num_programs(1) // heads_per_group) * N
+        x = conv_channels(win_ptr, win_scale_ptr, out_win_ptr, out_win_scale_ptr, u_ptr, conv_w_ptr, conv_b_ptr, b,
+                          head * head_dim + p, mask, True, conv_dim, stride_u, not ROW_MAX_PASS, CONV, CONV_BITS,
+                          CONV_MIDRISE, CONV_SCALE, CONV_MAX, CONV_MBITS, CONV_MIN_EXP, HAS_BIAS, ACT, WDT, K, BLOCK)
+        writes_bc = (tl.program_id(0) == 0) & (head % heads_per_group == 0)  # the group's first program
+        B = conv_channels(win_ptr, win_scale_ptr, out_win_ptr, out_win_scale_ptr, u_ptr, conv_w_ptr, conv_b_ptr, b,
+                          d_inner + group * N + n, n < N, writes_bc, conv_dim, stride_u, not ROW_MAX_PASS, CONV,
+                          CONV_BITS, CONV_MIDRISE, CONV_SCALE, CONV_MAX, CONV_MBITS, CONV_MIN_EXP, HAS_BIAS, ACT, WDT,
+                          K, N)[None, :]  # (1, N)
+    else:
+        x = tl.load(x_ptr + b * stride_x + head * head_dim + p, mask=mask, other=0.0).to(tl.float32)  # (BLOCK,)
+        B = tl.load(B_ptr + b * stride_B + group * N + n).to(tl.float32)[None, :]  # (1, N)
     B = to_basis(B, signs_ptr, False, LOW_ROTATED, 1, N)
 
     state = _read(low_ptr, low_scale_ptr, low_row_ptr, high_ptr, high_scale_ptr, high_row_ptr, valid_ptr, signs_ptr,
@@ -246,7 +281,13 @@ def _mamba2_kernel(
             add_row_max(h, row_max_ptr, signs_ptr, b, mask, 1, HIGH_SCALE, HIGH_ROTATED, LOW_ROTATED, N, GROUP,
                         BLOCK)
     else:
-        C = tl.load(C_ptr + b * stride_C + group * N + n).to(tl.float32)[None, :]  # (1, N)
+        if HAS_CONV:
+            C = conv_channels(win_ptr, win_scale_ptr, out_win_ptr, out_win_scale_ptr, u_ptr, conv_w_ptr, conv_b_ptr,
+                              b, conv_dim - (tl.num_programs(1) // heads_per_group - group) * N + n, n < N, writes_bc,
+                              conv_dim, stride_u, True, CONV, CONV_BITS, CONV_MIDRISE, CONV_SCALE, CONV_MAX,
+                              CONV_MBITS, CONV_MIN_EXP, HAS_BIAS, ACT, WDT, K, N)[None, :]  # (1, N)
+        else:
+            C = tl.load(C_ptr + b * stride_C + group * N + n).to(tl.float32)[None, :]  # (1, N)
         C = to_basis(C, signs_ptr, False, LOW_ROTATED, 1, N)  # h·C is the same in either basis
         y = tl.sum(h * C, axis=1)  # (BLOCK,)
         if HAS_D:
@@ -298,6 +339,10 @@ def _rotation_signs(n: int, device: torch.device) -> torch.Tensor:
     return _hadamard(n, device)[:, 0].contiguous()
 
 
+_NO_CONV = dict(HAS_CONV=False, **format_constants("CONV", FORMATS["fp32"]), HAS_BIAS=False, ACT="fp32", WDT="fp32",
+                K=2)  # a Mamba2 step given x, B and C: the conv constants of a specialization that has none
+
+
 def default_block(length: int, d_state: int) -> int:
     """Rows per program along a dim of ``length`` (channels D, or head_dim P): tiles of about 2048 values.
 
@@ -310,11 +355,11 @@ def state_update(
     low: QuantizedTensor,
     high: QuantizedTensor | None,
     high_valid: torch.Tensor | None,
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     dt: torch.Tensor,
     A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
+    B: torch.Tensor | None,
+    C: torch.Tensor | None,
     D: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
@@ -329,6 +374,7 @@ def state_update(
     row_signal: torch.Tensor | None = None,
     return_gate: bool = False,
     inplace: bool = False,
+    conv: ConvStep | None = None,
     block_rows: int | None = None,
     num_warps: int = 4,
 ) -> StateUpdate:
@@ -339,11 +385,18 @@ def state_update(
     (each program reads its rows before writing them); ``high_valid`` is always a new tensor, because a
     Mamba2 head spans several programs that must all see its old flag. ``block_rows`` / ``num_warps`` set
     the launch: channels (Mamba) or head rows (Mamba2) per program, default tiles of about 2048 values.
+    ``conv`` (Mamba2; x, B, C None): the conv runs in the same launch (`_mamba2_kernel`'s HAS_CONV) and its new
+    window, a new tensor whatever ``inplace`` says, is returned as ``conv``.
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
     """
     reason = unsupported_reason(policy, low, high, A, z, group_size)
+    if reason is None and conv is not None:
+        check_conv(conv, low, x, B, C)
+        reason = conv_unsupported_reason(conv, "nearest")
     if reason is not None:
         raise NotImplementedError(reason)
+    if conv is not None:
+        x = conv.u  # where the conv's output goes: the same device and dtype
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("state_update runs on CUDA tensors (or under TRITON_INTERPRET=1); "
                            "use gsq_hf.kernels.state_update_reference on CPU")
@@ -355,7 +408,7 @@ def state_update(
     code, threshold = policy.kernel_rule()
     high_fmt = policy.high if policy.high is not None else policy.low
 
-    y = torch.empty(x.shape, dtype=x.dtype, device=device)
+    y = torch.empty(shape[:-1] if conv is not None else x.shape, dtype=x.dtype, device=device)
     out_low = low if inplace else empty_storage(policy.low, shape, group, device)
     out_high = out_valid = None
     if code != "static":
@@ -383,10 +436,13 @@ def state_update(
     rotated = any(f.rotation is not None for f in (*written, *(q.fmt for q in (low, high) if q is not None)))
     signs = _rotation_signs(n, device) if rotated else unused
 
-    x, stride_x = _batch_rows(x)
     dt, stride_dt = _batch_rows(dt)
-    B, stride_B = _batch_rows(B)
-    C, stride_C = _batch_rows(C)
+    if conv is None:
+        (x, stride_x), (B, stride_B), (C, stride_C) = _batch_rows(x), _batch_rows(B), _batch_rows(C)
+        groups = B.shape[1] if mamba2 else 1
+    else:  # the kernel makes them from the conv
+        (x, stride_x), (B, stride_B), (C, stride_C) = [(unused, 0)] * 3
+        groups = xbc_groups(conv.u.shape[1], *shape[1:])
     step_in_memory = isinstance(step, torch.Tensor)
     pointers = [*_storage_pointers(low, unused), *_storage_pointers(high if read_high else None, unused),
                 high_valid if read_high else unused, *out_pointers,
@@ -399,12 +455,17 @@ def state_update(
                      HAS_D=D is not None, WRITE_GATE=return_gate, num_warps=num_warps)
     scalars = [dt_limit[0], dt_limit[1], threshold, seed, step]
     outputs = [y, gate if gate is not None else unused, row_high if row_high is not None else unused]
+    new_window = None
     if mamba2:
         head_dim = shape[2]
         block = block_rows or default_block(head_dim, n)
         grid = (triton.cdiv(head_dim, block), units, batch)
-        kernel, args = _mamba2_kernel, [*pointers, *outputs, head_dim, units // B.shape[1], stride_x, stride_dt,
-                                        stride_B, stride_C, y.stride(0), *scalars]
+        conv_args, stride_u = [unused] * 7, 0
+        if conv is not None:
+            conv_args, new_window, stride_u = conv_pointers(conv, unused)
+        kernel, args = _mamba2_kernel, [*pointers, *outputs, *conv_args, head_dim, units // groups, stride_x, stride_dt,
+                                        stride_B, stride_C, y.stride(0), stride_u, *scalars]
+        constants |= dict(HAS_CONV=True, **conv_constants(conv)) if conv is not None else _NO_CONV
     else:
         z_rows, stride_z = _batch_rows(z) if z is not None else (unused, 0)
         block = block_rows or default_block(units, n)
@@ -417,4 +478,4 @@ def state_update(
     kernel[grid](*args, BLOCK=block, ROW_MAX_PASS=False, **constants)
     for q in in_place_rows:
         q.row_scale.copy_(new_rows[id(q)])
-    return StateUpdate(y, out_low, out_high, out_valid, gate)
+    return StateUpdate(y, out_low, out_high, out_valid, gate, conv=new_window)

@@ -4,7 +4,8 @@
 CI; on a GPU machine the same tests run on CUDA tensors, where ``auto`` takes the same path. The kernel
 and the torch path must agree in kind: the same stored formats, the same policy decisions, logits within
 rounding (the kernel rounds with a reciprocal scale and sums in another order; see
-`gsq_hf.kernels.state_update`).
+`gsq_hf.kernels.state_update`). The conv before the step runs in Triton too: its own launch on Mamba-1
+(`gsq_hf.kernels.conv_step`), inside the state update's launch on Mamba2.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 import gsq_hf  # noqa: E402
+import gsq_hf.kernels.conv_step as conv_module  # noqa: E402
 import gsq_hf.kernels.state_update as kernel_module  # noqa: E402
 from gsq_hf import GSQCache, GSQConfig  # noqa: E402
 from gsq_hf.errors import GSQConfigError  # noqa: E402
@@ -142,3 +144,139 @@ def test_forced_kernel_on_cpu_without_the_interpreter_is_a_clear_error(model, mo
     gsq_hf.patch(model, {"policy": "static", "format": "int8", "kernel": "triton"})
     with torch.no_grad(), pytest.raises(GSQConfigError, match="TRITON_INTERPRET=1"):
         model.generate(PROMPT.cpu(), max_new_tokens=2, do_sample=False)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The Triton launches of decode steps: "conv" (the conv alone), "state" and "state+conv" (Mamba2's fused)."""
+    calls = []
+    state_update, conv_step = kernel_module.state_update, conv_module.conv_step
+
+    def state_spy(*args, **kwargs):
+        calls.append("state+conv" if kwargs.get("conv") is not None else "state")
+        return state_update(*args, **kwargs)
+
+    def conv_spy(*args, **kwargs):
+        calls.append("conv")
+        return conv_step(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "state_update", state_spy)
+    monkeypatch.setattr(conv_module, "conv_step", conv_spy)
+    return calls
+
+
+CONV_CONFIGS = {  # state and conv window formats
+    "fp32": dict(policy="static", format="fp32"),
+    "int8/conv-int8": dict(policy="static", format="int8", conv_format="int8"),
+    "gsq-4bit/conv-int4": dict(policy="static", format="midrise4-e4m3-hadamard", conv_format="int4"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONV_CONFIGS))
+def test_conv_in_triton_gives_the_torch_paths_tokens(model, family, name, launches):
+    """Mamba-1: a conv launch, then the state update, per layer and step; Mamba2: one launch for both. The same
+    greedy tokens; logits within the state kernel's tolerance (the conv adds float rounding only); the first
+    layer's window (its inputs do not depend on any conv output) as the torch path stores it, bit for bit, int4
+    window included; the later layers' within the logits' tolerance of the window's scale."""
+    steps = 3
+    gsq_hf.patch(model)
+    config = CONV_CONFIGS[name]
+    with torch.no_grad():
+        torch_logits, torch_cache = decode(model, config | {"kernel": "torch"}, steps=steps)
+        assert not launches
+        kernel_logits, kernel_cache = decode(model, config | {"kernel": "triton"}, steps=steps)
+    layers = len(kernel_cache.gsq_layers)
+    per_step = ["conv", "state"] if family == "mamba" else ["state+conv"]
+    assert launches == per_step * (steps * layers)
+    assert all(layer.conv_reason is None and layer.kernel_reason is None for layer in kernel_cache.gsq_layers)
+    assert torch.equal(kernel_logits.argmax(-1), torch_logits.argmax(-1))
+    tolerance = TOLERANCE[{"fp32": "fp32", "int8/conv-int8": "int8", "gsq-4bit/conv-int4": "gsq-4bit"}[name]]
+    assert (kernel_logits - torch_logits).abs().max() <= tolerance * torch_logits.abs().max()
+    ours, theirs = kernel_cache.gsq_layers[0].storage.conv, torch_cache.gsq_layers[0].storage.conv
+    assert ours.fmt == theirs.fmt and torch.equal(ours.data, theirs.data)
+    assert ours.scale is None or torch.equal(ours.scale, theirs.scale)
+    for mine, other in zip(kernel_cache.gsq_layers[1:], torch_cache.gsq_layers[1:], strict=True):
+        step = other.storage.conv.scale.max() if other.storage.conv.scale is not None else 0.0  # one code at a tie
+        torch.testing.assert_close(mine.read_conv(), other.read_conv(), rtol=0,
+                                   atol=tolerance * other.read_conv().abs().max() + step)
+
+
+def test_conv_runs_in_triton_when_the_state_update_cannot(model, family, launches):
+    """A budget policy keeps the state update on torch; the conv still takes its own launch (Mamba2 too)."""
+    gsq_hf.patch(model)
+    config = dict(policy="budget", low_format="int4", high_format="fp16")
+    with torch.no_grad():
+        torch_logits, _ = decode(model, config | {"kernel": "torch"}, steps=2)
+        kernel_logits, cache = decode(model, config | {"kernel": "triton"}, steps=2)
+    assert launches == ["conv"] * (2 * len(cache.gsq_layers))
+    assert {layer.kernel_reason.split(":")[0] for layer in cache.gsq_layers} == {"GateBudgetPolicy has no kernel rule"}
+    torch.testing.assert_close(kernel_logits, torch_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config, reason", [
+    (dict(policy="static", format="int8", conv_format="int4-e4m3"), "conv format int4-e4m3: the conv kernel"),
+    (dict(policy="static", format="int8", conv_format="int8", rounding="stochastic"),
+     "stochastic rounding of a lossy conv window (int8)"),
+])
+def test_what_the_conv_kernel_does_not_cover_takes_the_torch_conv(model, config, reason, launches):
+    """Named in ``layer.conv_reason``; the state update still takes its kernel (Mamba2: without the conv)."""
+    gsq_hf.patch(model)
+    with torch.no_grad():
+        _, cache = decode(model, config | {"kernel": "triton"}, steps=1)
+    assert {layer.conv_reason.split(" draws")[0].split(" stores")[0] for layer in cache.gsq_layers} == {reason}
+    assert launches == ["state"] * len(cache.gsq_layers)
+
+
+def test_a_conv_activation_other_than_silu_takes_the_torch_conv(family, launches):
+    from models import FAMILIES
+
+    model = gsq_hf.patch(FAMILIES[family](hidden_act="gelu").to(DEVICE))
+    with torch.no_grad():
+        _, cache = decode(model, dict(policy="static", format="int8", kernel="triton"), steps=1)
+    assert {layer.conv_reason for layer in cache.gsq_layers} == {"conv activation 'gelu': the conv kernel applies SiLU"}
+    assert launches == ["state"] * len(cache.gsq_layers)
+
+
+def test_a_padding_mask_keeps_mamba2s_conv_out_of_the_state_launch(launches):
+    """The mask applies between the conv and the step, so a masked single-token forward (transformers passes none
+    at decode; a caller may) launches the conv, masks, then the state update; all-ones: the unmasked output."""
+    from models import tiny_mamba2
+
+    from gsq_hf.adapters.mamba2 import Mamba2Adapter
+
+    model = gsq_hf.patch(tiny_mamba2().to(DEVICE))
+    mixer = model.backbone.layers[0].mixer
+    hidden = torch.randn(2, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    outputs = []
+    with torch.no_grad():
+        for mask in (None, torch.ones(2, 1, device=DEVICE)):
+            cache = GSQCache(model, GSQConfig(policy="static", format="int8", kernel="triton"))
+            model(PROMPT, cache=cache)
+            launches.clear()
+            outputs.append(Mamba2Adapter().forward(mixer, hidden, cache.gsq_layer(0), mask))
+            assert launches == (["state+conv"] if mask is None else ["conv", "state"])
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_of_decode_steps_hold_the_kernels_window(model, launches):
+    """While the cache records positions, a decode step's checkpoint holds the window its conv launch (or, on
+    Mamba2, its fused launch) stored; a rollback to it restores the torch path's window and state."""
+    gsq_hf.patch(model)
+    caches, checkpoints = {}, {}
+    with torch.no_grad():
+        for kernel in ("torch", "triton"):
+            cache = GSQCache(model, GSQConfig(policy="static", format="fp32", kernel=kernel))
+            model(PROMPT, cache=cache)
+            cache.record_positions()
+            token = PROMPT[:, -1:]
+            for _ in range(2):
+                token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+            checkpoints[kernel] = [len(layer.positions) for layer in cache.gsq_layers]
+            cache.rollback(1)
+            caches[kernel] = cache
+    assert launches and checkpoints["triton"] == checkpoints["torch"] == [2] * len(cache.gsq_layers)
+    for ours, theirs in zip(caches["triton"].gsq_layers, caches["torch"].gsq_layers, strict=True):
+        torch.testing.assert_close(ours.read_conv(), theirs.read_conv(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours.read_ssm(), theirs.read_ssm(), rtol=1e-5, atol=1e-5)
+    first = caches["triton"].gsq_layers[0]
+    assert torch.equal(first.read_conv(), caches["torch"].gsq_layers[0].read_conv())  # its inputs: the same tokens

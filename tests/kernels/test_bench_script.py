@@ -45,3 +45,20 @@ def test_dry_run_steps_the_composed_formats_through_the_kernel():
     assert rows[("mamba-2.8b", "2", "kernel-gsq-3bit")][3] == "3.50"
     assert rows[("mamba-2.8b", "2", "kernel-gsq-3bit")][6] == "stochastic"  # the Mamba-1 families' rounding
     assert rows[("mamba2-2.7b", "2", "kernel-gsq-3bit")][6] == "nearest"
+
+
+@pytest.mark.slow
+def test_dry_run_conv_rows_set_each_way_of_running_the_conv_against_the_torch_conv():
+    """--conv: the conv launched before the state update, and (Mamba2 only) inside it, give the torch conv's y."""
+    pytest.importorskip("triton", exc_type=ImportError)
+    out = run("--dry-run", "--batch-sizes", "2", "--variants", "int8", "gsq-4bit", "--conv", "gsq-4bit",
+              TRITON_INTERPRET="1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {tuple(line.split()[:3]): line.split() for line in out.stdout.splitlines()[1:]}
+    conv = sorted((shape, method) for shape, _, method in rows if method.startswith("conv-"))
+    assert conv == [("mamba-2.8b", "conv-kernel+kernel-gsq-4bit"), ("mamba2-2.7b", "conv-fused-gsq-4bit"),
+                    ("mamba2-2.7b", "conv-kernel+kernel-gsq-4bit")]
+    for shape, method in conv:
+        assert float(rows[(shape, "2", method)][4]) <= 1e-2  # |Δy| / |y| against conv-torch+kernel
+    refused = run("--dry-run", "--variants", "int8", "--conv", "int4", TRITON_INTERPRET="1")
+    assert refused.returncode != 0 and "--conv int4: not among --variants" in refused.stderr

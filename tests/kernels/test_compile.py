@@ -34,8 +34,10 @@ def test_kernels_compile_in_a_subprocess():
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import gsq_hf.kernels.conv_step as conv_module  # noqa: E402
 import gsq_hf.kernels.state_update as kernel_module  # noqa: E402
 from gsq_hf.formats import get_format  # noqa: E402
+from gsq_hf.kernels.reference import ConvStep  # noqa: E402
 from gsq_hf.policies import EntropyThresholdPolicy, GateThresholdPolicy, StaticPolicy  # noqa: E402
 
 F = get_format
@@ -54,8 +56,9 @@ def arg_type(value) -> str:
     return "fp32"
 
 
-def launches(monkeypatch, family: str, policy, **options) -> list:
-    """(kernel, positional args, keyword constants) of each launch `state_update` makes, captured, not run."""
+def launches(monkeypatch, family: str, policy, conv: str | None = None, **options) -> list:
+    """(kernel, positional args, keyword constants) of each launch `state_update` makes, captured, not run; with
+    ``conv`` (a window format), Mamba2's step takes its conv inside and Mamba's runs `conv_step` first."""
     captured = []
 
     class Recorder:
@@ -65,10 +68,20 @@ def launches(monkeypatch, family: str, policy, **options) -> list:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: captured.append((self.kernel, args, kwargs))
 
-    for name in ("_mamba_kernel", "_mamba2_kernel"):
-        monkeypatch.setattr(kernel_module, name, Recorder(getattr(kernel_module, name)))
+    for module, name in ((kernel_module, "_mamba_kernel"), (kernel_module, "_mamba2_kernel"),
+                         (conv_module, "_conv_kernel")):
+        monkeypatch.setattr(module, name, Recorder(getattr(module, name)))
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the wrapper take CPU tensors; nothing is interpreted
     g = torch.Generator().manual_seed(0)
+    if conv is not None:
+        channels = 4 if family == "mamba" else 4 * 3 + 2 * N
+        window = F(conv).quantize(torch.randn(2, channels, 4, generator=g), 4)
+        step = ConvStep(window, torch.randn(2, channels, generator=g).bfloat16(),
+                        torch.randn(channels, 4, generator=g).bfloat16(), torch.randn(channels).bfloat16())
+        if family == "mamba":
+            conv_module.conv_step(step)
+        else:
+            options["conv"] = step
     shape, A = ((2, 4, N), -torch.rand(4, N, generator=g)) if family == "mamba" else ((2, 4, 3, N), -torch.rand(4))
     state = torch.randn(*shape, generator=g)
     low = policy.low.quantize(state, N)
@@ -76,7 +89,9 @@ def launches(monkeypatch, family: str, policy, **options) -> list:
     valid = torch.ones(2, 4, dtype=torch.bool) if high is not None else None
     x = torch.randn(*shape[:-1], generator=g)
     B = torch.randn(2, N) if family == "mamba" else torch.randn(2, 1, N)
-    kernel_module.state_update(low, high, valid, x, torch.rand(2, 4), A, B, B.clone(), torch.ones(4),
+    if "conv" in options:
+        x = B = None
+    kernel_module.state_update(low, high, valid, x, torch.rand(2, 4), A, B, B, torch.ones(4),
                                z=torch.randn(2, 4) if family == "mamba" else None, policy=policy,
                                row_signal=torch.tensor([0.2, 0.8]), return_gate=True, **options)
     return captured
@@ -88,11 +103,15 @@ def launches(monkeypatch, family: str, policy, **options) -> list:
     ("mamba2", GateThresholdPolicy(F("midrise3-e4m3-hadamard"), F("int8-e4m3"), 0.3), dict(
         rounding="stochastic", step=torch.zeros(1, dtype=torch.int64))),
     ("mamba", EntropyThresholdPolicy(F("int5-e8m0"), F("fp16-hadamard"), 0.5), dict()),
-], ids=["mamba-gsq-4bit-sr", "mamba2-gate-gsq-3bit/int8-e4m3", "mamba-entropy-int5-e8m0/fp16-hadamard"])
+    ("mamba", StaticPolicy(F("int8")), dict(conv="int4")),  # the conv's own launch, then the state update's
+    ("mamba2", StaticPolicy(F("midrise4-e4m3-hadamard")), dict(conv="int8-fp16")),  # conv inside both passes
+], ids=["mamba-gsq-4bit-sr", "mamba2-gate-gsq-3bit/int8-e4m3", "mamba-entropy-int5-e8m0/fp16-hadamard",
+        "mamba-conv-int4-bf16", "mamba2-gsq-4bit-conv-int8-fp16-bf16"])
 def test_kernels_compile_for_sm90(monkeypatch, family, policy, options):
     captured = launches(monkeypatch, family, policy, **options)
-    assert [kwargs["ROW_MAX_PASS"] for _, _, kwargs in captured] == (
-        [True, False] if any(f.row_bytes for f in policy.formats) else [False])
+    passes = [True, False] if any(f.row_bytes for f in policy.formats) else [False]
+    assert [kwargs.get("ROW_MAX_PASS") for _, _, kwargs in captured] == (
+        [None] if family == "mamba" and "conv" in options else []) + passes
     for kernel, args, kwargs in captured:
         constants = {k: v for k, v in kwargs.items() if k != "num_warps"}
         names = kernel.arg_names

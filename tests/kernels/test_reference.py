@@ -18,7 +18,7 @@ from models import tiny_mamba, tiny_mamba2
 
 import gsq_hf
 import gsq_hf.adapters.mamba as mamba_adapter
-import gsq_hf.adapters.mamba2 as mamba2_adapter
+import gsq_hf.step as step_module
 from gsq_hf.kernels import state_update_reference
 
 _spec = importlib.util.spec_from_file_location("families", Path(__file__).parents[1] / "adapters" / "test_families.py")
@@ -53,7 +53,7 @@ def record_steps(monkeypatch) -> list[dict]:
         return y
 
     monkeypatch.setattr(mamba_adapter, "decode_step", spy)
-    monkeypatch.setattr(mamba2_adapter, "decode_step", spy)
+    monkeypatch.setattr(step_module, "decode_step", spy)  # Mamba2's, called by gsq_hf.step.decode_step_conv
     return steps
 
 
