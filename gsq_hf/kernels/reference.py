@@ -37,7 +37,7 @@ from ..signals import step_signals
 from ..store import LayerStorage, quantize_state
 from ..store import read_state as read_storage
 
-__all__ = ["KERNEL_FORMATS", "StateUpdate", "delta", "state_update_reference", "unsupported_reason"]
+__all__ = ["KERNEL_FORMATS", "StateUpdate", "check_scale_hold", "delta", "state_update_reference", "unsupported_reason"]
 
 KERNEL_CODES = ("fp32", "bf16", "fp16", "fp8", *(f"{grid}{bits}" for grid in ("int", "midrise")
                                                  for bits in range(2, 9)))
@@ -99,6 +99,12 @@ def unsupported_reason(
     return None
 
 
+def check_scale_hold(scale_hold: float) -> None:
+    """``scale_hold`` must be in [0, 1), as `GSQConfig.scale_hold` (0: fresh scales)."""
+    if isinstance(scale_hold, bool) or not isinstance(scale_hold, (int, float)) or not 0 <= scale_hold < 1:
+        raise ValueError(f"scale_hold={scale_hold!r} must be a number in [0, 1) (0: a fresh scale at every write)")
+
+
 def delta(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float]):
     """Δ in fp32: ``clamp(softplus(dt + dt_bias))``, as Mamba's ``dt_proj`` / Mamba2's ``dt_bias`` paths make it."""
     dt = dt.float()
@@ -145,6 +151,7 @@ def state_update_reference(
     row_signal: torch.Tensor | None = None,
     return_gate: bool = False,
     inplace: bool = False,
+    scale_hold: float = 0.0,
     slot_units: torch.Tensor | None = None,
     fallback: torch.Tensor | None = None,
     fallback_mask: torch.Tensor | None = None,
@@ -155,9 +162,11 @@ def state_update_reference(
     ``policy`` decides the formats; ``row_signal`` (batch,) is the row signal it reads, if any (None: before
     any logits). Stochastic rounding draws from ``generator``, by default one seeded by ``(seed, step)``. With
     ``inplace`` the new low/high copies are written into the given storage where their shapes agree
-    (``high_valid`` is always a new tensor). ``slot_units`` / ``fallback`` / ``fallback_mask``: the rest of a
-    stored state the kernel does not take (`gsq_hf.store`). Shapes: see the module docstring.
+    (``high_valid`` is always a new tensor). ``scale_hold`` (`GSQConfig.scale_hold`): the new low copy holds
+    the group scales of ``low``, as the layer's write does. ``slot_units`` / ``fallback`` / ``fallback_mask``:
+    the rest of a stored state the kernel does not take (`gsq_hf.store`). Shapes: see the module docstring.
     """
+    check_scale_hold(scale_hold)
     rotated = ssm.rotated_basis(policy, A)  # a Mamba2 state updated in the low format's basis, as the kernel does
     state = read_state(low, high, high_valid, slot_units, fallback, fallback_mask, rotated)
     dt = delta(dt, dt_bias, dt_softplus, dt_limit)
@@ -166,7 +175,8 @@ def state_update_reference(
     if generator is None and rounding == "stochastic":
         generator = rounding_generator(h.device, seed, step)
     signals = step_signals(policy, (batch, units), h.device, gate, row_signal)
-    stored = quantize_state(h, policy, signals, group_size or h.shape[-1], rounding, generator, rotated=rotated)
+    stored = quantize_state(h, policy, signals, group_size or h.shape[-1], rounding, generator, rotated=rotated,
+                            previous=LayerStorage(low=low), scale_hold=scale_hold)
     new_low, new_high = stored.low, stored.high
     if inplace:
         new_low = _copy_into(low, new_low)

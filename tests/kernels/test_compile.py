@@ -86,13 +86,14 @@ def launches(monkeypatch, family: str, policy, **options) -> list:
 @pytest.mark.parametrize("family, policy, options", [
     ("mamba", StaticPolicy(F("midrise4-e4m3-hadamard")), dict(rounding="stochastic")),
     ("mamba2", GateThresholdPolicy(F("midrise3-e4m3-hadamard"), F("int8-e4m3"), 0.3), dict(
-        rounding="stochastic", step=torch.zeros(1, dtype=torch.int64))),
-    ("mamba", EntropyThresholdPolicy(F("int5-e8m0"), F("fp16-hadamard"), 0.5), dict()),
-], ids=["mamba-gsq-4bit-sr", "mamba2-gate-gsq-3bit/int8-e4m3", "mamba-entropy-int5-e8m0/fp16-hadamard"])
+        rounding="stochastic", step=torch.zeros(1, dtype=torch.int64), scale_hold=0.5)),
+    ("mamba", EntropyThresholdPolicy(F("int5-e8m0"), F("fp16-hadamard"), 0.5), dict(scale_hold=0.7)),
+], ids=["mamba-gsq-4bit-sr", "mamba2-gate-gsq-3bit/int8-e4m3-held", "mamba-entropy-int5-e8m0/fp16-hadamard-held"])
 def test_kernels_compile_for_sm90(monkeypatch, family, policy, options):
     captured = launches(monkeypatch, family, policy, **options)
     assert [kwargs["ROW_MAX_PASS"] for _, _, kwargs in captured] == (
         [True, False] if any(f.row_bytes for f in policy.formats) else [False])
+    assert all(kwargs["HOLD"] == ("scale_hold" in options) for _, _, kwargs in captured)
     for kernel, args, kwargs in captured:
         constants = {k: v for k, v in kwargs.items() if k != "num_warps"}
         names = kernel.arg_names
