@@ -135,7 +135,7 @@ def kernel_reason(layer, x: torch.Tensor, A: torch.Tensor, z: torch.Tensor | Non
 
     The dispatch rules in one place (docs/design.md explains them): ``GSQConfig.kernel='torch'``; ``'auto'``
     on tensors not on CUDA; a layer with no state yet or holding fp32 fallback units; what the kernel cannot
-    store or decide (`gsq_hf.kernels.unsupported_reason`: policy, formats, shapes; held scales); triton not
+    store or decide (`gsq_hf.kernels.unsupported_reason`: policy, formats, shapes); triton not
     importable.
     """
     cache, stored = layer.cache, layer.storage
@@ -147,8 +147,6 @@ def kernel_reason(layer, x: torch.Tensor, A: torch.Tensor, z: torch.Tensor | Non
 
     if stored.fallback is not None:
         return "fp32 fallback units of a non-finite state (only the torch step reads them)"
-    if cache.config.scale_hold > 0:
-        return "GSQConfig.scale_hold > 0 (held scales are not in the kernel yet)"
     reason = unsupported_reason(cache.policy, stored.low, stored.high, A, z, cache.config.group_size)
     if reason is not None:
         return reason
@@ -284,6 +282,7 @@ def _kernel_step(layer, x, dt, A, B, C, D, z, conv=None) -> torch.Tensor | None:
         policy=cache.policy, group_size=cache.config.group_size, rounding=cache.config.rounding,
         seed=cache.config.seed, step=layer.writes, row_signal=cache.row_signal_for(dt.shape[0]),
         return_gate="gate" in cache.policy.signals, inplace=cache.static and _contiguous(stored), conv=conv,
+        scale_hold=cache.config.scale_hold,
     )
     finite = torch.isfinite(update.y).all()  # a non-finite state unit makes its row's output non-finite
     if cache.static:

@@ -137,11 +137,13 @@ def test_beam_reordering_is_in_place_and_matches_the_default_cache(model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family_config", [("mamba", "gsq-4bit"), ("mamba2", "gsq-gate")])
+@pytest.mark.parametrize("family_config", [("mamba", "gsq-4bit", 0.0), ("mamba2", "gsq-gate", 0.0),
+                                           ("mamba2", "gsq-4bit", 0.5)])
 def test_kernel_steps_on_a_static_cache_match_the_default_cache(family_config):
     """The fused kernel (Triton's interpreter on CPU) on a static cache: its copies copied into the buffers, or
     (contiguous buffers, as on CUDA) written in place, with the step counter of stochastic rounding a device
-    scalar; the same logits as the default cache's kernel steps (which take an int step)."""
+    scalar; the same logits as the default cache's kernel steps (which take an int step). Held scales: read
+    from the buffers the kernel overwrites."""
     import dataclasses
     import os
 
@@ -152,8 +154,8 @@ def test_kernel_steps_on_a_static_cache_match_the_default_cache(family_config):
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("the kernel runs on CPU only under TRITON_INTERPRET=1")
     pytest.importorskip("triton", exc_type=ImportError)
-    family, name = family_config
-    config = dataclasses.replace(resolve_config(name), kernel="triton")
+    family, name, hold = family_config
+    config = dataclasses.replace(resolve_config(name), kernel="triton", scale_hold=hold)
     model = FAMILIES[family]()
     gsq_hf.patch(model, config)
     ids = torch.randint(2, 64, (2, 5), generator=torch.Generator().manual_seed(5))

@@ -29,11 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import StateFormat
+from ..formats import _HOLD_SLACK, _ROW_HOLD, StateFormat
 
 __all__ = ["format_constants"]
 
 _TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # the floor of a group scale, as in gsq_hf.formats
+_SLACK = tl.constexpr(_HOLD_SLACK)  # held scales (GSQConfig.scale_hold), as in gsq_hf.formats
+_ROW_KEEP = tl.constexpr(_ROW_HOLD)
 _E4M3_MAX = tl.constexpr(448.0)
 _FP16_MAX = tl.constexpr(65504.0)
 _INF = tl.constexpr(float("inf"))
@@ -209,6 +211,23 @@ def _store_codes(codes, data_ptr, rows, mask, BITS: tl.constexpr, N: tl.constexp
 
 
 @triton.jit
+def _load_scales(scale_ptr, row, rows, mask, SCALE: tl.constexpr, N: tl.constexpr, GROUP: tl.constexpr):
+    """The group scales (ROWS, N / GROUP) of ``rows``: (as stored, widened to fp32, e8m0's exponents to int32; the
+    fp32 scales they stand for, e4m3's times the batch row's second-level scale ``row``). Masked-off rows move no
+    bytes (their scales are never used)."""
+    stored = tl.load(scale_ptr + rows[:, None] * (N // GROUP) + tl.arange(0, N // GROUP)[None, :], mask=mask[:, None])
+    if SCALE == "e8m0":
+        stored = stored.to(tl.int32)
+        return stored, _e8m0_value(stored)
+    else:
+        stored = stored.to(tl.float32)
+        if (SCALE == "e4m3") or (SCALE == "e4m3up"):
+            return stored, stored * row
+        else:
+            return stored, stored
+
+
+@triton.jit
 def load_state(data_ptr, scale_ptr, row_scale_ptr, b, rows, mask, CODES: tl.constexpr, BITS: tl.constexpr,
                MIDRISE: tl.constexpr, SCALE: tl.constexpr, N: tl.constexpr, GROUP: tl.constexpr,
                ROWS: tl.constexpr):
@@ -221,14 +240,10 @@ def load_state(data_ptr, scale_ptr, row_scale_ptr, b, rows, mask, CODES: tl.cons
     else:
         values = tl.load(data_ptr + rows[:, None] * N + tl.arange(0, N)[None, :], mask=mask[:, None]).to(tl.float32)
     if SCALE != "":
-        scale = tl.load(scale_ptr + rows[:, None] * (N // GROUP) + tl.arange(0, N // GROUP)[None, :],
-                        mask=mask[:, None])  # (ROWS, N / GROUP); masked-off rows are never stored
-        if SCALE == "e8m0":
-            scale = _e8m0_value(scale.to(tl.int32))
-        else:
-            scale = scale.to(tl.float32)
+        row = 1.0
         if (SCALE == "e4m3") or (SCALE == "e4m3up"):
-            scale *= tl.load(row_scale_ptr + b)
+            row = tl.load(row_scale_ptr + b)
+        _, scale = _load_scales(scale_ptr, row, rows, mask, SCALE, N, GROUP)  # (ROWS, N / GROUP)
         values = tl.reshape(tl.reshape(values, (ROWS, N // GROUP, GROUP)) * scale[:, :, None], (ROWS, N))
     return values
 
@@ -237,7 +252,8 @@ def load_state(data_ptr, scale_ptr, row_scale_ptr, b, rows, mask, CODES: tl.cons
 def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, STREAM: tl.constexpr,
                 CODES: tl.constexpr, BITS: tl.constexpr, MIDRISE: tl.constexpr, SCALE: tl.constexpr,
                 MAX: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr, STOCHASTIC: tl.constexpr,
-                N: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, DIVIDE: tl.constexpr = False):
+                N: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, DIVIDE: tl.constexpr, old_scale_ptr,
+                keep_row, hold, HOLD: tl.constexpr):
     """Quantize fp32 ``h`` (ROWS, N, already in the copy's basis) and store the ``rows`` where ``mask``.
 
     As `StateFormat.quantize`: scale = absmax / MAX per group, stored as the scale dtype rounds it (e4m3: of
@@ -248,12 +264,20 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, STREA
     group, not per element), which moves a code only where a value is within an ulp of a tie. With DIVIDE they
     are divided, as `gsq_hf.formats` does (the conv window: K values per scale, and a re-stored grid value sits
     exactly at a tie whenever its window's scale doubles).
+
+    HOLD (`StateFormat._held_scale`): a group keeps its scale as stored at ``old_scale_ptr`` (this copy's
+    previous write, read before this one overwrites it) where its new scale is at most that one (up to the
+    slack) and at least ``hold`` of it; with e4m3, only in a batch row whose second-level scale was kept
+    (``keep_row``: ``row_scale`` is then the previous one, so the stored e4m3 values keep their meaning).
     """
     u = uniform(seed, step, STREAM, rows, ROWS, N) if STOCHASTIC else 0.0
     v = h
     if SCALE != "":
         groups = tl.reshape(h, (ROWS, N // GROUP, GROUP))
         scale = tl.div_rn(group_absmax(h, ROWS, N, GROUP), MAX)  # (ROWS, N / GROUP)
+        if HOLD:
+            fresh = scale
+            old_stored, old = _load_scales(old_scale_ptr, row_scale, rows, mask, SCALE, N, GROUP)
         if (SCALE == "e4m3") or (SCALE == "e4m3up"):
             ratio = tl.div_rn(scale, tl.maximum(row_scale, _TINY))
             # ≤ 448 but for an ulp (as in formats); the clamp also covers a pre-pass maximum an ulp below this
@@ -269,6 +293,12 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, STREA
             scale = _e8m0_value(stored)
         else:
             stored = scale
+        if HOLD:
+            keep = (fresh <= old * _SLACK) & (fresh >= old * hold)
+            if (SCALE == "e4m3") or (SCALE == "e4m3up"):
+                keep = tl.where(keep_row, keep, False)  # not `&`: the interpreter splats a scalar int1 as fp32
+            stored = tl.where(keep, old_stored, stored)
+            scale = tl.where(keep, old, scale)
         tl.store(scale_ptr + rows[:, None] * (N // GROUP) + tl.arange(0, N // GROUP)[None, :],
                  stored.to(scale_ptr.dtype.element_ty), mask=mask[:, None])
         if DIVIDE:
@@ -307,15 +337,24 @@ def write_copy(h, data_ptr, scale_ptr, row_scale_ptr, row_max_ptr, signs_ptr, b,
                STREAM: tl.constexpr, CODES: tl.constexpr, BITS: tl.constexpr, MIDRISE: tl.constexpr,
                SCALE: tl.constexpr, MAX: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr,
                ROTATED: tl.constexpr, BASIS_ROTATED: tl.constexpr, STOCHASTIC: tl.constexpr, N: tl.constexpr,
-               GROUP: tl.constexpr, ROWS: tl.constexpr):
+               GROUP: tl.constexpr, ROWS: tl.constexpr, old_scale_ptr, old_row_ptr, hold, HOLD: tl.constexpr):
     """Store ``h`` (ROWS, N, in the kernel's basis) as one copy: rotated into the copy's basis if needed; with
     e4m3 scales the batch row's second-level scale comes from the pre-pass's ``row_max[b, STREAM]`` and the
-    batch row's ``first`` program stores it."""
+    batch row's ``first`` program stores it.
+
+    HOLD: held scales against this copy's previous write (``old_scale_ptr``, ``old_row_ptr``; `store_state`); an
+    e4m3 row keeps its previous second-level scale where the new one is at most it (up to the slack) and at
+    least a quarter of it, as `StateFormat._held_scale`."""
     v = to_basis(h, signs_ptr, BASIS_ROTATED, ROTATED, ROWS, N)
+    keep_row = True
     if (SCALE == "e4m3") or (SCALE == "e4m3up"):
         second = row_scale(tl.load(row_max_ptr + 2 * b + STREAM), MAX)
+        if HOLD:
+            old_row = tl.load(old_row_ptr + b)
+            keep_row = (second <= old_row * _SLACK) & (second >= old_row * _ROW_KEEP)
+            second = tl.where(keep_row, old_row, second)
         tl.store(row_scale_ptr + b, second, mask=first)
     else:
         second = 0.0
     store_state(v, data_ptr, scale_ptr, second, rows, mask, seed, step, STREAM, CODES, BITS, MIDRISE, SCALE, MAX,
-                MBITS, MIN_EXP, STOCHASTIC, N, GROUP, ROWS)
+                MBITS, MIN_EXP, STOCHASTIC, N, GROUP, ROWS, False, old_scale_ptr, keep_row, hold, HOLD)

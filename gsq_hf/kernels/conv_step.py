@@ -70,7 +70,8 @@ def conv_channels(win_ptr, win_scale_ptr, out_win_ptr, out_win_scale_ptr, u_ptr,
     if WRITE:  # group = K: one scale per window; nearest rounding, dividing by the scale as gsq_hf.formats does
         stored = mask & (tl.zeros((ROWS,), tl.int1) | write)  # (a scalar `write` broadcast as a mask)
         store_state(window, out_win_ptr, out_win_scale_ptr, 0.0, rows, stored, 0, 0, 2, CONV, CONV_BITS,
-                    CONV_MIDRISE, CONV_SCALE, CONV_MAX, CONV_MBITS, CONV_MIN_EXP, False, K, K, ROWS, True)
+                    CONV_MIDRISE, CONV_SCALE, CONV_MAX, CONV_MBITS, CONV_MIN_EXP, False, K, K, ROWS, True,
+                    out_win_scale_ptr, True, 0.0, False)  # DIVIDE; no held scales
     w = tl.load(w_ptr + channels[:, None] * K + k[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
     acc = tl.sum(_on_grid(window, WDT) * w, axis=1)
     if HAS_BIAS:

@@ -42,8 +42,9 @@ from ..signals import step_signals
 from ..store import LayerStorage, quantize_state
 from ..store import read_state as read_storage
 
-__all__ = ["KERNEL_FORMATS", "ConvStep", "StateUpdate", "check_conv", "conv_step_reference", "conv_unsupported_reason",
-           "delta", "split_xBC", "state_update_reference", "unsupported_reason", "xbc_groups"]
+__all__ = ["KERNEL_FORMATS", "ConvStep", "StateUpdate", "check_conv", "check_scale_hold", "conv_step_reference",
+           "conv_unsupported_reason", "delta", "split_xBC", "state_update_reference", "unsupported_reason",
+           "xbc_groups"]
 
 KERNEL_CODES = ("fp32", "bf16", "fp16", "fp8", *(f"{grid}{bits}" for grid in ("int", "midrise")
                                                  for bits in range(2, 9)))
@@ -166,6 +167,10 @@ def split_xBC(xBC: torch.Tensor, heads: int, head_dim: int, d_state: int) -> tup
     groups = xbc_groups(conv_dim, heads, head_dim, d_state)
     x, B, C = torch.split(xBC, [heads * head_dim, groups * d_state, groups * d_state], dim=-1)
     return x.view(batch, heads, head_dim), B.view(batch, groups, d_state), C.view(batch, groups, d_state)
+def check_scale_hold(scale_hold: float) -> None:
+    """``scale_hold`` must be in [0, 1), as `GSQConfig.scale_hold` (0: fresh scales)."""
+    if isinstance(scale_hold, bool) or not isinstance(scale_hold, (int, float)) or not 0 <= scale_hold < 1:
+        raise ValueError(f"scale_hold={scale_hold!r} must be a number in [0, 1) (0: a fresh scale at every write)")
 
 
 def delta(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float]):
@@ -215,6 +220,7 @@ def state_update_reference(
     return_gate: bool = False,
     inplace: bool = False,
     conv: ConvStep | None = None,
+    scale_hold: float = 0.0,
     slot_units: torch.Tensor | None = None,
     fallback: torch.Tensor | None = None,
     fallback_mask: torch.Tensor | None = None,
@@ -225,11 +231,13 @@ def state_update_reference(
     ``policy`` decides the formats; ``row_signal`` (batch,) is the row signal it reads, if any (None: before
     any logits). Stochastic rounding draws from ``generator``, by default one seeded by ``(seed, step)``. With
     ``inplace`` the new low/high copies are written into the given storage where their shapes agree
-    (``high_valid`` is always a new tensor). ``slot_units`` / ``fallback`` / ``fallback_mask``: the rest of a
-    stored state the kernel does not take (`gsq_hf.store`). Shapes: see the module docstring. ``conv`` (Mamba2
-    only, x, B and C None): the step first runs its conv (`conv_step_reference`, nearest rounding) and takes x, B
-    and C from the output (`split_xBC`); the new window is returned as ``conv``.
+    (``high_valid`` is always a new tensor). ``scale_hold`` (`GSQConfig.scale_hold`): the new low copy holds
+    the group scales of ``low``, as the layer's write does. ``slot_units`` / ``fallback`` / ``fallback_mask``:
+    the rest of a stored state the kernel does not take (`gsq_hf.store`). Shapes: see the module docstring.
+    ``conv`` (Mamba2 only, x, B and C None): the step first runs its conv (`conv_step_reference`, nearest
+    rounding) and takes x, B and C from the output (`split_xBC`); the new window is returned as ``conv``.
     """
+    check_scale_hold(scale_hold)
     window = None
     if conv is not None:
         check_conv(conv, low, x, B, C)
@@ -243,7 +251,8 @@ def state_update_reference(
     if generator is None and rounding == "stochastic":
         generator = rounding_generator(h.device, seed, step)
     signals = step_signals(policy, (batch, units), h.device, gate, row_signal)
-    stored = quantize_state(h, policy, signals, group_size or h.shape[-1], rounding, generator, rotated=rotated)
+    stored = quantize_state(h, policy, signals, group_size or h.shape[-1], rounding, generator, rotated=rotated,
+                            previous=LayerStorage(low=low), scale_hold=scale_hold)
     new_low, new_high = stored.low, stored.high
     if inplace:
         new_low = _copy_into(low, new_low)

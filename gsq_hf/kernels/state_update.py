@@ -70,6 +70,7 @@ from .reference import (
     ConvStep,
     StateUpdate,
     check_conv,
+    check_scale_hold,
     conv_unsupported_reason,
     empty_storage,
     unsupported_reason,
@@ -146,7 +147,7 @@ def _mamba_kernel(
     row_max_ptr, signs_ptr,  # (batch, 2) e4m3 row maxima (low, high) of the pre-pass; the rotation's signs
     x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, gate_ptr, row_high_ptr,
     dim, stride_x, stride_dt, stride_B, stride_C, stride_z, stride_y,  # batch strides; inner dims contiguous
-    dt_min, dt_max, threshold, seed, step,
+    dt_min, dt_max, threshold, seed, step, hold,  # hold: GSQConfig.scale_hold (HOLD)
     N: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
     LOW: tl.constexpr, LOW_BITS: tl.constexpr, LOW_MIDRISE: tl.constexpr, LOW_SCALE: tl.constexpr,
     LOW_MAX: tl.constexpr, LOW_MBITS: tl.constexpr, LOW_MIN_EXP: tl.constexpr, LOW_ROTATED: tl.constexpr,
@@ -154,7 +155,7 @@ def _mamba_kernel(
     HIGH_MAX: tl.constexpr, HIGH_MBITS: tl.constexpr, HIGH_MIN_EXP: tl.constexpr, HIGH_ROTATED: tl.constexpr,
     POLICY: tl.constexpr, READ_HIGH: tl.constexpr, ROW_MAX_PASS: tl.constexpr, STOCHASTIC: tl.constexpr,
     STEP_IN_MEMORY: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr, WRITE_GATE: tl.constexpr,
+    HAS_Z: tl.constexpr, WRITE_GATE: tl.constexpr, HOLD: tl.constexpr,
 ):
     """Mamba: state (batch, D, N); one program = BLOCK channels (= units = rows) of one batch row.
 
@@ -196,13 +197,14 @@ def _mamba_kernel(
         first = tl.program_id(0) == 0  # writes the batch row's e4m3 row scales
         write_copy(h, out_low_ptr, out_low_scale_ptr, out_low_row_ptr, row_max_ptr, signs_ptr, b, rows, mask, first,
                    seed, step, 0, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_MAX, LOW_MBITS, LOW_MIN_EXP,
-                   LOW_ROTATED, False, STOCHASTIC, N, GROUP, BLOCK)
+                   LOW_ROTATED, False, STOCHASTIC, N, GROUP, BLOCK, low_scale_ptr, low_row_ptr, hold, HOLD)
         gate = 1.0 - tl.sum(dA, axis=1) / N  # (BLOCK,)
         if POLICY != "static":
             high = _choose(gate, row_high_ptr, b, threshold, POLICY)  # (BLOCK,)
             write_copy(h, out_high_ptr, out_high_scale_ptr, out_high_row_ptr, row_max_ptr, signs_ptr, b, rows,
                        mask & high, first, seed, step, 1, HIGH, HIGH_BITS, HIGH_MIDRISE, HIGH_SCALE, HIGH_MAX,
-                       HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, False, STOCHASTIC, N, GROUP, BLOCK)
+                       HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, False, STOCHASTIC, N, GROUP, BLOCK,
+                       low_scale_ptr, low_row_ptr, hold, False)
             tl.store(out_valid_ptr + rows, high, mask=mask)
         if WRITE_GATE:
             tl.store(gate_ptr + rows, gate, mask=mask)
@@ -217,7 +219,7 @@ def _mamba2_kernel(
     x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, gate_ptr, row_high_ptr,
     win_ptr, win_scale_ptr, out_win_ptr, out_win_scale_ptr, u_ptr, conv_w_ptr, conv_b_ptr,  # the conv (HAS_CONV)
     head_dim, heads_per_group, stride_x, stride_dt, stride_B, stride_C, stride_y, stride_u,  # batch strides
-    dt_min, dt_max, threshold, seed, step,
+    dt_min, dt_max, threshold, seed, step, hold,  # hold: GSQConfig.scale_hold (HOLD)
     N: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
     LOW: tl.constexpr, LOW_BITS: tl.constexpr, LOW_MIDRISE: tl.constexpr, LOW_SCALE: tl.constexpr,
     LOW_MAX: tl.constexpr, LOW_MBITS: tl.constexpr, LOW_MIN_EXP: tl.constexpr, LOW_ROTATED: tl.constexpr,
@@ -225,7 +227,7 @@ def _mamba2_kernel(
     HIGH_MAX: tl.constexpr, HIGH_MBITS: tl.constexpr, HIGH_MIN_EXP: tl.constexpr, HIGH_ROTATED: tl.constexpr,
     POLICY: tl.constexpr, READ_HIGH: tl.constexpr, ROW_MAX_PASS: tl.constexpr, STOCHASTIC: tl.constexpr,
     STEP_IN_MEMORY: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
-    WRITE_GATE: tl.constexpr, HAS_CONV: tl.constexpr,
+    WRITE_GATE: tl.constexpr, HOLD: tl.constexpr, HAS_CONV: tl.constexpr,
     CONV: tl.constexpr, CONV_BITS: tl.constexpr, CONV_MIDRISE: tl.constexpr, CONV_SCALE: tl.constexpr,
     CONV_MAX: tl.constexpr, CONV_MBITS: tl.constexpr, CONV_MIN_EXP: tl.constexpr, CONV_ROTATED: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, WDT: tl.constexpr, K: tl.constexpr,
@@ -297,14 +299,15 @@ def _mamba2_kernel(
         first = (tl.program_id(0) == 0) & (head == 0)  # writes the batch row's e4m3 row scales
         write_copy(h, out_low_ptr, out_low_scale_ptr, out_low_row_ptr, row_max_ptr, signs_ptr, b, rows, mask, first,
                    seed, step, 0, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_MAX, LOW_MBITS, LOW_MIN_EXP,
-                   LOW_ROTATED, LOW_ROTATED, STOCHASTIC, N, GROUP, BLOCK)
+                   LOW_ROTATED, LOW_ROTATED, STOCHASTIC, N, GROUP, BLOCK, low_scale_ptr, low_row_ptr, hold, HOLD)
         gate = tl.full((BLOCK,), 1.0, tl.float32) - dA  # (BLOCK,), one value
         head_out = mask & (p == 0)  # the per-head outputs are written once
         if POLICY != "static":
             high = _choose(gate, row_high_ptr, b, threshold, POLICY)  # (BLOCK,), one value
             write_copy(h, out_high_ptr, out_high_scale_ptr, out_high_row_ptr, row_max_ptr, signs_ptr, b, rows,
                        mask & high, first, seed, step, 1, HIGH, HIGH_BITS, HIGH_MIDRISE, HIGH_SCALE, HIGH_MAX,
-                       HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, LOW_ROTATED, STOCHASTIC, N, GROUP, BLOCK)
+                       HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, LOW_ROTATED, STOCHASTIC, N, GROUP, BLOCK,
+                       low_scale_ptr, low_row_ptr, hold, False)
             tl.store(out_valid_ptr + units, high, mask=head_out)
         if WRITE_GATE:
             tl.store(gate_ptr + units, gate, mask=head_out)
@@ -375,6 +378,7 @@ def state_update(
     return_gate: bool = False,
     inplace: bool = False,
     conv: ConvStep | None = None,
+    scale_hold: float = 0.0,
     block_rows: int | None = None,
     num_warps: int = 4,
 ) -> StateUpdate:
@@ -395,6 +399,7 @@ def state_update(
         reason = conv_unsupported_reason(conv, "nearest")
     if reason is not None:
         raise NotImplementedError(reason)
+    check_scale_hold(scale_hold)
     if conv is not None:
         x = conv.u  # where the conv's output goes: the same device and dtype
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -452,8 +457,9 @@ def state_update(
     constants = dict(N=n, GROUP=group, **format_constants("LOW", policy.low), **format_constants("HIGH", high_fmt),
                      POLICY=code, READ_HIGH=read_high, STOCHASTIC=rounding == "stochastic",
                      STEP_IN_MEMORY=step_in_memory, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
-                     HAS_D=D is not None, WRITE_GATE=return_gate, num_warps=num_warps)
-    scalars = [dt_limit[0], dt_limit[1], threshold, seed, step]
+                     HAS_D=D is not None, WRITE_GATE=return_gate, HOLD=scale_hold > 0 and policy.low.scaled,
+                     num_warps=num_warps)
+    scalars = [dt_limit[0], dt_limit[1], threshold, seed, step, float(scale_hold)]
     outputs = [y, gate if gate is not None else unused, row_high if row_high is not None else unused]
     new_window = None
     if mamba2:

@@ -38,11 +38,13 @@ CONFIGS = {
     "entropy": dict(policy="entropy", low_format="int4", high_format="fp16", threshold=0.9),
     "gsq-4bit": dict(policy="static", format="midrise4-e4m3-hadamard"),  # the presets' formats, nearest rounding
     "gsq-3bit": dict(policy="static", format="midrise3-e4m3-hadamard"),
+    "int4-hold": dict(policy="static", format="int4", scale_hold=0.7),  # held scales (GSQConfig.scale_hold)
+    "gsq-4bit-hold": dict(policy="static", format="midrise4-e4m3up-hadamard", scale_hold=0.5),
 }
 # |kernel - torch| of the logits, relative to their scale: fp32 differs by summation order only; a quantized
 # state can move one code at a rounding tie (the reciprocal scale), i.e. about one quantization step.
 TOLERANCE = {"fp32": 1e-5, "int8": 2e-3, "int4": 2e-2, "gate-open": 2e-3, "gate-closed": 2e-2, "entropy": 2e-2,
-             "gsq-4bit": 2e-2, "gsq-3bit": 4e-2}
+             "gsq-4bit": 2e-2, "gsq-3bit": 4e-2, "int4-hold": 2e-2, "gsq-4bit-hold": 2e-2}
 
 
 @pytest.fixture
@@ -52,12 +54,12 @@ def model(model):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Count the fused kernel's calls (the adapters import it at call time)."""
+    """The fused kernel's calls, by their keyword arguments (the adapters import it at call time)."""
     calls = []
     original = kernel_module.state_update
 
     def spy(*args, **kwargs):
-        calls.append(kwargs["policy"])
+        calls.append(kwargs)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(kernel_module, "state_update", spy)
@@ -84,6 +86,7 @@ def test_kernel_decode_matches_torch_path(model, name, kernel_calls):
         kernel_logits, kernel_cache = decode(model, CONFIGS[name] | {"kernel": "triton"})
     layers = len(kernel_cache.gsq_layers)
     assert len(kernel_calls) == 4 * layers  # every decode step of every layer; the prefill stays on torch
+    assert {call["scale_hold"] for call in kernel_calls} == {CONFIGS[name].get("scale_hold", 0.0)}
     scale = torch_logits.abs().max()
     assert (kernel_logits - torch_logits).abs().max() <= TOLERANCE[name] * scale
     for ours, theirs in zip(kernel_cache.gsq_layers, torch_cache.gsq_layers, strict=True):

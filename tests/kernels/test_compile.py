@@ -101,17 +101,19 @@ def launches(monkeypatch, family: str, policy, conv: str | None = None, **option
 @pytest.mark.parametrize("family, policy, options", [
     ("mamba", StaticPolicy(F("midrise4-e4m3-hadamard")), dict(rounding="stochastic")),
     ("mamba2", GateThresholdPolicy(F("midrise3-e4m3-hadamard"), F("int8-e4m3"), 0.3), dict(
-        rounding="stochastic", step=torch.zeros(1, dtype=torch.int64))),
-    ("mamba", EntropyThresholdPolicy(F("int5-e8m0"), F("fp16-hadamard"), 0.5), dict()),
+        rounding="stochastic", step=torch.zeros(1, dtype=torch.int64), scale_hold=0.5)),
+    ("mamba", EntropyThresholdPolicy(F("int5-e8m0"), F("fp16-hadamard"), 0.5), dict(scale_hold=0.7)),
     ("mamba", StaticPolicy(F("int8")), dict(conv="int4")),  # the conv's own launch, then the state update's
     ("mamba2", StaticPolicy(F("midrise4-e4m3-hadamard")), dict(conv="int8-fp16")),  # conv inside both passes
-], ids=["mamba-gsq-4bit-sr", "mamba2-gate-gsq-3bit/int8-e4m3", "mamba-entropy-int5-e8m0/fp16-hadamard",
+], ids=["mamba-gsq-4bit-sr", "mamba2-gate-gsq-3bit/int8-e4m3-held", "mamba-entropy-int5-e8m0/fp16-hadamard-held",
         "mamba-conv-int4-bf16", "mamba2-gsq-4bit-conv-int8-fp16-bf16"])
 def test_kernels_compile_for_sm90(monkeypatch, family, policy, options):
     captured = launches(monkeypatch, family, policy, **options)
     passes = [True, False] if any(f.row_bytes for f in policy.formats) else [False]
     assert [kwargs.get("ROW_MAX_PASS") for _, _, kwargs in captured] == (
         [None] if family == "mamba" and "conv" in options else []) + passes
+    held = [kwargs["HOLD"] for _, _, kwargs in captured if "HOLD" in kwargs]
+    assert held and all(hold == ("scale_hold" in options) for hold in held)
     for kernel, args, kwargs in captured:
         constants = {k: v for k, v in kwargs.items() if k != "num_warps"}
         names = kernel.arg_names

@@ -35,6 +35,7 @@ CONFIGS = {
     "budget": "gsq-budget",  # high copies in K < units slots
     "entropy": "gsq-entropy",  # a row signal from the logits
     "stochastic-int4": {"policy": "static", "format": "int4", "rounding": "stochastic", "seed": 5},
+    "held-gsq-4bit": {"policy": "static", "format": "midrise4-e4m3up-hadamard", "scale_hold": 0.5},  # held scales
 }
 
 
@@ -65,7 +66,7 @@ def replay(step: dict):
     return state_update_reference(
         before.low, before.high, before.high_valid, *step["inputs"], policy=cache.policy,
         group_size=cache.config.group_size, rounding=cache.config.rounding, row_signal=step["row_signal"],
-        return_gate=True, slot_units=before.slot_units, fallback=before.fallback,
+        return_gate=True, scale_hold=cache.config.scale_hold, slot_units=before.slot_units, fallback=before.fallback,
         fallback_mask=before.fallback_mask, generator=generator)
 
 

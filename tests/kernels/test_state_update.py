@@ -403,3 +403,91 @@ def test_unsupported_cases_say_why():
     nf4 = replace(F("int4"), name="nf4")  # a grid the kernel does not know (formats may add one)
     stored = replace(nf4.quantize(torch.zeros(1, 2, 16), 16), fmt=nf4)
     assert "['nf4']" in unsupported_reason(StaticPolicy(nf4), stored, None, torch.zeros(2, 16), None, None)
+
+
+HELD = {  # name -> (family, policy, row_signal): held low copies; the entropy case's high copy, in the same format
+    # (so that its scales could be held against the low copy's), stays fresh
+    "mamba-int4": ("mamba", StaticPolicy(F("int4")), None),
+    "mamba2-int4": ("mamba2", StaticPolicy(F("int4")), None),
+    "mamba2-midrise4-e4m3up-hadamard": ("mamba2", StaticPolicy(F("midrise4-e4m3up-hadamard")), None),
+    "mamba2-midrise4-e4m3-hadamard": ("mamba2", StaticPolicy(F("midrise4-e4m3-hadamard")), None),
+    "mamba-entropy-midrise4-e4m3-hadamard-twice": (
+        "mamba", EntropyThresholdPolicy(F("midrise4-e4m3-hadamard"), F("midrise4-e4m3-hadamard"), 0.5), [0.2, 0.8]),
+}
+
+
+def held_steps(case: str, rounding: str, steps: int = 4, hold: float = 0.6):
+    """``steps`` consecutive steps with ``scale_hold=hold``, each from the twin's previous storage: (previous low
+    copy, step inputs, kernel result, twin result, twin result with fresh scales) per step. A slow decay (Δ
+    shifted down) and small inputs keep most groups within the hold, so that scales are held, not refreshed."""
+    family, policy, row_signal = HELD[case]
+    inputs = make_inputs(family, policy, None, row_signal)
+    inputs |= dict(dt=inputs["dt"] - 3, rounding=rounding, seed=3, scale_hold=hold)
+    g = torch.Generator().manual_seed(1)
+    previous, results = inputs["low"], []
+    for step in range(steps):
+        x = (0.3 * torch.randn(inputs["x"].shape, generator=g)).to(DEVICE)
+        args = inputs | dict(low=previous, x=x, step=step)
+        ref = state_update_reference(**args)
+        results.append((previous, args, state_update(**args), ref, state_update_reference(**(args | dict(
+            scale_hold=0.0)))))
+        previous = ref.low
+    return results
+
+
+def held(q: QuantizedTensor, previous: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Where ``q`` stores its previous group scales (as stored) and, for e4m3, its previous row scale."""
+    rows = None if q.row_scale is None else q.row_scale == previous.row_scale
+    return q.scale.float() == previous.scale.float(), rows
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("case", sorted(HELD))
+def test_held_scales_match_reference(case, rounding):
+    """GSQConfig.scale_hold in the kernel: the same groups (and e4m3 rows) keep their previous scales as in the
+    twin, over several steps and batch rows, where fresh scales would have moved some of them; the rest as
+    without holding (stochastic: within one step of the fresh state, scales as the twin's)."""
+    held_groups = kept_rows = 0
+    for previous, args, kernel, ref, fresh in held_steps(case, rounding):
+        both_high = check_common(kernel, ref, args)
+        everywhere = torch.ones_like(ref.gate, dtype=torch.bool)
+        (kernel_groups, kernel_rows), (ref_groups, ref_rows) = held(kernel.low, previous), held(ref.low, previous)
+        fresh_groups, fresh_rows = held(fresh.low, previous)
+        assert torch.equal(kernel_groups, ref_groups)
+        held_groups += int((ref_groups & ~fresh_groups).sum())
+        if ref_rows is not None:
+            assert torch.equal(kernel_rows, ref_rows)
+            kept_rows += int((ref_rows & ~fresh_rows).sum())
+        if rounding == "nearest":
+            check_nearest(kernel.low, ref.low, everywhere)
+            if both_high is not None:
+                check_nearest(kernel.high, ref.high, both_high)
+        else:
+            check_scales(kernel.low, ref.low, everywhere)
+            h = fresh_state(args)
+            check_one_step(kernel.low, h, everywhere)
+            if both_high is not None:
+                check_one_step(kernel.high, h, both_high)
+    assert held_groups > 0  # scales a fresh write would have changed
+    if "e4m3" in case:
+        assert kept_rows > 0
+
+
+def test_held_scales_in_place_with_several_programs_per_unit_row():
+    """Written in place by tiles of two rows: each program reads its groups' previous scales before storing its
+    own, and the batch row's previous row scale stays readable until every program has read it."""
+    for previous, args, kernel, _, _ in held_steps("mamba2-midrise4-e4m3-hadamard", "nearest", steps=2):
+        low = previous.map(torch.clone)
+        out = state_update(**(args | dict(low=low)), inplace=True, block_rows=2)
+        assert out.low is low
+        assert torch.equal(low.data, kernel.low.data) and torch.equal(low.scale.float(), kernel.low.scale.float())
+        assert torch.equal(low.row_scale, kernel.low.row_scale)
+
+
+def test_bad_scale_hold_is_a_clear_error():
+    inputs = make_inputs("mamba", StaticPolicy(F("int4")), None, None)
+    for bad in (1.0, -0.5, True):
+        with pytest.raises(ValueError, match="scale_hold"):
+            state_update(**inputs, scale_hold=bad)
+        with pytest.raises(ValueError, match="scale_hold"):
+            state_update_reference(**inputs, scale_hold=bad)
