@@ -17,12 +17,13 @@ def test_greedy_equals_plain_generate(model, draft, rollback):
     assert not gsq_hf.is_patched(model)  # an unpatched model is patched with fp32 only for the call
 
 
-def noisy(model, scale: float, seed: int = 0):
-    """A forward hook on the LM head that adds noise to the draft's (int4) logits: its proposals are often wrong."""
+def noisy(model, scale: float, seed: int = 0, draft: str = "int4"):
+    """A forward hook on the LM head that adds noise to the draft's (config ``draft``) logits: its proposals are
+    often wrong."""
     noise = torch.Generator().manual_seed(seed)
 
     def hook(module, args, output):
-        if model._gsq_patch.active_cache.config.name == "int4":
+        if model._gsq_patch.active_cache.config.name == draft:
             draws = torch.randn(output.shape, generator=noise, device=noise.device).to(output.device)
             return output + scale * output.std() * draws
 
@@ -246,3 +247,21 @@ def test_bad_input(model):
                                          num_attention_heads=2, num_key_value_heads=2))
     with pytest.raises(gsq_hf.UnsupportedModelError):
         speculative_generate(llama, torch.randint(2, 32, (1, 4)))
+
+
+@pytest.mark.parametrize("target", [{"name": "int4-sr", "format": "int4", "rounding": "stochastic"}, "gsq-4bit"])
+def test_stochastic_rounding_targets_stay_exact_through_rejections(model, target):
+    """A target whose own state rounds stochastically (gsq-4bit on Mamba-1) must draw, after every rollback, what
+    plain decoding draws: its greedy output equals plain greedy `generate` of the same patched model, with a
+    noisy draft forcing rejections under every rollback."""
+    ids = torch.randint(2, 64, (1, 4), generator=torch.Generator().manual_seed(3))
+    gsq_hf.patch(model, target)
+    expected = model.generate(ids, max_new_tokens=24, do_sample=False)
+    handle = noisy(model, 3.0, draft="int2")
+    try:
+        for rollback in ("checkpoints", "recompute", "replay"):
+            out = speculative_generate(model, ids, draft="int2", lookahead=6, max_new_tokens=24, rollback=rollback)
+            assert torch.equal(out.sequences, expected), rollback
+            assert out.stats.accepted < out.stats.drafted  # rejections happened
+    finally:
+        handle.remove()
