@@ -11,17 +11,11 @@ update equals the same step after a separate conv launch (the same conv code, th
 within the state kernel's own tolerances (`test_state_update.py`) of the torch twin.
 """
 
-import os
 
+import needs_kernel  # noqa: F401  (skips this module where the kernel cannot run)
 import pytest
 import torch
 import torch.nn.functional as F
-
-pytest.importorskip("triton", reason="the fused kernel needs triton: pip install 'gsq_hf[triton]'",
-                    exc_type=ImportError)
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA device: run with TRITON_INTERPRET=1 to test the kernel on CPU (Triton's interpreter)",
-                allow_module_level=True)
 
 from gsq_hf.formats import QuantizedTensor, get_format  # noqa: E402
 from gsq_hf.kernels.conv_step import conv_step  # noqa: E402

@@ -35,17 +35,11 @@ row scale); for fp8/bf16/fp16 the format's spacing at the value (2**(max(floor(l
 mantissa_bits), times the group scale for fp8).
 """
 
-import os
 from dataclasses import replace
 
+import needs_kernel  # noqa: F401  (skips this module where the kernel cannot run)
 import pytest
 import torch
-
-pytest.importorskip("triton", reason="the fused kernel needs triton: pip install 'gsq_hf[triton]'",
-                    exc_type=ImportError)
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA device: run with TRITON_INTERPRET=1 to test the kernel on CPU (Triton's interpreter)",
-                allow_module_level=True)
 
 from gsq_hf.formats import QuantizedTensor, StateFormat, _hadamard, get_format  # noqa: E402
 from gsq_hf.kernels import state_update_reference, unsupported_reason  # noqa: E402
