@@ -69,15 +69,23 @@ CANDIDATES = {  # label -> config (a format or preset name is a config)
 
 def _add_format(label: str) -> str:
     """A `--format` argument as a candidate: a format's config (or a preset's), stochastic with ``+sr``, its
-    scales held (`GSQConfig.scale_hold`) with ``+holdH``."""
+    scales held (`GSQConfig.scale_hold`) with ``+holdH``, groups of N values per scale (`GSQConfig.group_size`)
+    with ``+gN``."""
     name, *suffixes = label.split("+")
     extra = {}
     for suffix in suffixes:
         hold = re.fullmatch(r"hold(0|0?\.\d+)", suffix)
-        if suffix != "sr" and hold is None:
-            raise SystemExit(f"format_front.py: --format {label!r}: the suffixes accepted are '+sr' and '+holdH' "
-                             "with 0 <= H < 1 (e.g. +hold0.7; +hold0: fresh scales)")
-        extra |= SR if suffix == "sr" else {"scale_hold": float(hold.group(1))}
+        group = re.fullmatch(r"g([1-9]\d*)", suffix)
+        if suffix == "sr":
+            extra |= SR
+        elif hold is not None:
+            extra |= {"scale_hold": float(hold.group(1))}
+        elif group is not None:
+            extra |= {"group_size": int(group.group(1))}
+        else:
+            raise SystemExit(f"format_front.py: --format {label!r}: the suffixes accepted are '+sr', '+holdH' "
+                             "with 0 <= H < 1 (e.g. +hold0.7; +hold0: fresh scales) and '+gN' (N values per scale, "
+                             "e.g. +g16)")
     if name in PRESETS:  # the suffixes win over the preset's per-family fields too
         config = GSQConfig.from_preset(name).to_dict()
         config["family_overrides"] = {family: fields | extra
@@ -89,6 +97,18 @@ def _add_format(label: str) -> str:
             raise SystemExit(f"format_front.py: --format {label!r}: {error}") from None
         config = {"policy": "static", "format": name}
     CANDIDATES[label] = {**config, "name": label.replace("+", "_"), **extra}
+    return label
+
+
+def _add_config(path: str) -> str:
+    """A `--config` argument as a candidate: any GSQConfig file (YAML/JSON, policies included), labelled by
+    its file name."""
+    try:
+        config = GSQConfig.from_file(path).to_dict()
+    except (GSQConfigError, OSError) as error:
+        raise SystemExit(f"format_front.py: --config {path!r}: {error}") from None
+    label = Path(path).stem
+    CANDIDATES[label] = {**config, "name": label}
     return label
 
 
@@ -189,10 +209,13 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", action="append", help="wiki.valid, wiki.test, ptb.test, builtin or a path "
                                                            "(repeatable; default: wiki.valid)")
     parser.add_argument("--only", nargs="+", choices=list(CANDIDATES), help="these candidates only")
-    parser.add_argument("--format", action="append", default=[], metavar="NAME[+sr][+holdH]",
+    parser.add_argument("--format", action="append", default=[], metavar="NAME[+sr][+holdH][+gN]",
                         help="also score this format (any name gsq_hf.get_format accepts, or a gsq-4bit/gsq-3bit "
-                             "preset; '+sr': stochastic rounding; '+holdH': scale_hold H), e.g. "
-                             "midrise3-fp16-hadamard+sr, gsq-4bit+hold0.7 (repeatable)")
+                             "preset; '+sr': stochastic rounding; '+holdH': scale_hold H; '+gN': group_size N), e.g. "
+                             "midrise3-fp16-hadamard+sr, gsq-4bit+hold0.7, gsq-4bit+g16 (repeatable)")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="also score the GSQConfig in this YAML/JSON file, e.g. a precision policy over composed "
+                             "formats; labelled by the file name (repeatable)")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -203,7 +226,8 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    labels = (args.only or ([] if args.format else list(CANDIDATES))) + [_add_format(f) for f in args.format]
+    added = [_add_format(f) for f in args.format] + [_add_config(f) for f in args.config]
+    labels = (args.only or ([] if added else list(CANDIDATES))) + added
     groups = [lm_front(m, d, labels, args) for m in args.model for d in (args.dataset or ["wiki.valid"])]
     groups += [recall_front(m, labels, args) for m in args.recall]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -84,12 +84,14 @@ def test_format_front_scores_formats_against_fp32(tmp_path):
     assert (tmp_path / "front.md").read_text().count("```") == 4 and list(tmp_path.glob("front-*.png"))
     with pytest.raises(SystemExit, match="levels7"):
         front.main(["--format", "levels7", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"'\+sr' and '\+holdH'"):
+    with pytest.raises(SystemExit, match=r"'\+sr', '\+holdH'"):
         front.main(["--format", "int4+hold1.5", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"'\+gN'"):
+        front.main(["--format", "int4+g0", "--out", str(tmp_path)])
 
 
 def test_format_front_suffixes_make_the_config():
-    """'+sr' and '+holdH' in any order on a format or a preset name."""
+    """'+sr', '+holdH' and '+gN' in any order on a format or a preset name."""
     from script_loader import load_script
 
     from gsq_hf import GSQConfig
@@ -101,6 +103,29 @@ def test_format_front_suffixes_make_the_config():
     preset = front.CANDIDATES[front._add_format("gsq-4bit+hold.5")]
     assert preset["scale_hold"] == 0.5 and preset["family_overrides"]["mamba"]["format"] == "midrise4-e4m3up-hadamard"
     assert GSQConfig.from_dict(preset).for_model_type("mamba").scale_hold == 0.5  # over the preset's 0.85
+    grouped = GSQConfig.from_dict(front.CANDIDATES[front._add_format("gsq-3bit+g8+sr")])
+    assert grouped.group_size == 8 and grouped.for_model_type("mamba2").group_size == 8
+    assert grouped.for_model_type("mamba2").rounding == "stochastic"
+
+
+def test_format_front_config_files_are_candidates(tmp_path):
+    """--config: any GSQConfig file (a policy over composed formats) is scored under its file name; a bad one
+    stops with the file named."""
+    from script_loader import load_script
+
+    from gsq_hf import GSQConfig
+
+    front = load_script("format_front")
+    path = tmp_path / "slow-heads.yaml"
+    path.write_text("policy: {kind: budget, fraction: 0.25, high_when: closed, low: midrise2-e4m3-hadamard, "
+                    "high: midrise4-e4m3-hadamard}\n")
+    config = GSQConfig.from_dict(front.CANDIDATES[front._add_config(str(path))])
+    assert config.name == "slow-heads" and config.policy.kind == "budget" and config.policy.fraction == 0.25
+    path.write_text("policy: {kind: budget, fraction: 2}\n")
+    with pytest.raises(SystemExit, match="slow-heads.yaml.*fraction"):
+        front._add_config(str(path))
+    with pytest.raises(SystemExit, match="missing.yaml"):
+        front._add_config(str(tmp_path / "missing.yaml"))
 
 
 @pytest.mark.slow
