@@ -18,8 +18,8 @@ import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 
 from .config import GSQConfig, resolve_config
-from .formats import StateFormat, get_format
-from .policies import Signals
+from .errors import GSQConfigError
+from .policies import PrecisionPolicy, Signals
 from .replay import recorded_tokens, replay, step_inputs_nbytes
 from .signals import ROW_SIGNALS, step_signals
 from .state_layer import _GSQ_LAYER_FOR, FALLBACK, GSQHybridStateLayer, GSQStateLayer, _GSQStateMixin
@@ -81,8 +81,7 @@ class GSQCache(StaticCacheMixin, DynamicCache):
         self._model = weakref.ref(model) if model is not None else None  # weights for memory_report; no cycle
         self.config = resolve_config(gsq_config).for_model_type(getattr(self.config_of(model_or_config),
                                                                         "model_type", None))
-        self.policy = self.config.build_policy()
-        self._row_signal_name = next(iter(sorted(self.policy.signals & ROW_SIGNALS.keys())), None)
+        self.policy = self.config.build_policy()  # every layer's but those of `GSQConfig.layer_overrides`
         self.static = static
         self.recording = False  # per-token checkpoints (record_positions)
         self.recording_inputs = False  # per-token scan inputs (record_inputs)
@@ -92,7 +91,14 @@ class GSQCache(StaticCacheMixin, DynamicCache):
         self.kernel_reasons_logged: set[tuple[str, str]] = set()  # gsq_hf.step logs each (what, reason) once
         for index, layer in enumerate(self.layers):
             if type(layer) in _GSQ_LAYER_FOR:
-                self.layers[index] = _GSQ_LAYER_FOR[type(layer)](self)
+                self.layers[index] = _GSQ_LAYER_FOR[type(layer)](self, index)
+        self._check_layer_overrides()
+        row_signals = sorted(set().union(*(layer.policy.signals for layer in self.gsq_layers), self.policy.signals)
+                             & ROW_SIGNALS.keys())
+        if len(row_signals) > 1:
+            raise GSQConfigError(f"GSQConfig.layer_overrides: the layers' policies read different next-token signals "
+                                 f"({', '.join(row_signals)}); a cache computes one")
+        self._row_signal_name = next(iter(row_signals), None)
         if trace:
             self.start_trace(units=trace == "units")
 
@@ -111,28 +117,31 @@ class GSQCache(StaticCacheMixin, DynamicCache):
     def layer_index(self, layer: _GSQStateMixin) -> int:
         return next(i for i, candidate in enumerate(self.layers) if candidate is layer)
 
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """The seeded generator for stochastic rounding on ``device`` (None for round-to-nearest)."""
-        if self.config.rounding != "stochastic":
-            return None
+    def _check_layer_overrides(self) -> None:
+        """Every `GSQConfig.layer_overrides` index must be one of this model's state layers."""
+        overrides = self.config.layer_overrides or {}
+        state_layers = [i for i, layer in enumerate(self.layers) if isinstance(layer, _GSQStateMixin)]
+        missing = sorted(set(overrides) - set(state_layers))
+        if missing:
+            raise GSQConfigError(f"GSQConfig.layer_overrides names layer(s) {missing}, which hold no Mamba state in "
+                                 f"this model; its state layers: {state_layers}")
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The seeded generator for stochastic rounding on ``device`` (one stream per device, shared by the
+        layers that round stochastically)."""
         key = str(device)
         if key not in self._generators:
             self._generators[key] = torch.Generator(device=device).manual_seed(self.config.seed)
         return self._generators[key]
 
-    def group_size(self, d_state: int) -> int:
-        return self.config.group_size or d_state
-
-    def conv_format(self, dtype: torch.dtype) -> StateFormat:
-        return get_format(dtype if self.config.conv_format == "auto" else self.config.conv_format)
-
     def row_signal_for(self, batch: int) -> torch.Tensor | None:
         signal = self.row_signal
         return signal if signal is not None and signal.shape[0] == batch else None
 
-    def signals(self, shape: tuple[int, int], device: torch.device, gate: torch.Tensor | None) -> Signals:
-        """What the policy reads at a write of ``shape`` (batch, units): the step's gate, the row signal."""
-        return step_signals(self.policy, shape, device, gate, self.row_signal_for(shape[0]))
+    def signals(self, policy: PrecisionPolicy, shape: tuple[int, int], device: torch.device,
+                gate: torch.Tensor | None) -> Signals:
+        """What ``policy`` reads at a write of ``shape`` (batch, units): the step's gate, the row signal."""
+        return step_signals(policy, shape, device, gate, self.row_signal_for(shape[0]))
 
     @property
     def wants_logits(self) -> bool:
@@ -316,7 +325,7 @@ class GSQCache(StaticCacheMixin, DynamicCache):
             if state is None:
                 continue
             gate = None
-            if "gate" in self.policy.signals:  # the source's last signal, else our own, else "closed" (first sync)
+            if "gate" in mine.policy.signals:  # the source's last signal, else our own, else "closed" (first sync)
                 gate = next((g for g in (theirs.last_gate, mine.last_gate) if g is not None), None)
                 gate = gate if gate is not None else state.new_zeros(state.shape[:2])
             mine.write_ssm(state, gate, read_back=False)
@@ -360,7 +369,8 @@ class GSQCache(StaticCacheMixin, DynamicCache):
         - ``unit_formats``: int8 ``(layers, writes, batch, units)`` format ids (-1 pads), or None when not
           traced with ``units=True``; ``format_ids``: the name of each id (``low``, ``high``, fp32 fallback).
         - ``layers``: the model layer index of each row; ``config``, ``policy``, ``low_format``,
-          ``high_format`` (None for a static policy).
+          ``high_format`` (None for a static policy); ``layer_formats``: each row's (low, high) format names,
+          which differ from those where `GSQConfig.layer_overrides` sets a layer's policy.
         """
         layers = [(index, layer) for index, layer in enumerate(self.layers) if isinstance(layer, _GSQStateMixin)]
         if not any(layer.tracing or layer.trace_high for _, layer in layers):
@@ -384,6 +394,8 @@ class GSQCache(StaticCacheMixin, DynamicCache):
             "policy": self.config.policy.kind,
             "low_format": low_name,
             "high_format": high_name,
+            "layer_formats": [(layer.policy.low.name, layer.policy.high.name if layer.policy.high else None)
+                              for _, layer in layers],
         }
 
     # -- report ----------------------------------------------------------------------------------------

@@ -104,6 +104,10 @@ class GSQConfig:
     family_overrides: dict[str, dict[str, Any]] | None = field(default=None, metadata={
         "help": "fields that differ for some model types, e.g. {mamba: {rounding: stochastic}}: applied where a "
                 "cache meets a model (`for_model_type`), so one preset can hold what each family measured best"})
+    layer_overrides: dict[int, dict[str, Any]] | None = field(default=None, metadata={
+        "help": "fields that differ for some layers, by model layer index, e.g. {2: {format: int5-e4m3-hadamard}}: "
+                "a layer's policy (or its format), rounding, scale_hold, group_size or conv_format (`for_layer`); "
+                "mixed precision by layer, e.g. from `scripts/format_front.py --per-layer`"})
     kernel: str = field(default="auto", metadata={
         "help": "decode-step state update and conv: 'auto' = the fused Triton kernels on CUDA, torch elsewhere; "
                 "'triton' = the kernels wherever they run (CPU only under TRITON_INTERPRET=1); 'torch' = never"})
@@ -111,14 +115,16 @@ class GSQConfig:
     def __init__(self, name: str = "custom", policy: PolicyConfig | str | dict = "static", conv_format: str = "auto",
                  group_size: int | None = None, rounding: str = "nearest", scale_hold: float = 0.0, seed: int = 0,
                  write_mode: str = "every_step", family_overrides: dict[str, dict[str, Any]] | None = None,
-                 kernel: str = "auto", **flat_policy_keys: Any):
+                 layer_overrides: dict[int, dict[str, Any]] | None = None, kernel: str = "auto",
+                 **flat_policy_keys: Any):
         unknown = sorted(set(flat_policy_keys) - set(_flat_keys()))
         if unknown:
             raise GSQConfigError(f"unknown GSQConfig field(s) {unknown}; accepted: {', '.join(_accepted_keys())}")
         values = dict(name=name, policy=_with_flat_keys(policy, flat_policy_keys), conv_format=conv_format,
                       group_size=group_size, rounding=rounding, scale_hold=scale_hold, seed=seed,
                       write_mode=write_mode,
-                      family_overrides=family_overrides, kernel=kernel)
+                      family_overrides=family_overrides, layer_overrides=_layer_keys(layer_overrides),
+                      kernel=kernel)
         for key, value in values.items():
             object.__setattr__(self, key, value)
         self._validate()
@@ -147,6 +153,19 @@ class GSQConfig:
         check_signals(self.policy.build())
         if self.family_overrides is not None:
             self._check_overrides()
+        if self.layer_overrides is not None:
+            self._check_layer_overrides()
+
+    def _check_layer_overrides(self) -> None:
+        for index, fields_ in self.layer_overrides.items():
+            fixed = sorted(set(fields_) & _NOT_PER_LAYER)
+            if fixed:
+                raise GSQConfigError(f"GSQConfig.layer_overrides[{index}] cannot set {', '.join(fixed)} (one per "
+                                     f"cache); a layer may set: {', '.join(_per_layer_keys())}")
+            try:
+                self.for_layer(index)
+            except GSQConfigError as error:
+                raise GSQConfigError(f"GSQConfig.layer_overrides[{index}]: {error}") from None
 
     def _check_overrides(self) -> None:
         overrides = self.family_overrides
@@ -154,8 +173,9 @@ class GSQConfig:
             raise GSQConfigError(f"GSQConfig.family_overrides={overrides!r} must map model types to mappings of "
                                  "fields, e.g. {'mamba': {'rounding': 'stochastic'}}")
         for model_type, fields_ in overrides.items():
-            if "name" in fields_ or "family_overrides" in fields_:
-                raise GSQConfigError(f"GSQConfig.family_overrides[{model_type!r}] cannot set name or family_overrides")
+            if {"name", "family_overrides", "layer_overrides"} & set(fields_):
+                raise GSQConfigError(f"GSQConfig.family_overrides[{model_type!r}] cannot set name, family_overrides "
+                                     "or layer_overrides")
             try:
                 self.for_model_type(model_type)
             except GSQConfigError as error:
@@ -171,6 +191,15 @@ class GSQConfig:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         return GSQConfig.from_dict({**data, **override, "family_overrides": None})
 
+    def for_layer(self, index: int) -> GSQConfig:
+        """This config as it applies to model layer ``index``: its ``layer_overrides`` entry applied (as
+        `for_model_type` applies a family's), the overrides dropped; unchanged for other layers."""
+        override = (self.layer_overrides or {}).get(index)
+        if override is None:
+            return self
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return GSQConfig.from_dict({**data, **override, "layer_overrides": None})
+
     # -- policy -----------------------------------------------------------------------------------------
     def build_policy(self) -> PrecisionPolicy:
         """The policy object this config describes."""
@@ -185,7 +214,8 @@ class GSQConfig:
     def to_dict(self) -> dict[str, Any]:
         """Every field; ``policy`` as its mapping ``{kind, <fields>}``."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {**data, "policy": self.policy.to_dict(), "family_overrides": copy.deepcopy(self.family_overrides)}
+        return {**data, "policy": self.policy.to_dict(), "family_overrides": copy.deepcopy(self.family_overrides),
+                "layer_overrides": copy.deepcopy(self.layer_overrides)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GSQConfig:
@@ -230,6 +260,33 @@ class GSQConfig:
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> GSQConfig:
         return cls.from_file(Path(directory) / CONFIG_FILENAME)
+
+
+_NOT_PER_LAYER = {"name", "family_overrides", "layer_overrides", "write_mode", "kernel", "seed"}
+
+
+def _per_layer_keys() -> list[str]:
+    return [key for key in _accepted_keys() if key not in _NOT_PER_LAYER]
+
+
+def _layer_keys(overrides: Any) -> dict[int, dict[str, Any]] | None:
+    """``layer_overrides`` with int keys (JSON, and so save_pretrained, writes them as strings), checked."""
+    if overrides is None:
+        return None
+    example = "e.g. {2: {'format': 'int5-e4m3-hadamard'}}"
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise GSQConfigError(f"GSQConfig.layer_overrides={overrides!r} must map layer indices to mappings of fields, "
+                             f"{example}")
+    keyed = {}
+    for key, fields_ in overrides.items():
+        index = int(key) if isinstance(key, str) and key.isdigit() else key
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise GSQConfigError(f"GSQConfig.layer_overrides: {key!r} is not a layer index (an integer >= 0), "
+                                 f"{example}")
+        if index in keyed:
+            raise GSQConfigError(f"GSQConfig.layer_overrides: layer {index} is given twice")
+        keyed[index] = dict(fields_)
+    return keyed
 
 
 def _accepted_keys() -> list[str]:

@@ -86,30 +86,38 @@ def patchable_mixers(model: nn.Module) -> list[tuple[nn.Module, MixerAdapter]]:
     return mixers
 
 
-def _validate(config: GSQConfig, model: nn.Module, mixers: list[tuple[nn.Module, MixerAdapter]]) -> None:
+def _validate(model_config: GSQConfig, model: nn.Module, mixers: list[tuple[nn.Module, MixerAdapter]]) -> None:
+    state_layers = sorted(mixer.layer_idx for mixer, _ in mixers)
+    missing = sorted(set(model_config.layer_overrides or {}) - set(state_layers))
+    if missing:
+        raise GSQConfigError(f"GSQConfig.layer_overrides names layer(s) {missing}, which hold no Mamba state in "
+                             f"{type(model).__name__}; its state layers: {state_layers}")
     for mixer, adapter in mixers:
+        config = model_config.for_layer(mixer.layer_idx)
+        where = f" (layer {mixer.layer_idx})" if config is not model_config else ""
         n = adapter.d_state(mixer)
         group = config.group_size or n
         if n % group:
-            raise GSQConfigError(f"GSQConfig.group_size={group} does not divide d_state={n}; use a divisor of {n}")
+            raise GSQConfigError(f"GSQConfig.group_size={group}{where} does not divide d_state={n}; use a divisor "
+                                 f"of {n}")
         for fmt in config.build_policy().formats:
             if fmt.rotation is not None and (n < 2 or n & (n - 1)):
-                raise GSQConfigError(f"{fmt.name} rotates along d_state, which must be a power of two; d_state={n}: "
-                                     "use a format without -hadamard")
+                raise GSQConfigError(f"{fmt.name}{where} rotates along d_state, which must be a power of two; "
+                                     f"d_state={n}: use a format without -hadamard")
             if n % fmt.codes_per_block:
-                raise GSQConfigError(f"{fmt.name} packs {fmt.codes_per_block} codes per block along d_state: "
-                                     f"d_state={n} is not a multiple; use a format of 4 or 8 bits (1-2 codes per block)")
+                raise GSQConfigError(f"{fmt.name}{where} packs {fmt.codes_per_block} codes per block along "
+                                     f"d_state: d_state={n} is not a multiple; use a format of 4 or 8 bits (1-2 codes "
+                                     "per block)")
         width = mixer.conv1d.kernel_size[0]
         if config.conv_format != "auto" and width % get_format(config.conv_format).codes_per_block:
-            raise GSQConfigError(f"GSQConfig.conv_format={config.conv_format!r} packs "
+            raise GSQConfigError(f"GSQConfig.conv_format={config.conv_format!r}{where} packs "
                                  f"{get_format(config.conv_format).codes_per_block} codes per block; the conv "
                                  f"window of {width} values is not a multiple (use int8, int4, fp8, fp16 or fp32)")
-    if reads_logits(config.build_policy()) and model.get_output_embeddings() is None:
-        raise GSQConfigError(
-            f"the {config.policy.kind} policy reads the model's next-token logits, but {type(model).__name__} has no "
-            "LM head; "
-            "patch the *ForCausalLM model instead"
-        )
+        if reads_logits(config.build_policy()) and model.get_output_embeddings() is None:
+            raise GSQConfigError(
+                f"the {config.policy.kind} policy{where} reads the model's next-token logits, but "
+                f"{type(model).__name__} has no LM head; patch the *ForCausalLM model instead"
+            )
 
 
 def _make_forward(adapter: MixerAdapter, mixer: nn.Module, original, state: _PatchState):

@@ -120,9 +120,9 @@ def replay(layer, start: LayerStorage, num_tokens: int | torch.Tensor) -> None:
     for t in range(n):  # the window writes of `causal_conv_stepwise` (exact whether or not the format is lossy)
         window = layer.write_conv(torch.cat([window[..., 1:], conv[:, t, :, None]], dim=-1))
         windows.append(layer.storage.conv)
-    rotated = rotated_basis(layer.cache.policy, A)  # the basis the forward carried its state in
+    rotated = rotated_basis(layer.policy, A)  # the basis the forward carried its state in
     dA, dBx, _ = discretize(x, dt, A, B, B, rotated)  # the read-out (C) is not needed to replay states: B stands in
-    gate = unit_gate(dA, A) if "gate" in layer.cache.policy.signals else None
+    gate = unit_gate(dA, A) if "gate" in layer.policy.signals else None
     stored = read_state(start, rotated)
     h = torch.zeros_like(dBx[:, 0]) if stored is None else stored
     states = []

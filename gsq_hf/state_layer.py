@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.cache_utils import DynamicLayer, LinearAttentionAndFullAttentionLayer, LinearAttentionLayer
 
-from .formats import QuantizedTensor
+from .formats import QuantizedTensor, StateFormat, get_format
 from .store import SSM_FIELDS, LayerStorage, quantize_state, read_state, write_in_place
 
 if TYPE_CHECKING:
@@ -35,9 +35,12 @@ class _GSQStateMixin:
     (sequence length, masks, ``has_previous_state``) keep working; hybrid layers keep their KV cache.
     """
 
-    def __init__(self, cache: GSQCache):
+    def __init__(self, cache: GSQCache, layer_idx: int):
         super().__init__(number_of_states=1)
         self._cache = cache
+        # this layer's config and policy: the cache's, with its `GSQConfig.layer_overrides` entry if any
+        self.config = cache.config.for_layer(layer_idx)
+        self.policy = cache.policy if self.config is cache.config else self.config.build_policy()
         self.storage = LayerStorage()
         self.positions: list[LayerStorage] = []  # per-token checkpoints while the cache records
         self.step_inputs: list[dict] = []  # per forward, its per-token scan inputs while recording (gsq_hf.replay)
@@ -53,7 +56,7 @@ class _GSQStateMixin:
 
     # -- statistics ------------------------------------------------------------------------------------
     def _reset_stats(self) -> None:
-        formats = self._cache.policy.formats
+        formats = self.policy.formats
         self.unit_writes: dict[str, torch.Tensor | int] = {f.name: 0 for f in formats} | {FALLBACK: 0}
         self.stored_bits = 0.0  # sum over writes of bits stored (payload + scales), as a tensor once written
         self.stored_elements = 0
@@ -73,6 +76,16 @@ class _GSQStateMixin:
     @property
     def cache(self) -> GSQCache:
         return self._cache
+
+    def group_size(self, d_state: int) -> int:
+        return self.config.group_size or d_state
+
+    def conv_format(self, dtype: torch.dtype) -> StateFormat:
+        return get_format(dtype if self.config.conv_format == "auto" else self.config.conv_format)
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The cache's seeded generator where this layer rounds stochastically, else None."""
+        return self._cache.generator(device) if self.config.rounding == "stochastic" else None
 
     def _keep(self, new: LayerStorage, fields: tuple[str, ...]) -> None:
         """Make ``new``'s ``fields`` the stored ones: by reference, or (static cache) copied into the buffers."""
@@ -100,9 +113,8 @@ class _GSQStateMixin:
     # -- writing ---------------------------------------------------------------------------------------
     def quantize_conv(self, conv_state: torch.Tensor) -> QuantizedTensor:
         """The stored form of a conv window ``(batch, conv_dim, kernel)``."""
-        fmt = self._cache.conv_format(conv_state.dtype)
-        return fmt.quantize(conv_state, conv_state.shape[-1], self._cache.config.rounding,
-                            self._cache.generator(conv_state.device))
+        fmt = self.conv_format(conv_state.dtype)
+        return fmt.quantize(conv_state, conv_state.shape[-1], self.config.rounding, self.generator(conv_state.device))
 
     def write_conv(self, conv_state: torch.Tensor) -> torch.Tensor:
         """Store the conv window; returns what a reader will see (in the model dtype)."""
@@ -130,10 +142,11 @@ class _GSQStateMixin:
         ``read_back``.
         """
         cache = self._cache
-        stored = quantize_state(state, cache.policy, cache.signals(tuple(state.shape[:2]), state.device, gate),
-                                cache.group_size(state.shape[-1]), cache.config.rounding, cache.generator(state.device),
+        signals = cache.signals(self.policy, tuple(state.shape[:2]), state.device, gate)
+        stored = quantize_state(state, self.policy, signals,
+                                self.group_size(state.shape[-1]), self.config.rounding, self.generator(state.device),
                                 self.nonfinite_flag(state.device) if cache.static else None, rotated,
-                                self.storage, cache.config.scale_hold)
+                                self.storage, self.config.scale_hold)
         self.store(stored, gate)
         return self.read_ssm(rotated) if read_back else None
 
@@ -182,7 +195,7 @@ class _GSQStateMixin:
 
     def _count(self, shape, group, high_valid, fallback_mask) -> None:
         """Accumulate write statistics as device tensors (no host sync on the hot path)."""
-        policy = self._cache.policy
+        policy = self.policy
         batch, units = shape[:2]
         unit_elems = math.prod(shape[2:])
         total = batch * units

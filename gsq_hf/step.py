@@ -138,8 +138,8 @@ def kernel_reason(layer, x: torch.Tensor, A: torch.Tensor, z: torch.Tensor | Non
     store or decide (`gsq_hf.kernels.unsupported_reason`: policy, formats, shapes); triton not
     importable.
     """
-    cache, stored = layer.cache, layer.storage
-    mode = cache.config.kernel
+    stored = layer.storage
+    mode = layer.config.kernel
     reason = _mode_reason(mode, x.is_cuda)
     if reason is not None:
         return reason
@@ -147,7 +147,7 @@ def kernel_reason(layer, x: torch.Tensor, A: torch.Tensor, z: torch.Tensor | Non
 
     if stored.fallback is not None:
         return "fp32 fallback units of a non-finite state (only the torch step reads them)"
-    reason = unsupported_reason(cache.policy, stored.low, stored.high, A, z, cache.config.group_size)
+    reason = unsupported_reason(layer.policy, stored.low, stored.high, A, z, layer.config.group_size)
     if reason is not None:
         return reason
     return None if _kernels(mode, x.is_cuda) is not None else "triton is not importable"
@@ -163,7 +163,7 @@ def conv_reason(layer, conv, activation: str) -> str | None:
     rotated conv formats, stochastic rounding of a lossy window, a width that is not a power of two).
     """
     cache = layer.cache
-    mode = cache.config.kernel
+    mode = layer.config.kernel
     reason = _mode_reason(mode, conv.u.is_cuda)
     if reason is not None:
         return reason
@@ -173,7 +173,7 @@ def conv_reason(layer, conv, activation: str) -> str | None:
         return f"conv activation {activation!r}: the conv kernel applies SiLU"
     from .kernels.reference import conv_unsupported_reason
 
-    reason = conv_unsupported_reason(conv, cache.config.rounding)
+    reason = conv_unsupported_reason(conv, layer.config.rounding)
     if reason is not None:
         return reason
     return None if _kernels(mode, conv.u.is_cuda) is not None else "triton is not importable"
@@ -225,11 +225,10 @@ def decode_step(layer, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: to
     the reason is kept as ``layer.kernel_reason`` and logged once per cache and reason (INFO). Same formats,
     decisions and statistics either way; both update a Mamba2 state in the low format's basis (`rotated_basis`).
     """
-    cache = layer.cache
     reason = _noted(layer, "kernel_reason", kernel_reason(layer, x, A, z), "decode steps")
     y = _kernel_step(layer, x, dt, A, B, C, D, z) if reason is None else None
     if y is None:
-        wants_gate, rotated = "gate" in cache.policy.signals, rotated_basis(cache.policy, A)
+        wants_gate, rotated = "gate" in layer.policy.signals, rotated_basis(layer.policy, A)
         y, h, step_gate = ssm_step(layer.read_ssm(rotated), x, dt, A, B, C, D, z, wants_gate, rotated)
         layer.write_ssm(h, step_gate, read_back=False, rotated=rotated)
     if conv_history is not None:
@@ -247,7 +246,7 @@ def decode_conv(layer, conv, activation: str, torch_conv: Callable[[], tuple]) -
     reason = _noted(layer, "conv_reason", conv_reason(layer, conv, activation), "decode steps' convs")
     if reason is not None:
         return torch_conv()
-    out, window = _kernels(layer.cache.config.kernel, conv.u.is_cuda).conv_step.conv_step(conv)
+    out, window = _kernels(layer.config.kernel, conv.u.is_cuda).conv_step.conv_step(conv)
     layer.store_conv(window, conv.u.dtype)
     return out[..., None], [window] if layer.cache.recording else None
 
@@ -277,12 +276,12 @@ def _kernel_step(layer, x, dt, A, B, C, D, z, conv=None) -> torch.Tensor | None:
     """The fused step (stores its copies, and with ``conv`` the new window, in ``layer``), or None when its output
     is not finite (a static cache flags it on the device and keeps the step: `gsq_hf.static_cache`)."""
     cache, stored = layer.cache, layer.storage
-    update = _kernels(cache.config.kernel, dt.is_cuda).state_update.state_update(
+    update = _kernels(layer.config.kernel, dt.is_cuda).state_update.state_update(
         stored.low, stored.high, stored.high_valid, x, dt, A, B, C, D, z,
-        policy=cache.policy, group_size=cache.config.group_size, rounding=cache.config.rounding,
-        seed=cache.config.seed, step=layer.writes, row_signal=cache.row_signal_for(dt.shape[0]),
-        return_gate="gate" in cache.policy.signals, inplace=cache.static and _contiguous(stored), conv=conv,
-        scale_hold=cache.config.scale_hold,
+        policy=layer.policy, group_size=layer.config.group_size, rounding=layer.config.rounding,
+        seed=layer.config.seed, step=layer.writes, row_signal=cache.row_signal_for(dt.shape[0]),
+        return_gate="gate" in layer.policy.signals, inplace=cache.static and _contiguous(stored), conv=conv,
+        scale_hold=layer.config.scale_hold,
     )
     finite = torch.isfinite(update.y).all()  # a non-finite state unit makes its row's output non-finite
     if cache.static:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+import gsq_hf
+from gsq_hf import GSQCache
 from gsq_hf.config import GSQConfig
 from gsq_hf.errors import GSQConfigError
 from gsq_hf.eval import decode_faithful_perplexity, make_windows
@@ -44,6 +46,7 @@ from gsq_hf.eval.paired import nll_deltas
 from gsq_hf.eval.recall import load_recall_spec, recall_sweep
 from gsq_hf.eval.report import format_table, versions, write_json
 from gsq_hf.formats import get_format
+from gsq_hf.patch import patchable_mixers
 
 ROOT = Path(__file__).resolve().parents[1]
 # the project's shared data: beside the checkout (/work/main, /work/shared), or further up from a worktree
@@ -113,28 +116,81 @@ def _add_config(path: str) -> str:
 
 
 def lm_front(model_dir: str, dataset: str, labels: list[str], args) -> list[dict]:
-    """Records of every candidate on one model and dataset, scored against fp32 on the same windows."""
+    """Records of every candidate on one model and dataset, scored against fp32 on the same windows; then, with
+    ``--per-layer``, each of those formats on one state layer at a time, and with ``--allocate`` the formats per
+    layer that those records say fit each budget best (`allocate`), scored too."""
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     text = load_text(str(DATASETS.get(dataset, dataset)))
     windows = make_windows(tokenizer, text, args.context, args.max_tokens)
     fp32 = decode_faithful_perplexity(model, windows, "fp32", batch_size=args.batch_size, progress=False,
                                       keep_reference=min(args.kl_top_k, model.config.vocab_size))
-    records = []
-    for i, label in enumerate(labels, 1):
-        result = decode_faithful_perplexity(model, windows, CANDIDATES[label], batch_size=args.batch_size,
-                                            progress=False, reference=fp32.reference)
+
+    def score(label: str, config: dict, **extra) -> dict:
+        result = decode_faithful_perplexity(model, windows, config, batch_size=args.batch_size, progress=False,
+                                            reference=fp32.reference)
         delta_nll, nll_stderr, delta, stderr = map(float, nll_deltas(result.window_nll_sum, fp32.window_nll_sum,
                                                                      result.tokens))
-        records.append({"model": Path(model_dir).name, "dataset": dataset, "config": label,
-                        "bits": result.state["avg_state_bits"], "kl": result.kl_divergence,
-                        "kl_stderr": result.kl_stderr, "top1": result.top1_agreement,
-                        "perplexity": result.perplexity, "fp32_perplexity": fp32.perplexity,
-                        "delta_ppl": delta, "delta_ppl_stderr": stderr, "delta_nll": delta_nll,
-                        "delta_nll_stderr": nll_stderr, "tokens": result.tokens, "windows": windows.ids.shape[0],
-                        "evaluation": result.state["evaluation"]})
-        print(f"  [{i}/{len(labels)}] {label}: {records[-1]['bits']:.2f} bits, KL {result.kl_divergence:.3e}, "
+        record = {"model": Path(model_dir).name, "dataset": dataset, "config": label,
+                  "bits": result.state["avg_state_bits"], "kl": result.kl_divergence,
+                  "kl_stderr": result.kl_stderr, "top1": result.top1_agreement,
+                  "perplexity": result.perplexity, "fp32_perplexity": fp32.perplexity,
+                  "delta_ppl": delta, "delta_ppl_stderr": stderr, "delta_nll": delta_nll,
+                  "delta_nll_stderr": nll_stderr, "tokens": result.tokens, "windows": windows.ids.shape[0],
+                  "evaluation": result.state["evaluation"], **extra}
+        print(f"  {label}: {record['bits']:.2f} bits, KL {result.kl_divergence:.3e}, "
               f"Δppl {100 * delta:+.3f} ± {100 * stderr:.3f}%", flush=True)
-    return records
+        return record
+
+    records = [score(label, CANDIDATES[label]) for label in labels]
+    layers = {mixer.layer_idx: adapter.d_state(mixer) for mixer, adapter in patchable_mixers(model)}
+    elements = _state_elements(model) if args.allocate else {}
+    per_layer = [score(f"{fmt}@layer{index}", {"policy": "static", "format": "fp32",
+                                               "layer_overrides": {index: {"format": fmt}}},
+                       layer=index, layer_format=fmt)
+                 for fmt in args.per_layer for index in sorted(layers)]
+    for budget in args.allocate:
+        formats = allocate(per_layer, layers, elements, budget)
+        label = f"alloc{budget:g}"
+        config = {"name": label, "policy": "static", "format": formats[min(formats)],
+                  "layer_overrides": {i: {"format": f} for i, f in formats.items() if f != formats[min(formats)]}}
+        path = args.out / f"{label}-{Path(model_dir).name}-{Path(dataset).name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(GSQConfig.from_dict(config).to_yaml())
+        records.append(score(label, config, allocation=formats, allocation_file=path.name))
+    return records + per_layer
+
+
+@torch.no_grad()
+def _state_elements(model) -> dict[int, int]:
+    """SSM state elements per sequence of each state layer (the weights of `allocate`'s average)."""
+    cache = GSQCache(model, "fp32")
+    with gsq_hf.patched(model, "fp32"):
+        model(torch.zeros(1, 1, dtype=torch.long, device=model.device), cache=cache)
+    return {index: math.prod(layer.ssm_shape[1:]) for index, layer in enumerate(cache.layers)
+            if layer in cache.gsq_layers}
+
+
+def allocate(per_layer: list[dict], layers: dict[int, int], elements: dict[int, int], budget: float) -> dict[int, str]:
+    """One format per state layer (from `--per-layer` records: each format's KL with only that layer quantized)
+    minimizing the summed KL at most ``budget`` stored bits per state element on average (each layer weighted
+    by its state elements; bits as `StateFormat.bits_per_element` at the layer's d_state, one group per d_state).
+    Summing the layers' KLs assumes their errors add; the allocation is then scored as a whole. Solved by
+    Lagrangian relaxation over a grid of prices: the allocation of least summed KL within the budget."""
+    options = {index: [(r["kl"], get_format(r["layer_format"]).bits_per_element(layers[index]), r["layer_format"])
+                       for r in per_layer if r["layer"] == index] for index in layers}
+    total = sum(elements.values())
+    best = None
+    for price in [0.0, *torch.logspace(-9, 1, 601).tolist()]:
+        choice = {i: min(opts, key=lambda o, i=i: o[0] + price * o[1] * elements[i] / total)
+                  for i, opts in options.items()}
+        bits = sum(choice[i][1] * elements[i] for i in choice) / total
+        kl = sum(o[0] for o in choice.values())
+        if bits <= budget + 1e-9 and (best is None or kl < best[0]):
+            best = (kl, {i: o[2] for i, o in choice.items()})
+    if best is None:
+        raise SystemExit(f"format_front.py: --allocate {budget:g}: no allocation of the --per-layer formats fits "
+                         f"{budget:g} bits per element; add a format of fewer bits")
+    return best[1]
 
 
 def recall_front(model_dir: str, labels: list[str], args) -> list[dict]:
@@ -166,6 +222,15 @@ def table(records: list[dict]) -> str:
                         [[r["config"], f"{r['bits']:.2f}", f"{r['kl']:.3e}", f"{r['kl_stderr']:.1e}",
                           f"{r['kl'] / int4:.2f}" if int4 else "-", f"{100 * r['top1']:.2f}%",
                           f"{100 * r['delta_ppl']:+.3f} ± {100 * r['delta_ppl_stderr']:.3f}%"] for r in rows])
+
+
+def layer_table(per_layer: list[dict]) -> str:
+    """The `--per-layer` records as a matrix: a row per format, a column per layer, KL vs fp32."""
+    formats = list(dict.fromkeys(r["layer_format"] for r in per_layer))
+    layers = sorted({r["layer"] for r in per_layer})
+    kl = {(r["layer_format"], r["layer"]): r["kl"] for r in per_layer}
+    return format_table(["format", *[f"layer {i}" for i in layers]],
+                        [[fmt, *[f"{kl[fmt, i]:.2e}" for i in layers]] for fmt in formats])
 
 
 def _int4_kl(records: list[dict]) -> float | None:
@@ -216,6 +281,12 @@ def main(argv=None) -> None:
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="also score the GSQConfig in this YAML/JSON file, e.g. a precision policy over composed "
                              "formats; labelled by the file name (repeatable)")
+    parser.add_argument("--per-layer", nargs="+", default=[], metavar="FORMAT",
+                        help="also score each FORMAT on one state layer at a time, the others fp32: the layers' "
+                             "sensitivity (language models)")
+    parser.add_argument("--allocate", nargs="+", type=float, default=[], metavar="BITS",
+                        help="with --per-layer: the one format per layer that fits BITS stored bits per element "
+                             "at the least summed per-layer KL, scored, and written as a YAML config into --out")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -226,15 +297,30 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.allocate and not args.per_layer:
+        raise SystemExit("format_front.py: --allocate chooses among the --per-layer formats; give --per-layer too")
+    for fmt in args.per_layer:
+        try:
+            get_format(fmt)
+        except GSQConfigError as error:
+            raise SystemExit(f"format_front.py: --per-layer {fmt!r}: {error}") from None
     added = [_add_format(f) for f in args.format] + [_add_config(f) for f in args.config]
-    labels = (args.only or ([] if added else list(CANDIDATES))) + added
+    labels = (args.only or ([] if added or args.per_layer else list(CANDIDATES))) + added
     groups = [lm_front(m, d, labels, args) for m in args.model for d in (args.dataset or ["wiki.valid"])]
     groups += [recall_front(m, labels, args) for m in args.recall]
     args.out.mkdir(parents=True, exist_ok=True)
     md = ["# Format front", "", f"Command: `python scripts/format_front.py {' '.join(argv)}`", ""]
-    for records in groups:
-        md += [f"## {records[0]['model']} — {records[0]['dataset']}", "", "```", table(records), "```", ""]
-        if records[0]["dataset"] != "recall" and any(math.isfinite(r["kl"]) and r["kl"] > 0 for r in records):
+    for group in groups:
+        records = [r for r in group if "layer" not in r]
+        md += [f"## {group[0]['model']} — {group[0]['dataset']}", ""]
+        if records:
+            md += ["```", table(records), "```", ""]
+        if len(records) < len(group):
+            md += ["KL vs fp32 with one state layer in the format, the others fp32:", "", "```",
+                   layer_table([r for r in group if "layer" in r]), "```", ""]
+        md += [f"`{r['allocation_file']}`: {r['allocation']}" for r in records if "allocation" in r] + [""]
+        if records and records[0]["dataset"] != "recall" and any(math.isfinite(r["kl"]) and r["kl"] > 0
+                                                                   for r in records):
             dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(records[0]["dataset"]).name)
             plot(records, args.out / f"front-{records[0]['model']}-{dataset}.png")
     (args.out / "front.md").write_text("\n".join(md))

@@ -131,6 +131,50 @@ def test_family_overrides_apply_where_a_cache_meets_a_model(tmp_path):
         GSQConfig(family_overrides={"mamba": "stochastic"})
 
 
+def test_layer_overrides_apply_per_layer_and_round_trip(tmp_path):
+    """`layer_overrides` gives a layer its own fields (mixed precision by layer); keys come back as layer
+    indices from JSON (save_pretrained) and YAML."""
+    from models import tiny_mamba2
+
+    config = GSQConfig(name="by-layer", format="midrise3-e4m3-hadamard",
+                       layer_overrides={1: {"format": "int8", "rounding": "stochastic"}})
+    assert config.for_layer(0) is config
+    layer1 = config.for_layer(1)
+    assert (layer1.policy.format, layer1.rounding, layer1.layer_overrides, layer1.name) == (
+        "int8", "stochastic", None, "by-layer")
+    assert resolve_config(config.to_dict()) == config == GSQConfig.from_dict(yaml.safe_load(config.to_yaml()))
+    assert GSQConfig.from_dict(json.loads(config.to_json())) == config
+    model = gsq_hf.patch(tiny_mamba2(), config)
+    cache = model(torch.randint(0, 64, (1, 4))).cache
+    assert [layer.storage.low.fmt.name for layer in cache.gsq_layers] == ["midrise3-e4m3-hadamard", "int8"]
+    assert [layer.generator(torch.device("cpu")) is None for layer in cache.gsq_layers] == [True, False]
+    model.save_pretrained(tmp_path)
+    assert gsq_hf.from_pretrained(tmp_path)._gsq_patch.config == config
+
+
+def test_layer_overrides_refuse_what_is_not_per_layer():
+    from models import tiny_mamba
+
+    for bad, match in [({"x": {}}, "'x' is not a layer index"), ({-1: {}}, "-1 is not a layer index"),
+                       ({1: "int4"}, "must map layer indices to mappings"),
+                       ({1: {"seed": 3}}, r"layer_overrides\[1\] cannot set seed \(one per cache\)"),
+                       ({1: {"rounding": "up"}}, r"layer_overrides\[1\]: GSQConfig.rounding='up'"),
+                       ({1: {"layer_overrides": {}}}, "cannot set layer_overrides"),
+                       ({"1": {}, 1: {}}, "layer 1 is given twice")]:
+        with pytest.raises(GSQConfigError, match=match):
+            GSQConfig(layer_overrides=bad)
+    with pytest.raises(GSQConfigError, match="cannot set name, family_overrides or layer_overrides"):
+        GSQConfig(family_overrides={"mamba": {"layer_overrides": {0: {}}}})
+    config = GSQConfig(layer_overrides={5: {"format": "int8"}})
+    with pytest.raises(GSQConfigError, match=r"layer\(s\) \[5\], which hold no Mamba state.*state layers: \[0, 1\]"):
+        gsq_hf.patch(tiny_mamba(), config)
+    with pytest.raises(GSQConfigError, match=r"layer\(s\) \[5\]"):
+        gsq_hf.GSQCache(tiny_mamba().config, config)
+    with pytest.raises(GSQConfigError, match=r"int3-e4m3-hadamard \(layer 1\) rotates along d_state"):
+        gsq_hf.patch(tiny_mamba(state_size=12), GSQConfig(format="int8", layer_overrides={1: {
+            "format": "int3-e4m3-hadamard"}}))
+
+
 # -- the nested form and the flat keys of earlier versions --------------------------------------------------
 # the whole of a gsq-gate config as saved in a model's config.json (key gsq_config) before policies were nested
 SAVED_FLAT_GATE = {"name": "gsq-gate", "policy": "gate", "format": "fp32", "low_format": "int8", "high_format": "fp16",

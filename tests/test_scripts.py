@@ -90,6 +90,51 @@ def test_format_front_scores_formats_against_fp32(tmp_path):
         front.main(["--format", "int4+g0", "--out", str(tmp_path)])
 
 
+def test_format_front_per_layer_and_allocation(tmp_path):
+    """--per-layer scores a format on one state layer at a time; --allocate picks one format per layer within a
+    budget from those records, scores it, and writes it as a config that loads."""
+    from script_loader import load_script
+
+    from gsq_hf import GSQConfig
+    from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR
+
+    front = load_script("format_front")
+    front.main(["--model", str(BUILTIN_MODEL_DIR), "--dataset", "builtin", "--context", "32", "--max-tokens", "128",
+                "--per-layer", "int8", "midrise2-e4m3-hadamard", "--allocate", "6", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "front.json").read_text())["records"]
+    per_layer = [r for r in records if "layer" in r]
+    layers = sorted({r["layer"] for r in per_layer})
+    assert len(per_layer) == 2 * len(layers) >= 4
+    assert all(r["kl"] < s["kl"] for r in per_layer if r["layer_format"] == "int8"
+               for s in per_layer if s["layer"] == r["layer"] and s["layer_format"] != "int8")
+    [alloc] = [r for r in records if r["config"] == "alloc6"]
+    assert set(alloc["allocation"].values()) == {"int8", "midrise2-e4m3-hadamard"} and alloc["bits"] <= 6.01
+    config = GSQConfig.from_file(tmp_path / alloc["allocation_file"])
+    assert {int(i): f for i, f in alloc["allocation"].items()} == {i: config.for_layer(i).policy.format for i in layers}
+    assert "one state layer in the format" in (tmp_path / "front.md").read_text()
+    with pytest.raises(SystemExit, match="give --per-layer too"):
+        front.main(["--allocate", "4", "--out", str(tmp_path)])
+
+
+def test_allocation_minimizes_summed_kl_within_the_budget():
+    """Layers weighted by their state elements: the big insensitive layer takes the fewest bits."""
+    from script_loader import load_script
+
+    front = load_script("format_front")
+    kl = {0: {"midrise2-e4m3-hadamard": 1.0, "midrise3-e4m3-hadamard": 0.5, "midrise4-e4m3-hadamard": 0.2},
+          1: {"midrise2-e4m3-hadamard": 0.1, "midrise3-e4m3-hadamard": 0.05, "midrise4-e4m3-hadamard": 0.02}}
+    records = [{"layer": i, "layer_format": f, "kl": v} for i, by in kl.items() for f, v in by.items()]
+    layers = {0: 16, 1: 16}  # bits per element at d_state 16: 2.5, 3.5, 4.5
+    assert front.allocate(records, layers, {0: 1, 1: 1}, 3.0) == {0: "midrise3-e4m3-hadamard",
+                                                                  1: "midrise2-e4m3-hadamard"}
+    assert front.allocate(records, layers, {0: 1, 1: 3}, 3.0) == {0: "midrise4-e4m3-hadamard",
+                                                                  1: "midrise2-e4m3-hadamard"}
+    assert front.allocate(records, layers, {0: 1, 1: 1}, 9.0) == {0: "midrise4-e4m3-hadamard",
+                                                                  1: "midrise4-e4m3-hadamard"}
+    with pytest.raises(SystemExit, match="no allocation"):
+        front.allocate(records, layers, {0: 1, 1: 1}, 2.0)
+
+
 def test_format_front_suffixes_make_the_config():
     """'+sr', '+holdH' and '+gN' in any order on a format or a preset name."""
     from script_loader import load_script

@@ -110,7 +110,7 @@ class MixerAdapter(ABC):
               layer: GSQStateLayer) -> tuple[torch.Tensor, list | None]:
         previous, recording = layer.read_conv(), layer.cache.recording
         history: list | None = [] if recording else None
-        if layer.cache.config.write_mode == "every_step" and not layer.cache.conv_format(x.dtype).represents(x.dtype):
+        if layer.config.write_mode == "every_step" and not layer.conv_format(x.dtype).represents(x.dtype):
 
             def write(window: torch.Tensor) -> torch.Tensor:
                 read = layer.write_conv(window)
@@ -149,13 +149,13 @@ class MixerAdapter(ABC):
         # every_step stores the state after each token anyway, so the tokens can run in chunks: Ā and B̄x of a
         # chunk stay in cache, where the whole forward's (B, T, *S, N) would stream through memory (a 512-token
         # window of the built-in model: 67 MB each). Same products, same order, same stored states.
-        chunk = SCAN_CHUNK if layer.cache.config.write_mode == "every_step" else x.shape[1]
-        rotated = rotated_basis(layer.cache.policy, A)
+        chunk = SCAN_CHUNK if layer.config.write_mode == "every_step" else x.shape[1]
+        rotated = rotated_basis(layer.policy, A)
         ys = []
         for start in range(0, x.shape[1], chunk):
             part = slice(start, start + chunk)
             dA, dBx, C_part = discretize(x[:, part], dt[:, part], A, B[:, part], C[:, part], rotated)
-            gate = unit_gate(dA, A) if "gate" in layer.cache.policy.signals else None  # (B, T, units)
+            gate = unit_gate(dA, A) if "gate" in layer.policy.signals else None  # (B, T, units)
             history = conv_history[part] if conv_history is not None else None
             ys.append(MixerAdapter.scan(layer, dA, dBx, C_part, gate, x.dtype, history, rotated))
         return ssm_output(torch.cat(ys, dim=1) if len(ys) > 1 else ys[0], x, D, z, A)
@@ -178,7 +178,7 @@ class MixerAdapter(ABC):
         """
         stored = layer.read_ssm(rotated)
         h = torch.zeros_like(dBx[:, 0]) if stored is None else stored  # (B, *state), in dBx's memory layout
-        if layer.cache.config.write_mode == "every_step":
+        if layer.config.write_mode == "every_step":
 
             last = dBx.shape[1] - 1
 

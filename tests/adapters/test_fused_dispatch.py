@@ -103,6 +103,23 @@ def test_kernel_decode_matches_torch_path(model, name, kernel_calls):
     assert ours["avg_state_bits"] == pytest.approx(theirs["avg_state_bits"], rel=0.05)
 
 
+def test_layer_overrides_reach_the_kernel(model, kernel_calls):
+    """A layer's own format (`GSQConfig.layer_overrides`) is what the kernel stores there, as the torch path does."""
+    gsq_hf.patch(model)
+    probe = GSQCache(model, "fp32")
+    last = max(index for index, layer in enumerate(probe.layers) if layer in probe.gsq_layers)
+    config = dict(policy="static", format="int4", layer_overrides={last: {"format": "midrise4-e4m3-hadamard"}})
+    with torch.no_grad():
+        torch_logits, torch_cache = decode(model, config | {"kernel": "torch"})
+        kernel_logits, kernel_cache = decode(model, config | {"kernel": "triton"})
+    expected = {"midrise4-e4m3-hadamard"} | ({"int4"} if len(probe.gsq_layers) > 1 else set())
+    assert {call["policy"].low.name for call in kernel_calls} == expected
+    assert kernel_cache.layers[last].storage.low.fmt.name == "midrise4-e4m3-hadamard"
+    for ours, theirs in zip(kernel_cache.gsq_layers, torch_cache.gsq_layers, strict=True):
+        assert ours.storage.low.fmt == theirs.storage.low.fmt
+    assert (kernel_logits - torch_logits).abs().max() <= 2e-2 * torch_logits.abs().max()
+
+
 def test_lossless_kernel_decode_matches_unpatched_model(model):
     """fp32 through the kernel vs the unpatched model: only float summation order differs."""
     with torch.no_grad():

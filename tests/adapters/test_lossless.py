@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gsq_hf
+from gsq_hf.patch import patchable_mixers
 
 RTOL = 1e-5
 
@@ -32,6 +33,19 @@ def test_logits_match_unpatched(model):
     gsq_hf.patch(model, "fp32")
     out = model(ids)
     assert isinstance(out.cache, gsq_hf.GSQCache)
+    assert_close(out.logits, reference)
+
+
+def test_fp32_by_layer_overrides_match_unpatched(model):
+    """A lossy config whose every state layer is overridden to fp32 (`GSQConfig.layer_overrides`) is lossless:
+    the overrides, not the base format, decide what each layer stores."""
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(3))
+    reference = model(ids, use_cache=False).logits
+    layers = [mixer.layer_idx for mixer, _ in patchable_mixers(model)]
+    config = gsq_hf.GSQConfig(format="int4", layer_overrides={index: {"format": "fp32"} for index in layers})
+    gsq_hf.patch(model, config)
+    out = model(ids)
+    assert {layer.storage.low.fmt.name for layer in out.cache.gsq_layers} == {"fp32"}
     assert_close(out.logits, reference)
 
 
