@@ -28,6 +28,7 @@ Writes ``front.json`` (every record), ``front.md`` (one table per model × datas
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
@@ -70,10 +71,8 @@ CANDIDATES = {  # label -> config (a format or preset name is a config)
 }
 
 
-def _add_format(label: str) -> str:
-    """A `--format` argument as a candidate: a format's config (or a preset's), stochastic with ``+sr``, its
-    scales held (`GSQConfig.scale_hold`) with ``+holdH``, groups of N values per scale (`GSQConfig.group_size`)
-    with ``+gN``."""
+def _suffixed(label: str, option: str) -> tuple[str, dict]:
+    """``NAME[+sr][+holdH][+gN]`` as the name and the GSQConfig fields its suffixes set."""
     name, *suffixes = label.split("+")
     extra = {}
     for suffix in suffixes:
@@ -86,9 +85,17 @@ def _add_format(label: str) -> str:
         elif group is not None:
             extra |= {"group_size": int(group.group(1))}
         else:
-            raise SystemExit(f"format_front.py: --format {label!r}: the suffixes accepted are '+sr', '+holdH' "
+            raise SystemExit(f"format_front.py: {option} {label!r}: the suffixes accepted are '+sr', '+holdH' "
                              "with 0 <= H < 1 (e.g. +hold0.7; +hold0: fresh scales) and '+gN' (N values per scale, "
                              "e.g. +g16)")
+    return name, extra
+
+
+def _add_format(label: str) -> str:
+    """A `--format` argument as a candidate: a format's config (or a preset's), stochastic with ``+sr``, its
+    scales held (`GSQConfig.scale_hold`) with ``+holdH``, groups of N values per scale (`GSQConfig.group_size`)
+    with ``+gN``."""
+    name, extra = _suffixed(label, "--format")
     if name in PRESETS:  # the suffixes win over the preset's per-family fields too
         config = GSQConfig.from_preset(name).to_dict()
         config["family_overrides"] = {family: fields | extra
@@ -145,19 +152,25 @@ def lm_front(model_dir: str, dataset: str, labels: list[str], args) -> list[dict
     layers = {mixer.layer_idx: adapter.d_state(mixer) for mixer, adapter in patchable_mixers(model)}
     elements = _state_elements(model) if args.allocate else {}
     per_layer = [score(f"{fmt}@layer{index}", {"policy": "static", "format": "fp32",
-                                               "layer_overrides": {index: {"format": fmt}}},
+                                               "layer_overrides": {index: _layer_fields(fmt)}},
                        layer=index, layer_format=fmt)
                  for fmt in args.per_layer for index in sorted(layers)]
     for budget in args.allocate:
         formats = allocate(per_layer, layers, elements, budget)
         label = f"alloc{budget:g}"
-        config = {"name": label, "policy": "static", "format": formats[min(formats)],
-                  "layer_overrides": {i: {"format": f} for i, f in formats.items() if f != formats[min(formats)]}}
+        config = {"name": label, "policy": "static", "format": "fp32",
+                  "layer_overrides": {i: _layer_fields(f) for i, f in formats.items()}}
         path = args.out / f"{label}-{Path(model_dir).name}-{Path(dataset).name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(GSQConfig.from_dict(config).to_yaml())
         records.append(score(label, config, allocation=formats, allocation_file=path.name))
     return records + per_layer
+
+
+def _layer_fields(label: str) -> dict:
+    """A `--per-layer` entry (``FORMAT[+sr][+holdH][+gN]``) as a layer's `GSQConfig.layer_overrides` fields."""
+    name, extra = _suffixed(label, "--per-layer")
+    return {"format": name, **extra}
 
 
 @torch.no_grad()
@@ -174,15 +187,20 @@ def allocate(per_layer: list[dict], layers: dict[int, int], elements: dict[int, 
     """One format per state layer (from `--per-layer` records: each format's KL with only that layer quantized)
     minimizing the summed KL at most ``budget`` stored bits per state element on average (each layer weighted
     by its state elements; bits as `StateFormat.bits_per_element` at the layer's d_state, one group per d_state).
-    Summing the layers' KLs assumes their errors add; the allocation is then scored as a whole. Solved by
-    Lagrangian relaxation over a grid of prices: the allocation of least summed KL within the budget."""
-    options = {index: [(r["kl"], get_format(r["layer_format"]).bits_per_element(layers[index]), r["layer_format"])
+    Summing the layers' KLs assumes their errors add; the allocation is then scored as a whole. Exact (every
+    combination) up to 10^5 combinations, else by Lagrangian relaxation over a grid of prices (the allocations
+    on the lower convex hull of bits vs summed KL)."""
+    options = {index: [(r["kl"], get_format(_layer_fields(r["layer_format"])["format"]).bits_per_element(
+                            _layer_fields(r["layer_format"]).get("group_size") or layers[index]), r["layer_format"])
                        for r in per_layer if r["layer"] == index] for index in layers}
     total = sum(elements.values())
+    if math.prod(len(opts) for opts in options.values()) <= 10**5:
+        choices = (dict(zip(options, combo, strict=True)) for combo in itertools.product(*options.values()))
+    else:
+        choices = ({i: min(opts, key=lambda o, i=i: o[0] + price * o[1] * elements[i] / total)
+                    for i, opts in options.items()} for price in [0.0, *torch.logspace(-9, 1, 601).tolist()])
     best = None
-    for price in [0.0, *torch.logspace(-9, 1, 601).tolist()]:
-        choice = {i: min(opts, key=lambda o, i=i: o[0] + price * o[1] * elements[i] / total)
-                  for i, opts in options.items()}
+    for choice in choices:
         bits = sum(choice[i][1] * elements[i] for i in choice) / total
         kl = sum(o[0] for o in choice.values())
         if bits <= budget + 1e-9 and (best is None or kl < best[0]):
@@ -281,9 +299,9 @@ def main(argv=None) -> None:
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="also score the GSQConfig in this YAML/JSON file, e.g. a precision policy over composed "
                              "formats; labelled by the file name (repeatable)")
-    parser.add_argument("--per-layer", nargs="+", default=[], metavar="FORMAT",
+    parser.add_argument("--per-layer", nargs="+", default=[], metavar="FORMAT[+sr][+holdH][+gN]",
                         help="also score each FORMAT on one state layer at a time, the others fp32: the layers' "
-                             "sensitivity (language models)")
+                             "sensitivity (language models; suffixes as --format's)")
     parser.add_argument("--allocate", nargs="+", type=float, default=[], metavar="BITS",
                         help="with --per-layer: the one format per layer that fits BITS stored bits per element "
                              "at the least summed per-layer KL, scored, and written as a YAML config into --out")
@@ -301,7 +319,7 @@ def main(argv=None) -> None:
         raise SystemExit("format_front.py: --allocate chooses among the --per-layer formats; give --per-layer too")
     for fmt in args.per_layer:
         try:
-            get_format(fmt)
+            get_format(_layer_fields(fmt)["format"])
         except GSQConfigError as error:
             raise SystemExit(f"format_front.py: --per-layer {fmt!r}: {error}") from None
     added = [_add_format(f) for f in args.format] + [_add_config(f) for f in args.config]

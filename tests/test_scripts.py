@@ -133,6 +133,12 @@ def test_allocation_minimizes_summed_kl_within_the_budget():
                                                                   1: "midrise4-e4m3-hadamard"}
     with pytest.raises(SystemExit, match="no allocation"):
         front.allocate(records, layers, {0: 1, 1: 1}, 2.0)
+    # 3^11 combinations: the Lagrangian search; within the budget, and the sensitive layer keeps the most bits
+    many = [{"layer": i, "layer_format": r["layer_format"], "kl": r["kl"] * (10 if i == 0 else 1)}
+            for i in range(11) for r in records if r["layer"] == 1]
+    chosen = front.allocate(many, dict.fromkeys(range(11), 16), dict.fromkeys(range(11), 1), 3.0)
+    bits = {"midrise2-e4m3-hadamard": 2.5, "midrise3-e4m3-hadamard": 3.5, "midrise4-e4m3-hadamard": 4.5}
+    assert sum(bits[f] for f in chosen.values()) / 11 <= 3.0 and chosen[0] == "midrise4-e4m3-hadamard"
 
 
 def test_format_front_suffixes_make_the_config():
