@@ -7,6 +7,7 @@ import yaml
 import gsq_hf
 from gsq_hf import GSQConfig, GSQConfigError
 from gsq_hf.config import BudgetConfig, EntropyConfig, GateConfig, StaticConfig, resolve_config
+from gsq_hf.formats import get_format
 
 PRESETS = ["bf16", "fp16", "fp32", "gsq-3bit", "gsq-4bit", "gsq-budget", "gsq-entropy", "gsq-gate", "int2", "int3",
            "int4", "int8"]
@@ -148,6 +149,11 @@ def test_layer_overrides_apply_per_layer_and_round_trip(tmp_path):
     cache = model(torch.randint(0, 64, (1, 4))).cache
     assert [layer.storage.low.fmt.name for layer in cache.gsq_layers] == ["midrise3-e4m3-hadamard", "int8"]
     assert [layer.generator(torch.device("cpu")) is None for layer in cache.gsq_layers] == [True, False]
+    bits = [get_format(name).bits_per_element(8) for name in ("midrise3-e4m3-hadamard", "int8")]  # d_state 8
+    assert cache.memory_report()["avg_state_bits"] == pytest.approx(sum(bits) / 2, rel=0.02)  # each its own
+    traced = gsq_hf.GSQCache(model, config, trace=True)
+    model(torch.randint(0, 64, (1, 4)), cache=traced)
+    assert traced.precision_trace()["layer_formats"] == [("midrise3-e4m3-hadamard", None), ("int8", None)]
     model.save_pretrained(tmp_path)
     assert gsq_hf.from_pretrained(tmp_path)._gsq_patch.config == config
 
