@@ -10,7 +10,9 @@ import gsq_hf
 from gsq_hf import GSQCache
 from gsq_hf.formats import QuantizedTensor
 
-CONFIGS = ["fp32", "int8", "int4", "gsq-4bit", "gsq-3bit", "gsq-gate", "gsq-budget", "gsq-entropy"]
+CONFIGS = ["fp32", "int8", "int4", "gsq-4bit", "gsq-3bit", "gsq-gate", "gsq-budget", "gsq-entropy",
+           {"name": "by-layer", "format": "int4",  # a layer of its own (GSQConfig.layer_overrides)
+            "layer_overrides": {1: {"format": "midrise4-e4m3-hadamard", "rounding": "stochastic"}}}]
 FIELDS = ("low", "high", "slot_units", "high_valid", "fallback", "fallback_mask", "conv")
 
 
