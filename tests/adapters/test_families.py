@@ -308,3 +308,21 @@ def test_fused_kernel_decode_matches_the_torch_path(case, model, monkeypatch):
     for a, b in zip(runs["triton"].scores, runs["torch"].scores, strict=True):
         assert relative_error(a, b) <= 1e-3  # an int8 code may move at a rounding tie
     assert bool(calls) == (TEST_CASES[case][0] != "zamba")
+
+
+def test_layer_overrides_by_model_layer_index(model):
+    """`GSQConfig.layer_overrides` keys are the model's layer indices (as ``mixer.layer_idx``): the last Mamba
+    layer keeps its own format in every family; an index of an attention-only layer is refused by name."""
+    from gsq_hf.patch import patchable_mixers
+
+    layers = sorted(mixer.layer_idx for mixer, _ in patchable_mixers(model))
+    gsq_hf.patch(model, gsq_hf.GSQConfig(format="int4", layer_overrides={layers[-1]: {"format": "fp32"}}))
+    cache = model(ids_(1, 5, 0)).cache
+    stored = {index: layer.storage.low.fmt.name for index, layer in enumerate(cache.layers)
+              if layer in cache.gsq_layers}
+    assert stored == {index: "fp32" if index == layers[-1] else "int4" for index in layers}
+    gsq_hf.unpatch(model)
+    others = sorted(set(range(model.config.num_hidden_layers)) - set(layers))
+    if others:
+        with pytest.raises(gsq_hf.GSQConfigError, match=rf"layer\(s\) \[{others[0]}\], which hold no Mamba state"):
+            gsq_hf.patch(model, gsq_hf.GSQConfig(layer_overrides={others[0]: {"format": "int8"}}))
