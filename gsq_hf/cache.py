@@ -92,7 +92,8 @@ class GSQCache(StaticCacheMixin, DynamicCache):
         for index, layer in enumerate(self.layers):
             if type(layer) in _GSQ_LAYER_FOR:
                 self.layers[index] = _GSQ_LAYER_FOR[type(layer)](self, index)
-        self._check_layer_overrides()
+        self.config.check_layer_indices(
+            [i for i, layer in enumerate(self.layers) if isinstance(layer, _GSQStateMixin)], "this model")
         row_signals = sorted(set().union(*(layer.policy.signals for layer in self.gsq_layers), self.policy.signals)
                              & ROW_SIGNALS.keys())
         if len(row_signals) > 1:
@@ -116,15 +117,6 @@ class GSQCache(StaticCacheMixin, DynamicCache):
 
     def layer_index(self, layer: _GSQStateMixin) -> int:
         return next(i for i, candidate in enumerate(self.layers) if candidate is layer)
-
-    def _check_layer_overrides(self) -> None:
-        """Every `GSQConfig.layer_overrides` index must be one of this model's state layers."""
-        overrides = self.config.layer_overrides or {}
-        state_layers = [i for i, layer in enumerate(self.layers) if isinstance(layer, _GSQStateMixin)]
-        missing = sorted(set(overrides) - set(state_layers))
-        if missing:
-            raise GSQConfigError(f"GSQConfig.layer_overrides names layer(s) {missing}, which hold no Mamba state in "
-                                 f"this model; its state layers: {state_layers}")
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The seeded generator for stochastic rounding on ``device`` (one stream per device, shared by the

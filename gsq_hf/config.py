@@ -200,6 +200,13 @@ class GSQConfig:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         return GSQConfig.from_dict({**data, **override, "layer_overrides": None})
 
+    def check_layer_indices(self, state_layers: list[int], model: str) -> None:
+        """Refuse ``layer_overrides`` indices that are not among ``model``'s state layers (model layer indices)."""
+        missing = sorted(set(self.layer_overrides or {}) - set(state_layers))
+        if missing:
+            raise GSQConfigError(f"GSQConfig.layer_overrides names layer(s) {missing}, which hold no Mamba state in "
+                                 f"{model}; its state layers: {sorted(state_layers)}")
+
     # -- policy -----------------------------------------------------------------------------------------
     def build_policy(self) -> PrecisionPolicy:
         """The policy object this config describes."""

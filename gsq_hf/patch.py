@@ -87,11 +87,7 @@ def patchable_mixers(model: nn.Module) -> list[tuple[nn.Module, MixerAdapter]]:
 
 
 def _validate(model_config: GSQConfig, model: nn.Module, mixers: list[tuple[nn.Module, MixerAdapter]]) -> None:
-    state_layers = sorted(mixer.layer_idx for mixer, _ in mixers)
-    missing = sorted(set(model_config.layer_overrides or {}) - set(state_layers))
-    if missing:
-        raise GSQConfigError(f"GSQConfig.layer_overrides names layer(s) {missing}, which hold no Mamba state in "
-                             f"{type(model).__name__}; its state layers: {state_layers}")
+    model_config.check_layer_indices([mixer.layer_idx for mixer, _ in mixers], type(model).__name__)
     for mixer, adapter in mixers:
         config = model_config.for_layer(mixer.layer_idx)
         where = f" (layer {mixer.layer_idx})" if config is not model_config else ""

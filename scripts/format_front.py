@@ -190,8 +190,11 @@ def allocate(per_layer: list[dict], layers: dict[int, int], elements: dict[int, 
     Summing the layers' KLs assumes their errors add; the allocation is then scored as a whole. Exact (every
     combination) up to 10^5 combinations, else by Lagrangian relaxation over a grid of prices (the allocations
     on the lower convex hull of bits vs summed KL)."""
-    options = {index: [(r["kl"], get_format(_layer_fields(r["layer_format"])["format"]).bits_per_element(
-                            _layer_fields(r["layer_format"]).get("group_size") or layers[index]), r["layer_format"])
+    def bits(label: str, index: int) -> float:
+        fields = _layer_fields(label)
+        return get_format(fields["format"]).bits_per_element(fields.get("group_size") or layers[index])
+
+    options = {index: [(r["kl"], bits(r["layer_format"], index), r["layer_format"])
                        for r in per_layer if r["layer"] == index] for index in layers}
     total = sum(elements.values())
     if math.prod(len(opts) for opts in options.values()) <= 10**5:
