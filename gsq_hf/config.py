@@ -94,12 +94,12 @@ class GSQConfig:
                 "mapping {kind, <fields>}"})
     conv_format: str = field(default="auto", metadata={"help": "conv state format; 'auto' = the model dtype"})
     group_size: int | None = field(default=None, metadata={"help": "values per scale along d_state; None = all"})
-    rounding: str = field(default="nearest", metadata={"help": "nearest | stochastic"})
+    rounding: str = field(default="nearest", metadata={"help": "nearest | stochastic | quasirandom"})
     scale_hold: float = field(default=0.0, metadata={
         "help": "0 <= h < 1: a group keeps the scale of its previous write while its new absmax fits under it and "
                 "is at least h of it (an e4m3 row scale likewise, down to a quarter), so values that did not move "
                 "keep their codes; 0 = a fresh scale at every write (docs/formats.md)"})
-    seed: int = field(default=0, metadata={"help": "seed of stochastic rounding"})
+    seed: int = field(default=0, metadata={"help": "seed of stochastic and quasi-random rounding"})
     write_mode: str = field(default="every_step", metadata={"help": "every_step | end_of_forward"})
     family_overrides: dict[str, dict[str, Any]] | None = field(default=None, metadata={
         "help": "fields that differ for some model types, e.g. {mamba: {rounding: stochastic}}: applied where a "

@@ -44,9 +44,10 @@ bit ``i * B``, little-endian over the fewest bytes that hold whole codes (int4: 
     bit  7 6 5 4 | 3 2 1 0
          q[2i+1]+8 | q[2i]+8
 
-Rounding is ``nearest`` (round half to even) or ``stochastic`` (round up with probability equal to the
+Rounding is ``nearest`` (round half to even), ``stochastic`` (round up with probability equal to the
 distance from the lower neighbour, so the rounding error is zero in expectation: a state re-quantized
-at every step then does not drift). Stochastic rounding draws from a caller-supplied ``torch.Generator``
+at every step then does not drift) or ``quasirandom`` (the same rule, thresholds from a low-discrepancy
+sequence in time: `QuasiRandom`). Stochastic rounding draws from a caller-supplied ``torch.Generator``
 so that runs are reproducible.
 
 Stored bits per element, exactly: payload ``B`` + scale bits / ``group_size`` (+ 32 bits per batch row and
@@ -68,6 +69,7 @@ from .packing import last_dim_view as _last_dim_view
 __all__ = [
     "FORMATS",
     "QuantizedTensor",
+    "QuasiRandom",
     "ROTATIONS",
     "ROUNDING_MODES",
     "SCALE_DTYPES",
@@ -78,7 +80,7 @@ __all__ = [
     "rotate_rows",
 ]
 
-ROUNDING_MODES = ("nearest", "stochastic")
+ROUNDING_MODES = ("nearest", "stochastic", "quasirandom")
 SCALE_DTYPES = {"fp32": 32, "fp16": 16, "e4m3": 8, "e4m3up": 8, "e8m0": 8}  # bits of one stored group scale
 _E4M3_SCALES = ("e4m3", "e4m3up")  # over an fp32 second-level scale per batch row
 ROTATIONS = ("hadamard",)
@@ -166,6 +168,69 @@ def rotate_rows(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+_MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9  # round(2**32 / φ): a write's step of every quasi-random threshold (a Weyl sequence)
+
+
+def _mul32(x: torch.Tensor | int, c: int) -> torch.Tensor | int:
+    """``x * c mod 2**32`` for uint32 values held in int64, without overflowing int64 (two 16-bit halves)."""
+    return ((x & 0xFFFF) * c + (((x >> 16) * c & 0xFFFF) << 16)) & _MASK32
+
+
+def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer hash (Wellons' lowbias32) of uint32 values held in int64 (or a Python int); the fused
+    kernel computes the same bits in uint32 (`gsq_hf.kernels._triton_formats.mix32`)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets(shape: tuple[int, ...], key: int, device: torch.device) -> torch.Tensor:
+    """uint32 (in int64) offsets of `QuasiRandom` thresholds: a hash of each element's row-major index."""
+    index = torch.arange(math.prod(shape), dtype=torch.int64, device=device).view(shape)
+    return mix32((index + key) & _MASK32)
+
+
+@dataclass(frozen=True)
+class QuasiRandom:
+    """The thresholds of ``quasirandom`` rounding at one write: element ``i`` rounds up where its distance from the
+    lower level exceeds ``1 - u_i``, with ``u_i = frac(offset_i + step · (φ − 1))``.
+
+    Why: a state re-quantized at every token moves most of its values by a small fraction ``m`` of a step
+    per token. Round-to-nearest drops such moves (the state stops decaying); stochastic rounding keeps them
+    in expectation, but its independent draws add a random walk of error, variance ``m`` per token. With
+    thresholds that step through a golden-ratio (Weyl) sequence over a value's successive writes, a steady
+    move ``m`` rounds up in a fraction ``m`` of the writes, evenly spread, so the summed error stays bounded
+    instead of growing like a random walk (as error diffusion would, with no stored residual). ``offset_i`` is
+    a hash of the element's row-major index, ``seed`` and ``stream`` (the low and high copies and the conv
+    window draw apart); ``step`` is the layer's write count (an int, or a device int64 scalar that a captured
+    CUDA graph advances). Thresholds are 24-bit fractions, bit-identical in the fused kernel."""
+
+    seed: int
+    step: int | torch.Tensor
+    stream: int = 0
+
+    def uniform(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """fp32 thresholds in [0, 1) for a tensor of ``shape``."""
+        key = mix32((self.seed + self.stream * _GOLDEN) & _MASK32)
+        shift = _mul32(self.step & _MASK32, _GOLDEN)  # an int, or a device scalar (no host sync)
+        bits = (_offsets(tuple(shape), key, torch.device(device)) + shift) & _MASK32
+        return (bits >> 8).float() * 2.0**-24
+
+    def for_stream(self, stream: int) -> QuasiRandom:
+        return replace(self, stream=stream)
+
+
+def _uniform(x: torch.Tensor, source: torch.Generator | QuasiRandom | None) -> torch.Tensor:
+    """Thresholds in [0, 1) for rounding ``x`` up: a `QuasiRandom`'s, or drawn from the generator."""
+    if isinstance(source, QuasiRandom):
+        return source.uniform(x.shape, x.device).to(x.dtype)
+    return torch.rand(x.shape, generator=source, device=x.device, dtype=x.dtype)
+
+
 def _float_stochastic_round(x: torch.Tensor, mantissa_bits: int, min_exponent: int, generator) -> torch.Tensor:
     """Round fp32 ``x`` stochastically onto the grid of a float format with the given mantissa and exponent range.
 
@@ -176,8 +241,7 @@ def _float_stochastic_round(x: torch.Tensor, mantissa_bits: int, min_exponent: i
     spacing = torch.ldexp(torch.ones_like(x), (exponent - 1).clamp(min=min_exponent) - mantissa_bits)
     scaled = x / spacing
     lower = torch.floor(scaled)
-    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return (lower + (noise < (scaled - lower)).to(x.dtype)) * spacing
+    return (lower + (_uniform(x, generator) < (scaled - lower)).to(x.dtype)) * spacing
 
 
 @dataclass(frozen=True)
@@ -231,17 +295,21 @@ class StateFormat:
         x: torch.Tensor,
         group_size: int,
         rounding: str = "nearest",
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | QuasiRandom | None = None,
         rotated: bool = False,
         previous: QuantizedTensor | None = None,
         hold: float = 0.0,
     ) -> QuantizedTensor:
         """Store ``x`` (any float dtype; last dim divisible by ``group_size``) in this format. ``rotated``: ``x`` is
         given in the rotated basis (`rotate`'s ``x @ M``), as a Mamba2 state kept there by the torch step.
+        ``generator``: the thresholds of stochastic rounding (a `QuasiRandom` for ``quasirandom``, by default
+        seed 0 at step 0).
 
         ``previous`` (this tensor's last stored value) and ``hold`` > 0: a group whose new scale is at most its
         previous one and at least ``hold`` of it keeps the previous one (`_held_scale`)."""
         x = x.float()
+        if rounding == "quasirandom" and not isinstance(generator, QuasiRandom):
+            generator = QuasiRandom(0, 0)
         if (self.rotation is not None) != rotated:
             x = rotate(x, inverse=rotated)
         if self.storage_dtype == torch.float32:  # fp32, rotated or not: nothing to round
@@ -260,22 +328,22 @@ class StateFormat:
             return QuantizedTensor(self._pack(self._codes(x, rounding, generator)), stored_scale, self, group_size,
                                    row_scale)
         x = x.clamp(-self.max_code, self.max_code)
-        if rounding == "stochastic":
+        if rounding != "nearest":
             x = _float_stochastic_round(x, self.mantissa_bits, self.min_exponent, generator)
         return QuantizedTensor(x.to(self.storage_dtype), stored_scale, self, group_size, row_scale)
 
-    def _codes(self, x: torch.Tensor, rounding: str, generator: torch.Generator | None) -> torch.Tensor:
+    def _codes(self, x: torch.Tensor, rounding: str, generator: torch.Generator | QuasiRandom | None) -> torch.Tensor:
         """int8 codes of ``x`` (in units of the scale): the nearest level, or a stochastic neighbour."""
         if self.midrise:  # level k + 0.5 is code k: the nearest level is floor(x)
             top = 2 ** (self.bits - 1)
-            codes = torch.floor(x if rounding == "nearest" else x - 0.5 + self._noise(x, generator))
+            codes = torch.floor(x if rounding == "nearest" else x - 0.5 + _uniform(x, generator))
             return codes.clamp_(-top, top - 1).to(torch.int8)
         if rounding == "nearest":
             codes = x.round_()
             if self.scale_dtype != "fp32":  # a rounded stored scale can put |x| past the grid; an fp32 one cannot
                 codes = codes.clamp_(-self.max_code, self.max_code)
             return codes.to(torch.int8)
-        return torch.floor(x + self._noise(x, generator)).clamp_(-self.max_code, self.max_code).to(torch.int8)
+        return torch.floor(x + _uniform(x, generator)).clamp_(-self.max_code, self.max_code).to(torch.int8)
 
     def _store_scale(self, scale: torch.Tensor, row: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -350,10 +418,6 @@ class StateFormat:
         return self.quantize(x, group_size, rounding, generator).dequantize()
 
     # -- helpers ---------------------------------------------------------------------------------------
-    @staticmethod
-    def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
     def logical_last_dim(self, stored_last_dim: int) -> int:
         """The fp32 tensor's last dim for a stored last dim (sub-byte formats pack several codes per byte)."""
         per, nbytes = self._block

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.cache_utils import DynamicLayer, LinearAttentionAndFullAttentionLayer, LinearAttentionLayer
 
-from .formats import QuantizedTensor, StateFormat, get_format
+from .formats import QuantizedTensor, QuasiRandom, StateFormat, get_format
 from .store import SSM_FIELDS, LayerStorage, quantize_state, read_state, write_in_place
 
 if TYPE_CHECKING:
@@ -83,8 +83,11 @@ class _GSQStateMixin:
     def conv_format(self, dtype: torch.dtype) -> StateFormat:
         return get_format(dtype if self.config.conv_format == "auto" else self.config.conv_format)
 
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """The cache's seeded generator where this layer rounds stochastically, else None."""
+    def generator(self, device: torch.device, stream: int = 0) -> torch.Generator | QuasiRandom | None:
+        """Where this layer's rounding is stochastic, the cache's seeded generator; quasi-random, this write's
+        thresholds (the write count steps them; ``stream`` 2: the conv window's); else None."""
+        if self.config.rounding == "quasirandom":
+            return QuasiRandom(self.config.seed, self.writes, stream)
         return self._cache.generator(device) if self.config.rounding == "stochastic" else None
 
     def _keep(self, new: LayerStorage, fields: tuple[str, ...]) -> None:
@@ -114,7 +117,8 @@ class _GSQStateMixin:
     def quantize_conv(self, conv_state: torch.Tensor) -> QuantizedTensor:
         """The stored form of a conv window ``(batch, conv_dim, kernel)``."""
         fmt = self.conv_format(conv_state.dtype)
-        return fmt.quantize(conv_state, conv_state.shape[-1], self.config.rounding, self.generator(conv_state.device))
+        return fmt.quantize(conv_state, conv_state.shape[-1], self.config.rounding,
+                            self.generator(conv_state.device, stream=2))
 
     def write_conv(self, conv_state: torch.Tensor) -> torch.Tensor:
         """Store the conv window; returns what a reader will see (in the model dtype)."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .formats import QuantizedTensor, rotate
+from .formats import QuantizedTensor, QuasiRandom, rotate
 from .policies import PrecisionPolicy, Signals
 
 __all__ = ["SSM_FIELDS", "LayerStorage", "quantize_state", "read_state", "select_rows", "write_in_place"]
@@ -145,7 +145,7 @@ def read_state(s: LayerStorage, rotated: bool = False) -> torch.Tensor | None:
 
 
 def quantize_state(state: torch.Tensor, policy: PrecisionPolicy, signals: Signals, group: int, rounding: str,
-                   generator: torch.Generator | None, nonfinite: torch.Tensor | None = None,
+                   generator: torch.Generator | QuasiRandom | None, nonfinite: torch.Tensor | None = None,
                    rotated: bool = False, previous: LayerStorage | None = None,
                    scale_hold: float = 0.0) -> LayerStorage:
     """The stored form of the fp32 state ``(batch, units, *inner)``: every unit in ``policy.low``, the units
@@ -156,7 +156,8 @@ def quantize_state(state: torch.Tensor, policy: PrecisionPolicy, signals: Signal
     host sync and no fp32 copy; the units are stored as they quantize (NaN), for the caller to act on the flag.
     ``rotated``: ``state`` is in the rotated basis (`read_state`); what is stored does not depend on it.
     ``previous`` (the layer's last stored state) and ``scale_hold`` > 0 hold the low copy's group scales
-    (`StateFormat.quantize`).
+    (`StateFormat.quantize`). ``generator``: stochastic rounding's (a `QuasiRandom`'s stream 0 rounds the low
+    copy, stream 1 the high one).
     """
     batch, units = state.shape[:2]
     high_mask = policy.choose(signals)
@@ -164,6 +165,8 @@ def quantize_state(state: torch.Tensor, policy: PrecisionPolicy, signals: Signal
                               None if previous is None else previous.low, scale_hold)
     high = slot_units = high_valid = None
     if high_mask is not None:
+        if isinstance(generator, QuasiRandom):  # the high copy's thresholds apart from the low copy's
+            generator = generator.for_stream(1)
         capacity = policy.high_capacity(units)
         if capacity == units:
             high, high_valid = policy.high.quantize(state, group, rounding, generator, rotated), high_mask

@@ -72,7 +72,7 @@ CANDIDATES = {  # label -> config (a format or preset name is a config)
 
 
 def _suffixed(label: str, option: str) -> tuple[str, dict]:
-    """``NAME[+sr][+holdH][+gN]`` as the name and the GSQConfig fields its suffixes set."""
+    """``NAME[+sr|+qr][+holdH][+gN]`` as the name and the GSQConfig fields its suffixes set."""
     name, *suffixes = label.split("+")
     extra = {}
     for suffix in suffixes:
@@ -80,19 +80,22 @@ def _suffixed(label: str, option: str) -> tuple[str, dict]:
         group = re.fullmatch(r"g([1-9]\d*)", suffix)
         if suffix == "sr":
             extra |= SR
+        elif suffix == "qr":
+            extra |= {"rounding": "quasirandom"}
         elif hold is not None:
             extra |= {"scale_hold": float(hold.group(1))}
         elif group is not None:
             extra |= {"group_size": int(group.group(1))}
         else:
-            raise SystemExit(f"format_front.py: {option} {label!r}: the suffixes accepted are '+sr', '+holdH' "
+            raise SystemExit(f"format_front.py: {option} {label!r}: the suffixes accepted are '+sr', '+qr', '+holdH' "
                              "with 0 <= H < 1 (e.g. +hold0.7; +hold0: fresh scales) and '+gN' (N values per scale, "
                              "e.g. +g16)")
     return name, extra
 
 
 def _add_format(label: str) -> str:
-    """A `--format` argument as a candidate: a format's config (or a preset's), stochastic with ``+sr``, its
+    """A `--format` argument as a candidate: a format's config (or a preset's), stochastic with ``+sr``
+    (quasi-random with ``+qr``), its
     scales held (`GSQConfig.scale_hold`) with ``+holdH``, groups of N values per scale (`GSQConfig.group_size`)
     with ``+gN``."""
     name, extra = _suffixed(label, "--format")
@@ -168,7 +171,7 @@ def lm_front(model_dir: str, dataset: str, labels: list[str], args) -> list[dict
 
 
 def _layer_fields(label: str) -> dict:
-    """A `--per-layer` entry (``FORMAT[+sr][+holdH][+gN]``) as a layer's `GSQConfig.layer_overrides` fields."""
+    """A `--per-layer` entry (``FORMAT[+sr|+qr][+holdH][+gN]``) as a layer's `GSQConfig.layer_overrides` fields."""
     name, extra = _suffixed(label, "--per-layer")
     return {"format": name, **extra}
 
@@ -295,14 +298,15 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", action="append", help="wiki.valid, wiki.test, ptb.test, builtin or a path "
                                                            "(repeatable; default: wiki.valid)")
     parser.add_argument("--only", nargs="+", choices=list(CANDIDATES), help="these candidates only")
-    parser.add_argument("--format", action="append", default=[], metavar="NAME[+sr][+holdH][+gN]",
+    parser.add_argument("--format", action="append", default=[], metavar="NAME[+sr|+qr][+holdH][+gN]",
                         help="also score this format (any name gsq_hf.get_format accepts, or a gsq-4bit/gsq-3bit "
-                             "preset; '+sr': stochastic rounding; '+holdH': scale_hold H; '+gN': group_size N), e.g. "
-                             "midrise3-fp16-hadamard+sr, gsq-4bit+hold0.7, gsq-4bit+g16 (repeatable)")
+                             "preset; '+sr': stochastic rounding; '+qr': quasi-random rounding; '+holdH': "
+                             "scale_hold H; '+gN': group_size N), e.g. midrise3-fp16-hadamard+sr, gsq-4bit+hold0.7, "
+                             "gsq-4bit+g16 (repeatable)")
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="also score the GSQConfig in this YAML/JSON file, e.g. a precision policy over composed "
                              "formats; labelled by the file name (repeatable)")
-    parser.add_argument("--per-layer", nargs="+", default=[], metavar="FORMAT[+sr][+holdH][+gN]",
+    parser.add_argument("--per-layer", nargs="+", default=[], metavar="FORMAT[+sr|+qr][+holdH][+gN]",
                         help="also score each FORMAT on one state layer at a time, the others fp32: the layers' "
                              "sensitivity (language models; suffixes as --format's)")
     parser.add_argument("--allocate", nargs="+", type=float, default=[], metavar="BITS",

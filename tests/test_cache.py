@@ -71,6 +71,25 @@ def test_stochastic_rounding_reproducible_by_seed(model):
     assert not torch.equal(logits[0], logits[2])
 
 
+def test_quasirandom_rounding_is_deterministic_and_steps_with_the_writes(model):
+    """Quasi-random rounding needs no generator: the same logits on every run (and per seed), other than
+    stochastic rounding's; its thresholds step with the layer's write count (`GSQStateLayer.generator`)."""
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for rounding, seed in (("quasirandom", 0), ("quasirandom", 0), ("quasirandom", 1), ("stochastic", 0)):
+        with gsq_hf.patched(model, {"policy": "static", "format": "int4", "rounding": rounding, "seed": seed}):
+            logits.setdefault((rounding, seed), []).append(model(ids).logits)
+    assert torch.equal(*logits[("quasirandom", 0)])
+    assert not torch.equal(logits[("quasirandom", 0)][0], logits[("quasirandom", 1)][0])
+    assert not torch.equal(logits[("quasirandom", 0)][0], logits[("stochastic", 0)][0])
+    layer = GSQCache(model.config, {"policy": "static", "format": "int4", "rounding": "quasirandom"}).gsq_layers[0]
+    first = layer.generator(torch.device("cpu"))
+    units, inner = (64, (8,)) if hasattr(model.config, "intermediate_size") else (8, (8, 8))
+    layer.write_ssm(torch.randn(2, units, *inner), None)
+    second = layer.generator(torch.device("cpu"))
+    assert (first.step, second.step) == (0, 1)
+
+
 @pytest.mark.parametrize(("fmt", "bad"), [("int8", "nan"), ("int8", "inf"), ("bf16", "nan"), ("int4-fp16", "inf"),
                                           ("int4-e8m0", "nan"), ("int4-e4m3", "inf"), ("int4-e4m3", "nan")])
 def test_nonfinite_state_kept_in_fp32_and_counted(model, fmt, bad):

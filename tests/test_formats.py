@@ -4,7 +4,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gsq_hf.errors import GSQConfigError
-from gsq_hf.formats import FORMATS, get_format, rotate, rotate_rows
+from gsq_hf.formats import FORMATS, QuasiRandom, get_format, mix32, rotate, rotate_rows
+
+ROUNDINGS = st.sampled_from(["nearest", "stochastic", "quasirandom"])
 
 
 def _bound(name: str, x: torch.Tensor, stochastic: bool) -> torch.Tensor:
@@ -36,13 +38,13 @@ arrays = st.builds(
 
 
 @settings(max_examples=60, deadline=None)
-@given(x=arrays, name=st.sampled_from(sorted(FORMATS)), stochastic=st.booleans())
-def test_roundtrip_error_within_documented_bound(x, name, stochastic):
+@given(x=arrays, name=st.sampled_from(sorted(FORMATS)), rounding=ROUNDINGS)
+def test_roundtrip_error_within_documented_bound(x, name, rounding):
     fmt = FORMATS[name]
-    gen = torch.Generator().manual_seed(1)
-    y = fmt.roundtrip(x, 16, "stochastic" if stochastic else "nearest", gen)
+    source = QuasiRandom(1, 3) if rounding == "quasirandom" else torch.Generator().manual_seed(1)
+    y = fmt.roundtrip(x, 16, rounding, source)
     assert y.dtype == torch.float32 and y.shape == x.shape
-    assert torch.all((y - x).abs() <= _bound(name, x, stochastic) + 1e-30)
+    assert torch.all((y - x).abs() <= _bound(name, x, rounding != "nearest") + 1e-30)
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
@@ -102,6 +104,51 @@ def test_stochastic_rounding_is_unbiased_and_reproducible(name):
     assert a[:, 1].mean().item() == pytest.approx(0.3, abs=2e-3)
 
 
+def _mix32_reference(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_quasirandom_thresholds():
+    """24-bit fractions in [0, 1), a function of (seed, step, stream) only (an int step and a device-scalar one
+    agree, also past 2**32), different across steps, streams and seeds; the hash is lowbias32, bit for bit."""
+    values = torch.randint(0, 2**32, (500,), dtype=torch.int64, generator=torch.Generator().manual_seed(0))
+    assert mix32(values).tolist() == [_mix32_reference(v) for v in values.tolist()]
+    u = QuasiRandom(7, 5).uniform((3, 4, 16), "cpu")
+    assert u.dtype == torch.float32 and ((u >= 0) & (u < 1)).all()
+    assert torch.equal(u * 2**24, (u * 2**24).round())
+    assert torch.equal(u, QuasiRandom(7, torch.tensor(5)).uniform((3, 4, 16), "cpu"))
+    assert torch.equal(QuasiRandom(7, 5 + 2**32).uniform((8,), "cpu"), QuasiRandom(7, torch.tensor(5 + 2**32)).uniform(
+        (8,), "cpu"))
+    for other in (QuasiRandom(7, 6), QuasiRandom(8, 5), QuasiRandom(7, 5, stream=1)):
+        assert (other.uniform((3, 4, 16), "cpu") != u).float().mean() > 0.9
+    # one step moves every threshold by the same golden-ratio fraction (mod 1)
+    moved = (QuasiRandom(7, 6).uniform((3, 4, 16), "cpu") - u) % 1.0
+    assert torch.allclose(moved, torch.full_like(moved, 0.6180339887), atol=2**-23)
+
+
+def test_quasirandom_rounding_keeps_a_steady_move_within_a_step():
+    """The point of quasi-random thresholds: a value re-stored after every small move (0.23 of a step here, as a
+    decaying state moves) is kept within two steps of the true sum, where round-to-nearest drops every move
+    and stochastic rounding's independent draws let the error grow like a random walk."""
+    fmt, writes, move = FORMATS["int8"], 400, 0.23
+    errors = {}
+    for rounding in ("nearest", "stochastic", "quasirandom"):
+        generator = torch.Generator().manual_seed(0)
+        codes = torch.zeros(64, 16)
+        for step in range(writes):
+            source = QuasiRandom(3, step) if rounding == "quasirandom" else generator
+            codes = fmt._codes(codes + move, rounding, source).float()  # scale 1: codes are values
+        errors[rounding] = codes - writes * move
+    assert (errors["nearest"] == -writes * move).all()
+    assert errors["quasirandom"].abs().max() <= 2 and errors["quasirandom"].mean().abs() < 0.2
+    assert errors["stochastic"].std() > 4  # sqrt(400 · 0.23 · 0.77) ≈ 8.4
+    assert errors["stochastic"].mean().abs() < 1.5
+
+
 def test_zero_and_fp16_saturation():
     assert torch.equal(FORMATS["int8"].roundtrip(torch.zeros(2, 16), 16), torch.zeros(2, 16))
     big = torch.full((1, 2), 1e6)
@@ -139,17 +186,18 @@ def _scale_error(fmt, scale: torch.Tensor) -> torch.Tensor:
 
 
 @settings(max_examples=80, deadline=None)
-@given(x=arrays, name=st.sampled_from(COMPOSED), stochastic=st.booleans())
-def test_composed_roundtrip_error_within_bound(x, name, stochastic):
+@given(x=arrays, name=st.sampled_from(COMPOSED), rounding=ROUNDINGS)
+def test_composed_roundtrip_error_within_bound(x, name, rounding):
     """Per element, in the (rotated) coordinates that are rounded: the nearest level (or a stochastic neighbour)
     of the stored scale's grid, plus what clamping to the grid costs when the stored scale is smaller; the
     rotation is orthogonal, so the error's norm per row is the same in both coordinates."""
     fmt = get_format(name)
-    y = fmt.roundtrip(x, 16, "stochastic" if stochastic else "nearest", torch.Generator().manual_seed(1))
+    source = QuasiRandom(1, 3) if rounding == "quasirandom" else torch.Generator().manual_seed(1)
+    y = fmt.roundtrip(x, 16, rounding, source)
     rotated = x @ _rotation(fmt, 16)
     scale = rotated.abs().amax(-1, keepdim=True) / fmt.max_code
     delta = _scale_error(fmt, scale)
-    per_element = (1.0 if stochastic else 0.5) * (scale + delta) + fmt.max_code * delta
+    per_element = (0.5 if rounding == "nearest" else 1.0) * (scale + delta) + fmt.max_code * delta
     if fmt.rotation:  # every element of the row at its bound
         assert torch.all((y - x).norm(dim=-1) <= (per_element.square().sum(-1) * 16).sqrt() * 1.001 + 1e-30)
     else:

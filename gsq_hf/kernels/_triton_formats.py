@@ -108,11 +108,34 @@ def _e8m0_value(exponent):
 
 
 @triton.jit
-def uniform(seed, step, STREAM: tl.constexpr, rows, ROWS: tl.constexpr, N: tl.constexpr):
-    """Uniform [0, 1) noise (ROWS, N) for stochastic rounding: one Philox call per four elements.
+def mix32(x):
+    """`gsq_hf.formats.mix32` on uint32 values (products wrap mod 2**32)."""
+    x = x ^ (x >> 16)
+    x = x * (x * 0 + 0x7FEB352D).to(tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * (x * 0 + 0x846CA68B).to(tl.uint32)
+    return x ^ (x >> 16)
 
-    Counter = (element quad, step, stream): independent across elements, steps and the low/high copies.
-    """
+
+@triton.jit
+def quasi_uniform(seed, step, STREAM: tl.constexpr, rows, N: tl.constexpr):
+    """`gsq_hf.formats.QuasiRandom` thresholds (ROWS, N), bit for bit: ``frac(offset + step · (φ − 1))`` in 24
+    bits, offset a hash of the element's row-major index (rows · N + n), ``seed`` and ``STREAM``."""
+    index = (rows[:, None] * N + tl.arange(0, N)[None, :]).to(tl.int64)
+    zero = index * 0  # seed and step enter through tensors: Triton may pass a scalar argument as a constant
+    key = mix32((zero + seed + STREAM * 0x9E3779B9).to(tl.uint32))  # casts to uint32 keep the low 32 bits
+    shift = (zero + step).to(tl.uint32) * (zero + 0x9E3779B9).to(tl.uint32)
+    bits = mix32(index.to(tl.uint32) + key) + shift
+    return (bits >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+
+
+@triton.jit
+def uniform(seed, step, STREAM: tl.constexpr, rows, ROWS: tl.constexpr, N: tl.constexpr, NOISE: tl.constexpr):
+    """Uniform [0, 1) thresholds (ROWS, N) for stochastic rounding: NOISE 1, Philox draws, one call per four
+    elements (counter = (element quad, step, stream): independent across elements, steps and the low/high
+    copies); NOISE 2, quasi-random (`quasi_uniform`)."""
+    if NOISE == 2:
+        return quasi_uniform(seed, step, STREAM, rows, N)
     quad = rows[:, None] * (N // 4) + tl.arange(0, N // 4)[None, :]  # (ROWS, N/4) int64
     zero = quad.to(tl.uint32) * 0
     r0, r1, r2, r3 = tl.philox(seed, quad.to(tl.uint32), (quad >> 32).to(tl.uint32), (zero + step).to(tl.uint32),
@@ -251,7 +274,7 @@ def load_state(data_ptr, scale_ptr, row_scale_ptr, b, rows, mask, CODES: tl.cons
 @triton.jit
 def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, STREAM: tl.constexpr,
                 CODES: tl.constexpr, BITS: tl.constexpr, MIDRISE: tl.constexpr, SCALE: tl.constexpr,
-                MAX: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr, STOCHASTIC: tl.constexpr,
+                MAX: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr, NOISE: tl.constexpr,
                 N: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, DIVIDE: tl.constexpr, old_scale_ptr,
                 keep_row, hold, HOLD: tl.constexpr):
     """Quantize fp32 ``h`` (ROWS, N, already in the copy's basis) and store the ``rows`` where ``mask``.
@@ -270,7 +293,7 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, STREA
     slack) and at least ``hold`` of it; with e4m3, only in a batch row whose second-level scale was kept
     (``keep_row``: ``row_scale`` is then the previous one, so the stored e4m3 values keep their meaning).
     """
-    u = uniform(seed, step, STREAM, rows, ROWS, N) if STOCHASTIC else 0.0
+    u = uniform(seed, step, STREAM, rows, ROWS, N, NOISE) if NOISE else 0.0
     v = h
     if SCALE != "":
         groups = tl.reshape(h, (ROWS, N // GROUP, GROUP))
@@ -308,16 +331,16 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, STREA
             v = tl.reshape(groups * inverse[:, :, None], (ROWS, N))
     if CODES == "int":
         if MIDRISE:  # level k + 0.5 is code k: codes -(MAX + 0.5) … MAX - 0.5
-            codes = tl.floor(v - 0.5 + u) if STOCHASTIC else tl.floor(v)
+            codes = tl.floor(v - 0.5 + u) if NOISE else tl.floor(v)
             codes = tl.minimum(tl.maximum(codes, -MAX - 0.5), MAX - 0.5)
         else:
-            codes = tl.floor(v + u) if STOCHASTIC else _rne(v)
-            if STOCHASTIC or SCALE != "fp32":  # |v| <= MAX against an exact fp32 scale: nearest stays on the grid
+            codes = tl.floor(v + u) if NOISE else _rne(v)
+            if NOISE or SCALE != "fp32":  # |v| <= MAX against an exact fp32 scale: nearest stays on the grid
                 codes = tl.minimum(tl.maximum(codes, -MAX), MAX)
         _store_codes(codes, data_ptr, rows, mask, BITS, N, ROWS)
     else:
         if CODES == "float":
-            v = _round_to_float_grid(tl.minimum(tl.maximum(v, -MAX), MAX), u, MBITS, MIN_EXP, STOCHASTIC)
+            v = _round_to_float_grid(tl.minimum(tl.maximum(v, -MAX), MAX), u, MBITS, MIN_EXP, NOISE != 0)
         tl.store(data_ptr + rows[:, None] * N + tl.arange(0, N)[None, :], v.to(data_ptr.dtype.element_ty),
                  mask=mask[:, None])
 
@@ -336,7 +359,7 @@ def add_row_max(h, row_max_ptr, signs_ptr, b, mask, SLOT: tl.constexpr, SCALE: t
 def write_copy(h, data_ptr, scale_ptr, row_scale_ptr, row_max_ptr, signs_ptr, b, rows, mask, first, seed, step,
                STREAM: tl.constexpr, CODES: tl.constexpr, BITS: tl.constexpr, MIDRISE: tl.constexpr,
                SCALE: tl.constexpr, MAX: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr,
-               ROTATED: tl.constexpr, BASIS_ROTATED: tl.constexpr, STOCHASTIC: tl.constexpr, N: tl.constexpr,
+               ROTATED: tl.constexpr, BASIS_ROTATED: tl.constexpr, NOISE: tl.constexpr, N: tl.constexpr,
                GROUP: tl.constexpr, ROWS: tl.constexpr, old_scale_ptr, old_row_ptr, hold, HOLD: tl.constexpr):
     """Store ``h`` (ROWS, N, in the kernel's basis) as one copy: rotated into the copy's basis if needed; with
     e4m3 scales the batch row's second-level scale comes from the pre-pass's ``row_max[b, STREAM]`` and the
@@ -357,4 +380,4 @@ def write_copy(h, data_ptr, scale_ptr, row_scale_ptr, row_max_ptr, signs_ptr, b,
     else:
         second = 0.0
     store_state(v, data_ptr, scale_ptr, second, rows, mask, seed, step, STREAM, CODES, BITS, MIDRISE, SCALE, MAX,
-                MBITS, MIN_EXP, STOCHASTIC, N, GROUP, ROWS, False, old_scale_ptr, keep_row, hold, HOLD)
+                MBITS, MIN_EXP, NOISE, N, GROUP, ROWS, False, old_scale_ptr, keep_row, hold, HOLD)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import step as ssm
-from ..formats import FORMATS, ROTATIONS, SCALE_DTYPES, QuantizedTensor, StateFormat, format_name
+from ..formats import FORMATS, ROTATIONS, SCALE_DTYPES, QuantizedTensor, QuasiRandom, StateFormat, format_name
 from ..policies import PrecisionPolicy
 from ..scan import causal_conv
 from ..signals import step_signals
@@ -122,7 +122,7 @@ def conv_unsupported_reason(conv: ConvStep | None, rounding: str) -> str | None:
     The window of one channel is one tile row of K values and one quantization group (`GSQStateLayer.quantize_conv`
     scales it as a whole): K must be a power of two. The conv format must be stored without a second pass or
     state from elsewhere: no e4m3 group scales (a per-batch-row scale over all channels), no rotation, and no
-    stochastic rounding of a lossy window (the torch path draws it from the cache's generator).
+    stochastic or quasi-random rounding of a lossy window (the torch path draws its thresholds).
     """
     if conv is None or conv.window is None:
         return "no stored conv window yet (the first write comes from a prefill, on the torch path)"
@@ -131,8 +131,8 @@ def conv_unsupported_reason(conv: ConvStep | None, rounding: str) -> str | None:
     if codes not in KERNEL_CODES or fmt.rotation is not None or fmt.scale_dtype in ("e4m3", "e4m3up"):
         return (f"conv format {fmt.name}: the conv kernel stores the codes {', '.join(KERNEL_CODES)} with an fp32, "
                 "fp16 or e8m0 scale, unrotated")
-    if rounding == "stochastic" and not fmt.represents(conv.u.dtype):
-        return f"stochastic rounding of a lossy conv window ({fmt.name}) draws from the torch path's generator"
+    if rounding != "nearest" and not fmt.represents(conv.u.dtype):
+        return f"{rounding} rounding of a lossy conv window ({fmt.name}) draws its thresholds on the torch path"
     if kernel < 2 or kernel & (kernel - 1):
         return f"conv width {kernel}: the conv kernel needs a power of two"
     dtypes = {conv.u.dtype, conv.weight.dtype} | ({conv.bias.dtype} if conv.bias is not None else set())
@@ -142,7 +142,8 @@ def conv_unsupported_reason(conv: ConvStep | None, rounding: str) -> str | None:
 
 
 def conv_step_reference(conv: ConvStep, rounding: str = "nearest",
-                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, QuantizedTensor]:
+                        generator: torch.Generator | QuasiRandom | None = None
+                        ) -> tuple[torch.Tensor, QuantizedTensor]:
     """The conv's output (batch, conv_dim) in ``u``'s dtype and the new stored window: the stored window read in
     the model dtype (`GSQStateLayer.read_conv`), shifted by one with ``u`` appended, conv + SiLU as
     `gsq_hf.scan.causal_conv` computes them, the new window stored in the same format (group = K)."""
@@ -224,12 +225,13 @@ def state_update_reference(
     slot_units: torch.Tensor | None = None,
     fallback: torch.Tensor | None = None,
     fallback_mask: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | QuasiRandom | None = None,
 ) -> StateUpdate:
     """One decode step on a stored state: read, update in fp32, choose formats, re-quantize, store.
 
     ``policy`` decides the formats; ``row_signal`` (batch,) is the row signal it reads, if any (None: before
-    any logits). Stochastic rounding draws from ``generator``, by default one seeded by ``(seed, step)``. With
+    any logits). Stochastic rounding draws from ``generator``, by default one seeded by ``(seed, step)``;
+    quasi-random rounding's thresholds are ``QuasiRandom(seed, step)``'s, as the kernel's. With
     ``inplace`` the new low/high copies are written into the given storage where their shapes agree
     (``high_valid`` is always a new tensor). ``scale_hold`` (`GSQConfig.scale_hold`): the new low copy holds
     the group scales of ``low``, as the layer's write does. ``slot_units`` / ``fallback`` / ``fallback_mask``:
@@ -250,6 +252,8 @@ def state_update_reference(
     batch, units = h.shape[:2]
     if generator is None and rounding == "stochastic":
         generator = rounding_generator(h.device, seed, step)
+    elif generator is None and rounding == "quasirandom":
+        generator = QuasiRandom(seed, step)
     signals = step_signals(policy, (batch, units), h.device, gate, row_signal)
     stored = quantize_state(h, policy, signals, group_size or h.shape[-1], rounding, generator, rotated=rotated,
                             previous=LayerStorage(low=low), scale_hold=scale_hold)

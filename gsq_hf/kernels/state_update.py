@@ -34,8 +34,9 @@ state and the step's inputs (at 4.5 stored bits, state traffic of 13.5 bits per 
 fp32's 64; not yet timed on a GPU). The new row scale goes to a fresh tensor (every program of the row
 reads the old one), copied into a copy updated in place after the launch.
 
-Formats are compile-time constants; rounding is round-half-even or stochastic (Philox keyed by ``seed``,
-counted by (element, ``step``, stream): steps differ, low and high copies draw independently). Float
+Formats are compile-time constants; rounding is round-half-even, stochastic (Philox keyed by ``seed``,
+counted by (element, ``step``, stream): steps differ, low and high copies draw independently) or
+quasi-random (`gsq_hf.formats.QuasiRandom`'s thresholds, bit for bit: the twin tests compare codes). Float
 formats are rounded onto their grid in fp32 arithmetic, so the final cast is exact on every backend (the
 Triton interpreter truncates fp32→bf16). The same arithmetic is what `state_update_reference` does with
 `gsq_hf.formats`; ``tests/kernels`` compares the two.
@@ -78,6 +79,8 @@ from .reference import (
 )
 
 __all__ = ["state_update"]
+
+ROUNDING_NOISE = {"nearest": 0, "stochastic": 1, "quasirandom": 2}  # the kernels' NOISE: thresholds' source
 
 # -- step helpers --------------------------------------------------------------------------------------
 @triton.jit
@@ -153,7 +156,7 @@ def _mamba_kernel(
     LOW_MAX: tl.constexpr, LOW_MBITS: tl.constexpr, LOW_MIN_EXP: tl.constexpr, LOW_ROTATED: tl.constexpr,
     HIGH: tl.constexpr, HIGH_BITS: tl.constexpr, HIGH_MIDRISE: tl.constexpr, HIGH_SCALE: tl.constexpr,
     HIGH_MAX: tl.constexpr, HIGH_MBITS: tl.constexpr, HIGH_MIN_EXP: tl.constexpr, HIGH_ROTATED: tl.constexpr,
-    POLICY: tl.constexpr, READ_HIGH: tl.constexpr, ROW_MAX_PASS: tl.constexpr, STOCHASTIC: tl.constexpr,
+    POLICY: tl.constexpr, READ_HIGH: tl.constexpr, ROW_MAX_PASS: tl.constexpr, NOISE: tl.constexpr,
     STEP_IN_MEMORY: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, WRITE_GATE: tl.constexpr, HOLD: tl.constexpr,
 ):
@@ -197,13 +200,13 @@ def _mamba_kernel(
         first = tl.program_id(0) == 0  # writes the batch row's e4m3 row scales
         write_copy(h, out_low_ptr, out_low_scale_ptr, out_low_row_ptr, row_max_ptr, signs_ptr, b, rows, mask, first,
                    seed, step, 0, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_MAX, LOW_MBITS, LOW_MIN_EXP,
-                   LOW_ROTATED, False, STOCHASTIC, N, GROUP, BLOCK, low_scale_ptr, low_row_ptr, hold, HOLD)
+                   LOW_ROTATED, False, NOISE, N, GROUP, BLOCK, low_scale_ptr, low_row_ptr, hold, HOLD)
         gate = 1.0 - tl.sum(dA, axis=1) / N  # (BLOCK,)
         if POLICY != "static":
             high = _choose(gate, row_high_ptr, b, threshold, POLICY)  # (BLOCK,)
             write_copy(h, out_high_ptr, out_high_scale_ptr, out_high_row_ptr, row_max_ptr, signs_ptr, b, rows,
                        mask & high, first, seed, step, 1, HIGH, HIGH_BITS, HIGH_MIDRISE, HIGH_SCALE, HIGH_MAX,
-                       HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, False, STOCHASTIC, N, GROUP, BLOCK,
+                       HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, False, NOISE, N, GROUP, BLOCK,
                        low_scale_ptr, low_row_ptr, hold, False)
             tl.store(out_valid_ptr + rows, high, mask=mask)
         if WRITE_GATE:
@@ -225,7 +228,7 @@ def _mamba2_kernel(
     LOW_MAX: tl.constexpr, LOW_MBITS: tl.constexpr, LOW_MIN_EXP: tl.constexpr, LOW_ROTATED: tl.constexpr,
     HIGH: tl.constexpr, HIGH_BITS: tl.constexpr, HIGH_MIDRISE: tl.constexpr, HIGH_SCALE: tl.constexpr,
     HIGH_MAX: tl.constexpr, HIGH_MBITS: tl.constexpr, HIGH_MIN_EXP: tl.constexpr, HIGH_ROTATED: tl.constexpr,
-    POLICY: tl.constexpr, READ_HIGH: tl.constexpr, ROW_MAX_PASS: tl.constexpr, STOCHASTIC: tl.constexpr,
+    POLICY: tl.constexpr, READ_HIGH: tl.constexpr, ROW_MAX_PASS: tl.constexpr, NOISE: tl.constexpr,
     STEP_IN_MEMORY: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
     WRITE_GATE: tl.constexpr, HOLD: tl.constexpr, HAS_CONV: tl.constexpr,
     CONV: tl.constexpr, CONV_BITS: tl.constexpr, CONV_MIDRISE: tl.constexpr, CONV_SCALE: tl.constexpr,
@@ -299,14 +302,14 @@ def _mamba2_kernel(
         first = (tl.program_id(0) == 0) & (head == 0)  # writes the batch row's e4m3 row scales
         write_copy(h, out_low_ptr, out_low_scale_ptr, out_low_row_ptr, row_max_ptr, signs_ptr, b, rows, mask, first,
                    seed, step, 0, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_MAX, LOW_MBITS, LOW_MIN_EXP,
-                   LOW_ROTATED, LOW_ROTATED, STOCHASTIC, N, GROUP, BLOCK, low_scale_ptr, low_row_ptr, hold, HOLD)
+                   LOW_ROTATED, LOW_ROTATED, NOISE, N, GROUP, BLOCK, low_scale_ptr, low_row_ptr, hold, HOLD)
         gate = tl.full((BLOCK,), 1.0, tl.float32) - dA  # (BLOCK,), one value
         head_out = mask & (p == 0)  # the per-head outputs are written once
         if POLICY != "static":
             high = _choose(gate, row_high_ptr, b, threshold, POLICY)  # (BLOCK,), one value
             write_copy(h, out_high_ptr, out_high_scale_ptr, out_high_row_ptr, row_max_ptr, signs_ptr, b, rows,
                        mask & high, first, seed, step, 1, HIGH, HIGH_BITS, HIGH_MIDRISE, HIGH_SCALE, HIGH_MAX,
-                       HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, LOW_ROTATED, STOCHASTIC, N, GROUP, BLOCK,
+                       HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, LOW_ROTATED, NOISE, N, GROUP, BLOCK,
                        low_scale_ptr, low_row_ptr, hold, False)
             tl.store(out_valid_ptr + units, high, mask=head_out)
         if WRITE_GATE:
@@ -455,7 +458,7 @@ def state_update(
                 x, dt, dt_bias if dt_bias is not None else unused, A.contiguous(), B, C,
                 D if D is not None else unused]
     constants = dict(N=n, GROUP=group, **format_constants("LOW", policy.low), **format_constants("HIGH", high_fmt),
-                     POLICY=code, READ_HIGH=read_high, STOCHASTIC=rounding == "stochastic",
+                     POLICY=code, READ_HIGH=read_high, NOISE=ROUNDING_NOISE[rounding],
                      STEP_IN_MEMORY=step_in_memory, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
                      HAS_D=D is not None, WRITE_GATE=return_gate, HOLD=scale_hold > 0 and policy.low.scaled,
                      num_warps=num_warps)

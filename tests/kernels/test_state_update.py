@@ -226,6 +226,25 @@ def test_nearest_matches_reference(family, case):
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
+@pytest.mark.parametrize("case", ["static-int4", "static-midrise3-e4m3-hadamard-g8", "static-fp8-g4",
+                                  "gate-closed-int4-e4m3/midrise4-e4m3-hadamard", "entropy-int4/fp32"])
+@pytest.mark.parametrize("step", [0, 1, torch.tensor([2**33 + 5])])
+def test_quasirandom_matches_reference(family, case, step):
+    """Quasi-random thresholds are the same bits in the kernel and `gsq_hf.formats.QuasiRandom` (a step past
+    2**32 included: it counts mod 2**32 on both sides), so both store what round-to-nearest's twins do: the
+    same codes but where ``h`` differs in the last ulps at a threshold."""
+    step = step.to(DEVICE) if torch.is_tensor(step) else step
+    inputs = make_inputs(family, *CASES[case]) | dict(rounding="quasirandom", seed=2**40 + 3, step=step)
+    kernel, ref = state_update(**inputs), state_update_reference(**inputs)
+    both_high = check_common(kernel, ref, inputs)
+    check_nearest(kernel.low, ref.low, torch.ones_like(ref.gate, dtype=torch.bool))
+    if both_high is not None:
+        check_nearest(kernel.high, ref.high, both_high)
+    nearest = state_update_reference(**inputs | dict(rounding="nearest"))
+    assert not torch.equal(codes(ref.low), codes(nearest.low))  # the thresholds are not all one half
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_stochastic_within_one_step(family, case):
     inputs = make_inputs(family, *CASES[case]) | dict(rounding="stochastic", seed=3, step=5)
