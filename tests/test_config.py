@@ -43,7 +43,7 @@ def test_round_trip_yaml_json_dict(name, tmp_path):
     [
         ("policy", "magic", "GSQConfig.policy='magic' is not accepted; choose one of: static, gate, entropy, budget"),
         ("format", "int9", "GSQConfig.format='int9'.*fp32, bf16, fp16, fp8, int8, int7, int6, int5, int4, int3, int2"),
-        ("rounding", "up", "rounding='up'.*nearest, stochastic"),
+        ("rounding", "up", "rounding='up'.*nearest, stochastic, quasirandom"),
         ("write_mode", "sometimes", "every_step, end_of_forward"),
         ("threshold", 1.5, r"threshold=1.5 must be a number in \[0, 1\]"),
         ("budget_fraction", -0.1, "budget_fraction"),

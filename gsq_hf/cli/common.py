@@ -53,8 +53,9 @@ def common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
                         help="let accelerate place the layers instead of --device (over several GPUs, offloading "
                              "what does not fit to the CPU)")
-    parser.add_argument("--seed", type=int, help="seed of torch and, when given, of every config's stochastic "
-                                                 "rounding (default: torch seed 0, configs keep their own)")
+    parser.add_argument("--seed", type=int, help="seed of torch and, when given, of every config's stochastic or "
+                                                 "quasi-random rounding (default: torch seed 0, configs keep "
+                                                 "their own)")
     run_options(parser)
 
 

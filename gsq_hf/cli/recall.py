@@ -46,7 +46,8 @@ def add_recall_parser(commands) -> None:
     recall.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="model weights and activations dtype (default: fp32)")
     recall.add_argument("--seed", type=int, help="seed of the sequences (default: 0, the set train_recall.py "
-                                                 "reports) and, when given, of every config's stochastic rounding")
+                                                 "reports) and, when given, of every config's stochastic or "
+                                                 "quasi-random rounding")
     run_options(recall)
 
 

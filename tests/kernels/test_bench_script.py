@@ -43,7 +43,7 @@ def test_dry_run_steps_the_composed_formats_through_the_kernel():
     assert rows[("mamba-2.8b", "2", "kernel-gsq-4bit")][3:5] == ["4.50", rows[("mamba-2.8b", "2",
                                                                                 "kernel-int4-e4m3-hadamard")][4]]
     assert rows[("mamba-2.8b", "2", "kernel-gsq-3bit")][3] == "3.50"
-    assert rows[("mamba-2.8b", "2", "kernel-gsq-3bit")][6] == "stochastic"  # the Mamba-1 families' rounding
+    assert rows[("mamba-2.8b", "2", "kernel-gsq-3bit")][6] == "quasirandom"  # the Mamba-1 families' rounding
     assert rows[("mamba2-2.7b", "2", "kernel-gsq-3bit")][6] == "nearest"
 
 
