@@ -84,7 +84,7 @@ def test_format_front_scores_formats_against_fp32(tmp_path):
     assert (tmp_path / "front.md").read_text().count("```") == 4 and list(tmp_path.glob("front-*.png"))
     with pytest.raises(SystemExit, match="levels7"):
         front.main(["--format", "levels7", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"'\+sr', '\+holdH'"):
+    with pytest.raises(SystemExit, match=r"'\+sr', '\+qr', '\+holdH'"):
         front.main(["--format", "int4+hold1.5", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"'\+gN'"):
         front.main(["--format", "int4+g0", "--out", str(tmp_path)])
@@ -157,6 +157,8 @@ def test_format_front_suffixes_make_the_config():
     grouped = GSQConfig.from_dict(front.CANDIDATES[front._add_format("gsq-3bit+g8+sr")])
     assert grouped.group_size == 8 and grouped.for_model_type("mamba2").group_size == 8
     assert grouped.for_model_type("mamba2").rounding == "stochastic"
+    quasi = GSQConfig.from_dict(front.CANDIDATES[front._add_format("gsq-4bit+qr")])
+    assert {quasi.for_model_type(family).rounding for family in ("mamba", "mamba2")} == {"quasirandom"}
 
 
 def test_format_front_config_files_are_candidates(tmp_path):
