@@ -189,7 +189,9 @@ def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
 
 @functools.lru_cache(maxsize=64)
 def _offsets(shape: tuple[int, ...], key: int, device: torch.device) -> torch.Tensor:
-    """uint32 (in int64) offsets of `QuasiRandom` thresholds: a hash of each element's row-major index."""
+    """uint32 (in int64) offsets of `QuasiRandom` thresholds: a hash of each element's row-major index. Cached
+    per shape, so the layers of one shape share them: 8 bytes per state element per stream on the torch path
+    (the fused kernel hashes in registers)."""
     index = torch.arange(math.prod(shape), dtype=torch.int64, device=device).view(shape)
     return mix32((index + key) & _MASK32)
 
