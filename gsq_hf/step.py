@@ -93,8 +93,8 @@ def _state_dim_outer(dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, x: torc
     state-dim-outer: N before S in memory, the channels innermost. The states the scan makes then keep that
     layout, and their per-group absmax over N and every elementwise pass of the step run along the long
     contiguous channel dim; over 16 innermost values the absmax is a slow short reduction on CPU, and packing
-    sub-byte codes along N becomes whole-row operations (Mamba2 too) (``python scripts/bench_decode_overhead.py``). The fused kernel reads contiguous states: CUDA
-    keeps them."""
+    sub-byte codes along N becomes whole-row operations (Mamba2 too) (``python scripts/bench_decode_overhead.py``).
+    The fused kernel reads contiguous states: CUDA keeps them."""
     lead = dt.dim() - (A.dim() - 1)  # len(L)
     dt_n, x_n = dt.unsqueeze(lead), x.unsqueeze(lead).float()  # (*L, 1, *S)
     dA = torch.exp(dt_n * A.movedim(-1, 0).contiguous())  # (*L, N, *S), contiguous

@@ -67,7 +67,8 @@ def test_format_front_scores_formats_against_fp32(tmp_path):
     recall_model = ROOT / "gsq_hf" / "assets" / "recall-mamba2"
     front.main(["--model", str(BUILTIN_MODEL_DIR), "--dataset", "builtin", "--context", "32", "--max-tokens", "256",
                 "--recall", str(recall_model), "--recall-num", "8",
-                "--only", "int8", "midrise3-e4m3-hadamard", "--format", "levels5-e4m3-hadamard+sr", "--out", str(tmp_path)])
+                "--only", "int8", "midrise3-e4m3-hadamard", "--format", "levels5-e4m3-hadamard+sr",
+                "--out", str(tmp_path)])
     records = json.loads((tmp_path / "front.json").read_text())["records"]
     lm = {r["config"]: r for r in records if r["dataset"] == "builtin"}
     assert lm["int8"]["bits"] == 10.0 and 3.5 < lm["midrise3-e4m3-hadamard"]["bits"] < 3.6  # + a row scale
