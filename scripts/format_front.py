@@ -95,9 +95,8 @@ def _suffixed(label: str, option: str) -> tuple[str, dict]:
 
 def _add_format(label: str) -> str:
     """A `--format` argument as a candidate: a format's config (or a preset's), stochastic with ``+sr``
-    (quasi-random with ``+qr``), its
-    scales held (`GSQConfig.scale_hold`) with ``+holdH``, groups of N values per scale (`GSQConfig.group_size`)
-    with ``+gN``."""
+    (quasi-random with ``+qr``), its scales held (`GSQConfig.scale_hold`) with ``+holdH``, groups of N values
+    per scale (`GSQConfig.group_size`) with ``+gN``."""
     name, extra = _suffixed(label, "--format")
     if name in PRESETS:  # the suffixes win over the preset's per-family fields too
         config = GSQConfig.from_preset(name).to_dict()
