@@ -57,6 +57,7 @@ tensor for e4m3's second-level scale: `StateFormat.row_bytes`). This module impo
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -169,10 +170,35 @@ def rotate_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 _MASK32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9  # round(2**32 / φ): a write's step of every quasi-random threshold (a Weyl sequence)
+_GOLDEN = 0x9E3779B9  # round(2**32 / φ): mixes the seed with the stream
 
 
-def _mul32(x: torch.Tensor | int, c: int) -> torch.Tensor | int:
+def _noble_steps() -> tuple[int, ...]:
+    """The 256 Weyl steps of `QuasiRandom`, as 32-bit fractions: the noble numbers [0; a1, a2, a3, a4, 1, 1, ...]
+    with a1..a4 in 1..4 (each lies in 0.2 .. 0.83). A noble number's continued fraction ends in ones, like the
+    golden ratio's, so each element's sequence of thresholds is as evenly spread over time as φ's; 256 distinct
+    steps keep two elements' sequences from being shifted copies of each other (with one step for all, the
+    errors of values that move alike were correlated: a bias in perplexity)."""
+    golden = (1 + 5**0.5) / 2
+    steps = []
+    for prefix in itertools.product(range(1, 5), repeat=4):
+        x = golden  # [1; 1, 1, ...]
+        for a in reversed(prefix):
+            x = a + 1 / x
+        steps.append(round(2**32 / x) & _MASK32)
+    return tuple(steps)
+
+
+_NOBLE_STEPS = _noble_steps()
+
+
+@functools.lru_cache(maxsize=16)
+def noble_steps(device: torch.device) -> torch.Tensor:
+    """`_noble_steps` as an int64 tensor on ``device`` (the fused kernel reads its steps from this table)."""
+    return torch.tensor(_NOBLE_STEPS, dtype=torch.int64, device=device)
+
+
+def _mul32(x: torch.Tensor | int, c: torch.Tensor | int) -> torch.Tensor | int:
     """``x * c mod 2**32`` for uint32 values held in int64, without overflowing int64 (two 16-bit halves)."""
     return ((x & 0xFFFF) * c + (((x >> 16) * c & 0xFFFF) << 16)) & _MASK32
 
@@ -187,24 +213,30 @@ def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
     return x ^ (x >> 16)
 
 
+_STEP_SALT = 0x5BD1E995  # an offset's hash, salted, picks the element's step
+
+
 @functools.lru_cache(maxsize=64)
-def _offsets(shape: tuple[int, ...], key: int, device: torch.device) -> torch.Tensor:
-    """uint32 (in int64) offsets of `QuasiRandom` thresholds: a hash of each element's row-major index. Cached
-    per shape, so the layers of one shape share them: 8 bytes per state element per stream on the torch path
-    (the fused kernel hashes in registers)."""
+def _weyl_terms(shape: tuple[int, ...], key: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint32 (in int64) offsets and steps of `QuasiRandom` thresholds: the offset a hash of each element's
+    row-major index, the step a noble number picked by the offset's hash. Cached per shape, so the layers of one
+    shape share them: 16 bytes per state element per stream on the torch path (the fused kernel hashes in
+    registers)."""
     index = torch.arange(math.prod(shape), dtype=torch.int64, device=device).view(shape)
-    return mix32((index + key) & _MASK32)
+    offsets = mix32((index + key) & _MASK32)
+    return offsets, noble_steps(device)[mix32(offsets ^ _STEP_SALT) & 255]
 
 
 @dataclass(frozen=True)
 class QuasiRandom:
     """The thresholds of ``quasirandom`` rounding at one write: element ``i`` rounds up where its distance from the
-    lower level exceeds ``1 - u_i``, with ``u_i = frac(offset_i + step · (φ − 1))``.
+    lower level exceeds ``1 - u_i``, with ``u_i = frac(offset_i + step · α_i)``.
 
     Why: a state re-quantized at every token moves most of its values by a small fraction ``m`` of a step
     per token. Round-to-nearest drops such moves (the state stops decaying); stochastic rounding keeps them
     in expectation, but its independent draws add a random walk of error, variance ``m`` per token. With
-    thresholds that step through a golden-ratio (Weyl) sequence over a value's successive writes, a steady
+    thresholds that step through a Weyl sequence over a value's successive writes (``α_i`` one of 256 noble
+    numbers, `_noble_steps`, picked by a hash: evenly spread like the golden ratio's), a steady
     move ``m`` rounds up in a fraction ``m`` of the writes, evenly spread, so the summed error stays bounded
     instead of growing like a random walk (as error diffusion would, with no stored residual). ``offset_i`` is
     a hash of the element's row-major index, ``seed`` and ``stream`` (the low and high copies and the conv
@@ -218,8 +250,8 @@ class QuasiRandom:
     def uniform(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """fp32 thresholds in [0, 1) for a tensor of ``shape``."""
         key = mix32((self.seed + self.stream * _GOLDEN) & _MASK32)
-        shift = _mul32(self.step & _MASK32, _GOLDEN)  # an int, or a device scalar (no host sync)
-        bits = (_offsets(tuple(shape), key, torch.device(device)) + shift) & _MASK32
+        offsets, steps = _weyl_terms(tuple(shape), key, torch.device(device))
+        bits = (offsets + _mul32(self.step & _MASK32, steps)) & _MASK32  # step: an int, or a device scalar
         return (bits >> 8).float() * 2.0**-24
 
     def for_stream(self, stream: int) -> QuasiRandom:

@@ -1,10 +1,12 @@
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gsq_hf.errors import GSQConfigError
-from gsq_hf.formats import FORMATS, QuasiRandom, get_format, mix32, rotate, rotate_rows
+from gsq_hf.formats import _NOBLE_STEPS, FORMATS, QuasiRandom, get_format, mix32, rotate, rotate_rows
 
 ROUNDINGS = st.sampled_from(["nearest", "stochastic", "quasirandom"])
 
@@ -125,9 +127,31 @@ def test_quasirandom_thresholds():
         (8,), "cpu"))
     for other in (QuasiRandom(7, 6), QuasiRandom(8, 5), QuasiRandom(7, 5, stream=1)):
         assert (other.uniform((3, 4, 16), "cpu") != u).float().mean() > 0.9
-    # one step moves every threshold by the same golden-ratio fraction (mod 1)
-    moved = (QuasiRandom(7, 6).uniform((3, 4, 16), "cpu") - u) % 1.0
-    assert torch.allclose(moved, torch.full_like(moved, 0.6180339887), atol=2**-23)
+    # one write moves each threshold by its element's Weyl step (mod 1): one of the noble steps, many in use
+    shape = (4, 32, 16)
+    moved = (QuasiRandom(7, 6).uniform(shape, "cpu") - QuasiRandom(7, 5).uniform(shape, "cpu")) % 1.0
+    steps = torch.tensor(_NOBLE_STEPS, dtype=torch.float64) / 2**32
+    distance, which = (moved.double().flatten()[:, None] - steps).abs().min(dim=1)
+    assert (distance <= 2**-23).all() and which.unique().numel() > 240
+
+
+def _continued_fraction(x: float, terms: int) -> list[int]:
+    out = []
+    for _ in range(terms):
+        x = 1 / x
+        out.append(int(x))
+        x -= int(x)
+    return out
+
+
+def test_noble_steps_are_distinct_and_end_in_ones():
+    """256 distinct steps [0; a1, a2, a3, a4, 1, 1, ...] with a1..a4 in 1..4: every prefix once, then ones (as
+    far as 32 bits resolve them), so each element's thresholds are as evenly spread over time as the golden
+    ratio's."""
+    expansions = [_continued_fraction(step / 2**32, 10) for step in _NOBLE_STEPS]
+    assert len(set(_NOBLE_STEPS)) == 256
+    assert sorted(tuple(e[:4]) for e in expansions) == sorted(itertools.product(range(1, 5), repeat=4))
+    assert all(e[4:] == [1] * 6 for e in expansions)
 
 
 def test_quasirandom_rounding_keeps_a_steady_move_within_a_step():

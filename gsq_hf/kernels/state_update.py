@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import FORMATS, QuantizedTensor, _hadamard
+from ..formats import FORMATS, QuantizedTensor, _hadamard, noble_steps
 from ..policies import PrecisionPolicy, Signals
 from ._triton_formats import add_row_max, format_constants, load_state, to_basis, write_copy
 from .conv_step import conv_channels, conv_constants, conv_pointers
@@ -147,7 +147,7 @@ def _mamba_kernel(
     low_ptr, low_scale_ptr, low_row_ptr, high_ptr, high_scale_ptr, high_row_ptr, valid_ptr,  # stored state, read
     out_low_ptr, out_low_scale_ptr, out_low_row_ptr, out_high_ptr, out_high_scale_ptr, out_high_row_ptr,
     out_valid_ptr,  # stored state, written
-    row_max_ptr, signs_ptr,  # (batch, 2) e4m3 row maxima (low, high) of the pre-pass; the rotation's signs
+    row_max_ptr, signs_ptr, weyl_ptr,  # (batch, 2) e4m3 row maxima of the pre-pass; rotation signs; noble steps
     x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, y_ptr, gate_ptr, row_high_ptr,
     dim, stride_x, stride_dt, stride_B, stride_C, stride_z, stride_y,  # batch strides; inner dims contiguous
     dt_min, dt_max, threshold, seed, step, hold,  # hold: GSQConfig.scale_hold (HOLD)
@@ -199,13 +199,13 @@ def _mamba_kernel(
 
         first = tl.program_id(0) == 0  # writes the batch row's e4m3 row scales
         write_copy(h, out_low_ptr, out_low_scale_ptr, out_low_row_ptr, row_max_ptr, signs_ptr, b, rows, mask, first,
-                   seed, step, 0, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_MAX, LOW_MBITS, LOW_MIN_EXP,
+                   seed, step, weyl_ptr, 0, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_MAX, LOW_MBITS, LOW_MIN_EXP,
                    LOW_ROTATED, False, NOISE, N, GROUP, BLOCK, low_scale_ptr, low_row_ptr, hold, HOLD)
         gate = 1.0 - tl.sum(dA, axis=1) / N  # (BLOCK,)
         if POLICY != "static":
             high = _choose(gate, row_high_ptr, b, threshold, POLICY)  # (BLOCK,)
             write_copy(h, out_high_ptr, out_high_scale_ptr, out_high_row_ptr, row_max_ptr, signs_ptr, b, rows,
-                       mask & high, first, seed, step, 1, HIGH, HIGH_BITS, HIGH_MIDRISE, HIGH_SCALE, HIGH_MAX,
+                       mask & high, first, seed, step, weyl_ptr, 1, HIGH, HIGH_BITS, HIGH_MIDRISE, HIGH_SCALE, HIGH_MAX,
                        HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, False, NOISE, N, GROUP, BLOCK,
                        low_scale_ptr, low_row_ptr, hold, False)
             tl.store(out_valid_ptr + rows, high, mask=mask)
@@ -218,7 +218,7 @@ def _mamba2_kernel(
     low_ptr, low_scale_ptr, low_row_ptr, high_ptr, high_scale_ptr, high_row_ptr, valid_ptr,  # stored state, read
     out_low_ptr, out_low_scale_ptr, out_low_row_ptr, out_high_ptr, out_high_scale_ptr, out_high_row_ptr,
     out_valid_ptr,  # stored state, written
-    row_max_ptr, signs_ptr,  # (batch, 2) e4m3 row maxima (low, high) of the pre-pass; the rotation's signs
+    row_max_ptr, signs_ptr, weyl_ptr,  # (batch, 2) e4m3 row maxima of the pre-pass; rotation signs; noble steps
     x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr, gate_ptr, row_high_ptr,
     win_ptr, win_scale_ptr, out_win_ptr, out_win_scale_ptr, u_ptr, conv_w_ptr, conv_b_ptr,  # the conv (HAS_CONV)
     head_dim, heads_per_group, stride_x, stride_dt, stride_B, stride_C, stride_y, stride_u,  # batch strides
@@ -301,14 +301,14 @@ def _mamba2_kernel(
 
         first = (tl.program_id(0) == 0) & (head == 0)  # writes the batch row's e4m3 row scales
         write_copy(h, out_low_ptr, out_low_scale_ptr, out_low_row_ptr, row_max_ptr, signs_ptr, b, rows, mask, first,
-                   seed, step, 0, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_MAX, LOW_MBITS, LOW_MIN_EXP,
+                   seed, step, weyl_ptr, 0, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_MAX, LOW_MBITS, LOW_MIN_EXP,
                    LOW_ROTATED, LOW_ROTATED, NOISE, N, GROUP, BLOCK, low_scale_ptr, low_row_ptr, hold, HOLD)
         gate = tl.full((BLOCK,), 1.0, tl.float32) - dA  # (BLOCK,), one value
         head_out = mask & (p == 0)  # the per-head outputs are written once
         if POLICY != "static":
             high = _choose(gate, row_high_ptr, b, threshold, POLICY)  # (BLOCK,), one value
             write_copy(h, out_high_ptr, out_high_scale_ptr, out_high_row_ptr, row_max_ptr, signs_ptr, b, rows,
-                       mask & high, first, seed, step, 1, HIGH, HIGH_BITS, HIGH_MIDRISE, HIGH_SCALE, HIGH_MAX,
+                       mask & high, first, seed, step, weyl_ptr, 1, HIGH, HIGH_BITS, HIGH_MIDRISE, HIGH_SCALE, HIGH_MAX,
                        HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, LOW_ROTATED, NOISE, N, GROUP, BLOCK,
                        low_scale_ptr, low_row_ptr, hold, False)
             tl.store(out_valid_ptr + units, high, mask=head_out)
@@ -455,6 +455,7 @@ def state_update(
     pointers = [*_storage_pointers(low, unused), *_storage_pointers(high if read_high else None, unused),
                 high_valid if read_high else unused, *out_pointers,
                 out_valid if out_valid is not None else unused, row_max, signs,
+                noble_steps(device) if rounding == "quasirandom" else unused,
                 x, dt, dt_bias if dt_bias is not None else unused, A.contiguous(), B, C,
                 D if D is not None else unused]
     constants = dict(N=n, GROUP=group, **format_constants("LOW", policy.low), **format_constants("HIGH", high_fmt),
