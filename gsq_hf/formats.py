@@ -218,10 +218,10 @@ _STEP_SALT = 0x5BD1E995  # an offset's hash, salted, picks the element's step
 
 @functools.lru_cache(maxsize=64)
 def _weyl_terms(shape: tuple[int, ...], key: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint32 (in int64) offsets and steps of `QuasiRandom` thresholds: the offset a hash of each element's
-    row-major index, the step a noble number picked by the offset's hash. Cached per shape, so the layers of one
-    shape share them: 16 bytes per state element per stream on the torch path (the fused kernel hashes in
-    registers)."""
+    """uint32 (in int64) offsets and steps of `QuasiRandom` thresholds for one batch row of ``shape``: the offset
+    a hash of each element's row-major index, the step a noble number picked by the offset's hash. Cached per
+    shape, so the layers of one shape share them: 16 bytes per element of a batch row per stream on the torch
+    path (the fused kernel hashes in registers)."""
     index = torch.arange(math.prod(shape), dtype=torch.int64, device=device).view(shape)
     offsets = mix32((index + key) & _MASK32)
     return offsets, noble_steps(device)[mix32(offsets ^ _STEP_SALT) & 255]
@@ -239,20 +239,23 @@ class QuasiRandom:
     numbers, `_noble_steps`, picked by a hash: evenly spread like the golden ratio's), a steady
     move ``m`` rounds up in a fraction ``m`` of the writes, evenly spread, so the summed error stays bounded
     instead of growing like a random walk (as error diffusion would, with no stored residual). ``offset_i`` is
-    a hash of the element's row-major index, ``seed`` and ``stream`` (the low and high copies and the conv
-    window draw apart); ``step`` is the layer's write count (an int, or a device int64 scalar that a captured
-    CUDA graph advances). Thresholds are 24-bit fractions, bit-identical in the fused kernel."""
+    a hash of the element's row-major index within its batch row (dim 0: every batch row gets the same
+    thresholds, so a sequence is stored the same whatever batch it is decoded in), ``seed`` and ``stream`` (the
+    low and high copies and the conv window draw apart); ``step`` is the layer's write count (an int, or a
+    device int64 scalar that a captured CUDA graph advances). Thresholds are 24-bit fractions, bit-identical in
+    the fused kernel."""
 
     seed: int
     step: int | torch.Tensor
     stream: int = 0
 
     def uniform(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """fp32 thresholds in [0, 1) for a tensor of ``shape``."""
+        """fp32 thresholds in [0, 1) for a tensor of ``shape`` (batch first, unless it has one dim)."""
         key = mix32((self.seed + self.stream * _GOLDEN) & _MASK32)
-        offsets, steps = _weyl_terms(tuple(shape), key, torch.device(device))
+        row = tuple(shape[1:]) if len(shape) > 1 else tuple(shape)
+        offsets, steps = _weyl_terms(row, key, torch.device(device))
         bits = (offsets + _mul32(self.step & _MASK32, steps)) & _MASK32  # step: an int, or a device scalar
-        return (bits >> 8).float() * 2.0**-24
+        return ((bits >> 8).float() * 2.0**-24).expand(shape)
 
     def for_stream(self, stream: int) -> QuasiRandom:
         return replace(self, stream=stream)

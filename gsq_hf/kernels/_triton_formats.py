@@ -118,11 +118,12 @@ def mix32(x):
 
 
 @triton.jit
-def quasi_uniform(seed, step, weyl_ptr, STREAM: tl.constexpr, rows, N: tl.constexpr):
+def quasi_uniform(seed, step, weyl_ptr, row0, STREAM: tl.constexpr, rows, N: tl.constexpr):
     """`gsq_hf.formats.QuasiRandom` thresholds (ROWS, N), bit for bit: ``frac(offset + step · α)`` in 24 bits,
-    offset a hash of the element's row-major index (rows · N + n), ``seed`` and ``STREAM``; α the entry of the
-    256 noble steps at ``weyl_ptr`` (`gsq_hf.formats.noble_steps`) that the offset's salted hash picks."""
-    index = (rows[:, None] * N + tl.arange(0, N)[None, :]).to(tl.int64)
+    offset a hash of the element's row-major index within its batch row ((rows − row0) · N + n, ``row0`` the
+    batch row's first row), ``seed`` and ``STREAM``; α the entry of the 256 noble steps at ``weyl_ptr``
+    (`gsq_hf.formats.noble_steps`) that the offset's salted hash picks."""
+    index = ((rows - row0)[:, None] * N + tl.arange(0, N)[None, :]).to(tl.int64)
     zero = index * 0  # seed and step enter through tensors: Triton may pass a scalar argument as a constant
     key = mix32((zero + seed + STREAM * 0x9E3779B9).to(tl.uint32))  # casts to uint32 keep the low 32 bits
     offset = mix32(index.to(tl.uint32) + key)
@@ -132,12 +133,13 @@ def quasi_uniform(seed, step, weyl_ptr, STREAM: tl.constexpr, rows, N: tl.conste
 
 
 @triton.jit
-def uniform(seed, step, weyl_ptr, STREAM: tl.constexpr, rows, ROWS: tl.constexpr, N: tl.constexpr, NOISE: tl.constexpr):
+def uniform(seed, step, weyl_ptr, row0, STREAM: tl.constexpr, rows, ROWS: tl.constexpr, N: tl.constexpr,
+            NOISE: tl.constexpr):
     """Uniform [0, 1) thresholds (ROWS, N) for stochastic rounding: NOISE 1, Philox draws, one call per four
     elements (counter = (element quad, step, stream): independent across elements, steps and the low/high
     copies); NOISE 2, quasi-random (`quasi_uniform`)."""
     if NOISE == 2:
-        return quasi_uniform(seed, step, weyl_ptr, STREAM, rows, N)
+        return quasi_uniform(seed, step, weyl_ptr, row0, STREAM, rows, N)
     quad = rows[:, None] * (N // 4) + tl.arange(0, N // 4)[None, :]  # (ROWS, N/4) int64
     zero = quad.to(tl.uint32) * 0
     r0, r1, r2, r3 = tl.philox(seed, quad.to(tl.uint32), (quad >> 32).to(tl.uint32), (zero + step).to(tl.uint32),
@@ -274,7 +276,7 @@ def load_state(data_ptr, scale_ptr, row_scale_ptr, b, rows, mask, CODES: tl.cons
 
 
 @triton.jit
-def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, weyl_ptr, STREAM: tl.constexpr,
+def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, weyl_ptr, row0, STREAM: tl.constexpr,
                 CODES: tl.constexpr, BITS: tl.constexpr, MIDRISE: tl.constexpr, SCALE: tl.constexpr,
                 MAX: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr, NOISE: tl.constexpr,
                 N: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, DIVIDE: tl.constexpr, old_scale_ptr,
@@ -295,7 +297,7 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, weyl_
     slack) and at least ``hold`` of it; with e4m3, only in a batch row whose second-level scale was kept
     (``keep_row``: ``row_scale`` is then the previous one, so the stored e4m3 values keep their meaning).
     """
-    u = uniform(seed, step, weyl_ptr, STREAM, rows, ROWS, N, NOISE) if NOISE else 0.0
+    u = uniform(seed, step, weyl_ptr, row0, STREAM, rows, ROWS, N, NOISE) if NOISE else 0.0
     v = h
     if SCALE != "":
         groups = tl.reshape(h, (ROWS, N // GROUP, GROUP))
@@ -359,7 +361,7 @@ def add_row_max(h, row_max_ptr, signs_ptr, b, mask, SLOT: tl.constexpr, SCALE: t
 
 @triton.jit
 def write_copy(h, data_ptr, scale_ptr, row_scale_ptr, row_max_ptr, signs_ptr, b, rows, mask, first, seed, step,
-               weyl_ptr, STREAM: tl.constexpr, CODES: tl.constexpr, BITS: tl.constexpr, MIDRISE: tl.constexpr,
+               weyl_ptr, row0, STREAM: tl.constexpr, CODES: tl.constexpr, BITS: tl.constexpr, MIDRISE: tl.constexpr,
                SCALE: tl.constexpr, MAX: tl.constexpr, MBITS: tl.constexpr, MIN_EXP: tl.constexpr,
                ROTATED: tl.constexpr, BASIS_ROTATED: tl.constexpr, NOISE: tl.constexpr, N: tl.constexpr,
                GROUP: tl.constexpr, ROWS: tl.constexpr, old_scale_ptr, old_row_ptr, hold, HOLD: tl.constexpr):
@@ -381,5 +383,5 @@ def write_copy(h, data_ptr, scale_ptr, row_scale_ptr, row_max_ptr, signs_ptr, b,
         tl.store(row_scale_ptr + b, second, mask=first)
     else:
         second = 0.0
-    store_state(v, data_ptr, scale_ptr, second, rows, mask, seed, step, weyl_ptr, STREAM, CODES, BITS, MIDRISE,
-                SCALE, MAX, MBITS, MIN_EXP, NOISE, N, GROUP, ROWS, False, old_scale_ptr, keep_row, hold, HOLD)
+    store_state(v, data_ptr, scale_ptr, second, rows, mask, seed, step, weyl_ptr, row0, STREAM, CODES, BITS,
+                MIDRISE, SCALE, MAX, MBITS, MIN_EXP, NOISE, N, GROUP, ROWS, False, old_scale_ptr, keep_row, hold, HOLD)

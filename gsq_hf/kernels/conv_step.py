@@ -69,7 +69,7 @@ def conv_channels(win_ptr, win_scale_ptr, out_win_ptr, out_win_scale_ptr, u_ptr,
     window = tl.where(k[None, :] == K - 1, u[:, None], _on_grid(shifted, ACT))  # (ROWS, K): read as the model dtype
     if WRITE:  # group = K: one scale per window; nearest rounding, dividing by the scale as gsq_hf.formats does
         stored = mask & (tl.zeros((ROWS,), tl.int1) | write)  # (a scalar `write` broadcast as a mask)
-        store_state(window, out_win_ptr, out_win_scale_ptr, 0.0, rows, stored, 0, 0, out_win_ptr, 2, CONV, CONV_BITS,
+        store_state(window, out_win_ptr, out_win_scale_ptr, 0.0, rows, stored, 0, 0, out_win_ptr, 0, 2, CONV, CONV_BITS,
                     CONV_MIDRISE, CONV_SCALE, CONV_MAX, CONV_MBITS, CONV_MIN_EXP, False, K, K, ROWS, True,
                     out_win_scale_ptr, True, 0.0, False)  # DIVIDE; no held scales
     w = tl.load(w_ptr + channels[:, None] * K + k[None, :], mask=mask[:, None], other=0.0).to(tl.float32)

@@ -167,7 +167,8 @@ def _mamba_kernel(
     b = tl.program_id(1)
     d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) channels
     mask = d < dim
-    rows = b.to(tl.int64) * dim + d  # (BLOCK,)
+    row0 = b.to(tl.int64) * dim  # the batch row's first row
+    rows = row0 + d  # (BLOCK,)
     n = tl.arange(0, N)
     if STEP_IN_MEMORY:
         step = tl.load(step)
@@ -199,14 +200,14 @@ def _mamba_kernel(
 
         first = tl.program_id(0) == 0  # writes the batch row's e4m3 row scales
         write_copy(h, out_low_ptr, out_low_scale_ptr, out_low_row_ptr, row_max_ptr, signs_ptr, b, rows, mask, first,
-                   seed, step, weyl_ptr, 0, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_MAX, LOW_MBITS, LOW_MIN_EXP,
-                   LOW_ROTATED, False, NOISE, N, GROUP, BLOCK, low_scale_ptr, low_row_ptr, hold, HOLD)
+                   seed, step, weyl_ptr, row0, 0, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_MAX, LOW_MBITS,
+                   LOW_MIN_EXP, LOW_ROTATED, False, NOISE, N, GROUP, BLOCK, low_scale_ptr, low_row_ptr, hold, HOLD)
         gate = 1.0 - tl.sum(dA, axis=1) / N  # (BLOCK,)
         if POLICY != "static":
             high = _choose(gate, row_high_ptr, b, threshold, POLICY)  # (BLOCK,)
             write_copy(h, out_high_ptr, out_high_scale_ptr, out_high_row_ptr, row_max_ptr, signs_ptr, b, rows,
-                       mask & high, first, seed, step, weyl_ptr, 1, HIGH, HIGH_BITS, HIGH_MIDRISE, HIGH_SCALE, HIGH_MAX,
-                       HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, False, NOISE, N, GROUP, BLOCK,
+                       mask & high, first, seed, step, weyl_ptr, row0, 1, HIGH, HIGH_BITS, HIGH_MIDRISE, HIGH_SCALE,
+                       HIGH_MAX, HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, False, NOISE, N, GROUP, BLOCK,
                        low_scale_ptr, low_row_ptr, hold, False)
             tl.store(out_valid_ptr + rows, high, mask=mask)
         if WRITE_GATE:
@@ -252,6 +253,7 @@ def _mamba2_kernel(
     unit = b.to(tl.int64) * tl.num_programs(1) + head
     units = tl.zeros((BLOCK,), tl.int64) + unit  # (BLOCK,): every row of the tile belongs to this head
     rows = unit * head_dim + p  # (BLOCK,)
+    row0 = b.to(tl.int64) * tl.num_programs(1) * head_dim  # the batch row's first row
     n = tl.arange(0, N)
     group = head // heads_per_group
     if STEP_IN_MEMORY:
@@ -301,15 +303,16 @@ def _mamba2_kernel(
 
         first = (tl.program_id(0) == 0) & (head == 0)  # writes the batch row's e4m3 row scales
         write_copy(h, out_low_ptr, out_low_scale_ptr, out_low_row_ptr, row_max_ptr, signs_ptr, b, rows, mask, first,
-                   seed, step, weyl_ptr, 0, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_MAX, LOW_MBITS, LOW_MIN_EXP,
-                   LOW_ROTATED, LOW_ROTATED, NOISE, N, GROUP, BLOCK, low_scale_ptr, low_row_ptr, hold, HOLD)
+                   seed, step, weyl_ptr, row0, 0, LOW, LOW_BITS, LOW_MIDRISE, LOW_SCALE, LOW_MAX, LOW_MBITS,
+                   LOW_MIN_EXP, LOW_ROTATED, LOW_ROTATED, NOISE, N, GROUP, BLOCK, low_scale_ptr, low_row_ptr, hold,
+                   HOLD)
         gate = tl.full((BLOCK,), 1.0, tl.float32) - dA  # (BLOCK,), one value
         head_out = mask & (p == 0)  # the per-head outputs are written once
         if POLICY != "static":
             high = _choose(gate, row_high_ptr, b, threshold, POLICY)  # (BLOCK,), one value
             write_copy(h, out_high_ptr, out_high_scale_ptr, out_high_row_ptr, row_max_ptr, signs_ptr, b, rows,
-                       mask & high, first, seed, step, weyl_ptr, 1, HIGH, HIGH_BITS, HIGH_MIDRISE, HIGH_SCALE, HIGH_MAX,
-                       HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, LOW_ROTATED, NOISE, N, GROUP, BLOCK,
+                       mask & high, first, seed, step, weyl_ptr, row0, 1, HIGH, HIGH_BITS, HIGH_MIDRISE, HIGH_SCALE,
+                       HIGH_MAX, HIGH_MBITS, HIGH_MIN_EXP, HIGH_ROTATED, LOW_ROTATED, NOISE, N, GROUP, BLOCK,
                        low_scale_ptr, low_row_ptr, hold, False)
             tl.store(out_valid_ptr + units, high, mask=head_out)
         if WRITE_GATE:
