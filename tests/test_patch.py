@@ -143,13 +143,13 @@ def test_composed_formats_patch_account_and_save(model, tmp_path):
 
 @pytest.mark.parametrize(("preset", "codes_bits"), [("gsq-4bit", 4), ("gsq-3bit", 3)])
 def test_low_bit_presets_resolve_per_family(model, preset, codes_bits):
-    """Both presets round to nearest on Mamba2 only (Mamba-1: gsq-4bit stochastically, with its e4m3 scales rounded
-    up, gsq-3bit quasi-randomly; chosen per family, docs/formats.md), and store b-bit codes + an 8-bit scale
+    """Both presets round to nearest on Mamba2 and quasi-randomly on Mamba-1 (gsq-4bit with its e4m3 scales
+    rounded up; chosen per family, docs/formats.md), and store b-bit codes + an 8-bit scale
     per d_state group + one fp32 per row (d_state 8 here: b + 1 bits + the row)."""
     gsq_hf.patch(model, preset)
     cache = model(torch.randint(2, 64, (2, 5))).cache
     family = model.config.model_type
-    expected = {"gsq-4bit": "stochastic", "gsq-3bit": "quasirandom"}[preset] if family == "mamba" else "nearest"
+    expected = "quasirandom" if family == "mamba" else "nearest"
     scale = "e4m3up" if (family, preset) == ("mamba", "gsq-4bit") else "e4m3"
     assert cache.config.rounding == expected and cache.config.policy.format == f"midrise{codes_bits}-{scale}-hadamard"
     elements = math.prod(cache.gsq_layers[0].storage.low.shape[1:])
