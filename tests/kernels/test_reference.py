@@ -2,7 +2,7 @@
 
 Each decode step a patched model takes on the torch path (`gsq_hf.step.decode_step`) is replayed through
 `state_update_reference` from the storage the layer held before it, with the same inputs and the same draws
-of stochastic rounding: the output, the stored copies (low, high, budget slots, fp32 fallback units) and the
+of stochastic rounding (quasi-random: the same thresholds): the output, the stored copies (low, high, budget slots, fp32 fallback units) and the
 gate must be equal, not close. Needs no triton (the kernel itself: ``test_state_update.py``).
 """
 
@@ -30,7 +30,7 @@ MODELS = {"mamba": tiny_mamba, "mamba2": tiny_mamba2, "zamba": lambda: families.
 CONFIGS = {
     "int8": "int8",
     "int3": "int3",  # a format only the torch path stores
-    "gsq-4bit": "gsq-4bit",  # e4m3 scales, Hadamard rotation, mid-rise codes; stochastic on Mamba-1 families
+    "gsq-4bit": "gsq-4bit",  # e4m3 scales, Hadamard rotation, mid-rise codes; quasi-random on Mamba-1 families
     "gate": "gsq-gate",
     "budget": "gsq-budget",  # high copies in K < units slots
     "entropy": "gsq-entropy",  # a row signal from the logits
@@ -46,8 +46,10 @@ def record_steps(monkeypatch) -> list[dict]:
 
     def spy(layer, x, dt, A, B, C, D, z, conv_history=None):
         cache = layer.cache
-        generator = cache.generator(x.device)
-        before = dict(storage=layer.storage, generator=None if generator is None else generator.get_state(),
+        generator = layer.generator(x.device)  # a torch.Generator (its state is kept), a QuasiRandom or None
+        if isinstance(generator, torch.Generator):
+            generator = generator.get_state()
+        before = dict(storage=layer.storage, generator=generator,
                       row_signal=cache.row_signal_for(x.shape[0]), inputs=(x, dt, A, B, C, D, z))
         y = original(layer, x, dt, A, B, C, D, z, conv_history)
         steps.append(before | dict(layer=layer, y=y, after=layer.storage, gate=layer.last_gate))
@@ -60,9 +62,9 @@ def record_steps(monkeypatch) -> list[dict]:
 
 def replay(step: dict):
     cache, before = step["layer"].cache, step["storage"]
-    generator = None
-    if step["generator"] is not None:
-        generator = torch.Generator().set_state(step["generator"])
+    generator = step["generator"]
+    if isinstance(generator, torch.Tensor):
+        generator = torch.Generator().set_state(generator)
     return state_update_reference(
         before.low, before.high, before.high_valid, *step["inputs"], policy=cache.policy,
         group_size=cache.config.group_size, rounding=cache.config.rounding, row_signal=step["row_signal"],
