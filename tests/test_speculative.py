@@ -252,8 +252,8 @@ def test_bad_input(model):
 @pytest.mark.parametrize("target", [{"name": "int4-sr", "format": "int4", "rounding": "stochastic"}, "gsq-4bit"])
 def test_stochastic_rounding_targets_stay_exact_through_rejections(model, target):
     """A target whose own state rounds stochastically (int4-sr) or quasi-randomly (gsq-4bit on Mamba-1) must
-    round, after every rollback, as plain decoding does: its greedy output equals plain greedy `generate` of the same patched model, with a
-    noisy draft forcing rejections under every rollback."""
+    round, after every rollback, as plain decoding does: its greedy output equals plain greedy `generate` of the
+    same patched model, with a noisy draft forcing rejections under every rollback."""
     ids = torch.randint(2, 64, (1, 4), generator=torch.Generator().manual_seed(3))
     gsq_hf.patch(model, target)
     expected = model.generate(ids, max_new_tokens=24, do_sample=False)
