@@ -3,7 +3,8 @@
 Each decode step a patched model takes on the torch path (`gsq_hf.step.decode_step`) is replayed through
 `state_update_reference` from the storage the layer held before it, with the same inputs and the same draws
 of stochastic rounding (quasi-random: the same thresholds): the output, the stored copies (low, high, budget
-slots, fp32 fallback units) and the gate must be equal, not close. Needs no triton (the kernel itself: ``test_state_update.py``).
+slots, fp32 fallback units) and the gate must be equal, not close. Needs no triton (the kernel itself:
+``test_state_update.py``).
 """
 
 from __future__ import annotations
