@@ -101,3 +101,20 @@ def test_cache_does_not_keep_its_model_alive(family):
     del model
     gc.collect()
     assert cache.memory_report()["weight_bytes"] is None
+
+
+def test_quasirandom_decoding_does_not_depend_on_the_batch(model):
+    """A prompt decoded alone and beside another gets the same logits up to float rounding of the batched
+    matmuls with quasi-random rounding (its thresholds index within a batch row), where stochastic rounding's
+    draws, which depend on the row, move them by far more."""
+    alone, other = _ids(1, 6, seed=1), _ids(1, 6, seed=2)
+    gaps = {}
+    for rounding in ("quasirandom", "stochastic"):
+        gsq_hf.patch(model, {"policy": "static", "format": "midrise4-e4m3-hadamard", "rounding": rounding})
+        single, batched = _generate(model, alone, output_logits=True), _generate(
+            model, torch.cat([other, alone]), output_logits=True)
+        assert torch.equal(single.sequences[0], batched.sequences[1]) or rounding == "stochastic"
+        gaps[rounding] = max((a[0] - b[1]).abs().max().item() for a, b in zip(single.logits, batched.logits,
+                                                                               strict=True))
+        gsq_hf.unpatch(model)
+    assert gaps["quasirandom"] < 1e-5 and gaps["stochastic"] > 1e-4, gaps
