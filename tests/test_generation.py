@@ -113,7 +113,8 @@ def test_quasirandom_decoding_does_not_depend_on_the_batch(model):
         gsq_hf.patch(model, {"policy": "static", "format": "midrise4-e4m3-hadamard", "rounding": rounding})
         single, batched = _generate(model, alone, output_logits=True), _generate(
             model, torch.cat([other, alone]), output_logits=True)
-        assert torch.equal(single.sequences[0], batched.sequences[1]) or rounding == "stochastic"
+        if rounding == "quasirandom":
+            assert torch.equal(single.sequences[0], batched.sequences[1])
         gaps[rounding] = max((a[0] - b[1]).abs().max().item() for a, b in zip(single.logits, batched.logits,
                                                                                strict=True))
         gsq_hf.unpatch(model)

@@ -127,7 +127,8 @@ def quasi_uniform(seed, step, weyl_ptr, row0, STREAM: tl.constexpr, rows, N: tl.
     zero = index * 0  # seed and step enter through tensors: Triton may pass a scalar argument as a constant
     key = mix32((zero + seed + STREAM * 0x9E3779B9).to(tl.uint32))  # casts to uint32 keep the low 32 bits
     offset = mix32(index.to(tl.uint32) + key)
-    alpha = tl.load(weyl_ptr + (mix32(offset ^ (zero + 0x5BD1E995).to(tl.uint32)) & 255)).to(tl.uint32)
+    salt = (zero + 0x5BD1E995).to(tl.uint32)  # gsq_hf.formats._STEP_SALT
+    alpha = tl.load(weyl_ptr + (mix32(offset ^ salt) & 255)).to(tl.uint32)
     bits = offset + (zero + step).to(tl.uint32) * alpha
     return (bits >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
 
