@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 from ..config import GSQConfig, list_presets, resolve_config
 
-DEFAULT_CONFIGS = ("fp32", "int8", "int4", "gsq-gate", "gsq-entropy", "gsq-budget")
+DEFAULT_CONFIGS = ("fp32", "int8", "int4", "gsq-4bit", "gsq-3bit", "gsq-gate", "gsq-entropy", "gsq-budget")
 EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 THREADS_HELP = ("intra-op CPU threads (torch.set_num_threads; default: 1 for models under 200M parameters, whose "
                 "per-token ops are too small to share and slow down many-fold when other jobs use the cores; else "
