@@ -76,13 +76,17 @@ def test_format_front_scores_formats_against_fp32(tmp_path):
     assert 0 < lm["int8"]["kl"] < lm["midrise3-e4m3-hadamard"]["kl"]
     recall = [r for r in records if r["dataset"] == "recall"]
     assert [r["config"] for r in recall] == ["int8", "midrise3-e4m3-hadamard", "levels5-e4m3-hadamard+sr"]
-    assert set(recall[0]["recall_by_gap"])
+    assert set(recall[0]["recall_by_gap"]) == {"32", "128"}  # recall-mamba2's training gap and 4x it
     for r in lm.values():  # Δ perplexity vs fp32 on the same windows, ± its paired standard error over them
         assert r["delta_ppl"] == pytest.approx(r["perplexity"] / r["fp32_perplexity"] - 1, abs=1e-12)
         assert r["windows"] == 8 and 0 < r["delta_ppl_stderr"] < 1
     assert all(set(r["delta_stderr_by_gap"]) == set(r["recall_by_gap"]) for r in recall)
     assert "Δ ppl ± SE" in (tmp_path / "front.md").read_text()
     assert (tmp_path / "front.md").read_text().count("```") == 4 and list(tmp_path.glob("front-*.png"))
+    front.main(["--recall", str(recall_model), "--recall-num", "4", "--recall-gaps", "5", "--only", "int8",
+                "--out", str(tmp_path / "gaps")])
+    gaps = json.loads((tmp_path / "gaps" / "front.json").read_text())["records"]
+    assert [set(r["recall_by_gap"]) for r in gaps] == [{"5"}]
     with pytest.raises(SystemExit, match="levels7"):
         front.main(["--format", "levels7", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"'\+sr', '\+qr', '\+holdH'"):
