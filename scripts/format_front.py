@@ -8,9 +8,10 @@ stored after every token) on the same windows as fp32, which keeps its top ``--k
 KL(fp32 ‖ config) per token (a lower bound of the full KL, ± its standard error over windows), top-1
 agreement and Δ perplexity (± its standard error paired over the windows, `gsq_hf.eval.paired`). For a recall
 model (``--recall``, a directory from scripts/train_recall.py), decode-faithful recall at the training gap and 4x
-it (or ``--recall-gaps``), Δ vs fp32 ± its standard error paired over the sequences. ``--max-tokens`` beyond a
-text's length scores all of it. Stored bits are the memory report's average bits per state element, every stored
-bit counted (payload, scales, second-level scales).
+it (or ``--recall-gaps``; ``--recall-pairs`` asks more pairs than trained, nearer the model's capacity), Δ vs
+fp32 ± its standard error paired over the sequences. ``--max-tokens`` beyond a text's length scores all of it.
+Stored bits are the memory report's average bits per state element, every stored bit counted (payload, scales,
+second-level scales).
 
 Candidates: the uniform baselines (int8 … int3 with fp32 scales: today's front), then the composed formats at
 ≤ 4.5 and ≤ 3.5 stored bits per element at d_state 16 (an e4m3/e8m0 scale costs 8 bits per group instead of
@@ -217,7 +218,7 @@ def allocate(per_layer: list[dict], layers: dict[int, int], elements: dict[int, 
 
 
 def recall_front(model_dir: str, labels: list[str], args) -> list[dict]:
-    model, spec = load_model(model_dir), load_recall_spec(model_dir)
+    model, spec = load_model(model_dir), load_recall_spec(model_dir, pairs=args.recall_pairs)
     gaps = args.recall_gaps or [spec.gap, 4 * spec.gap]
     sweep = recall_sweep(model, spec, ["fp32", *(CANDIDATES[label] for label in labels)], gaps, args.recall_num,
                          batch_size=args.batch_size * 16)
@@ -318,6 +319,9 @@ def main(argv=None) -> None:
     parser.add_argument("--recall-num", type=int, default=256)
     parser.add_argument("--recall-gaps", type=int, nargs="+", metavar="GAP",
                         help="filler tokens between pairs and queries (default: the training gap and 4x it)")
+    parser.add_argument("--recall-pairs", type=int, metavar="N",
+                        help="key-value pairs per sequence (default: the training task's; more nears the model's "
+                             "capacity, where the state's precision shows)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
     argv = sys.argv[1:] if argv is None else argv

@@ -83,10 +83,11 @@ def test_format_front_scores_formats_against_fp32(tmp_path):
     assert all(set(r["delta_stderr_by_gap"]) == set(r["recall_by_gap"]) for r in recall)
     assert "Δ ppl ± SE" in (tmp_path / "front.md").read_text()
     assert (tmp_path / "front.md").read_text().count("```") == 4 and list(tmp_path.glob("front-*.png"))
-    front.main(["--recall", str(recall_model), "--recall-num", "4", "--recall-gaps", "5", "--only", "int8",
-                "--out", str(tmp_path / "gaps")])
+    front.main(["--recall", str(recall_model), "--recall-num", "4", "--recall-gaps", "5", "--recall-pairs", "3",
+                "--only", "int8", "--out", str(tmp_path / "gaps")])
     gaps = json.loads((tmp_path / "gaps" / "front.json").read_text())["records"]
     assert [set(r["recall_by_gap"]) for r in gaps] == [{"5"}]
+    assert gaps[0]["queries"] == 4 * 3  # 3 pairs: at most 3 queries a sequence
     with pytest.raises(SystemExit, match="levels7"):
         front.main(["--format", "levels7", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"'\+sr', '\+qr', '\+holdH'"):
