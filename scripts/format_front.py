@@ -40,12 +40,13 @@ import torch
 
 import gsq_hf
 from gsq_hf import GSQCache
+from gsq_hf.cli.common import positive
 from gsq_hf.config import GSQConfig
 from gsq_hf.errors import GSQConfigError
 from gsq_hf.eval import decode_faithful_perplexity, make_windows
 from gsq_hf.eval.data import load_model, load_text, load_tokenizer
 from gsq_hf.eval.paired import nll_deltas
-from gsq_hf.eval.recall import load_recall_spec, recall_sweep
+from gsq_hf.eval.recall import RecallInputError, load_recall_spec, recall_sweep
 from gsq_hf.eval.report import format_table, versions, write_json
 from gsq_hf.formats import get_format
 from gsq_hf.patch import patchable_mixers
@@ -218,10 +219,14 @@ def allocate(per_layer: list[dict], layers: dict[int, int], elements: dict[int, 
 
 
 def recall_front(model_dir: str, labels: list[str], args) -> list[dict]:
-    model, spec = load_model(model_dir), load_recall_spec(model_dir, pairs=args.recall_pairs)
-    gaps = args.recall_gaps or [spec.gap, 4 * spec.gap]
-    sweep = recall_sweep(model, spec, ["fp32", *(CANDIDATES[label] for label in labels)], gaps, args.recall_num,
-                         batch_size=args.batch_size * 16)
+    model = load_model(model_dir)
+    try:
+        spec = load_recall_spec(model_dir, pairs=args.recall_pairs)
+        gaps = args.recall_gaps or [spec.gap, 4 * spec.gap]
+        sweep = recall_sweep(model, spec, ["fp32", *(CANDIDATES[label] for label in labels)], gaps,
+                             args.recall_num, batch_size=args.batch_size * 16)
+    except RecallInputError as error:
+        raise SystemExit(f"format_front.py: --recall {model_dir}: {error}") from None
     fp32, *rest = sweep["results"]
     return [{"model": Path(model_dir).name, "dataset": "recall", "config": label, "bits": r["avg_state_bits"],
              "recall": r["recall"], "recall_by_gap": r["recall_by_gap"], "fp32_recall_by_gap": fp32["recall_by_gap"],
@@ -317,9 +322,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--kl-top-k", type=int, default=1024)
     parser.add_argument("--recall-num", type=int, default=256)
-    parser.add_argument("--recall-gaps", type=int, nargs="+", metavar="GAP",
+    parser.add_argument("--recall-gaps", type=positive, nargs="+", metavar="GAP",
                         help="filler tokens between pairs and queries (default: the training gap and 4x it)")
-    parser.add_argument("--recall-pairs", type=int, metavar="N",
+    parser.add_argument("--recall-pairs", type=positive, metavar="N",
                         help="key-value pairs per sequence (default: the training task's; more nears the model's "
                              "capacity, where the state's precision shows)")
     parser.add_argument("--threads", type=int, default=1)

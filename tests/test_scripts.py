@@ -88,6 +88,8 @@ def test_format_front_scores_formats_against_fp32(tmp_path):
     gaps = json.loads((tmp_path / "gaps" / "front.json").read_text())["records"]
     assert [set(r["recall_by_gap"]) for r in gaps] == [{"5"}]
     assert gaps[0]["queries"] == 4 * 3  # 3 pairs: at most 3 queries a sequence
+    with pytest.raises(SystemExit, match="pairs"):  # more pairs than the task's 64 keys
+        front.main(["--recall", str(recall_model), "--recall-pairs", "65", "--out", str(tmp_path / "gaps")])
     with pytest.raises(SystemExit, match="levels7"):
         front.main(["--format", "levels7", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"'\+sr', '\+qr', '\+holdH'"):
