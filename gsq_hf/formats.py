@@ -23,9 +23,12 @@ combination; YAML may spell them ``{codes: midrise3, scale: e4m3, rotation: hada
   over the largest level, stored as ``fp32`` (default, 32 bits), ``fp16`` (16), ``e4m3`` (8 bits: float8
   e4m3 of the scale over a second-level fp32 scale per batch row, the row's largest scale / 448, as NVFP4
   does), ``e4m3up`` (the same, rounded up instead of to nearest: no stored scale is below the exact one, so no
-  value is clamped, at up to 12.5% coarser steps) or ``e8m0`` (8 bits: the power of two at or above the
-  scale, as the OCP microscaling formats do). Codes are computed against the stored (rounded) scale and
-  clamped to the grid.
+  value is clamped, at up to 12.5% coarser steps), ``log8`` (8 bits: a log-uniform code ``k`` over the same
+  kind of per-row second-level scale, here the row's largest group scale: the scale is ``2**(-k/32)`` of it,
+  32 steps per binade over 8 binades, ``k = 255`` an all-zero group; e4m3 has 8 steps per binade, so its
+  rounding moves a group's top value by up to 6%, log8's by 1.1%) or ``e8m0`` (8 bits: the power of two at or
+  above the scale, as the OCP microscaling formats do). Codes are computed against the stored (rounded) scale
+  and clamped to the grid.
 * **rotation** (``-hadamard``): an orthogonal randomized Hadamard transform along ``d_state`` (a power of
   two; fixed signs from seed 0, so a config names it completely) applied before rounding and undone after
   reading: it spreads a row's outliers over all its values, so absmax wastes less of the grid. A Mamba2 step
@@ -51,7 +54,7 @@ sequence in time: `QuasiRandom`). Stochastic rounding draws from a caller-suppli
 so that runs are reproducible.
 
 Stored bits per element, exactly: payload ``B`` + scale bits / ``group_size`` (+ 32 bits per batch row and
-tensor for e4m3's second-level scale: `StateFormat.row_bytes`). This module imports torch only.
+tensor for e4m3's and log8's second-level scale: `StateFormat.row_bytes`). This module imports torch only.
 """
 
 from __future__ import annotations
@@ -82,8 +85,11 @@ __all__ = [
 ]
 
 ROUNDING_MODES = ("nearest", "stochastic", "quasirandom")
-SCALE_DTYPES = {"fp32": 32, "fp16": 16, "e4m3": 8, "e4m3up": 8, "e8m0": 8}  # bits of one stored group scale
-_E4M3_SCALES = ("e4m3", "e4m3up")  # over an fp32 second-level scale per batch row
+SCALE_DTYPES = {"fp32": 32, "fp16": 16, "e4m3": 8, "e4m3up": 8, "log8": 8, "e8m0": 8}  # bits of a group scale
+_E4M3_SCALES = ("e4m3", "e4m3up")
+_ROW_SCALED = (*_E4M3_SCALES, "log8")  # 8-bit group scales over an fp32 second-level scale per batch row
+_LOG8_STEPS = 32  # log8 codes per binade
+_LOG8_ZERO = 255  # the log8 code of an all-zero group
 ROTATIONS = ("hadamard",)
 _TINY = torch.finfo(torch.float32).tiny
 _E4M3_MAX = 448.0
@@ -99,7 +105,7 @@ class QuantizedTensor:
     scale: torch.Tensor | None
     fmt: StateFormat
     group_size: int
-    row_scale: torch.Tensor | None = None  # (batch,) fp32 second-level scale of e4m3 group scales
+    row_scale: torch.Tensor | None = None  # (batch,) fp32 second-level scale of e4m3 / log8 group scales
 
     @property
     def nbytes(self) -> int:
@@ -313,8 +319,8 @@ class StateFormat:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes stored once per batch row of a tensor: e4m3's fp32 second-level scale."""
-        return 4 if self.scaled and self.scale_dtype in _E4M3_SCALES else 0
+        """Bytes stored once per batch row of a tensor: e4m3's and log8's fp32 second-level scale."""
+        return 4 if self.scaled and self.scale_dtype in _ROW_SCALED else 0
 
     def bits_per_element(self, group_size: int) -> float:
         """Stored bits per state element: payload + group scales (not the per-row `row_bytes`)."""
@@ -384,8 +390,8 @@ class StateFormat:
 
     def _store_scale(self, scale: torch.Tensor, row: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(the fp32 scale the codes use, the scale as stored, the e4m3 second-level row scale or None); an e4m3
-        ``row`` scale may be given (it must be at least the row's largest group scale / 448)."""
+        """(the fp32 scale the codes use, the scale as stored, the e4m3 / log8 second-level row scale or None); a
+        ``row`` scale may be given (it must be at least `_row_of` the scales)."""
         if self.scale_dtype == "fp32":
             return scale, scale, None
         if self.scale_dtype == "fp16":
@@ -397,12 +403,14 @@ class StateFormat:
             # an all-zero group takes the smallest scale, 2**-127: mid-rise codes have no zero level
             exponent = exponent.masked_fill_(scale == 0, -127).to(torch.int8)
             return torch.ldexp(torch.ones_like(scale), exponent.to(torch.int32)), exponent, None
-        # e4m3: the row's largest finite scale maps to e4m3's largest (a non-finite group, which the cache keeps
-        # in fp32, must not spoil the other groups of its row)
         if row is None:
-            row = torch.nan_to_num(scale, nan=0.0, posinf=0.0).flatten(1).amax(dim=1) / _E4M3_MAX
+            row = self._row_of(scale)
         row_view = row.view(-1, *([1] * (scale.dim() - 1)))
         ratio = scale / row_view.clamp_min(_TINY)
+        if self.scale_dtype == "log8":  # nearest in log space; an all-zero (or non-finite) group gets code 255
+            code = (torch.log2(ratio) * -_LOG8_STEPS).round_().clamp_(0, _LOG8_ZERO - 1)
+            stored = torch.where(ratio > 0, code, _LOG8_ZERO).to(torch.uint8)
+            return _log8_values(scale.device)[stored.long()] * row_view, stored, row
         stored = ratio.to(torch.float8_e4m3fn)
         if self.scale_dtype == "e4m3up":
             # the next e4m3 value up where nearest went below (positive e4m3 bit patterns are ordered by value)
@@ -410,17 +418,23 @@ class StateFormat:
             stored = torch.where(below, (stored.view(torch.uint8) + 1).view(torch.float8_e4m3fn), stored)
         return stored.float() * row_view, stored, row
 
+    def _row_of(self, scale: torch.Tensor) -> torch.Tensor:
+        """The second-level scale per batch row: the row's largest finite group scale (a non-finite group, which
+        the cache keeps in fp32, must not spoil the other groups of its row); for e4m3, over e4m3's largest value."""
+        row = torch.nan_to_num(scale, nan=0.0, posinf=0.0).flatten(1).amax(dim=1)
+        return row if self.scale_dtype == "log8" else row / _E4M3_MAX
+
     def _held_scale(self, scale: torch.Tensor, previous: QuantizedTensor, hold: float):
         """`_store_scale` with hysteresis. A fresh scale at every write re-rounds every code of a group whenever
         its absmax moves, and with an e4m3 scale whenever the row's largest group moves (the fp32 row scale
         follows it): values that did not move get fresh rounding error at every token, which builds up along
         a long gap (docs/formats.md "Held scales"). Here a group keeps its stored scale while its new absmax
         fits under it (nothing clamped beyond the float error of re-reading a top-level value: `_HOLD_SLACK`) and
-        is at least ``hold`` of it; an e4m3 row scale is kept likewise down to a quarter (its groups then keep
-        their stored e4m3 values exactly)."""
+        is at least ``hold`` of it; an e4m3 / log8 row scale is kept likewise down to a quarter (its groups then
+        keep their stored 8-bit values exactly)."""
         old = self._load_scale(previous)
-        if self.scale_dtype in _E4M3_SCALES:
-            row_new = torch.nan_to_num(scale, nan=0.0, posinf=0.0).flatten(1).amax(dim=1) / _E4M3_MAX
+        if self.scale_dtype in _ROW_SCALED:
+            row_new = self._row_of(scale)
             keep_row = (row_new <= previous.row_scale * _HOLD_SLACK) & (row_new >= previous.row_scale * _ROW_HOLD)
             row = torch.where(keep_row, previous.row_scale, row_new)
             fresh_scale, fresh_stored, _ = self._store_scale(scale, row)
@@ -434,8 +448,11 @@ class StateFormat:
     def _load_scale(self, q: QuantizedTensor) -> torch.Tensor:
         if self.scale_dtype == "e8m0":
             return torch.ldexp(torch.ones(q.scale.shape, device=q.scale.device), q.scale.to(torch.int32))
-        if self.scale_dtype in _E4M3_SCALES:
-            return q.scale.float() * q.row_scale.view(-1, *([1] * (q.scale.dim() - 1)))
+        if self.scale_dtype in _ROW_SCALED:
+            row = q.row_scale.view(-1, *([1] * (q.scale.dim() - 1)))
+            if self.scale_dtype == "log8":
+                return _log8_values(q.scale.device)[q.scale.long()] * row
+            return q.scale.float() * row
         return q.scale if self.scale_dtype == "fp32" else q.scale.float()
 
     def dequantize(self, q: QuantizedTensor, rotated: bool = False) -> torch.Tensor:
@@ -546,6 +563,14 @@ def _composed(name: str) -> StateFormat:
     if fmt.name != name:  # parts out of order, or fp32 spelled out: one name per format
         raise GSQConfigError(f"state format {name!r} is spelled {fmt.name!r}; accepted: {_ACCEPTED}")
     return fmt
+
+
+@functools.lru_cache(maxsize=16)
+def _log8_values(device: torch.device) -> torch.Tensor:
+    """fp32 group scale over the row scale for each log8 code: ``2**(-k/32)``, 0 for `_LOG8_ZERO` (a table, so
+    that every reader gets the same bits)."""
+    values = [2.0 ** (-k / _LOG8_STEPS) for k in range(_LOG8_ZERO)] + [0.0]
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 @functools.cache

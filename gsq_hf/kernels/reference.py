@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import step as ssm
-from ..formats import FORMATS, ROTATIONS, SCALE_DTYPES, QuantizedTensor, QuasiRandom, StateFormat, format_name
+from ..formats import FORMATS, ROTATIONS, QuantizedTensor, QuasiRandom, StateFormat, format_name
 from ..policies import PrecisionPolicy
 from ..scan import causal_conv
 from ..signals import step_signals
@@ -48,14 +48,15 @@ __all__ = ["KERNEL_FORMATS", "ConvStep", "StateUpdate", "check_conv", "check_sca
 
 KERNEL_CODES = ("fp32", "bf16", "fp16", "fp8", *(f"{grid}{bits}" for grid in ("int", "midrise")
                                                  for bits in range(2, 9)))
+KERNEL_SCALES = ("fp32", "fp16", "e4m3", "e4m3up", "e8m0")  # log8 group scales run on the torch path only
 KERNEL_FORMATS = frozenset(
     format_name(codes, scale, rotation)
     for codes in KERNEL_CODES
-    for scale in (SCALE_DTYPES if FORMATS[codes].scaled else ("fp32",))
+    for scale in (KERNEL_SCALES if FORMATS[codes].scaled else ("fp32",))
     for rotation in (None, *ROTATIONS)
-)  # every code grid above, with any group scale (fp32, fp16, e4m3, e4m3up, e8m0), rotated or not
+)  # every code grid above, with any of those group scales, rotated or not
 _SCALE_STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "e4m3": torch.float8_e4m3fn,
-                  "e4m3up": torch.float8_e4m3fn, "e8m0": torch.int8}
+                  "e4m3up": torch.float8_e4m3fn, "log8": torch.uint8, "e8m0": torch.int8}
 
 
 class StateUpdate(NamedTuple):
@@ -104,7 +105,7 @@ def unsupported_reason(
     formats = {low.fmt.name} | ({high.fmt.name} if high is not None else set()) | {f.name for f in policy.formats}
     if not formats <= KERNEL_FORMATS:
         return (f"formats {sorted(formats - KERNEL_FORMATS)}: the kernel stores the codes {', '.join(KERNEL_CODES)} "
-                f"with any group scale, rotated or not")
+                f"with a group scale of {', '.join(KERNEL_SCALES)}, rotated or not")
     n = low.shape[-1]
     group = group_size or n
     if {3: 2, 4: 1}.get(low.data.dim()) != A.dim():
@@ -121,14 +122,14 @@ def conv_unsupported_reason(conv: ConvStep | None, rounding: str) -> str | None:
 
     The window of one channel is one tile row of K values and one quantization group (`GSQStateLayer.quantize_conv`
     scales it as a whole): K must be a power of two. The conv format must be stored without a second pass or
-    state from elsewhere: no e4m3 group scales (a per-batch-row scale over all channels), no rotation, and no
+    state from elsewhere: no e4m3 or log8 group scales (a per-batch-row scale over all channels), no rotation, and no
     stochastic or quasi-random rounding of a lossy window (the torch path draws its thresholds).
     """
     if conv is None or conv.window is None:
         return "no stored conv window yet (the first write comes from a prefill, on the torch path)"
     fmt, kernel = conv.window.fmt, conv.window.shape[-1]
     codes = fmt.name.split("-")[0]
-    if codes not in KERNEL_CODES or fmt.rotation is not None or fmt.scale_dtype in ("e4m3", "e4m3up"):
+    if codes not in KERNEL_CODES or fmt.rotation is not None or fmt.scale_dtype in ("e4m3", "e4m3up", "log8"):
         return (f"conv format {fmt.name}: the conv kernel stores the codes {', '.join(KERNEL_CODES)} with an fp32, "
                 "fp16 or e8m0 scale, unrotated")
     if rounding != "nearest" and not fmt.represents(conv.u.dtype):
