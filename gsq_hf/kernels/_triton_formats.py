@@ -5,8 +5,8 @@ constants (`format_constants` builds them from a `StateFormat`, under a prefix `
 
     CODES    "int" (packed integer codes), "fp32" (lossless) or "float" (bf16 / fp16 / fp8 values)
     BITS     int code bits (2..8); MIDRISE: levels k + 0.5 instead of k
-    SCALE    "" (unscaled), "fp32", "fp16", "e4m3" / "e4m3up" (over an fp32 second-level scale per batch row;
-             e4m3up rounded up) or "e8m0" (a power-of-two exponent)
+    SCALE    "" (unscaled), "fp32", "fp16", "e4m3" / "e4m3up" / "log8" (over an fp32 second-level scale per
+             batch row; e4m3up rounded up; log8 a uint8 code k of 2**(-k/32)) or "e8m0" (a power-of-two exponent)
     MAX      the largest level; MBITS / MIN_EXP: the float format's mantissa bits / smallest exponent
     ROTATED  stored in the randomized Hadamard basis (``x @ M``, ``M = diag(signs) · H_N / √N``)
 
@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import _HOLD_SLACK, _ROW_HOLD, StateFormat
+from ..formats import _HOLD_SLACK, _LOG8_STEPS, _LOG8_ZERO, _ROW_HOLD, StateFormat
 
 __all__ = ["format_constants"]
 
@@ -37,6 +37,8 @@ _TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # the floor of a group sc
 _SLACK = tl.constexpr(_HOLD_SLACK)  # held scales (GSQConfig.scale_hold), as in gsq_hf.formats
 _ROW_KEEP = tl.constexpr(_ROW_HOLD)
 _E4M3_MAX = tl.constexpr(448.0)
+_LOG8_STEPS = tl.constexpr(float(_LOG8_STEPS))
+_LOG8_ZERO = tl.constexpr(float(_LOG8_ZERO))
 _FP16_MAX = tl.constexpr(65504.0)
 _INF = tl.constexpr(float("inf"))
 
@@ -193,10 +195,21 @@ def finite_max(absmax, mask):
 
 
 @triton.jit
-def row_scale(row_absmax, MAX: tl.constexpr):
-    """The e4m3 second-level scale of a batch row from the largest group absmax of the row, as `gsq_hf.formats`
-    computes it: (absmax / MAX) / 448, two IEEE divisions (max commutes with the monotone first one)."""
-    return tl.div_rn(tl.div_rn(row_absmax, MAX), _E4M3_MAX)
+def row_scale(row_absmax, MAX: tl.constexpr, SCALE: tl.constexpr):
+    """The second-level scale of a batch row from the largest group absmax of the row, as `gsq_hf.formats`
+    computes it: (absmax / MAX) / 448 for e4m3, two IEEE divisions (max commutes with the monotone first one);
+    absmax / MAX for log8."""
+    if SCALE == "log8":
+        return tl.div_rn(row_absmax, MAX)
+    else:
+        return tl.div_rn(tl.div_rn(row_absmax, MAX), _E4M3_MAX)
+
+
+@triton.jit
+def _log8_value(code):
+    """The group scale over the row scale of log8 codes (fp32 holding 0..255): 2**(-k/32), 0 for 255. Within an
+    ulp or two of `gsq_hf.formats`' table (the device's exp2)."""
+    return tl.where(code == _LOG8_ZERO, 0.0, tl.exp2(code * (-1.0 / _LOG8_STEPS)))
 
 
 # -- load and store a tile -----------------------------------------------------------------------------
@@ -251,6 +264,8 @@ def _load_scales(scale_ptr, row, rows, mask, SCALE: tl.constexpr, N: tl.constexp
         stored = stored.to(tl.float32)
         if (SCALE == "e4m3") or (SCALE == "e4m3up"):
             return stored, stored * row
+        elif SCALE == "log8":
+            return stored, _log8_value(stored) * row
         else:
             return stored, stored
 
@@ -269,7 +284,7 @@ def load_state(data_ptr, scale_ptr, row_scale_ptr, b, rows, mask, CODES: tl.cons
         values = tl.load(data_ptr + rows[:, None] * N + tl.arange(0, N)[None, :], mask=mask[:, None]).to(tl.float32)
     if SCALE != "":
         row = 1.0
-        if (SCALE == "e4m3") or (SCALE == "e4m3up"):
+        if (SCALE == "e4m3") or (SCALE == "e4m3up") or (SCALE == "log8"):
             row = tl.load(row_scale_ptr + b)
         _, scale = _load_scales(scale_ptr, row, rows, mask, SCALE, N, GROUP)  # (ROWS, N / GROUP)
         values = tl.reshape(tl.reshape(values, (ROWS, N // GROUP, GROUP)) * scale[:, :, None], (ROWS, N))
@@ -313,6 +328,11 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, weyl_
             # the stochastic rule with zero noise is the ceiling on the grid
             stored = _round_to_float_grid(tl.minimum(ratio, _E4M3_MAX), 0.0, 3, -6, SCALE == "e4m3up")
             scale = stored * row_scale
+        elif SCALE == "log8":  # nearest in log space (the device's log2: a code may differ at a tie)
+            ratio = tl.div_rn(scale, tl.maximum(row_scale, _TINY))
+            code = tl.minimum(tl.maximum(_rne(tl.log2(tl.maximum(ratio, _TINY)) * -_LOG8_STEPS), 0.0), _LOG8_ZERO - 1.0)
+            stored = tl.where(ratio > 0, code, _LOG8_ZERO)  # an all-zero group (or a NaN one): code 255
+            scale = _log8_value(stored) * row_scale
         elif SCALE == "fp16":
             stored = _round_to_float_grid(tl.minimum(scale, _FP16_MAX), 0.0, 10, -14, False)
             scale = stored
@@ -323,7 +343,7 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, weyl_
             stored = scale
         if HOLD:
             keep = (fresh <= old * _SLACK) & (fresh >= old * hold)
-            if (SCALE == "e4m3") or (SCALE == "e4m3up"):
+            if (SCALE == "e4m3") or (SCALE == "e4m3up") or (SCALE == "log8"):
                 keep = tl.where(keep_row, keep, False)  # not `&`: the interpreter splats a scalar int1 as fp32
             stored = tl.where(keep, old_stored, stored)
             scale = tl.where(keep, old, scale)
@@ -354,8 +374,8 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, weyl_
 @triton.jit
 def add_row_max(h, row_max_ptr, signs_ptr, b, mask, SLOT: tl.constexpr, SCALE: tl.constexpr, ROTATED: tl.constexpr,
                 BASIS_ROTATED: tl.constexpr, N: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr):
-    """Fold this tile's largest finite group absmax (in the copy's basis) into ``row_max[b, SLOT]`` (e4m3 only)."""
-    if (SCALE == "e4m3") or (SCALE == "e4m3up"):
+    """Fold this tile's largest finite group absmax (in the copy's basis) into ``row_max[b, SLOT]`` (e4m3, log8)."""
+    if (SCALE == "e4m3") or (SCALE == "e4m3up") or (SCALE == "log8"):
         v = to_basis(h, signs_ptr, BASIS_ROTATED, ROTATED, ROWS, N)
         tl.atomic_max(row_max_ptr + 2 * b + SLOT, finite_max(group_absmax(v, ROWS, N, GROUP), mask))
 
@@ -375,8 +395,8 @@ def write_copy(h, data_ptr, scale_ptr, row_scale_ptr, row_max_ptr, signs_ptr, b,
     least a quarter of it, as `StateFormat._held_scale`."""
     v = to_basis(h, signs_ptr, BASIS_ROTATED, ROTATED, ROWS, N)
     keep_row = True
-    if (SCALE == "e4m3") or (SCALE == "e4m3up"):
-        second = row_scale(tl.load(row_max_ptr + 2 * b + STREAM), MAX)
+    if (SCALE == "e4m3") or (SCALE == "e4m3up") or (SCALE == "log8"):
+        second = row_scale(tl.load(row_max_ptr + 2 * b + STREAM), MAX, SCALE)
         if HOLD:
             old_row = tl.load(old_row_ptr + b)
             keep_row = (second <= old_row * _SLACK) & (second >= old_row * _ROW_KEEP)

@@ -48,7 +48,7 @@ __all__ = ["KERNEL_FORMATS", "ConvStep", "StateUpdate", "check_conv", "check_sca
 
 KERNEL_CODES = ("fp32", "bf16", "fp16", "fp8", *(f"{grid}{bits}" for grid in ("int", "midrise")
                                                  for bits in range(2, 9)))
-KERNEL_SCALES = ("fp32", "fp16", "e4m3", "e4m3up", "e8m0")  # log8 group scales run on the torch path only
+KERNEL_SCALES = ("fp32", "fp16", "e4m3", "e4m3up", "log8", "e8m0")
 KERNEL_FORMATS = frozenset(
     format_name(codes, scale, rotation)
     for codes in KERNEL_CODES

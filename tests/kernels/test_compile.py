@@ -109,9 +109,10 @@ def launches(monkeypatch, family: str, policy, conv: str | None = None, **option
                                                                  scale_hold=0.85)),
     ("mamba2", GateThresholdPolicy(F("midrise3-e4m3-hadamard"), F("fp8"), 0.3), dict(
         rounding="quasirandom", step=torch.zeros(1, dtype=torch.int64))),
+    ("mamba2", StaticPolicy(F("midrise4-log8-hadamard")), dict(scale_hold=0.85)),  # log2 / exp2 of log8 scales
 ], ids=["mamba-gsq-4bit-sr", "mamba2-gate-gsq-3bit/int8-e4m3-held", "mamba-entropy-int5-e8m0/fp16-hadamard-held",
         "mamba-conv-int4-bf16", "mamba2-gsq-4bit-conv-int8-fp16-bf16", "mamba-gsq-4bit-quasirandom-held",
-        "mamba2-gate-gsq-3bit/fp8-quasirandom"])
+        "mamba2-gate-gsq-3bit/fp8-quasirandom", "mamba2-log8-held"])
 def test_kernels_compile_for_sm90(monkeypatch, family, policy, options):
     captured = launches(monkeypatch, family, policy, **options)
     passes = [True, False] if any(f.row_bytes for f in policy.formats) else [False]

@@ -62,7 +62,8 @@ STATIC = ["fp32", "bf16", "fp16", "fp8", "int8", "int6", "int5", "int4", "int3",
           "midrise3", "int8-fp16", "int4-e4m3", "int8-e4m3", "fp8-e4m3", "int4-e8m0", "midrise3-e8m0-hadamard",
           "fp32-hadamard", "bf16-hadamard",
           "int4-hadamard", "int8-e4m3-hadamard", "int4-e4m3-hadamard", "midrise4-e4m3-hadamard",
-          "midrise3-e4m3-hadamard", "midrise4-e4m3up-hadamard"]
+          "midrise3-e4m3-hadamard", "midrise4-e4m3up-hadamard", "int4-log8", "midrise4-log8-hadamard",
+          "midrise3-log8-hadamard"]
 CASES = {f"static-{name}": (StaticPolicy(F(name)), None, None) for name in STATIC} | {
     "static-int8-g4": (StaticPolicy(F("int8")), 4, None),
     "static-int4-g4": (StaticPolicy(F("int4")), 4, None),
@@ -283,8 +284,8 @@ def test_other_d_states(family, n, rounding):
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
-@pytest.mark.parametrize("fmt", ["int4-e4m3-hadamard", "midrise3-e4m3", "int4-e8m0", "midrise3-e8m0", "fp8-e4m3",
-                                 "int8-fp16"])
+@pytest.mark.parametrize("fmt", ["int4-e4m3-hadamard", "midrise3-e4m3", "midrise3-log8", "int4-e8m0", "midrise3-e8m0",
+                                 "fp8-e4m3", "int8-fp16"])
 def test_all_zero_rows_store_what_the_reference_stores(family, fmt):
     """A batch row whose state stays zero (x = 0 on a zero state; e.g. padding): zero group scales, an e4m3
     row scale of 0 and e8m0's smallest exponent (-127), bit for bit; the other batch row is unaffected.
@@ -424,6 +425,7 @@ HELD = {  # name -> (family, policy, row_signal): held low copies; the entropy c
     "mamba2-int4": ("mamba2", StaticPolicy(F("int4")), None),
     "mamba2-midrise4-e4m3up-hadamard": ("mamba2", StaticPolicy(F("midrise4-e4m3up-hadamard")), None),
     "mamba2-midrise4-e4m3-hadamard": ("mamba2", StaticPolicy(F("midrise4-e4m3-hadamard")), None),
+    "mamba2-midrise4-log8-hadamard": ("mamba2", StaticPolicy(F("midrise4-log8-hadamard")), None),
     "mamba-entropy-midrise4-e4m3-hadamard-twice": (
         "mamba", EntropyThresholdPolicy(F("midrise4-e4m3-hadamard"), F("midrise4-e4m3-hadamard"), 0.5), [0.2, 0.8]),
 }
@@ -482,7 +484,7 @@ def test_held_scales_match_reference(case, rounding):
             if both_high is not None:
                 check_one_step(kernel.high, h, both_high)
     assert held_groups > 0  # scales a fresh write would have changed
-    if "e4m3" in case:
+    if "e4m3" in case or "log8" in case:
         assert kept_rows > 0
 
 
