@@ -21,8 +21,9 @@ share an absmax scale, laid out as `gsq_hf.formats` stores them):
   program) are rotated; only a high copy stored in the other basis is converted.
 
 Every `gsq_hf.formats` code grid is handled (packed as formats packs it, `_triton_formats`), with any
-group scale (fp32, fp16, e4m3, e8m0), rotated or not (`KERNEL_FORMATS`). **e4m3 scales** are stored relative to a
-second-level fp32 scale per batch row, the row's largest group scale / 448, so no group can be stored
+group scale (fp32, fp16, e4m3, e4m3up, log8, e8m0), rotated or not (`KERNEL_FORMATS`). **e4m3 (and log8)
+scales** are stored relative to a second-level fp32 scale per batch row, the row's largest group scale / 448
+(log8: the row's largest group scale), so no group can be stored
 before the whole batch row (all units: D·N values, or H·P·N) has been updated, and a batch row spans many
 programs. A step with an e4m3 copy therefore launches the same kernel twice: a **pre-pass**
 (``ROW_MAX_PASS``) computes the fresh state and folds each tile's largest finite group absmax into a
