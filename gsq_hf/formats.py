@@ -86,8 +86,7 @@ __all__ = [
 
 ROUNDING_MODES = ("nearest", "stochastic", "quasirandom")
 SCALE_DTYPES = {"fp32": 32, "fp16": 16, "e4m3": 8, "e4m3up": 8, "log8": 8, "e8m0": 8}  # bits of a group scale
-_E4M3_SCALES = ("e4m3", "e4m3up")
-_ROW_SCALED = (*_E4M3_SCALES, "log8")  # 8-bit group scales over an fp32 second-level scale per batch row
+_ROW_SCALED = ("e4m3", "e4m3up", "log8")  # 8-bit group scales over an fp32 second-level scale per batch row
 _LOG8_STEPS = 32  # log8 codes per binade
 _LOG8_ZERO = 255  # the log8 code of an all-zero group
 ROTATIONS = ("hadamard",)
