@@ -143,14 +143,14 @@ def test_composed_formats_patch_account_and_save(model, tmp_path):
 
 @pytest.mark.parametrize(("preset", "codes_bits"), [("gsq-4bit", 4), ("gsq-3bit", 3)])
 def test_low_bit_presets_resolve_per_family(model, preset, codes_bits):
-    """Both presets round to nearest on Mamba2 (log8 scales) and quasi-randomly on Mamba-1 (e4m3 scales, gsq-4bit's
-    rounded up; chosen per family, docs/formats.md), and store b-bit codes + an 8-bit scale
+    """Both presets round to nearest on Mamba2 and quasi-randomly on Mamba-1; gsq-4bit stores log8 scales, gsq-3bit
+    log8 on Mamba2 and e4m3 on Mamba-1 (chosen per family, docs/formats.md), so b-bit codes + an 8-bit scale
     per d_state group + one fp32 per row (d_state 8 here: b + 1 bits + the row)."""
     gsq_hf.patch(model, preset)
     cache = model(torch.randint(2, 64, (2, 5))).cache
     family = model.config.model_type
     expected = "quasirandom" if family == "mamba" else "nearest"
-    scale = "log8" if family != "mamba" else "e4m3up" if preset == "gsq-4bit" else "e4m3"
+    scale = "e4m3" if (family, preset) == ("mamba", "gsq-3bit") else "log8"
     assert cache.config.rounding == expected and cache.config.policy.format == f"midrise{codes_bits}-{scale}-hadamard"
     elements = math.prod(cache.gsq_layers[0].storage.low.shape[1:])
     assert cache.memory_report()["avg_state_bits"] == pytest.approx(codes_bits + 8 / 8 + 32 / elements)
