@@ -160,7 +160,7 @@ def test_format_front_suffixes_make_the_config():
         "policy": "static", "format": "int4-e4m3", "name": "int4-e4m3_hold0.7_sr", "rounding": "stochastic",
         "scale_hold": 0.7}
     preset = front.CANDIDATES[front._add_format("gsq-4bit+hold.5")]
-    assert preset["scale_hold"] == 0.5 and preset["family_overrides"]["mamba"]["format"] == "midrise4-e4m3up-hadamard"
+    assert preset["scale_hold"] == 0.5 and preset["family_overrides"]["mamba"]["rounding"] == "quasirandom"
     assert GSQConfig.from_dict(preset).for_model_type("mamba").scale_hold == 0.5  # over the preset's 0.85
     grouped = GSQConfig.from_dict(front.CANDIDATES[front._add_format("gsq-3bit+g8+sr")])
     assert grouped.group_size == 8 and grouped.for_model_type("mamba2").group_size == 8
