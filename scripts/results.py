@@ -512,9 +512,10 @@ def report(payload: dict[str, Any], command: str, out: Path) -> str:
           "entropy policies: `evaluation` in results.json). Δ is the relative perplexity change vs fp32. avg "
           "state bits: stored bits per SSM state element (scales included); state B/seq: SSM + conv state bytes "
           "per sequence. Two static fronts: `uniform` (round-to-nearest fp32 … int2, the reference of every "
-          "verdict) and `composed` (mid-rise codes, e4m3 scales, Hadamard rotation, the gsq-4bit/gsq-3bit "
-          "presets). LAMBADA: last-word accuracy (greedy, every target token) and perplexity exp(mean NLL per "
-          f"last word), on the first `--lambada-examples {o['lambada_examples']}` examples.", ""]
+          "verdict) and `composed` (mid-rise codes, e4m3 or log8 scales, Hadamard rotation, the gsq-4bit/gsq-3bit "
+          "presets as configs/ defines them). LAMBADA: last-word accuracy (greedy, every target token) and "
+          f"perplexity exp(mean NLL per last word), on the first `--lambada-examples {o['lambada_examples']}` "
+          "examples.", ""]
     if not o["recall_only"]:
         for source in o["models"]:
             md += model_sections(payload, source, out)

@@ -31,7 +31,7 @@ MODELS = {"mamba": tiny_mamba, "mamba2": tiny_mamba2, "zamba": lambda: families.
 CONFIGS = {
     "int8": "int8",
     "int3": "int3",  # a format only the torch path stores
-    "gsq-4bit": "gsq-4bit",  # e4m3 scales, Hadamard rotation, mid-rise codes; quasi-random on Mamba-1 families
+    "gsq-4bit": "gsq-4bit",  # log8 scales, Hadamard rotation, mid-rise codes; quasi-random on Mamba-1 families
     "gate": "gsq-gate",
     "budget": "gsq-budget",  # high copies in K < units slots
     "entropy": "gsq-entropy",  # a row signal from the logits
