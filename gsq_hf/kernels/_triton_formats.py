@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import _HOLD_SLACK, _LOG8_STEPS, _LOG8_ZERO, _ROW_HOLD, StateFormat
+from ..formats import _HOLD_SLACK, _LOG8_STEPS, _LOG8_ZERO, _ROW_HOLD, _ROW_SCALED, StateFormat
 
 __all__ = ["format_constants"]
 
@@ -50,6 +50,12 @@ def format_constants(prefix: str, fmt: StateFormat) -> dict:
             f"{prefix}_SCALE": fmt.scale_dtype if fmt.scaled else "", f"{prefix}_MAX": float(fmt.max_code),
             f"{prefix}_MBITS": fmt.mantissa_bits, f"{prefix}_MIN_EXP": fmt.min_exponent,
             f"{prefix}_ROTATED": fmt.rotation is not None}
+
+
+@triton.constexpr_function
+def _row_scaled(scale):
+    """Whether group scales of this dtype are stored over a batch row's second-level scale (at compile time)."""
+    return scale in _ROW_SCALED
 
 
 # -- rounding ------------------------------------------------------------------------------------------
@@ -284,7 +290,7 @@ def load_state(data_ptr, scale_ptr, row_scale_ptr, b, rows, mask, CODES: tl.cons
         values = tl.load(data_ptr + rows[:, None] * N + tl.arange(0, N)[None, :], mask=mask[:, None]).to(tl.float32)
     if SCALE != "":
         row = 1.0
-        if (SCALE == "e4m3") or (SCALE == "e4m3up") or (SCALE == "log8"):
+        if _row_scaled(SCALE):
             row = tl.load(row_scale_ptr + b)
         _, scale = _load_scales(scale_ptr, row, rows, mask, SCALE, N, GROUP)  # (ROWS, N / GROUP)
         values = tl.reshape(tl.reshape(values, (ROWS, N // GROUP, GROUP)) * scale[:, :, None], (ROWS, N))
@@ -343,7 +349,7 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, weyl_
             stored = scale
         if HOLD:
             keep = (fresh <= old * _SLACK) & (fresh >= old * hold)
-            if (SCALE == "e4m3") or (SCALE == "e4m3up") or (SCALE == "log8"):
+            if _row_scaled(SCALE):
                 keep = tl.where(keep_row, keep, False)  # not `&`: the interpreter splats a scalar int1 as fp32
             stored = tl.where(keep, old_stored, stored)
             scale = tl.where(keep, old, scale)
@@ -375,7 +381,7 @@ def store_state(h, data_ptr, scale_ptr, row_scale, rows, mask, seed, step, weyl_
 def add_row_max(h, row_max_ptr, signs_ptr, b, mask, SLOT: tl.constexpr, SCALE: tl.constexpr, ROTATED: tl.constexpr,
                 BASIS_ROTATED: tl.constexpr, N: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr):
     """Fold this tile's largest finite group absmax (in the copy's basis) into ``row_max[b, SLOT]`` (e4m3, log8)."""
-    if (SCALE == "e4m3") or (SCALE == "e4m3up") or (SCALE == "log8"):
+    if _row_scaled(SCALE):
         v = to_basis(h, signs_ptr, BASIS_ROTATED, ROTATED, ROWS, N)
         tl.atomic_max(row_max_ptr + 2 * b + SLOT, finite_max(group_absmax(v, ROWS, N, GROUP), mask))
 
@@ -395,7 +401,7 @@ def write_copy(h, data_ptr, scale_ptr, row_scale_ptr, row_max_ptr, signs_ptr, b,
     least a quarter of it, as `StateFormat._held_scale`."""
     v = to_basis(h, signs_ptr, BASIS_ROTATED, ROTATED, ROWS, N)
     keep_row = True
-    if (SCALE == "e4m3") or (SCALE == "e4m3up") or (SCALE == "log8"):
+    if _row_scaled(SCALE):
         second = row_scale(tl.load(row_max_ptr + 2 * b + STREAM), MAX, SCALE)
         if HOLD:
             old_row = tl.load(old_row_ptr + b)
