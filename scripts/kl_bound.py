@@ -2,7 +2,7 @@
 the rest: a lower bound of the full KL. This measures the bound against the exact KL (k = the vocabulary) on the
 same windows, per model and config, so a reader knows how far the KL columns of docs/results.md understate it.
 
-    python scripts/kl_bound.py --model runs/ref-mamba-cpu --model runs/ref-mamba2-cpu --out docs/
+    python scripts/kl_bound.py --model runs/ref-mamba-cpu-bpe --model runs/ref-mamba2-cpu-bpe --out docs/
     python scripts/kl_bound.py --dataset builtin --out /tmp/kl_bound     # built-in model and text
 
 Writes ``kl-bound.md`` and ``kl-bound.json`` into ``--out`` and prints the table.
