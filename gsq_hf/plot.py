@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["by_position", "families", "pareto", "precision_trace", "save"]
+__all__ = ["by_position", "families", "label_points", "pareto", "precision_trace", "save"]
 
 STATIC_POLICY = "static"
 _DYNAMIC_STYLES = [("s", "tab:orange"), ("^", "tab:green"), ("D", "tab:red"), ("v", "tab:purple"),
@@ -171,6 +171,16 @@ def is_uniform(record: Mapping[str, Any]) -> bool:
 _X = {"bits": ("avg_state_bits", "average stored bits per SSM state element (bytes moved per step; scales "
                                  "included)"),
       "bytes": ("state_bytes", "state bytes allocated per sequence (SSM + conv: the memory held)")}
+
+
+def label_points(ax: Axes, points: Sequence[tuple[float, float, str]], color) -> None:
+    """Name each (x, y, name) point of a dashed family line; points at the same x share one label, their names
+    top to bottom as the points (names drawn over each other would be unreadable)."""
+    for px, group in _same_x([(name, x, y) for x, y, name in sorted(points, key=lambda p: p[0])]):
+        group = sorted(group, key=lambda p: -p[2])
+        ax.annotate("\n".join(name for name, _, _ in group), (px, group[0][2]), xytext=(5, 4),
+                    textcoords="offset points", fontsize="x-small", color=color,
+                    va="top" if len(group) > 1 else "baseline")
 
 
 def _same_x(points: list) -> list[tuple[float, list]]:
@@ -338,9 +348,7 @@ def families(
             continue
         marker, color = next(styles)
         ax.plot(xs, ys, marker=marker, linestyle="--", color=color, linewidth=1.2, label=family, zorder=3)
-        for px, py, record in line:
-            ax.annotate(str(record["config"]).split("@")[-1], (px, py), xytext=(5, 4), textcoords="offset points",
-                        fontsize="x-small", color=color)
+        label_points(ax, [(px, py, str(record["config"]).split("@")[-1]) for px, py, record in line], color)
     if points:
         bits = [float(r["avg_state_bits"]) for r in points]
         ax.set_xscale("log", base=2)

@@ -382,8 +382,7 @@ def pareto_figure(records: list[dict[str, Any]], title: str):
         marker, color = next(styles)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, linestyle="--", color=color,
                 label=family, zorder=3)
-        for x, y, knob in points:
-            ax.annotate(knob, (x, y), xytext=(5, 4), textcoords="offset points", fontsize="x-small", color=color)
+        plot.label_points(ax, points, color)
     ax.set_ylabel("Δ perplexity vs fp32 (%)")
     ax.legend(fontsize="small", loc="best")
     if kl_ax is not None:

@@ -231,3 +231,12 @@ def test_families_draws_one_line_per_family_with_uniform_solid():
     assert ax.get_ylabel() == "recall loss (points)" and ax.get_title() == "t"
     assert ax.get_yscale() == "linear"
     assert plot.families(records, y="loss", symlog=0.01).axes[0].get_yscale() == "symlog"  # |0.9| > 10 x 0.01
+
+
+def test_families_gives_configs_at_the_same_bits_one_label_ordered_as_their_points():
+    records = [{"family": "uniform", "config": "int4", "avg_state_bits": 6.0, "kl": 1e-2},
+               *({"family": "composed", "config": c, "avg_state_bits": 4.5, "kl": kl}
+                 for c, kl in (("low", 1e-3), ("high", 9e-3), ("mid", 4e-3))),
+               {"family": "composed", "config": "three", "avg_state_bits": 3.5, "kl": 5e-3}]
+    ax = plot.families(records, y="kl").axes[0]
+    assert {"high\nmid\nlow", "three"} <= set(texts(ax))  # top to bottom, as their points
