@@ -129,7 +129,7 @@ def conv_unsupported_reason(conv: ConvStep | None, rounding: str) -> str | None:
         return "no stored conv window yet (the first write comes from a prefill, on the torch path)"
     fmt, kernel = conv.window.fmt, conv.window.shape[-1]
     codes = fmt.name.split("-")[0]
-    if codes not in KERNEL_CODES or fmt.rotation is not None or fmt.scale_dtype in ("e4m3", "e4m3up", "log8"):
+    if codes not in KERNEL_CODES or fmt.rotation is not None or fmt.row_bytes:  # row_bytes: e4m3 / log8 scales
         return (f"conv format {fmt.name}: the conv kernel stores the codes {', '.join(KERNEL_CODES)} with an fp32, "
                 "fp16 or e8m0 scale, unrotated")
     if rounding != "nearest" and not fmt.represents(conv.u.dtype):

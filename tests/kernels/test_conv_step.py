@@ -186,7 +186,7 @@ def test_what_the_conv_kernel_cannot_store_is_named():
     conv = make_conv("fp32")
     assert conv_unsupported_reason(conv, "nearest") is None
     assert conv_unsupported_reason(None, "nearest").startswith("no stored conv window yet")
-    for fmt in ("int4-e4m3", "int8-hadamard", "levels5"):
+    for fmt in ("int4-e4m3", "int4-log8", "int8-hadamard", "levels5"):
         window = F_(fmt).quantize(torch.randn(3, 11, 16, device=DEVICE), 16)
         assert conv_unsupported_reason(conv._replace(window=window), "nearest").startswith(f"conv format {fmt}:")
     lossy = make_conv("int8")
