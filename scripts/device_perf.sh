@@ -6,7 +6,8 @@
 #
 # Shapes: the mamba-2.8b and Mamba2-2.7B layers (bench_state_update.py); a Mamba2-2.7B-shaped stack of 8 layers
 # and the mamba-130m shape (bench_generate.py); batch 1/64/256; configs fp32 bf16 int8 int4 gsq-gate gsq-4bit
-# gsq-3bit. The state-update step also times the decode step's conv with the update for fp32, int8 and gsq-4bit
+# gsq-3bit (and, for the state update alone, int4 with stochastic rounding: eight elements per Philox call since
+# 2026-12-06, four when docs/performance.md measured it 2x slower than int4). The state-update step also times the decode step's conv with the update for fp32, int8 and gsq-4bit
 # (rows conv-torch+kernel-*, conv-kernel+kernel-*, and Mamba2's conv-fused-*: issue #21 item 2).
 # Budget: about 9 minutes of steps (the tool's per-call limit is 600 s; device time is 15 min).
 #
@@ -71,13 +72,14 @@ fi
 CONFIGS="fp32 bf16 int8 int4 gsq-gate gsq-4bit gsq-3bit"
 CONV="fp32 int8 gsq-4bit"
 if [ "$DRY_RUN" = 1 ]; then
-  step state_update 300 python3 scripts/bench_state_update.py --dry-run --batch-sizes 2 --variants $CONFIGS --conv $CONV
+  step state_update 300 python3 scripts/bench_state_update.py --dry-run --batch-sizes 2 --variants $CONFIGS int4-sr \
+    --conv $CONV
   step generate_graph 300 python3 scripts/bench_generate.py --dry-run --graph --configs $CONFIGS \
     --json "$OUT/bench_generate_graph.json"
   step generate 300 python3 scripts/bench_generate.py --dry-run --configs fp32 int8 --json "$OUT/bench_generate.json"
 else
   step state_update 200 python3 scripts/bench_state_update.py --graph --no-torch-path --batch-sizes 1 64 256 \
-    --variants $CONFIGS --conv $CONV --tune fp32 int8 int4 --rep-ms 30 --json "$OUT/bench_state_update.json"
+    --variants $CONFIGS int4-sr --conv $CONV --tune fp32 int8 int4 --rep-ms 30 --json "$OUT/bench_state_update.json"
   step generate_graph 210 python3 scripts/bench_generate.py --graph --shapes mamba2-2.7b-8l mamba-130m \
     --batch-sizes 1 64 256 --configs $CONFIGS --new-tokens 96 --rounds 2 --json "$OUT/bench_generate_graph.json"
   step generate 120 python3 scripts/bench_generate.py --shapes mamba2-2.7b-8l --batch-sizes 1 256 \

@@ -144,17 +144,23 @@ def quasi_uniform(seed, step, weyl_ptr, row0, STREAM: tl.constexpr, rows, N: tl.
 @triton.jit
 def uniform(seed, step, weyl_ptr, row0, STREAM: tl.constexpr, rows, ROWS: tl.constexpr, N: tl.constexpr,
             NOISE: tl.constexpr):
-    """Uniform [0, 1) thresholds (ROWS, N) for stochastic rounding: NOISE 1, Philox draws, one call per four
-    elements (counter = (element quad, step, stream): independent across elements, steps and the low/high
-    copies); NOISE 2, quasi-random (`quasi_uniform`)."""
+    """Uniform (0, 1) thresholds (ROWS, N) for stochastic rounding: NOISE 1, Philox draws (counter = (element
+    block, step, stream): independent across elements, steps and the low/high copies), 16 bits per threshold so
+    that one call's 128 bits serve eight elements (N = 4: one call per four, 32 bits each); NOISE 2,
+    quasi-random (`quasi_uniform`). A 16-bit threshold sits mid-bin, (k + 0.5) / 2**16: floor(v + u) then rounds up
+    with a probability within 2**-17 of v's distance above its grid point (unbiased to that)."""
     if NOISE == 2:
         return quasi_uniform(seed, step, weyl_ptr, row0, STREAM, rows, N)
-    quad = rows[:, None] * (N // 4) + tl.arange(0, N // 4)[None, :]  # (ROWS, N/4) int64
-    zero = quad.to(tl.uint32) * 0
-    r0, r1, r2, r3 = tl.philox(seed, quad.to(tl.uint32), (quad >> 32).to(tl.uint32), (zero + step).to(tl.uint32),
+    PER_CALL: tl.constexpr = 4 if N == 4 else 8
+    block = rows[:, None] * (N // PER_CALL) + tl.arange(0, N // PER_CALL)[None, :]  # (ROWS, N / PER_CALL) int64
+    zero = block.to(tl.uint32) * 0
+    r0, r1, r2, r3 = tl.philox(seed, block.to(tl.uint32), (block >> 32).to(tl.uint32), (zero + step).to(tl.uint32),
                                zero + STREAM)
-    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (ROWS, N))
-    return tl.uint_to_uniform_float(bits)
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (ROWS, N * 4 // PER_CALL))
+    if PER_CALL == 4:
+        return tl.uint_to_uniform_float(words)
+    halves = tl.reshape(tl.join(words & 0xFFFF, words >> 16), (ROWS, N))
+    return (halves.to(tl.float32) + 0.5) * 1.52587890625e-05  # 2**-16
 
 
 # -- rotation ------------------------------------------------------------------------------------------

@@ -307,16 +307,21 @@ def test_all_zero_rows_store_what_the_reference_stores(family, fmt):
     check_nearest(kernel.low, ref.low, torch.ones_like(ref.gate, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4", "bf16", "fp8", "midrise4", "int4-e4m3-hadamard",
-                                 "midrise3-e4m3-hadamard", "midrise4-e4m3up-hadamard"])
-def test_stochastic_rounding_is_unbiased(fmt):
+STOCHASTIC_FORMATS = ("int8", "int4", "bf16", "fp8", "midrise4", "int4-e4m3-hadamard", "midrise3-e4m3-hadamard",
+                      "midrise4-e4m3up-hadamard")
+
+
+@pytest.mark.parametrize("fmt, n", [(fmt, N) for fmt in STOCHASTIC_FORMATS]
+                         + [("int4", 4), ("midrise4-e4m3-hadamard", 8)])
+def test_stochastic_rounding_is_unbiased(fmt, n):
     """Each value (in the stored basis) rounds up with probability equal to its distance from the grid point
     below (±4σ), over all values and separately over those nearer the lower or the upper point (nearest would
-    fail these). Values a rounded e4m3 scale leaves past the largest level are clamped, not rounded: left out."""
+    fail these). Values a rounded e4m3 scale leaves past the largest level are clamped, not rounded: left out.
+    d_state 4 draws 32-bit thresholds, four per Philox call; wider states 16-bit ones, eight per call."""
     policy = StaticPolicy(F(fmt))
-    ups, fractions = [], []
-    for step in range(4):
-        inputs = make_inputs("mamba", policy, None, None, seed=11, batch=4, units=16) | dict(
+    ups, fractions, surprise, variance = [], [], [], []
+    for step in range(4 * N // n):  # as many values whatever n
+        inputs = make_inputs("mamba", policy, None, None, seed=11, batch=4, units=16, n=n) | dict(
             rounding="stochastic", seed=7, step=step)
         q = state_update(**inputs).low
         h = in_stored_basis(q.fmt, fresh_state(inputs))
@@ -324,14 +329,22 @@ def test_stochastic_rounding_is_unbiased(fmt):
         offset = 0.5 if q.fmt.midrise else 0.0  # mid-rise levels sit at (k + 0.5) steps
         lower = (torch.floor(h / spacing - offset) + offset) * spacing
         inside = beyond_grid(q, h) == 0
-        ups.append((stored_values(q) > lower + spacing / 2)[inside])
-        fractions.append(((h - lower) / spacing)[inside])
-    up, fraction = torch.cat(ups).float(), torch.cat(fractions)
+        rounded_up, distance = (stored_values(q) > lower + spacing / 2).float(), (h - lower) / spacing
+        ups.append(rounded_up[inside])
+        fractions.append(distance[inside])
+        surprise.append(torch.where(inside, rounded_up - distance, 0.0))
+        variance.append(torch.where(inside, distance * (1 - distance), 0.0))
+    up, fraction = torch.cat(ups), torch.cat(fractions)
     assert up.numel() > 0.9 * 4 * 4 * 16 * N
     for subset in (fraction >= 0, fraction < 0.5, fraction >= 0.5):
         excess = (up[subset] - fraction[subset]).sum()
         sigma = (fraction[subset] * (1 - fraction[subset])).sum().sqrt()
         assert excess.abs() <= 4 * sigma + 1, (fmt, excess.item(), sigma.item())
+    # neighbours (two halves of one 32-bit draw when n > 4) round independently: their surprises do not covary
+    surprise, variance = torch.stack(surprise), torch.stack(variance)
+    covariance = (surprise[..., 0::2] * surprise[..., 1::2]).sum()
+    sigma = (variance[..., 0::2] * variance[..., 1::2]).sum().sqrt()
+    assert covariance.abs() <= 4 * sigma + 1, (fmt, covariance.item(), sigma.item())
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
