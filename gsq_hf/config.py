@@ -58,9 +58,10 @@ def _with_flat_keys(policy: Any, flat: dict[str, Any]) -> PolicyConfig:
 
     Each key is checked as ``GSQConfig.<key>``. A key the policy kind does not have is ignored when the policy
     is given by name (old configs carry every field, e.g. ``format`` beside ``policy: gate``) and refused when
-    it is given as a config or mapping (there it can only be a mistake).
+    it is given as a config or mapping, or not at all (``threshold`` with no policy would silently store
+    everything in one format: there it can only be a mistake).
     """
-    config = policy_config(policy)
+    config = policy_config("static" if policy is None else policy)
     owners = _flat_keys()
     params = {}
     for key, value in flat.items():
@@ -69,6 +70,9 @@ def _with_flat_keys(policy: Any, flat: dict[str, Any]) -> PolicyConfig:
         value = check(f"GSQConfig.{key}", value)
         if key in config.flat_keys:
             params[config.flat_keys[key]] = value
+        elif policy is None:
+            raise GSQConfigError(f"GSQConfig.{key} does not apply to policy 'static', the default when no policy is "
+                                 f"given; name the policy it belongs to (e.g. policy: {cls.kind}) or drop it")
         elif not isinstance(policy, str):
             raise GSQConfigError(f"GSQConfig.{key} does not apply to policy {config.kind!r} (its fields: "
                                  f"{', '.join(f.name for f in fields(config))}); set the policy's own fields")
@@ -112,7 +116,7 @@ class GSQConfig:
         "help": "decode-step state update and conv: 'auto' = the fused Triton kernels on CUDA, torch elsewhere; "
                 "'triton' = the kernels wherever they run (CPU only under TRITON_INTERPRET=1); 'torch' = never"})
 
-    def __init__(self, name: str = "custom", policy: PolicyConfig | str | dict = "static", conv_format: str = "auto",
+    def __init__(self, name: str = "custom", policy: PolicyConfig | str | dict | None = None, conv_format: str = "auto",
                  group_size: int | None = None, rounding: str = "nearest", scale_hold: float = 0.0, seed: int = 0,
                  write_mode: str = "every_step", family_overrides: dict[str, dict[str, Any]] | None = None,
                  layer_overrides: dict[int, dict[str, Any]] | None = None, kernel: str = "auto",
@@ -265,8 +269,36 @@ class GSQConfig:
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> GSQConfig:
-        return cls.from_file(Path(directory) / CONFIG_FILENAME)
+    def from_pretrained(cls, pretrained: str | Path, **kwargs: Any) -> GSQConfig:
+        """The config saved in a directory or Hub repo: its ``gsq_config.json`` (`save_pretrained`), else the
+        ``gsq_config`` entry of its ``config.json`` (what a patched model's ``save_pretrained`` writes).
+        ``kwargs`` go to transformers' file lookup (``revision``, ``subfolder``, ``token``, ...)."""
+        config = saved_config(pretrained, **kwargs)
+        if config is None:
+            raise GSQConfigError(f"no gsq_hf config in {str(pretrained)!r}: expected {CONFIG_FILENAME} "
+                                 "(GSQConfig.save_pretrained) or a gsq_config entry in config.json (the "
+                                 "save_pretrained of a patched model)")
+        return config
+
+
+def saved_config(pretrained: str | Path, **kwargs: Any) -> GSQConfig | None:
+    """The gsq_hf config saved with a model (`GSQConfig.from_pretrained`), or None if it has none; both
+    places holding different configs is an error (which one a user meant cannot be guessed)."""
+    from transformers.utils import cached_file
+
+    def read(filename: str) -> dict | None:
+        path = cached_file(pretrained, filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **kwargs)
+        return json.loads(Path(path).read_text()) if path else None
+
+    own = read(CONFIG_FILENAME)
+    entry = (read("config.json") or {}).get("gsq_config")
+    if own is not None and entry is not None and GSQConfig.from_dict(own) != GSQConfig.from_dict(entry):
+        raise GSQConfigError(f"{str(pretrained)!r} holds two different gsq_hf configs: {CONFIG_FILENAME} "
+                             f"({GSQConfig.from_dict(own).name!r}) and config.json's gsq_config "
+                             f"({GSQConfig.from_dict(entry).name!r}); delete one, or pass the config to use")
+    found = own if own is not None else entry
+    return None if found is None else GSQConfig.from_dict(found)
 
 
 _NOT_PER_LAYER = {"name", "family_overrides", "layer_overrides", "write_mode", "kernel", "seed"}

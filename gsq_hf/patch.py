@@ -27,7 +27,7 @@ from . import _compat
 from .adapters import ADAPTERS, MixerAdapter, find_adapter
 from .adapters.unsupported import find_refusal
 from .cache import GSQCache
-from .config import GSQConfig, resolve_config
+from .config import GSQConfig, resolve_config, saved_config
 from .errors import GSQConfigError, NotPatchedError, UnsupportedModelError
 from .formats import get_format
 from .signals import reads_logits
@@ -273,7 +273,8 @@ def patched(model: nn.Module, config: GSQConfig | str | Path | dict | None = Non
 
 
 def from_pretrained(path: str | Path, config: GSQConfig | str | Path | dict | None = None, **kwargs) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` patched with its saved (or the given) config.
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` patched with the given config, else the one saved
+    with it (`GSQConfig.from_pretrained`: ``gsq_config.json`` or config.json's ``gsq_config``), else the default.
 
     A ``path`` that is neither a saved model directory (with config.json) nor a possible Hub id is a
     `FileNotFoundError` saying what is accepted, before transformers' Hub-id validator calls it a bad repo id.
@@ -286,4 +287,7 @@ def from_pretrained(path: str | Path, config: GSQConfig | str | Path | dict | No
     if problem is not None:
         raise FileNotFoundError(f"{problem}; accepted: {ACCEPTED_MODELS}")
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if config is None:
+        lookup = ("revision", "subfolder", "token", "cache_dir", "local_files_only")
+        config = saved_config(path, **{key: kwargs[key] for key in lookup if key in kwargs})
     return patch(model, config)

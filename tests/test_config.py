@@ -242,6 +242,8 @@ def test_nested_form_round_trips_and_is_what_is_saved(tmp_path):
                                                  "threshold, high_when, low, high"),
     (dict(policy={"threshold": 0.3}), "GSQConfig.policy=None is not accepted; choose one of"),
     (dict(policy=GateConfig(), format="int4"), "GSQConfig.format does not apply to policy 'gate'"),
+    (dict(threshold=0.3, low_format="int4"), "GSQConfig.threshold does not apply to policy 'static', the default "
+                                             "when no policy is given; .*policy: gate"),  # not a silent fp32
     (dict(policy="gate", threshold="high"), r"GSQConfig.threshold='high' must be a number in \[0, 1\]"),
     (dict(policy="budget", high_when="sometimes"), "GSQConfig.high_when='sometimes' is not accepted; choose one of: "
                                                    "open, closed"),

@@ -102,6 +102,26 @@ def test_config_saved_with_model_and_restored(model, tmp_path):
     assert plain.config.gsq_config["name"] == "gsq-budget"  # unpatch restores what was loaded
 
 
+def test_config_saved_beside_the_model_is_the_one_applied(model, tmp_path):
+    """``GSQConfig.save_pretrained`` into a model directory (``gsq_config.json``) and a patched model's
+    ``save_pretrained`` (config.json's ``gsq_config``) are both read back by either loader; two different ones
+    are refused, not one silently preferred."""
+    model.save_pretrained(tmp_path)
+    with pytest.raises(gsq_hf.GSQConfigError, match="no gsq_hf config in .*gsq_config.json"):
+        gsq_hf.GSQConfig.from_pretrained(tmp_path)
+    int4 = gsq_hf.resolve_config("int4")
+    int4.save_pretrained(tmp_path)
+    assert gsq_hf.from_pretrained(tmp_path)._gsq_patch.config == int4
+    gsq_hf.patch(model, "int8")
+    model.save_pretrained(tmp_path / "patched")
+    assert gsq_hf.GSQConfig.from_pretrained(tmp_path / "patched") == gsq_hf.resolve_config("int8")
+    model.save_pretrained(tmp_path)  # now config.json says int8 and gsq_config.json int4
+    gsq_hf.unpatch(model)
+    with pytest.raises(gsq_hf.GSQConfigError, match="two different gsq_hf configs: gsq_config.json \\('int4'\\)"):
+        gsq_hf.from_pretrained(tmp_path)
+    assert gsq_hf.from_pretrained(tmp_path, "fp32")._gsq_patch.config.name == "fp32"  # a config given: no lookup
+
+
 def test_patched_context_manager(model):
     with gsq_hf.patched(model, "int8") as patched_model:
         assert patched_model is model and gsq_hf.is_patched(model)
