@@ -117,7 +117,9 @@ def _min_bits(config: GSQConfig) -> int:
 
 
 def _check(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, target: GSQConfig,
-           draft: GSQConfig, lookahead: int, rollback: str, draft_sync: str) -> None:
+           draft: GSQConfig, lookahead: int, max_new_tokens: int, rollback: str, draft_sync: str) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not isinstance(lookahead, int) or lookahead < 1:
         raise ValueError(f"lookahead must be an integer >= 1, got {lookahead!r}")
     if rollback not in ROLLBACKS:
@@ -238,7 +240,7 @@ def speculative_generate(
     was_patched = is_patched(model)
     target = model._gsq_patch.config if was_patched else resolve_config("fp32")
     draft = resolve_config(draft)
-    _check(model, input_ids, attention_mask, target, draft, lookahead, rollback, draft_sync)
+    _check(model, input_ids, attention_mask, target, draft, lookahead, max_new_tokens, rollback, draft_sync)
     if not was_patched:
         patch(model, target)
     try:

@@ -130,3 +130,14 @@ def test_from_pretrained_missing_path(tmp_path, path):
         gsq_hf.from_pretrained(path)
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         gsq_hf.from_pretrained(tmp_path)
+
+
+# -- output files ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target, message", [
+    ("{tmp}", "is a directory; give a file path, e.g. {tmp}/results.json"),
+    ("{tmp}/file.txt/out.json", "{tmp}/file.txt is a file, so no folder can be made there"),
+])
+def test_unwritable_json_path_is_refused_before_any_config_runs(tmp_path, capsys, target, message):
+    (tmp_path / "file.txt").write_text("x")
+    line = _error_line(capsys, "--config", "fp32", "--json", target.format(tmp=tmp_path))
+    assert "argument --json" in line and message.format(tmp=tmp_path) in line, line

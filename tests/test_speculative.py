@@ -225,6 +225,8 @@ def test_bad_input(model):
     ids = torch.randint(2, 64, (1, 4))
     with pytest.raises(ValueError, match="lookahead must be an integer >= 1"):
         speculative_generate(model, ids, lookahead=0)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1, got 0"):
+        speculative_generate(model, ids, max_new_tokens=0)
     with pytest.raises(ValueError, match="shape \\(batch, length\\)"):
         speculative_generate(model, torch.randint(2, 64, (4,)))
     with pytest.raises(ValueError, match="last column set \\(left padding\\)"):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ..config import GSQConfig, list_presets, resolve_config
@@ -62,8 +64,9 @@ def common_options(parser: argparse.ArgumentParser) -> None:
 def run_options(parser: argparse.ArgumentParser) -> None:
     """Threads, JSON output, verbosity: the same for every command."""
     parser.add_argument("--threads", type=positive, metavar="N", help=THREADS_HELP)
-    parser.add_argument("--json", metavar="FILE", help="also write the results to FILE as JSON, after every config "
-                                                      "(a crash or Ctrl-C keeps the finished ones)")
+    parser.add_argument("--json", type=json_file, metavar="FILE",
+                        help="also write the results to FILE as JSON, after every config (a crash or Ctrl-C keeps "
+                             "the finished ones)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or run information, only the table")
     parser.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
 
@@ -77,6 +80,19 @@ def package_version() -> str:
         from .. import __version__
 
         return __version__
+
+
+def json_file(text: str) -> str:
+    """A ``--json`` path that can be written, checked before any config runs (not at the first write)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file path, e.g. {path / 'results.json'}")
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {existing} is a file, so no folder can be made there")
+    if not os.access(existing, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: {existing} is not writable")
+    return text
 
 
 def positive(text: str) -> int:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from .common import EXIT_FAILURE, EXIT_INTERRUPTED, info, int_list, pick_device, positive
+from .common import EXIT_FAILURE, EXIT_INTERRUPTED, info, int_list, json_file, pick_device, positive
 
 
 def add_sweep_parser(commands) -> None:
@@ -19,8 +19,8 @@ def add_sweep_parser(commands) -> None:
                     "composed config beats the uniform front at equal bits. Writes all of it to --json; "
                     "scripts/results.py turns that into docs/results.md.")
     sweep_arguments(sweep)
-    sweep.add_argument("--json", metavar="FILE", help="write the payload to FILE, after every config (a crash or "
-                                                     "Ctrl-C keeps the finished ones)")
+    sweep.add_argument("--json", type=json_file, metavar="FILE",
+                       help="write the payload to FILE, after every config (a crash or Ctrl-C keeps the finished ones)")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar or config counter, only the table")
     sweep.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
 
@@ -46,8 +46,9 @@ def sweep_arguments(sweep: argparse.ArgumentParser) -> None:
                             "store other states)")
     sweep.add_argument("--lambada-examples", type=positive, default=500, help="LAMBADA examples (default: 500)")
     sweep.add_argument("--trace-tokens", type=positive, default=64, help="tokens of the traced passage (default: 64)")
-    sweep.add_argument("--long-stream-tokens", type=_non_negative, default=16384,
-                       help="tokens per long stream, one cache over each (default: 16384; 0: no long streams)")
+    sweep.add_argument("--long-stream-tokens", type=_non_negative,
+                       help="tokens per long stream, one cache over each (default: 16384, or as many as the text "
+                            "holds for --long-stream-streams streams; 0: no long streams)")
     sweep.add_argument("--long-stream-streams", type=positive, default=8,
                        help="long streams run as one batch (default: 8)")
     sweep.add_argument("--long-stream-dataset", help="text cut into long streams (default: the first non-LAMBADA "
