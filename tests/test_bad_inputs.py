@@ -141,3 +141,12 @@ def test_unwritable_json_path_is_refused_before_any_config_runs(tmp_path, capsys
     (tmp_path / "file.txt").write_text("x")
     line = _error_line(capsys, "--config", "fp32", "--json", target.format(tmp=tmp_path))
     assert "argument --json" in line and message.format(tmp=tmp_path) in line, line
+
+
+def test_two_configs_of_one_name_are_refused(tmp_path, capsys):
+    """Rows and JSON records are keyed by config name: two files both called my.yaml would give two 'my' rows."""
+    for folder, fmt in (("a", "int8"), ("b", "int2")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "my.yaml").write_text(f"policy: {{kind: static, format: {fmt}}}\n")
+    line = _error_line(capsys, "--config", "fp32", str(tmp_path / "a" / "my.yaml"), str(tmp_path / "b" / "my.yaml"))
+    assert "are both named 'my'" in line and str(tmp_path / "b" / "my.yaml") in line, line

@@ -113,7 +113,17 @@ def int_list(text: str) -> list[int]:
 
 
 def resolve_configs(names: Sequence[str] | None, seed: int | None) -> list[GSQConfig]:
-    configs = [resolve_config(name) for name in (names or DEFAULT_CONFIGS)]
+    """The ``--config`` values as configs; two with one name are refused (rows and JSON records are keyed by it)."""
+    names = list(names or DEFAULT_CONFIGS)
+    configs = [resolve_config(name) for name in names]
+    sources: dict[str, list[str]] = {}
+    for name, config in zip(names, configs, strict=True):
+        sources.setdefault(config.name, []).append(name)
+    clashes = {label: given for label, given in sources.items() if len(given) > 1}
+    if clashes:
+        label, given = next(iter(clashes.items()))
+        raise BadInput(f"--config {' and '.join(given)} are both named {label!r}, and results are keyed by name; "
+                       "list each config once, or give each file its own `name:` (or file name)")
     return configs if seed is None else [dataclasses.replace(cfg, seed=seed) for cfg in configs]
 
 
