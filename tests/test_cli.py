@@ -274,10 +274,14 @@ def test_eval_says_which_config_runs_and_keeps_finished_configs_on_ctrl_c(model_
                                                      "the finished ones")
 
 
-def test_quiet_hides_the_config_counter(model_dir, text_file, capsys):
-    assert main(["eval", "--model", model_dir, "--dataset", text_file, "--context", "16", "--max-tokens", "32",
-                 "--config", "fp32", "--no-reference", "--quiet"]) == 0
-    assert capsys.readouterr().err == ""
+def test_quiet_hides_the_config_counter_and_the_legend(model_dir, text_file, capsys):
+    args = ["eval", "--model", model_dir, "--dataset", text_file, "--context", "16", "--max-tokens", "32",
+            "--config", "fp32", "--no-reference"]
+    assert main([*args, "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and "columns (" not in quiet.out and quiet.out.splitlines()[0].startswith("config")
+    assert main(args) == 0
+    assert "columns (" in capsys.readouterr().out
 
 
 def test_recall_counter_and_ctrl_c(tmp_path, capsys, monkeypatch):

@@ -58,7 +58,7 @@ def _quiet_libraries(progress: bool) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    for name in ("huggingface_hub", "datasets"):
+    for name in ("huggingface_hub", "datasets", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if not progress:
         transformers.logging.disable_progress_bar()

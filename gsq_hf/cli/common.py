@@ -67,7 +67,8 @@ def run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=json_file, metavar="FILE",
                         help="also write the results to FILE as JSON, after every config (a crash or Ctrl-C keeps "
                              "the finished ones)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or run information, only the table")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars, run information or column legend: the table and its result lines")
     parser.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
 
 

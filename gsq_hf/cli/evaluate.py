@@ -129,7 +129,7 @@ def run_eval(args: argparse.Namespace) -> int:
         add_deltas(records)
 
     finished = run_configs(args, configs, run, payload, write=main)
-    table = eval_table(records, args.kl_top_k or None)
+    table = eval_table(records, args.kl_top_k or None, legend=not args.quiet)
     if not finished:
         processes.close()
         return interrupted(args, payload, table) if main else EXIT_INTERRUPTED

@@ -139,8 +139,8 @@ def over_allocated(record: dict[str, Any], tolerance: float = 1.05) -> bool:
     return allocated is not None and _number(stored) and allocated > tolerance * stored
 
 
-def eval_table(records: list[dict[str, Any]], kl_top_k: int | None = None) -> str:
-    """One row per config, then a legend of the columns (Δ, KL and top-1 are vs the first row).
+def eval_table(records: list[dict[str, Any]], kl_top_k: int | None = None, legend: bool = True) -> str:
+    """One row per config, then (``legend``) a legend of the columns (Δ, KL and top-1 are vs the first row).
 
     Bits moved per element and bytes allocated per sequence are separate columns because threshold policies
     save the first but not the second (``*`` marks such rows). No speed column: one pass per config on a
@@ -164,7 +164,7 @@ def eval_table(records: list[dict[str, Any]], kl_top_k: int | None = None) -> st
             _fmt(allocated_bits(r), ".2f"), _fmt(r.get("state_bytes"), ",.0f"),
             _ratio(r.get("state_bytes"), r.get("full_precision_state_bytes")), str(r["tokens"]),
         ])
-    return format_table(headers, rows) + _notes(records) + "\n" + eval_legend(records, kl_top_k)
+    return format_table(headers, rows) + _notes(records) + ("\n" + eval_legend(records, kl_top_k) if legend else "")
 
 
 def eval_legend(records: list[dict[str, Any]], kl_top_k: int | None = None, width: int = 116) -> str:
