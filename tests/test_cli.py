@@ -61,7 +61,7 @@ def offline_hub(monkeypatch):
 def test_eval_json_contract(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "results.json"
     code = main(["eval", "--model", model_dir, "--dataset", text_file, "--context", "16", "--max-tokens", "64",
-                 "--config", "fp32", "int8", "--config", "gsq-entropy", "--json", str(out), "--quiet"])
+                 "--config", "fp32", "int8", "--config", "gsq-entropy", "--json", str(out)])  # legend: not --quiet
     assert code == 0
     data = json.loads(out.read_text())
     assert {"model", "dataset", "split", "context", "versions", "results"} <= set(data)
