@@ -25,7 +25,15 @@ from typing import Any
 import torch
 
 from ..config import GSQConfig, resolve_config
-from .data import EvalInputError, check_model_source, load_model, load_text, load_tokenizer, make_windows
+from .data import (
+    EvalInputError,
+    TokenWindows,
+    check_model_source,
+    load_model,
+    load_text,
+    load_tokenizer,
+    make_windows,
+)
 from .lambada import is_lambada, lambada_examples, lambada_score, lambada_tokens
 from .perplexity import (
     NonFiniteLogitsError,
@@ -93,6 +101,7 @@ CONFIGS: list[tuple[str, str | dict]] = [
 ]
 FAMILIES = list(dict.fromkeys(family for family, _ in CONFIGS))
 TRACE_CONFIG = "gsq-gate"
+LONG_STREAM_TOKENS = 16384  # tokens per long stream unless set (and the text holds them)
 # Long streams (the costliest part): fp32 (the baseline), the uniform formats a user would store a state in and
 # those the dynamic policies mix, the composed presets, each seed dynamic family at its preset's setting.
 LONG_STREAM = ("fp32", "bf16", "fp16", "int8", "int4", "int3", "gsq-4bit", "gsq-3bit",
@@ -135,7 +144,8 @@ def dataset_name(source: str) -> str:
 @dataclass
 class SweepOptions:
     """What a sweep runs; the defaults are ``gsq-hf sweep``'s. ``recall_num`` 0 skips recall,
-    ``long_stream_tokens`` 0 the long streams; empty ``models`` (with ``recall_only``) runs only recall."""
+    ``long_stream_tokens`` 0 the long streams (None: `LONG_STREAM_TOKENS`, or as many as the text holds for
+    ``long_stream_streams`` streams); empty ``models`` (with ``recall_only``) runs only recall."""
 
     models: list[str] = field(default_factory=lambda: [str(ASSETS / "tiny-mamba-pydoc")])
     datasets: list[str] = field(default_factory=lambda: ["builtin"])
@@ -146,7 +156,7 @@ class SweepOptions:
     kl_top_k: int = 64
     lambada_examples: int = 500
     trace_tokens: int = 64
-    long_stream_tokens: int = 16384
+    long_stream_tokens: int | None = None
     long_stream_streams: int = 8
     long_stream_dataset: str | None = None  # default: the first non-LAMBADA dataset
     recall_models: list[str] | None = None  # default: `default_recall_models`
@@ -159,7 +169,7 @@ class SweepOptions:
     dtype: str = "fp32"
 
     def stream_source(self) -> str | None:
-        if self.recall_only or not self.long_stream_tokens or not self.datasets:
+        if self.recall_only or self.long_stream_tokens == 0 or not self.datasets:
             return None
         return self.long_stream_dataset or next((d for d in self.datasets if not is_lambada(d)), self.datasets[0])
 
@@ -246,12 +256,7 @@ def _model_part(source, options, configs, texts, stream_text, payload, each) -> 
     tokenizer = load_tokenizer(source)
     streams = None
     if stream_text is not None:  # cut first: a text too short for one stream fails before the sweep
-        try:
-            streams = make_windows(tokenizer, stream_text, options.long_stream_tokens,
-                                   options.long_stream_tokens * options.long_stream_streams)
-        except EvalInputError as error:
-            raise SweepInputError(f"long streams of {options.long_stream_tokens} tokens from "
-                                  f"{payload['long_stream_dataset']}: {error}") from None
+        streams = _cut_streams(tokenizer, stream_text, options, payload["long_stream_dataset"])
     trace_ids = None
     for dataset, text in texts.items():
         windows = make_windows(tokenizer, text, options.context, options.max_tokens)
@@ -325,6 +330,24 @@ def trace_passage(model, tokenizer, ids: torch.Tensor, config: str = TRACE_CONFI
     return {"config": cfg.name, "tokens": [tokenizer.decode([i]) for i in ids.tolist()], "layers": trace["layers"],
             "low_format": trace["low_format"], "high_format": trace["high_format"],
             "high_fraction": trace["high_fraction"][:, :, 0].tolist()}
+
+
+def _cut_streams(tokenizer, text: str, options: SweepOptions, source: str) -> TokenWindows:
+    """``long_stream_streams`` streams of ``long_stream_tokens`` tokens; unset, of `LONG_STREAM_TOKENS` or as many
+    as the text holds for that many streams (the built-in text: about 1300)."""
+    tokens, count = options.long_stream_tokens, options.long_stream_streams
+    try:
+        if tokens is not None:
+            return make_windows(tokenizer, text, tokens, tokens * count)
+        ids = make_windows(tokenizer, text, 2, LONG_STREAM_TOKENS * count).ids.flatten()
+        length = min(LONG_STREAM_TOKENS, ids.numel() // count)
+        if length < 2:
+            raise EvalInputError(f"{ids.numel()} tokens do not make {count} streams of 2 tokens or more; use fewer "
+                                 "--long-stream-streams or more text")
+        return TokenWindows.from_ids(ids[: count * length].view(count, length), tokenizer)
+    except EvalInputError as error:
+        raise SweepInputError(f"long streams of {tokens or 'up to ' + str(LONG_STREAM_TOKENS)} tokens from "
+                              f"{source}: {error}") from None
 
 
 def _long_streams(model, streams, name, options, configs, payload, each) -> None:

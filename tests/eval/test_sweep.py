@@ -14,7 +14,9 @@ from gsq_hf.eval.sweep import (
     FAMILIES,
     LONG_STREAM,
     UNIFORM,
+    SweepInputError,
     SweepOptions,
+    _cut_streams,
     long_stream_configs,
     run_sweep,
     select_configs,
@@ -48,6 +50,23 @@ def test_sweep_size_counts_every_config_run():
     assert sweep_size(options) == 2 * 3 + 1 + 3  # datasets x configs, fp32's long stream, recall
     options.long_stream_tokens, options.recall_num = 0, 0
     assert sweep_size(options) == 6
+
+
+def test_long_streams_unset_are_as_long_as_the_text_holds_them():
+    """``gsq-hf sweep`` with no options runs on the built-in text (about 10k tokens): its long streams are cut
+    to fit 8 streams; a length set by the user is kept or refused, never shortened."""
+    from gsq_hf.eval.data import load_text, load_tokenizer
+
+    tokenizer, text = load_tokenizer(str(ASSETS / "tiny-mamba-pydoc")), load_text("builtin")
+    available = len(tokenizer.encode(text, add_special_tokens=False))
+    assert available < 8 * 16384
+    streams = _cut_streams(tokenizer, text, SweepOptions(), "builtin")
+    assert streams.ids.shape == (8, available // 8)
+    assert _cut_streams(tokenizer, text, SweepOptions(long_stream_tokens=500), "builtin").ids.shape == (8, 500)
+    with pytest.raises(SweepInputError, match="long streams of 16384 tokens from builtin: context 16384"):
+        _cut_streams(tokenizer, text, SweepOptions(long_stream_tokens=16384), "builtin")
+    with pytest.raises(SweepInputError, match="long streams of up to 16384 tokens from x: .* fewer"):
+        _cut_streams(tokenizer, "a b", SweepOptions(long_stream_streams=8), "x")
 
 
 @pytest.mark.slow
