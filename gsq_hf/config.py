@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -147,7 +148,9 @@ class GSQConfig:
             raise GSQConfigError(
                 f"GSQConfig.group_size={self.group_size!r} must be an even integer >= 2 dividing d_state, or None"
             )
-        if not isinstance(self.seed, int):
+        if not isinstance(self.name, str) or not self.name:
+            raise GSQConfigError(f"GSQConfig.name={self.name!r} must be a non-empty string (the label of reports)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise GSQConfigError(f"GSQConfig.seed={self.seed!r} must be an integer")
         if isinstance(self.scale_hold, bool) or not isinstance(self.scale_hold, (int, float)) \
                 or not 0 <= self.scale_hold < 1:
@@ -176,7 +179,14 @@ class GSQConfig:
         if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
             raise GSQConfigError(f"GSQConfig.family_overrides={overrides!r} must map model types to mappings of "
                                  "fields, e.g. {'mamba': {'rounding': 'stochastic'}}")
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
         for model_type, fields_ in overrides.items():
+            if model_type not in CONFIG_MAPPING_NAMES:  # a typo would never apply, silently
+                near = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING_NAMES), n=3)
+                hint = f"; did you mean {', '.join(near)}?" if near else ""
+                raise GSQConfigError(f"GSQConfig.family_overrides key {model_type!r} is not a transformers model type "
+                                     f"(model.config.model_type){hint}")
             if {"name", "family_overrides", "layer_overrides"} & set(fields_):
                 raise GSQConfigError(f"GSQConfig.family_overrides[{model_type!r}] cannot set name, family_overrides "
                                      "or layer_overrides")

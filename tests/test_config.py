@@ -55,6 +55,10 @@ def test_round_trip_yaml_json_dict(name, tmp_path):
         ("scale_hold", "0.5", "scale_hold='0.5'"),
         ("scale_hold", True, "scale_hold=True"),
         ("scale_hold", float("nan"), "scale_hold=nan"),
+        ("seed", True, "seed=True must be an integer"),
+        ("name", 5, "name=5 must be a non-empty string"),
+        ("family_overrides", {"mambo": {"rounding": "stochastic"}},
+         "key 'mambo' is not a transformers model type .*did you mean mamba"),  # a typo would never apply
     ],
 )
 def test_bad_values_name_field_and_accepted(field, value, message):
