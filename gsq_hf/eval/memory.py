@@ -17,7 +17,8 @@ grows, the allocator keeps freed pages of earlier configs, and ``tracemalloc`` d
 `GSQCache` report for patched configs, the tensors of transformers' own cache for ``unpatched``. RSS of a
 tiny model is dominated by the Python/torch runtime, so RSS differences there are noise; on real models
 and batch sizes the state shows. To tell which, the unpatched run is measured twice (first and last): the
-difference of its two peaks is the resolution below which a peak difference says nothing about the state.
+difference of its two peaks, and the peak difference of any config storing the unpatched state bytes (fp32), is
+the resolution below which a peak difference says nothing about the state (`gsq_hf.eval.report.peak_resolution`).
 """
 
 from __future__ import annotations

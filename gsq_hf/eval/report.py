@@ -208,15 +208,20 @@ def peak_resolution(records: list[dict[str, Any]], key: str) -> int | None:
     """The smallest difference of peak ``key`` (``peak_rss_bytes``, ``peak_cuda_bytes``) that is not noise.
 
     `gsq_hf.eval.memory.measure_configs` measures the unpatched model first and again last (``"repeat"``):
-    the two peaks' difference, at least one unit of what the measure counts (RSS counts 4 KiB pages, the CUDA
-    caching allocator rounds blocks to 512 bytes). One pair of runs: a lower bound of the run-to-run noise.
-    None unless both unpatched runs measured ``key``.
+    their peaks' difference, and that of every config storing as many state bytes as the unpatched model
+    (fp32: whatever its peak moved by, it was not the state), at least one unit of what the measure counts
+    (RSS counts 4 KiB pages, the CUDA caching allocator rounds blocks to 512 bytes). A lower bound of the
+    run-to-run noise. None unless both unpatched runs measured ``key``.
     """
     repeat = next((r for r in records if r.get("repeat")), None)
-    runs = [records[0].get(key) if records else None, repeat and repeat.get(key)]
+    base = records[0] if records else {}
+    runs = [base.get(key), repeat and repeat.get(key)]
     if not all(_number(v) for v in runs):
         return None
-    return max(abs(runs[0] - runs[1]), 4096 if key == "peak_rss_bytes" else 512)
+    same_state = [r[key] for r in records[1:] if not r.get("error") and not r.get("repeat") and _number(r.get(key))
+                  and r.get("state_bytes") is not None and r.get("state_bytes") == base.get("state_bytes")]
+    return max(abs(runs[0] - runs[1]), *(abs(peak - runs[0]) for peak in same_state),
+               4096 if key == "peak_rss_bytes" else 512)
 
 
 def memory_table(records: list[dict[str, Any]], batch_size: int = 1) -> str:
@@ -252,8 +257,9 @@ def memory_table(records: list[dict[str, Any]], batch_size: int = 1) -> str:
     if resolution is None:
         footer = f"resolution unknown (an unpatched run failed): a Δ peak {name} may be noise."
     else:
-        footer = (f"resolution: {resolution / 1024:,.1f} KiB of peak {name} (the two unpatched runs, first and last, "
-                  "differ by that, at least one allocation unit; a lower bound of run-to-run noise): "
+        footer = (f"resolution: {resolution / 1024:,.1f} KiB of peak {name} (the most that the two unpatched runs, "
+                  "first and last, and any config storing the unpatched state bytes differ by, at least one "
+                  "allocation unit; a lower bound of run-to-run noise): "
                   + (f"no ({', '.join(unresolved)}): the state difference is within it, so that Δ peak is noise, "
                      "not state." if unresolved else "every config's state difference exceeds it."))
     footer += (" state B/seq is exact (tensor bytes counted); Δ state: its difference from unpatched x the batch; "

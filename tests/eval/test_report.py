@@ -105,6 +105,11 @@ def test_memory_table_says_whether_the_peak_resolves_the_state(repeat_rss, resol
     footer = " ".join(table.splitlines()[2 + len(rows):])  # wrapped lines under the table
     assert footer.startswith(f"resolution: {resolution / 1024:,.1f} KiB of peak RSS") and "no (int8)" in footer
     assert "CUDA" not in table and "tok/s" not in table
+    # a config storing the unpatched state bytes (fp32) whose peak moved by 9 MiB: that much is not state either
+    fp32 = {**base, "config": "fp32", "peak_rss_bytes": 2**30 - 9 * 2**20}
+    assert peak_resolution([*records[:3], fp32, records[3]], "peak_rss_bytes") == 9 * 2**20
+    rows = {row["config"]: row for row in parse_table(memory_table([*records[:3], fp32, records[3]], batch_size=8))}
+    assert rows["int4"]["resolved"] == "no" and rows["fp32"]["resolved"] == "no"
 
 
 def test_memory_table_judges_cuda_peaks_on_a_gpu():
