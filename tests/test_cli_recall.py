@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 from models import tiny_mamba
@@ -61,6 +62,17 @@ def test_default_gaps_are_the_training_gap_and_4x(model_dir, tmp_path):
                  str(out), "--quiet"]) == 0
     data = json.loads(out.read_text())
     assert data["gaps"] == [4, 16] and data["task"]["pairs"] == data["task"]["queries"] == 2
+
+
+def test_shipped_recall_models_by_name(tmp_path, monkeypatch):
+    """``--model recall-mamba`` (no such directory here) is the model that ships; default: recall-mamba2."""
+    monkeypatch.chdir(tmp_path)
+    for args, shipped in ((["--model", "recall-mamba"], "recall-mamba"), ([], "recall-mamba2")):
+        out = tmp_path / f"{shipped}.json"
+        assert main(["recall", *args, "--config", "fp32", "--num", "2", "--gap", "8", "--json", str(out),
+                     "--quiet"]) == 0
+        model = json.loads(out.read_text())["model"]
+        assert model.endswith(f"gsq_hf/assets/{shipped}") and (Path(model) / "recall_model.json").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,11 @@ THREADS_HELP = ("intra-op CPU threads (torch.set_num_threads; default: 1 for mod
                 "min(available cores, 4))")
 
 
+CONFIG_HELP = ("state config: a preset (" + ", ".join(list_presets()) + "), a state format name (one format "
+               "everywhere, e.g. int4-e4m3-hadamard) or a YAML/JSON file; repeatable (default: "
+               + " ".join(DEFAULT_CONFIGS) + ")")
+
+
 class BadInput(Exception):
     """A command-line value that cannot work; the message is the whole error line."""
 
@@ -40,8 +45,7 @@ def common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="dataset split (default: test); for a directory, files "
                                                         "whose name has the split as a part, e.g. wiki.test.raw")
     parser.add_argument("--config", action="extend", nargs="+", metavar="CONFIG",
-                        help="state config: a preset (" + ", ".join(list_presets()) + ") or a YAML/JSON file; "
-                             "repeatable (default: " + " ".join(DEFAULT_CONFIGS) + ")")
+                        help=CONFIG_HELP)
     parser.add_argument("--batch-size", type=positive, default=8, help="sequences run at once (default: 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -81,6 +85,16 @@ def package_version() -> str:
         from .. import __version__
 
         return __version__
+
+
+def recall_model(text: str) -> str:
+    """A recall model directory, or the name of one that ships with the package (recall-mamba, recall-mamba2)."""
+    from ..eval.sweep import default_recall_models
+
+    if not Path(text).expanduser().exists():
+        shipped = {Path(d).name: d for d in default_recall_models()}
+        return shipped.get(text, text)
+    return text
 
 
 def json_file(text: str) -> str:

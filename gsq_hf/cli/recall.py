@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import GSQConfig, list_presets
+from ..config import GSQConfig
 from .common import (
-    DEFAULT_CONFIGS,
+    CONFIG_HELP,
     check_configs,
     info,
     int_list,
     interrupted,
     pick_device,
     positive,
+    recall_model,
     resolve_configs,
     run_configs,
     run_options,
@@ -29,11 +30,11 @@ def add_recall_parser(commands) -> None:
                     "every token, as generate stores them, and a query counts when the argmax next token is its "
                     "value. The task is read from the model directory's recall_model.json (scripts/"
                     "train_recall.py writes it).")
-    recall.add_argument("--model", required=True, help="directory of a recall model (save_pretrained + "
-                                                       "recall_model.json, from scripts/train_recall.py)")
-    recall.add_argument("--config", action="extend", nargs="+", metavar="CONFIG",
-                        help="state config: a preset (" + ", ".join(list_presets()) + ") or a YAML/JSON file; "
-                             "repeatable (default: " + " ".join(DEFAULT_CONFIGS) + ")")
+    recall.add_argument("--model", type=recall_model, default="recall-mamba2",
+                        help="directory of a recall model (save_pretrained + recall_model.json, from "
+                             "scripts/train_recall.py), or recall-mamba / recall-mamba2, the two that ship with the "
+                             "package (default: recall-mamba2)")
+    recall.add_argument("--config", action="extend", nargs="+", metavar="CONFIG", help=CONFIG_HELP)
     recall.add_argument("--gap", type=int_list, metavar="G[,G...]",
                         help="filler tokens between the pairs and the queries, comma-separated "
                              "(default: the training gap and 4x it)")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from .common import EXIT_FAILURE, EXIT_INTERRUPTED, info, int_list, json_file, pick_device, positive
+from .common import EXIT_FAILURE, EXIT_INTERRUPTED, info, int_list, json_file, pick_device, positive, recall_model
 
 
 def add_sweep_parser(commands) -> None:
@@ -53,8 +53,9 @@ def sweep_arguments(sweep: argparse.ArgumentParser) -> None:
                        help="long streams run as one batch (default: 8)")
     sweep.add_argument("--long-stream-dataset", help="text cut into long streams (default: the first non-LAMBADA "
                                                      "--dataset)")
-    sweep.add_argument("--recall-model", action="append",
-                       help="recall model dir (repeatable; default: every gsq_hf/assets/recall-* model)")
+    sweep.add_argument("--recall-model", action="append", type=recall_model,
+                       help="recall model dir, or recall-mamba / recall-mamba2 (those that ship; repeatable; "
+                            "default: both)")
     sweep.add_argument("--recall-num", type=_non_negative, default=256,
                        help="MQAR sequences per gap (default: 256; 0: no recall)")
     sweep.add_argument("--recall-gaps", type=int_list, metavar="G[,G...]",
