@@ -219,6 +219,8 @@ def test_every_bad_input_is_one_line_and_exit_2(model_dir, text_file, gpt2_dir, 
 def test_memory_bad_input(capsys):
     assert main(["memory", "--model", "/no/such/model", "--quiet"]) == 2
     assert "is not a model directory" in capsys.readouterr().err
+    assert main(["memory", "--prompt-tokens", "100000", "--quiet"]) == 2  # named as the option, not a "context"
+    assert "--prompt-tokens 100000 is longer than the text's" in capsys.readouterr().err
 
 
 def test_errors_without_quiet_are_still_one_line(model_dir, capsys):

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from .common import EXIT_FAILURE, common_options, header, info, model_source, pick_device, positive, resolve_configs
+from .common import (
+    EXIT_FAILURE,
+    common_options,
+    header,
+    info,
+    model_source,
+    pick_device,
+    positive,
+    resolve_configs,
+)
 
 
 def add_memory_parser(commands) -> None:
@@ -27,7 +36,8 @@ def run_memory(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     source = model_source(args.model)
     text = load_text(args.dataset, args.split)
-    prompt = make_windows(load_tokenizer(source), text, args.prompt_tokens, args.prompt_tokens).ids[0].tolist()
+    prompt = make_windows(load_tokenizer(source), text, args.prompt_tokens, args.prompt_tokens,
+                          what="--prompt-tokens").ids[0].tolist()
     info(args, f"model {source} ({args.dtype}, {device}); batch {args.batch_size}, {args.prompt_tokens} prompt + "
                 f"{args.new_tokens} new tokens; one process per config, and the unpatched one again last")
     records = measure_configs(source, configs, prompt, batch_size=args.batch_size, new_tokens=args.new_tokens,

@@ -212,11 +212,13 @@ class TokenWindows:
         return cls(ids.to(torch.int64), words, nbytes)
 
 
-def make_windows(tokenizer, text: str, context: int, max_tokens: int | None = None) -> TokenWindows:
+def make_windows(tokenizer, text: str, context: int, max_tokens: int | None = None,
+                 what: str = "context") -> TokenWindows:
     """Tokenize ``text`` once (no special tokens) and cut it into ``len // context`` windows.
 
     Only the first ``max_tokens`` tokens are used when given; the tail shorter than ``context`` is dropped,
-    so every window has the same length and every config sees the same windows.
+    so every window has the same length and every config sees the same windows. ``what``: the window length's
+    name in a text too short's error (the option a user set).
     """
     if not isinstance(context, int) or context < 2:
         raise EvalInputError(f"context must be an integer >= 2 (one token read, at least one scored), got {context}")
@@ -228,8 +230,8 @@ def make_windows(tokenizer, text: str, context: int, max_tokens: int | None = No
     count = len(ids) // context
     if count == 0:
         limit = f" (after --max-tokens {max_tokens})" if max_tokens is not None and len(ids) == max_tokens else ""
-        raise EvalInputError(f"context {context} is longer than the text's {len(ids)} tokens{limit}; "
-                             f"use a context of at most {len(ids)} or more text")
+        raise EvalInputError(f"{what} {context} is longer than the text's {len(ids)} tokens{limit}; "
+                             f"use a {what} of at most {len(ids)} or more text")
     return TokenWindows.from_ids(torch.tensor(ids[: count * context]).view(count, context), tokenizer)
 
 
