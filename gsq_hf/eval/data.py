@@ -275,7 +275,8 @@ def _loading(source: str | Path, load):
         return load(location)
     except (OSError, ValueError) as error:  # transformers reports missing or unreachable files as OSError
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        kind = "local directory" if Path(location).is_dir() else "Hub model id (unknown id, or Hub unreachable?)"
+        kind = "local directory" if Path(location).is_dir() else ("Hub model id (unknown id, or Hub unreachable? "
+                                                                   "HF_HUB_OFFLINE=1 fails at once without retries)")
         raise ModelNotFoundError(f"could not load model {str(source)!r} as a {kind}: {reason}; "
                                  f"accepted: {ACCEPTED_MODELS}") from error
 
