@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from functools import partialmethod
 from pathlib import Path
 
@@ -201,3 +202,31 @@ def test_cli_without_lm_eval_is_one_line(monkeypatch, capsys):
     assert gsq_lm_eval.cli_main(["--tasks", TASK]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'gsq_hf[lmeval]'" in err
+
+
+def test_cli_failure_inside_lm_eval_is_one_line(monkeypatch, capsys):
+    """A failure inside lm-eval (here: the Hub dataset of a task, offline) is one line and exit 1 unless --debug,
+    which gsq-hf takes out of the arguments lm-eval parses."""
+    import lm_eval.__main__
+
+    seen = []
+
+    def unreachable():
+        seen.append(list(sys.argv))
+        raise ConnectionError("Couldn't reach 'EleutherAI/wikitext_document_level' on the Hub (LocalEntryNotFound)\n"
+                              "more lines")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", unreachable)
+    assert gsq_lm_eval.cli_main(["run", "--tasks", "wikitext"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gsq-hf lm-eval: error: ConnectionError: Couldn't reach" in err and "--debug" in err
+    with pytest.raises(ConnectionError):
+        gsq_lm_eval.cli_main(["run", "--debug", "--tasks", "wikitext"])
+    assert seen[-1] == ["lm-eval", "run", "--tasks", "wikitext"]
+
+
+def test_cli_help_says_how_to_name_the_gsq_model(capsys):
+    assert gsq_lm_eval.cli_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("gsq-hf lm-eval: ") and "--model gsq --model_args pretrained=DIR,gsq_config=" in out
+    assert "usage: lm-eval" in out  # lm-eval's own help after it
