@@ -60,6 +60,7 @@ class GSQCache(StaticCacheMixin, DynamicCache):
         model(input_ids, cache=cache)
         model.generate(input_ids, cache=GSQCache(model, "int8"))   # a per-call config (past_key_values= too)
 
+    With no ``gsq_config``, the config the model is patched with (``model.config.gsq_config``), else fp32 (lossless).
     Given the model (not only its config), `memory_report` also counts the model's weights
     (``weight_bytes``, ``total_bytes``): weights plus states is the real memory budget.
 
@@ -74,13 +75,15 @@ class GSQCache(StaticCacheMixin, DynamicCache):
     forward does, unless ``defer_finite_check``; docs/design.md).
     """
 
-    def __init__(self, model_or_config, gsq_config: GSQConfig | str | dict | None = "fp32", *,
+    def __init__(self, model_or_config, gsq_config: GSQConfig | str | dict | None = None, *,
                  trace: bool | str = False, static: bool = False, **kwargs):
         model = model_or_config if isinstance(model_or_config, torch.nn.Module) else None
         super().__init__(config=model.config if model is not None else model_or_config, **kwargs)
         self._model = weakref.ref(model) if model is not None else None  # weights for memory_report; no cycle
-        self.config = resolve_config(gsq_config).for_model_type(getattr(self.config_of(model_or_config),
-                                                                        "model_type", None))
+        model_config = self.config_of(model_or_config)
+        if gsq_config is None:
+            gsq_config = getattr(model_config, "gsq_config", None) or "fp32"
+        self.config = resolve_config(gsq_config).for_model_type(getattr(model_config, "model_type", None))
         self.policy = self.config.build_policy()  # every layer's but those of `GSQConfig.layer_overrides`
         self.static = static
         self.recording = False  # per-token checkpoints (record_positions)

@@ -37,6 +37,17 @@ def test_memory_report_static_int8_counts_real_bytes(family, model):
     json.dumps(report)
 
 
+def test_default_config_is_the_patch_s_else_fp32(model):
+    """``GSQCache(model)``: the config the model is patched with (or saved with), else lossless fp32."""
+    assert GSQCache(model).config.name == "fp32"
+    gsq_hf.patch(model, "int4")
+    try:
+        assert GSQCache(model).config == gsq_hf.resolve_config("int4") == GSQCache(model.config).config
+        assert GSQCache(model, "int8").config.name == "int8"
+    finally:
+        gsq_hf.unpatch(model)
+
+
 def test_int4_and_budget_bound_memory(model):
     sizes = {}
     for preset in ("int4", "gsq-gate", "gsq-budget", "fp32"):
