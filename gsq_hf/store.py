@@ -62,7 +62,8 @@ class LayerStorage:
 def select_rows(storages: list[LayerStorage], index: torch.Tensor) -> LayerStorage:
     """Row ``r`` of ``storages[index[r]]`` for every batch row (``index`` (batch,)): each row's own checkpoint, e.g.
     when the rows of a batch accepted different numbers of speculated tokens. A field some storages lack (the
-    fp32 fallback, kept only for non-finite states) is taken as zeros (unset) there."""
+    fp32 fallback, kept only for non-finite states; everything, in the empty storage before a first write) is
+    taken as zeros there: the state of no tokens."""
     rows = torch.arange(index.shape[0], device=index.device)
 
     def pick(values: list) -> torch.Tensor | QuantizedTensor | None:
@@ -70,7 +71,8 @@ def select_rows(storages: list[LayerStorage], index: torch.Tensor) -> LayerStora
         if present is None:
             return None
         if isinstance(present, QuantizedTensor):
-            parts = {name: pick([getattr(v, name) for v in values]) for name in ("data", "scale", "row_scale")}
+            parts = {name: pick([None if v is None else getattr(v, name) for v in values])
+                     for name in ("data", "scale", "row_scale")}
             return QuantizedTensor(parts["data"], parts["scale"], present.fmt, present.group_size, parts["row_scale"])
         stacked = torch.stack([torch.zeros_like(present) if v is None else v for v in values])
         return stacked[index.to(stacked.device), rows.to(stacked.device)]

@@ -52,6 +52,21 @@ def test_batch_rows_commit_their_own_prefix(model, rollback, draft_sync):
     assert 0 < out.stats.rollbacks < 4 * out.stats.verify_steps  # some rows rejected, others not, in some rounds
 
 
+@pytest.mark.parametrize("draft_sync", ["once", "rejection"])
+def test_one_token_prompt(model, draft_sync):
+    """A prompt of one token (BOS only): no prefill, so a row that rejects every proposal of the first round goes
+    back to the empty state (each draft state stored from then on is selected per row against it)."""
+    ids = torch.tensor([[5], [9]])
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    gsq_hf.patch(model, "fp32")
+    handle = noisy(model, 1.0)
+    try:
+        out = speculative_generate(model, ids, draft="int4", lookahead=4, max_new_tokens=12, draft_sync=draft_sync)
+    finally:
+        handle.remove()
+    assert torch.equal(out.sequences, expected) and out.stats.rollbacks > 0
+
+
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_every_tensor_is_made_on_the_inputs_device(model, do_sample):
     """No tensor of the loop is made on the default device (on a GPU: on the host, where indexing a CUDA tensor with
