@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +231,7 @@ def patch(model: nn.Module, config: GSQConfig | str | Path | dict | None = None)
         attr = "_old_forward" if hasattr(mixer, "_hf_hook") and hasattr(mixer, "_old_forward") else "forward"
         previous = mixer.__dict__.get(attr, inspect.Parameter.empty)
         setattr(mixer, attr, _make_forward(adapter, mixer, getattr(mixer, attr), state))
+        mixer.__deepcopy__ = _refuse_mixer_deepcopy  # a copy of the closure would run this mixer's weights
         state.mixers.append((mixer, attr, previous))
     state.handles.append(model.register_forward_pre_hook(_pre_forward_hook, with_kwargs=True))
     state.handles.append(model.register_forward_hook(_post_forward_hook))
@@ -239,7 +242,25 @@ def patch(model: nn.Module, config: GSQConfig | str | Path | dict | None = None)
     state.previous_gsq_config = saved
     model.config.gsq_config = config.to_dict()
     model._gsq_patch = state
+    model.__deepcopy__ = types.MethodType(_deepcopy_patched, model)  # copy.deepcopy looks it up on the instance
     return model
+
+
+def _deepcopy_patched(model: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of a patched model: a copy of the unpatched model, patched with the same config (a copy
+    of the patch itself would keep closures over the original's mixers, computing with its weights)."""
+    config = model._gsq_patch.config
+    unpatch(model)
+    try:
+        twin = copy.deepcopy(model, memo)
+    finally:
+        patch(model, config)
+    return patch(twin, config)
+
+
+def _refuse_mixer_deepcopy(memo: dict) -> None:
+    raise TypeError("a mixer of a gsq_hf-patched model cannot be deep-copied on its own (its patched forward runs "
+                    "the original's weights); deep-copy the whole model, or gsq_hf.unpatch it first")
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -252,6 +273,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             delattr(mixer, attr)
         else:
             setattr(mixer, attr, previous)
+        del mixer.__deepcopy__
     for handle in state.handles:
         handle.remove()
     if state.had_gsq_config:
@@ -259,6 +281,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     else:
         del model.config.gsq_config
     del model._gsq_patch
+    del model.__deepcopy__
     return model
 
 

@@ -122,6 +122,27 @@ def test_config_saved_beside_the_model_is_the_one_applied(model, tmp_path):
     assert gsq_hf.from_pretrained(tmp_path, "fp32")._gsq_patch.config.name == "fp32"  # a config given: no lookup
 
 
+def test_deepcopy_of_a_patched_model_is_its_own_patched_model(model):
+    """The copy is patched with the same config and runs its own weights (a copy of the patch's closures would
+    run the original's); a mixer copied on its own is refused; the original stays patched."""
+    import copy
+
+    gsq_hf.patch(model, "int8")
+    twin = copy.deepcopy(model)
+    assert gsq_hf.is_patched(model) and twin._gsq_patch.config == model._gsq_patch.config
+    ids = torch.randint(2, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        assert torch.equal(twin(ids).logits, before)
+        mixer = next(m for m, _, _ in twin._gsq_patch.mixers)
+        mixer.out_proj.weight.zero_()
+        assert not torch.equal(twin(ids).logits, before) and torch.equal(model(ids).logits, before)
+    with pytest.raises(TypeError, match="cannot be deep-copied on its own"):
+        copy.deepcopy(next(m for m, _, _ in model._gsq_patch.mixers))
+    gsq_hf.unpatch(model)
+    copy.deepcopy(model)  # unpatched: the ordinary deepcopy
+
+
 def test_patched_context_manager(model):
     with gsq_hf.patched(model, "int8") as patched_model:
         assert patched_model is model and gsq_hf.is_patched(model)

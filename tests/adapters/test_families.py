@@ -222,6 +222,20 @@ def test_unpatch_restores_exact_original(model):
     assert type(out.cache).__name__ == "DynamicCache"
 
 
+def test_deepcopy_runs_its_own_weights(model):
+    """A deep copy of a patched model is patched again over its own mixers (tests/test_patch.py has the rest)."""
+    import copy
+
+    ids = ids_(2, 7, seed=6)
+    gsq_hf.patch(model, "int4")
+    twin = copy.deepcopy(model)
+    before = model(ids).logits
+    assert torch.equal(twin(ids).logits, before)
+    for mixer in (m for m in twin.modules() if find_adapter(m) is not None):
+        mixer.out_proj.weight.data.zero_()
+    assert not torch.equal(twin(ids).logits, before) and torch.equal(model(ids).logits, before)
+
+
 def test_packed_sequences_are_refused_with_a_state_cache():
     model = gsq_hf.patch(build("granitemoehybrid"), "fp32")  # its decoder layer forwards seq_idx to the mixer
     ids = ids_(1, 6, seed=6)
