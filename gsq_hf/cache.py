@@ -106,6 +106,11 @@ class GSQCache(StaticCacheMixin, DynamicCache):
         if trace:
             self.start_trace(units=trace == "units")
 
+    def __getstate__(self) -> dict:
+        """Pickled (``torch.save``) without the model: a weak reference does not pickle, and the weights are the
+        model's to save. ``memory_report(model=...)`` counts them after loading."""
+        return {**self.__dict__, "_model": None}
+
     @staticmethod
     def config_of(model_or_config):
         """The transformers config of a model, or the config itself."""

@@ -48,6 +48,26 @@ def test_default_config_is_the_patch_s_else_fp32(model):
         gsq_hf.unpatch(model)
 
 
+def test_cache_saved_with_torch_save_continues_the_same(model):
+    """``torch.save(out.cache)`` works (the model's weak reference is dropped) and the loaded cache decodes on as
+    the original does."""
+    import io
+
+    gsq_hf.patch(model, "gsq-4bit")
+    try:
+        ids = torch.randint(2, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+        cache = model(ids).cache
+        buffer = io.BytesIO()
+        torch.save(cache, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        token = ids[:, -1:]
+        assert torch.equal(model(token, cache=loaded).logits, model(token, cache=cache).logits)
+        assert "weight_bytes" in loaded.memory_report(model=model)
+    finally:
+        gsq_hf.unpatch(model)
+
+
 def test_int4_and_budget_bound_memory(model):
     sizes = {}
     for preset in ("int4", "gsq-gate", "gsq-budget", "fp32"):
