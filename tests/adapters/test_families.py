@@ -128,8 +128,9 @@ def test_every_mixer_gets_its_family_adapter(case, model):
     assert all("forward" in m.__dict__ for m in mixers)
 
 
-def test_lossless_logits_full_forward_and_prefill_decode(case, model):
-    ids = ids_(2, 12, seed=1)
+@pytest.mark.parametrize("batch", [2, 1])  # batch 1: other CPU kernels, float rounding (docs/support.md)
+def test_lossless_logits_full_forward_and_prefill_decode(case, model, batch):
+    ids = ids_(batch, 12, seed=1)
     reference = model(ids, use_cache=False).logits
     upstream_steps = stepwise_logits(model, ids, chunked_tail=False)
     gsq_hf.patch(model, "fp32")
@@ -138,10 +139,10 @@ def test_lossless_logits_full_forward_and_prefill_decode(case, model):
     assert relative_error(out.logits, reference) <= RTOL
     steps = stepwise_logits(model, ids, chunked_tail=True)
     assert relative_error(steps, reference) <= RTOL
-    if case in DECODE_SKIPS_DT_CLAMP:
-        assert relative_error(upstream_steps, reference[:, :9]) > RTOL
-    else:
+    if case not in DECODE_SKIPS_DT_CLAMP:
         assert relative_error(steps[:, :9], upstream_steps) <= RTOL
+    elif batch > 1:  # upstream's decode skips the Δ clamp: these rows show its drift (one row may not)
+        assert relative_error(upstream_steps, reference[:, :9]) > RTOL
 
 
 def test_quantized_state_moves_the_logits(model):
