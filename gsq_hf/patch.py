@@ -16,6 +16,7 @@ import contextlib
 import copy
 import inspect
 import types
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class _PatchState:
     active_cache: GSQCache | None = None
     scratch_cache: GSQCache | None = None  # this forward's states when the caller keeps none (use_cache=False)
     takes_position_ids: bool = False
+    training_warning_due: bool = False  # a lossy config, not yet warned that a training forward goes through it
     had_gsq_config: bool = False
     previous_gsq_config: Any = None
 
@@ -176,6 +178,12 @@ def _pre_forward_hook(model: nn.Module, args: tuple, kwargs: dict):
         _continue_positions(model, cache, input_ids, kwargs)
     state.scratch_cache = GSQCache(model, state.config) if cache is None else None
     state.active_cache = cache if cache is not None else state.scratch_cache
+    if state.training_warning_due and model.training and torch.is_grad_enabled():
+        state.training_warning_due = False
+        warnings.warn(f"gsq_hf: training through the {state.config.name!r} state: no gradient flows back through "
+                      "a stored (rounded) state, so those of A_log, Δ and the projections before the scan differ from "
+                      "the unpatched model's (fp32 gives the same ones; gsq_hf.unpatch to train)", UserWarning,
+                      stacklevel=2)
     return args, kwargs
 
 
@@ -224,7 +232,7 @@ def patch(model: nn.Module, config: GSQConfig | str | Path | dict | None = None)
     mixers = patchable_mixers(model)
     _validate(config.for_model_type(getattr(model.config, "model_type", None)), model, mixers)
 
-    state = _PatchState(config=config,
+    state = _PatchState(config=config, training_warning_due=not config.is_lossless,
                         takes_position_ids="position_ids" in inspect.signature(model.forward).parameters)
     for mixer, adapter in mixers:
         # accelerate's hooks wrap `forward` and call `_old_forward`: replace the inner call, keep the hook.

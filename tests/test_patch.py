@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -141,6 +142,22 @@ def test_deepcopy_of_a_patched_model_is_its_own_patched_model(model):
         copy.deepcopy(next(m for m, _, _ in model._gsq_patch.mixers))
     gsq_hf.unpatch(model)
     copy.deepcopy(model)  # unpatched: the ordinary deepcopy
+
+
+@torch.enable_grad()  # conftest runs tests under no_grad
+def test_training_through_a_lossy_state_warns_once(model):
+    ids = torch.randint(2, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    model.train()
+    with gsq_hf.patched(model, "int8"):
+        with pytest.warns(UserWarning, match="training through the 'int8' state: no gradient flows back"):
+            model(ids, labels=ids).loss.backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(ids, labels=ids)  # once per patch
+    with gsq_hf.patched(model, "fp32"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(ids, labels=ids).loss.backward()  # lossless: the unpatched gradients, nothing to say
+    model.eval()
 
 
 def test_patched_context_manager(model):
