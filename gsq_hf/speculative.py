@@ -224,7 +224,8 @@ def speculative_generate(
 ) -> SpeculativeOutput:
     """Generate with a low-precision-state draft of ``model`` itself and exact verification.
 
-    The target state config is the one ``model`` is patched with (fp32, lossless, if it is not patched).
+    The target state config is the one ``model`` is patched with (fp32 if it is not patched: lossless in an fp32
+    model, up to bf16 rounding in a bf16 one, as `gsq_hf.patch`'s fp32).
     A row stops at ``eos_token_id`` and is then filled with ``pad_token_id`` (defaults: the model's generation
     config), like ``generate``; rows of a batch accept different numbers of tokens and each is committed at its
     own. ``attention_mask`` marks the left padding of a batch of prompts of different lengths. ``draft_sync``:
