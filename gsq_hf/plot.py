@@ -6,13 +6,14 @@
     plot.by_position(records)                          # Δ perplexity per position bucket along long streams
     plot.families(records, y="recall_loss")            # any metric vs average stored bits, one line per family
 
-Both return a `matplotlib.figure.Figure` built without pyplot (no global figure state; a notebook shows it
-once, ``fig.savefig(path)`` writes it). matplotlib is imported only when a function is called:
-``pip install "gsq_hf[plot]"``.
+Each returns a `matplotlib.figure.Figure` built without pyplot (no global figure state; a notebook shows it
+once, with or without ``%matplotlib inline``; ``fig.savefig(path)`` writes it). matplotlib is imported only when
+a function is called: ``pip install "gsq_hf[plot]"``.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -37,7 +38,32 @@ def _figure(**kwargs) -> Figure:
         from matplotlib.figure import Figure
     except ImportError as error:  # pragma: no cover - exercised only without matplotlib
         raise ImportError('gsq_hf.plot needs matplotlib: pip install "gsq_hf[plot]"') from error
+    _show_in_notebooks(Figure)
     return Figure(**kwargs)
+
+
+def _show_in_notebooks(figure_type: type) -> None:
+    """In IPython, a returned figure displays as a PNG even before ``%matplotlib inline`` (a pyplot-free Figure
+    has no display hook of its own until then); a formatter already registered for it is kept."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    formatters = getattr(getattr(shell, "display_formatter", None), "formatters", {})
+    png = formatters.get("image/png")
+    if png is None:
+        return
+    try:
+        png.lookup_by_type(figure_type)
+    except KeyError:
+        png.for_type(figure_type, _png_bytes)
+
+
+def _png_bytes(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
 
 
 def save(fig: Figure, path, dpi: int = 150) -> None:

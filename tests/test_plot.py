@@ -240,3 +240,19 @@ def test_families_gives_configs_at_the_same_bits_one_label_ordered_as_their_poin
                {"family": "composed", "config": "three", "avg_state_bits": 3.5, "kl": 5e-3}]
     ax = plot.families(records, y="kl").axes[0]
     assert {"high\nmid\nlow", "three"} <= set(texts(ax))  # top to bottom, as their points
+
+
+def test_a_figure_displays_in_ipython_without_matplotlib_inline(monkeypatch):
+    """A notebook shows the returned Figure as a PNG even when no ``%matplotlib inline`` registered Figure's
+    formatter (a pyplot-free Figure has none until then)."""
+    interactiveshell = pytest.importorskip("IPython.core.interactiveshell")
+    from matplotlib.figure import Figure
+
+    shell = interactiveshell.InteractiveShell.instance()
+    monkeypatch.setattr("IPython.get_ipython", lambda: shell)
+    png = shell.display_formatter.formatters["image/png"]
+    png.pop(Figure, None)  # as a fresh kernel has it
+    figure = plot.pareto([{"config": "fp32", "perplexity": 10.0, "avg_state_bits": 32.0, "policy": "static"},
+                          {"config": "int8", "perplexity": 10.1, "avg_state_bits": 10.0, "policy": "static"}])
+    data, _ = shell.display_formatter.format(figure)
+    assert data["image/png"].startswith(b"\x89PNG")
