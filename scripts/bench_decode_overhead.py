@@ -20,6 +20,7 @@ import torch
 from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 import gsq_hf
+from gsq_hf.cli.common import positive, run_script
 
 SHAPES = {
     "mamba-tiny": lambda: MambaForCausalLM(MambaConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=2,
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--configs", nargs="+", default=["fp32", "int8"])
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--steps", type=positive, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
@@ -83,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
+from gsq_hf.cli.common import run_script
 from gsq_hf.eval.data import TokenWindows, load_model
 from gsq_hf.eval.perplexity import decode_faithful_perplexity, full_sequence_perplexity
 from gsq_hf.eval.report import format_table, versions, write_json
@@ -133,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -33,6 +33,7 @@ from transformers import DynamicCache, Mamba2Config, Mamba2ForCausalLM, MambaCon
 
 import gsq_hf
 from gsq_hf import GSQCache
+from gsq_hf.cli.common import run_script
 from gsq_hf.config import resolve_config
 from gsq_hf.graph import _Decode
 
@@ -171,4 +172,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

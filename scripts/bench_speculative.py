@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 import gsq_hf
+from gsq_hf.cli.common import run_script
 from gsq_hf.config import GSQConfig, resolve_config
 from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR
 from gsq_hf.eval.data import load_model, load_text, load_tokenizer
@@ -310,4 +311,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -57,6 +57,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gsq_hf.cli.common import run_script
 from gsq_hf.config import GSQConfig, resolve_config
 
 SHAPES = {
@@ -538,4 +539,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

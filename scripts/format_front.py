@@ -40,7 +40,7 @@ import torch
 
 import gsq_hf
 from gsq_hf import GSQCache
-from gsq_hf.cli.common import positive
+from gsq_hf.cli.common import positive, run_script
 from gsq_hf.config import GSQConfig
 from gsq_hf.errors import GSQConfigError
 from gsq_hf.eval import decode_faithful_perplexity, make_windows
@@ -332,6 +332,8 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args.model and not args.recall:
+        parser.error("nothing to score: give a language model (--model) or a recall model (--recall)")
     if args.allocate and not args.per_layer:
         raise SystemExit("format_front.py: --allocate chooses among the --per-layer formats; give --per-layer too")
     for fmt in args.per_layer:
@@ -367,4 +369,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -51,6 +51,7 @@ import torch
 
 from gsq_hf import patched, plot
 from gsq_hf.cache import GSQCache
+from gsq_hf.cli.common import run_script
 from gsq_hf.config import resolve_config
 from gsq_hf.eval.data import EvalInputError, load_model
 from gsq_hf.eval.recall import generate_mqar, load_recall_spec, read_recall_info, recall_sweep
@@ -414,4 +415,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from gsq_hf.cli.common import run_script
 from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR
 from gsq_hf.eval.data import load_model, load_text, load_tokenizer, make_windows
 from gsq_hf.eval.perplexity import decode_faithful_perplexity
@@ -97,4 +98,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -92,4 +92,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from gsq_hf.cli.common import run_script  # here: the tables need nothing of gsq_hf
+
+    run_script(main)

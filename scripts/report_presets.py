@@ -17,6 +17,7 @@ import torch
 from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 import gsq_hf
+from gsq_hf.cli.common import run_script
 
 MODELS = {
     "mamba": lambda: MambaForCausalLM(MambaConfig(vocab_size=1024, hidden_size=256, num_hidden_layers=4,
@@ -54,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

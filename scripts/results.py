@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gsq_hf import plot
+from gsq_hf.cli.common import run_script
 from gsq_hf.cli.sweep import sweep_arguments, sweep_options
 from gsq_hf.errors import GSQConfigError, UnsupportedModelError
 from gsq_hf.eval.data import EvalInputError
@@ -579,4 +580,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

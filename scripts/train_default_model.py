@@ -36,6 +36,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from gsq_hf.cli.common import positive, run_script
 from gsq_hf.eval.builtin import BUILTIN_MODEL_DIR, builtin_text
 
 EOS, PAD = "<|endoftext|>", "<|padding|>"
@@ -94,7 +95,7 @@ def lr_factor(progress: float, warmup: float, floor: float = 0.1) -> float:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", type=Path, default=BUILTIN_MODEL_DIR)
-    p.add_argument("--steps", type=int, default=700, help="optimizer steps (upper bound with --minutes)")
+    p.add_argument("--steps", type=positive, default=700, help="optimizer steps (upper bound with --minutes)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock cap on the training loop")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=2)
@@ -232,4 +233,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -84,6 +84,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
+from gsq_hf.cli.common import positive, run_script
 from gsq_hf.eval.recall import RECALL_INFO_FILE, MQARBatch, MQARSpec, generate_mqar, recall_accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts/training_scan.py
@@ -113,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "CPU at these short lengths) or the mambapy parallel scan; auto: sequential on CPU")
     p.add_argument("--seed", type=int, default=0)
     budget = p.add_argument_group("budget")
-    budget.add_argument("--steps", type=int, default=20_000, help="optimizer steps (upper bound with --minutes)")
+    budget.add_argument("--steps", type=positive, default=20_000, help="optimizer steps (upper bound with --minutes)")
     budget.add_argument("--minutes", type=float, help="wall-clock cap on the training loop (evaluation is extra)")
     budget.add_argument("--stop-at", type=float, help="stop once the held-out recall (at the full task) reaches this")
     model = p.add_argument_group("model")
@@ -493,4 +494,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -109,6 +109,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from gsq_hf.cli.common import positive, run_script
 from gsq_hf.eval import full_sequence_perplexity, make_windows  # imported first: a missing package fails at start
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts/training_scan.py
@@ -432,7 +433,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int)
     p.add_argument("--layers", type=int)
     p.add_argument("--d-state", type=int)
-    p.add_argument("--steps", type=int, help="total optimizer steps (upper bound with --minutes)")
+    p.add_argument("--steps", type=positive, help="total optimizer steps (upper bound with --minutes)")
     p.add_argument("--minutes", type=float, help="total wall-clock cap on the training loop (0: none)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
@@ -626,4 +627,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

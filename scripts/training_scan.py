@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mamba import modeling_mamba
 
+from gsq_hf.cli.common import positive, run_script
+
 __all__ = ["SCAN_CHOICES", "SequentialSelectiveScan", "resolve_scan", "selective_scan", "sequential_mamba_scan",
            "training_scan"]
 
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--length", type=int, default=24)
     p.add_argument("--vocab", type=int, default=152)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per scan (after 3 warmup steps)")
+    p.add_argument("--steps", type=positive, default=10, help="timed steps per scan (after 3 warmup steps)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -177,4 +179,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -230,3 +230,18 @@ def test_device_perf_speculative_mode_dry_runs_into_out(tmp_path):
             assert 0 < row["state_bytes_vs_plain"] and 0 <= row["acceptance_rate"] <= 1
     tables = (tmp_path / "tables.md").read_text()
     assert tables.count("| gsq-4bit+conv-int4-e8m0 | 8 | fixed | replay | once |") == 2 and "random weights" in tables
+
+
+@pytest.mark.parametrize("args, message", [
+    (["perf_report.py", "/no/such/bench.json"], "perf_report.py: error: [Errno 2] No such file or directory"),
+    (["format_front.py", "--out", "{tmp}"], "nothing to score: give a language model (--model)"),
+    (["train_default_model.py", "--steps", "-1", "--output-dir", "{tmp}"], "--steps: must be a positive integer"),
+    (["results.py", "--from-json", "/no/such.json", "--out", "{tmp}"], "results.py: error: [Errno 2]"),
+])
+def test_scripts_answer_bad_input_in_one_line(tmp_path, args, message):
+    """A script's bad input is one stderr line and exit 2 (gsq_hf.cli.common.run_script, argparse), no traceback."""
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / args[0]), *(a.format(tmp=tmp_path) for a in args[1:])],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = [line for line in run.stderr.splitlines() if line.strip() and not line.startswith("[transformers]")]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert message in lines[-1], lines

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -243,4 +243,18 @@ def header(args: argparse.Namespace, model: str) -> dict[str, Any]:
 
 def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """A ``scripts/`` entry point: bad input (a missing model, dataset or file, a wrong config) is one line on
+    stderr and exit code 2, as in ``gsq-hf``; any other failure keeps its traceback (a bug to see whole)."""
+    from ..errors import GSQConfigError, UnsupportedModelError
+    from ..eval.data import EvalInputError
+
+    try:
+        main()
+    except (EvalInputError, GSQConfigError, UnsupportedModelError, FileNotFoundError, IsADirectoryError,
+            NotADirectoryError) as error:
+        print(f"{Path(sys.argv[0]).name}: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
 
