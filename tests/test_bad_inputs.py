@@ -150,3 +150,9 @@ def test_two_configs_of_one_name_are_refused(tmp_path, capsys):
         (tmp_path / folder / "my.yaml").write_text(f"policy: {{kind: static, format: {fmt}}}\n")
     line = _error_line(capsys, "--config", "fp32", str(tmp_path / "a" / "my.yaml"), str(tmp_path / "b" / "my.yaml"))
     assert "are both named 'my'" in line and str(tmp_path / "b" / "my.yaml") in line, line
+
+
+def test_plot_into_a_file_is_refused_before_any_config_runs(tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    line = _error_line(capsys, "--config", "fp32", "--plot", str(tmp_path / "file.txt"))
+    assert "argument --plot" in line and "is a file; give a folder" in line, line

@@ -97,6 +97,17 @@ def recall_model(text: str) -> str:
     return text
 
 
+def output_dir(text: str) -> str:
+    """A folder to write into (``--plot``, ``--out``), checked before any config runs: absent (made) or a folder."""
+    path = Path(text).expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {existing} is a file; give a folder")
+    if not os.access(existing, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: {existing} is not writable")
+    return text
+
+
 def json_file(text: str) -> str:
     """A ``--json`` path that can be written, checked before any config runs (not at the first write)."""
     path = Path(text).expanduser()

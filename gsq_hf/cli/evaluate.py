@@ -17,6 +17,7 @@ from .common import (
     interrupted,
     model_source,
     one_line,
+    output_dir,
     pick_device,
     positive,
     resolve_configs,
@@ -44,7 +45,7 @@ def add_eval_parser(commands) -> None:
                           help="score every config after the first by KL(first ‖ config) per token and top-1 "
                                "agreement, over the first config's top K next-token logits and one bin for the "
                                "rest (a lower bound of the full KL; default: 64; 0: off)")
-    evaluate.add_argument("--plot", metavar="DIR",
+    evaluate.add_argument("--plot", type=output_dir, metavar="DIR",
                           help="save pareto.png (perplexity vs average stored state bits, per config) and, for "
                                "each dynamic policy, trace-CONFIG.png (its precision per layer and token over "
                                "the first batch of windows) in DIR (needs matplotlib)")

@@ -36,7 +36,7 @@ import torch
 
 from .._compat import output_cache
 from ..cache import GSQCache, weight_bytes
-from ..config import GSQConfig
+from ..config import GSQConfig, resolve_config
 from ..patch import patch
 from .data import default_threads, load_model
 
@@ -138,8 +138,8 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure_configs(
-    model: str,
-    configs: list[GSQConfig],
+    model: str | Path,
+    configs: list[GSQConfig | str | dict],
     prompt: list[int],
     *,
     batch_size: int,
@@ -157,8 +157,13 @@ def measure_configs(
     The two unpatched runs differ only by noise (allocator, page cache, drift of the machine): their
     difference is the resolution of a peak (`gsq_hf.eval.report.peak_resolution`). ``threads``: intra-op
     threads of each process (None: `default_threads` of the model). A config whose process fails gets
-    ``{"config", "error"}`` (the last line the process wrote to stderr).
+    ``{"config", "error"}`` (the last line the process wrote to stderr). ``model``: a saved directory or Hub id
+    (each process loads it: a model object cannot cross into one); ``configs``: anything `resolve_config` takes.
     """
+    if not isinstance(model, (str, Path)):
+        raise TypeError(f"measure_configs measures each config in a fresh process, which loads the model itself: "
+                        f"pass its directory or Hub id, not a {type(model).__name__} object")
+    configs = [resolve_config(cfg) for cfg in configs]
     records = []
     jobs = [(UNPATCHED, None), *((cfg.name, cfg.to_dict()) for cfg in configs), (UNPATCHED, None)]
     for label, config in jobs:

@@ -50,3 +50,16 @@ def test_worker_threads(tmp_path, monkeypatch):
     for threads in (3, None):
         _worker({**job, "threads": threads})
     assert calls == [3, min(len(os.sched_getaffinity(0)), 4)]
+
+
+def test_measure_configs_wants_a_model_path_and_takes_config_names():
+    """Each config runs in a fresh process that loads the model: an object is refused before any process starts;
+    config names resolve (and a wrong one fails) before any process starts too."""
+    from gsq_hf.errors import GSQConfigError
+    from gsq_hf.eval.memory import measure_configs
+
+    options = dict(batch_size=1, new_tokens=1, device="cpu", dtype="fp32", seed=0)
+    with pytest.raises(TypeError, match="pass its directory or Hub id, not a MambaForCausalLM object"):
+        measure_configs(tiny_mamba(), ["int8"], [2, 3], **options)
+    with pytest.raises(GSQConfigError, match="unknown preset 'int9'"):
+        measure_configs("any/model", ["int9"], [2, 3], **options)
