@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from ..cache import GSQCache
 from ..config import GSQConfig, resolve_config
 from ..patch import is_patched, patched
-from .data import TokenWindows, make_windows
+from .data import EvalInputError, TokenWindows, make_windows
 from .paired import mean_stderr
 from .positions import PositionBuckets, bucket_labels, bucket_of_step, log_position_buckets
 from .stepping import needs_stepping, next_token_logits
@@ -117,7 +117,23 @@ def reference_options(model: torch.nn.Module, first: bool, reference: ReferenceT
     return {"reference": reference}
 
 
+def _check_run(model, windows: TokenWindows, batch_size: int) -> None:
+    """What a run needs of its arguments, said before any forward (not as a torch error from deep inside)."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers model (a torch.nn.Module with a config), got "
+                        f"{type(model).__name__}; the windows (or a tokenizer with text=) come second")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 (windows run at once), got {batch_size!r}")
+    vocab = getattr(model.config, "vocab_size", None)
+    largest = int(windows.ids.max())
+    if vocab is not None and largest >= vocab:
+        raise EvalInputError(f"token id {largest} is outside the model's vocabulary of {vocab}: the windows were "
+                             "cut with another tokenizer than the model's")
+
+
 def _check_reference(reference: ReferenceTopK, windows: TokenWindows) -> None:
+    if isinstance(reference, PerplexityResult):
+        raise TypeError("reference= takes the ReferenceTopK a keep_reference= run kept: pass result.reference")
     if reference.ids.shape != windows.ids.shape or not torch.equal(reference.ids, windows.ids.to(reference.ids.device)):
         raise ValueError(f"reference= was kept on other token windows ({tuple(reference.ids.shape)}) than these "
                          f"({tuple(windows.ids.shape)}): keep it with keep_reference= on the same TokenWindows")
@@ -259,6 +275,7 @@ def decode_faithful_perplexity(
     docstring), True always, False never (refused where it would not be faithful).
     """
     windows = _windows(windows_or_tokenizer, text, context, max_tokens)
+    _check_run(model, windows, batch_size)
     cfg = resolve_config(config)
     stepped = needs_stepping(model, cfg, stepped)
     vocab = getattr(model.config, "vocab_size", None)
@@ -390,6 +407,7 @@ def full_sequence_perplexity(
     forward too (every forward of a patched model does).
     """
     windows = _windows(windows_or_tokenizer, text, context, max_tokens)
+    _check_run(model, windows, batch_size)
     device = _device(model)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     start = time.perf_counter()

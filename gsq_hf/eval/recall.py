@@ -238,7 +238,7 @@ def check_recall_task(model: torch.nn.Module, spec: MQARSpec, gaps: Sequence[int
 def recall_sweep(
     model: torch.nn.Module,
     spec: MQARSpec,
-    configs: Sequence[GSQConfig | str | dict],
+    configs: Sequence[GSQConfig | str | dict] | GSQConfig | str | dict,
     gaps: Sequence[int] | None = None,
     num: int = 512,
     *,
@@ -254,6 +254,7 @@ def recall_sweep(
     """
     gaps = [spec.gap] if gaps is None else list(gaps)
     check_recall_task(model, spec, gaps, num)
+    configs = [configs] if isinstance(configs, (str, dict, GSQConfig)) else configs  # one config, not its letters
     resolved = [resolve_config(c) for c in configs]
     batches = {gap: generate_mqar(replace(spec, gap=gap), num, seed=seed) for gap in gaps}
     records = []

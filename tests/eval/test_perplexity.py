@@ -233,6 +233,26 @@ def test_reference_errors(tokenizer, text):
             decode_faithful_perplexity(model, windows, "fp32", keep_reference=bad, progress=False)
 
 
+def test_wrong_arguments_are_said_before_any_forward(tokenizer, text):
+    """A tokenizer in the model's place, a result for reference=, a batch size < 1, windows of another tokenizer's
+    ids: one clear error each (not a torch error from inside the forward)."""
+    from gsq_hf.eval import EvalInputError, TokenWindows
+
+    model = tiny_mamba()
+    windows = make_windows(tokenizer, text, context=16, max_tokens=64)
+    kept = decode_faithful_perplexity(model, windows, "fp32", keep_reference=2, progress=False)
+    with pytest.raises(TypeError, match="model must be a transformers model .* got .*Tokenizer"):
+        decode_faithful_perplexity(tokenizer, windows, "fp32", progress=False)
+    with pytest.raises(TypeError, match="pass result.reference"):
+        decode_faithful_perplexity(model, windows, "int8", reference=kept, progress=False)
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            full_sequence_perplexity(model, windows, batch_size=bad, progress=False)
+    foreign = TokenWindows.from_ids(torch.full((2, 16), VOCAB + 5), tokenizer)
+    with pytest.raises(EvalInputError, match=f"token id {VOCAB + 5} is outside the model's vocabulary of {VOCAB}"):
+        decode_faithful_perplexity(model, foreign, "fp32", progress=False)
+
+
 def test_reference_options_of_a_sweep():
     """The first config keeps (k clamped to the vocabulary), later ones score; nothing when off or the first failed."""
     from gsq_hf.eval.perplexity import reference_options

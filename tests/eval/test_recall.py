@@ -90,6 +90,8 @@ def test_sweep_records_share_sequences_across_configs_and_gaps(family):
     table = recall_table(result["results"]).splitlines()
     assert table[0].split()[:4] == ["config", "recall", "%", "Δ"] and "gap 8 %" in table[0]
     assert [line.split()[0] for line in table[2:]] == ["fp32", "int8", "gsq-gate"]
+    one = recall_sweep(model, SPEC, "int8", gaps=[2, 8], num=4, batch_size=4)  # one config: not its letters
+    assert [r["config"] for r in one["results"]] == ["int8"] and one["results"][0]["recall"] == int8["recall"]
 
 
 @pytest.mark.parametrize("gaps, message", [([0], "gap 0 is not accepted"), ([4, -2], "gap -2 is not accepted"),
