@@ -2,7 +2,7 @@
 
     from gsq_hf import plot
     plot.precision_trace(cache.precision_trace())      # layer x token heatmap of the fraction stored high
-    plot.pareto(json.load(open("results.json")))      # perplexity vs average stored bits, one point per config
+    plot.pareto("results.json")                        # perplexity vs average stored bits (a payload or its path)
     plot.by_position(records)                          # Δ perplexity per position bucket along long streams
     plot.families(records, y="recall_loss")            # any metric vs average stored bits, one line per family
 
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -166,8 +168,11 @@ def _token_label(token: str, width: int = 12) -> str:
 
 # -- Pareto -----------------------------------------------------------------------------------------------
 def _records(results) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Records and the reference record from a ``gsq-hf eval --json`` payload, a list of dicts or results."""
+    """Records and the reference record from a ``gsq-hf eval --json`` payload (or its path), a list of dicts or
+    results."""
     reference = None
+    if isinstance(results, (str, Path)):
+        results = json.loads(Path(results).read_text())
     if isinstance(results, Mapping):
         reference = results.get("reference")
         results = results["results"]

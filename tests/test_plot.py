@@ -40,7 +40,10 @@ def texts(ax) -> list[str]:
     return [t.get_text() for t in ax.texts]
 
 
-def test_pareto_uniform_line_dynamic_points_reference():
+def test_pareto_uniform_line_dynamic_points_reference(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps(PAYLOAD))
+    assert [c.get_label() for c in plot.pareto(tmp_path / "results.json").axes[0].collections] == [
+        "gsq-gate", "gsq-budget"]  # the payload's path plots the same
     fig = plot.pareto(PAYLOAD)
     assert isinstance(fig, matplotlib.figure.Figure)
     (ax,) = fig.axes
