@@ -24,9 +24,10 @@ _CITATION = """\
 
 _DESCRIPTION = """\
 Perplexity of a causal Mamba-family language model (Mamba, Mamba2 and their hybrids) whose recurrent SSM and
-conv states are stored quantized by gsq_hf, measured *decode-faithfully*: every window is fed one token at a
-time through a fresh cache, so every state write goes through the state config exactly as in generation (a
-full-sequence forward keeps the state in registers and would measure nothing).
+conv states are stored quantized by gsq_hf, measured *decode-faithfully*: every window runs through a fresh
+cache with the state stored after every token, exactly as in generation (multi-token forwards whose scan stores
+and re-reads the state per token; one token per forward where a policy reads the next-token distribution). A
+plain full-sequence forward keeps the state in registers and would measure nothing.
 
 The texts are joined with a blank line and cut into non-overlapping windows of `context` tokens (the short
 tail is dropped). Token 0 of each window is read, not scored; tokens 1..context-1 are scored. Sums are
@@ -42,9 +43,9 @@ Args:
         directory saved by `save_pretrained`, a HuggingFace Hub model id, or None / "builtin" for the tiny Mamba
         that ships with gsq_hf. A model object is patched for the run and restored after (an already patched
         one keeps its patch).
-    config (str, dict, GSQConfig, or a list of them): the state config(s): a gsq_hf preset ("fp32", "bf16",
-        "fp16", "int8", "int4", "gsq-gate", "gsq-entropy", "gsq-budget"), a YAML/JSON path, a dict or a
-        `gsq_hf.GSQConfig`. Defaults to "fp32". All configs score the same windows.
+    config (str, dict, GSQConfig, or a list of them): the state config(s): a gsq_hf preset (`gsq_hf.list_presets()`:
+        "fp32", "int8", "int4", "gsq-4bit", "gsq-3bit", "gsq-gate", ...), a state format name, a YAML/JSON path, a
+        dict or a `gsq_hf.GSQConfig`. Defaults to "fp32". All configs score the same windows.
     context (int): tokens per window. Defaults to 512.
     batch_size (int): windows run at once. Defaults to 8.
     max_tokens (int): score only the first `max_tokens` tokens of the joined text. Defaults to None (all).
