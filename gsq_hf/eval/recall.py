@@ -244,9 +244,10 @@ def recall_sweep(
     *,
     seed: int = 0,
     batch_size: int = 64,
-    progress: bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Decode-faithful recall of every config at every gap: ``{"task", "gaps", "num", "seed", "results"}``.
+    """Decode-faithful recall of every config at every gap: ``{"task", "gaps", "num", "seed", "results"}``
+    (``progress``: a bar per config and gap, as `decode_faithful_perplexity` shows one).
 
     Every config scores the same ``num`` sequences per gap (seed ``seed`` at every gap: the same pairs and
     queries, only the filler length changes). Records follow the module's JSON contract; deltas are against

@@ -399,7 +399,8 @@ def _recall_part(directory, spec, options, configs, payload, each) -> None:
     start = time.perf_counter()
     for family, cfg in configs:
         def run(cfg=cfg):
-            return recall_sweep(model, spec, [cfg], gaps, options.recall_num, batch_size=options.recall_batch_size)
+            return recall_sweep(model, spec, [cfg], gaps, options.recall_num, batch_size=options.recall_batch_size,
+                                progress=False)  # the sweep's own bar counts configs
 
         sweep = each(f"{name} / recall / {cfg.name}", run)
         entry.update(task=sweep["task"], seed=sweep["seed"])
