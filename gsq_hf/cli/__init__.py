@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -83,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = {"eval": run_eval, "memory": run_memory, "recall": run_recall, "sweep": run_sweep}[args.command]
     try:
         return run(args)
+    except BrokenPipeError:  # the reader of stdout left (gsq-hf eval | head): nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return EXIT_FAILURE
     except KeyboardInterrupt:  # outside a sweep (loading, the reference, plots); a sweep keeps its results
         print(f"gsq-hf {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
