@@ -122,10 +122,14 @@ def test_nonfinite_config_fails_the_run_but_not_the_table(tmp_path, text_file, c
         model.lm_head.weight[5, 0] = float("nan")  # every position's logit of token 5 is NaN
     out = tmp_path / "nan.json"
     code = main(["eval", "--model", _save(model, tmp_path / "nan-model"), "--dataset", text_file, "--context", "16",
-                 "--max-tokens", "32", "--config", "int8", "--json", str(out), "--quiet"])
+                 "--max-tokens", "32", "--config", "int8", "--json", str(out), "--quiet",
+                 "--plot", str(tmp_path / "p")])
     assert code == 1
-    assert "FAILED" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "FAILED" in printed and "\nint8: NaN/Inf next-token logits" in printed and "int8: int8:" not in printed
+    assert not (tmp_path / "p" / "pareto.png").exists()  # no config scored: no empty plot
     data = json.loads(out.read_text())
+    assert data["status"] == "complete" and data["failed_configs"] == ["int8"]
     assert "NaN/Inf next-token logits" in data["results"][0]["error"]
     assert EVAL_KEYS <= set(data["results"][0]) and data["results"][0]["perplexity"] is None
     assert "error" in data["reference"]

@@ -154,7 +154,8 @@ def run_eval(args: argparse.Namespace) -> int:
     processes.close()
     if not main:
         return EXIT_FAILURE if any(r.get("error") for r in records) else 0
-    payload["status"] = "complete"
+    payload["status"] = "complete"  # every config ran; those whose logits went NaN/Inf are listed
+    payload["failed_configs"] = [r["config"] for r in payload["results"] if r.get("error")]
     if args.json:
         write_json(args.json, payload)
         info(args, f"wrote {args.json}")
@@ -180,7 +181,8 @@ def save_plots(directory: str, payload: dict[str, Any], traces: dict[str, dict[s
 
     directory = Path(directory)
     where = f"{Path(payload['model']).name} on {payload['dataset']}:{payload['split']}, context {payload['context']}"
-    figures = {"pareto.png": plot.pareto(payload, title=f"state bits vs perplexity — {where}")}
+    scored = any(r.get("perplexity") is not None for r in payload["results"])  # every config failed: no points
+    figures = {"pareto.png": plot.pareto(payload, title=f"state bits vs perplexity — {where}")} if scored else {}
     for name, trace in traces.items():
         file = "trace-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".png"
         rows = trace["high_fraction"].shape[2]

@@ -11,7 +11,8 @@ Eval JSON contract::
                   "window_nll_sum", "weight_bytes", "weights_plus_batch_state_bytes", ...}, ...]}
 
 The file is rewritten (atomically) after every config: ``"status": "partial"`` while configs remain (or
-after a crash), ``"interrupted"`` after Ctrl-C, ``"complete"`` at the end (with ``"reference"``).
+after a crash), ``"interrupted"`` after Ctrl-C, ``"complete"`` at the end (with ``"reference"``, and
+``"failed_configs"``: those whose logits went NaN/Inf, their records holding ``"error"``).
 State sizes are per sequence: ``avg_state_bits`` is what a step stores per SSM state element (bytes moved),
 ``state_bytes`` what the cache allocates (`allocated_bits` per element: more for threshold policies, which keep a
 high-format slot for every unit). ``weight_bytes`` is the model's weights as stored (``get_memory_footprint()``,
@@ -119,7 +120,8 @@ def _failed(record: dict[str, Any], width: int) -> list[str]:
 
 def _notes(records: list[dict[str, Any]]) -> str:
     """The errors of failed configs, below the table (a cell would stretch its column)."""
-    return "".join(f"\n{r['config']}: {r['error']}" for r in records if r.get("error"))
+    return "".join("\n" + (r["error"] if r["error"].startswith(f"{r['config']}: ") else f"{r['config']}: {r['error']}")
+                   for r in records if r.get("error"))
 
 
 def allocated_bits(record: dict[str, Any]) -> float | None:
