@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 
 from .config import GSQConfig, resolve_config
-from .errors import GSQConfigError
+from .errors import GSQConfigError, UnsupportedModelError
 from .policies import PrecisionPolicy, Signals
 from .replay import recorded_tokens, replay, step_inputs_nbytes
 from .signals import ROW_SIGNALS, step_signals
@@ -95,6 +95,12 @@ class GSQCache(StaticCacheMixin, DynamicCache):
         for index, layer in enumerate(self.layers):
             if type(layer) in _GSQ_LAYER_FOR:
                 self.layers[index] = _GSQ_LAYER_FOR[type(layer)](self, index)
+        if not self.gsq_layers:
+            raise UnsupportedModelError(f"GSQCache: a {getattr(model_config, 'model_type', None) or 'model'} config "
+                                        "has no Mamba state layer to store (only Mamba-family models and their "
+                                        "hybrids have one; gsq_hf.patch lists the supported families)")
+        if trace not in (False, True, "units"):
+            raise ValueError(f"trace must be False, True or 'units' (every unit's format too), got {trace!r}")
         self.config.check_layer_indices(
             [i for i, layer in enumerate(self.layers) if isinstance(layer, _GSQStateMixin)], "this model")
         row_signals = sorted(set().union(*(layer.policy.signals for layer in self.gsq_layers), self.policy.signals)

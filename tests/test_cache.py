@@ -68,6 +68,16 @@ def test_cache_saved_with_torch_save_continues_the_same(model):
         gsq_hf.unpatch(model)
 
 
+def test_a_cache_for_a_model_without_mamba_layers_or_a_bad_trace_is_refused(model):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(gsq_hf.UnsupportedModelError, match="GSQCache: a gpt2 config has no Mamba state layer"):
+        GSQCache(gpt2, "int8")
+    with pytest.raises(ValueError, match="trace must be False, True or 'units'"):
+        GSQCache(model, "int8", trace="yes")
+
+
 def test_int4_and_budget_bound_memory(model):
     sizes = {}
     for preset in ("int4", "gsq-gate", "gsq-budget", "fp32"):

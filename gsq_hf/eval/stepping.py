@@ -28,6 +28,8 @@ def needs_stepping(model: torch.nn.Module, cfg: GSQConfig, stepped: bool | None)
     """Whether a run of ``cfg`` on ``model`` must feed one token per forward: where a multi-token forward would
     store the states differently from generation (no next-token signal inside it, or states written only at
     its end). Judged on the config as it applies to the model (its ``family_overrides``)."""
+    if stepped not in (None, True, False):
+        raise ValueError(f"stepped must be None (step only where needed), True or False, got {stepped!r}")
     cfg = cfg.for_model_type(getattr(model.config, "model_type", None))
     reason = ("its policy reads the next-token distribution, which a multi-token forward does not have"
               if reads_logits(cfg.build_policy()) else

@@ -245,6 +245,8 @@ def test_wrong_arguments_are_said_before_any_forward(tokenizer, text):
         decode_faithful_perplexity(tokenizer, windows, "fp32", progress=False)
     with pytest.raises(TypeError, match="pass result.reference"):
         decode_faithful_perplexity(model, windows, "int8", reference=kept, progress=False)
+    with pytest.raises(ValueError, match="stepped must be None .*, True or False, got 'yes'"):
+        decode_faithful_perplexity(model, windows, "fp32", stepped="yes", progress=False)
     for bad in (0, -1, True):
         with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
             full_sequence_perplexity(model, windows, batch_size=bad, progress=False)

@@ -58,7 +58,7 @@ def test_eval_table_has_one_row_per_config_and_notes_failures():
     assert lines[3].split()[5:8] == ["+10.000%", "1.23e-03", "97.50%"]  # Δ, KL and top-1 vs the first config
     assert "0.250" in lines[3]  # state vs full precision
     assert lines[4].split()[:2] == ["bad", "FAILED"]
-    assert lines[5] == "bad: bad: NaN/Inf logits"
+    assert lines[5] == "bad: NaN/Inf logits"  # the error names its config already: not twice
 
 
 def test_eval_table_separates_bits_moved_from_bytes_allocated_and_has_a_legend():
