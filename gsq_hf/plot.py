@@ -272,6 +272,9 @@ def pareto(
 
     points = [(r, float(r[x_key]), y_of(r)) for r in records
               if not r.get("error") and _finite(r.get(x_key)) and y_of(r) is not None]
+    if not points and ax is None:
+        raise ValueError(f"nothing to plot: no record has a finite perplexity and {x_key!r} ({len(records)} "
+                         "records; failed configs are left out)")
     if ax is None:
         fig = _figure(figsize=figsize, layout="constrained")
         ax = fig.subplots()
@@ -358,6 +361,10 @@ def families(
     losses stay readable beside int2's).
     """
     points = [r for r in records if not r.get("error") and _finite(r.get("avg_state_bits")) and _finite(r.get(y))]
+    if not points and ax is None:
+        keys = sorted(set().union(*(r.keys() for r in records))) if records else []
+        raise ValueError(f"nothing to plot: no record has a finite 'avg_state_bits' and {y!r} (keys: "
+                         f"{', '.join(keys) or 'no records'})")
     if ax is None:
         fig = _figure(figsize=figsize, layout="constrained")
         ax = fig.subplots()

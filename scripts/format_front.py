@@ -332,8 +332,6 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not args.model and not args.recall:
-        parser.error("nothing to score: give a language model (--model) or a recall model (--recall)")
     if args.allocate and not args.per_layer:
         raise SystemExit("format_front.py: --allocate chooses among the --per-layer formats; give --per-layer too")
     for fmt in args.per_layer:
@@ -342,6 +340,8 @@ def main(argv=None) -> None:
         except GSQConfigError as error:
             raise SystemExit(f"format_front.py: --per-layer {fmt!r}: {error}") from None
     added = [_add_format(f) for f in args.format] + [_add_config(f) for f in args.config]
+    if not args.model and not args.recall:
+        parser.error("nothing to score: give a language model (--model) or a recall model (--recall)")
     labels = (args.only or ([] if added or args.per_layer else list(CANDIDATES))) + added
     groups = [lm_front(m, d, labels, args) for m in args.model for d in (args.dataset or ["wiki.valid"])]
     groups += [recall_front(m, labels, args) for m in args.recall]

@@ -259,3 +259,11 @@ def test_a_figure_displays_in_ipython_without_matplotlib_inline(monkeypatch):
                           {"config": "int8", "perplexity": 10.1, "avg_state_bits": 10.0, "policy": "static"}])
     data, _ = shell.display_formatter.format(figure)
     assert data["image/png"].startswith(b"\x89PNG")
+
+
+def test_nothing_to_plot_is_said():
+    """An empty or all-failed result list, or a metric no record has: a ValueError, not an empty figure."""
+    with pytest.raises(ValueError, match="nothing to plot: no record has a finite perplexity"):
+        plot.pareto([{"config": "int8", "error": "NaN/Inf", "perplexity": None, "avg_state_bits": 10.0}])
+    with pytest.raises(ValueError, match="no record has a finite 'avg_state_bits' and 'nope' .*keys: avg_state_bits"):
+        plot.families([{"family": "uniform", "config": "int8", "avg_state_bits": 10.0, "recall": 0.9}], y="nope")
