@@ -98,7 +98,7 @@ def recall_model(text: str) -> str:
 
 
 def output_dir(text: str) -> str:
-    """A folder to write into (``--plot``, ``--out``), checked before any config runs: absent (made) or a folder."""
+    """A folder to write into (``--plot``), checked before any config runs: absent (made) or a folder."""
     path = Path(text).expanduser()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
