@@ -7,7 +7,8 @@
 # Shapes: the mamba-2.8b and Mamba2-2.7B layers (bench_state_update.py); a Mamba2-2.7B-shaped stack of 8 layers
 # and the mamba-130m shape (bench_generate.py); batch 1/64/256; configs fp32 bf16 int8 int4 gsq-gate gsq-4bit
 # gsq-3bit (and, for the state update alone, int4 with stochastic rounding: eight elements per Philox call since
-# 2026-12-06, four when docs/performance.md measured it 2x slower than int4). The state-update step also times the decode step's conv with the update for fp32, int8 and gsq-4bit
+# 2026-12-06, four when docs/performance.md measured it 2x slower than int4). The state-update step also times
+# the decode step's conv with the update for fp32, int8 and gsq-4bit
 # (rows conv-torch+kernel-*, conv-kernel+kernel-*, and Mamba2's conv-fused-*: issue #21 item 2).
 # Budget: about 9 minutes of steps (the tool's per-call limit is 600 s; device time is 15 min).
 #

@@ -99,12 +99,7 @@ def recall_model(text: str) -> str:
 
 def output_dir(text: str) -> str:
     """A folder to write into (``--plot``), checked before any config runs: absent (made) or a folder."""
-    path = Path(text).expanduser()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r}: {existing} is a file; give a folder")
-    if not os.access(existing, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{text!r}: {existing} is not writable")
+    _check_folder(text, Path(text).expanduser(), "; give a folder")
     return text
 
 
@@ -113,12 +108,17 @@ def json_file(text: str) -> str:
     path = Path(text).expanduser()
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file path, e.g. {path / 'results.json'}")
-    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    _check_folder(text, path.parent, ", so no folder can be made there")
+    return text
+
+
+def _check_folder(text: str, folder: Path, if_file: str) -> None:
+    """``folder`` can be made and written: its nearest existing ancestor is a writable directory."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r}: {existing} is a file, so no folder can be made there")
+        raise argparse.ArgumentTypeError(f"{text!r}: {existing} is a file{if_file}")
     if not os.access(existing, os.W_OK):
         raise argparse.ArgumentTypeError(f"{text!r}: {existing} is not writable")
-    return text
 
 
 def positive(text: str) -> int:
